@@ -1,0 +1,39 @@
+# puzzlecam: `make test` and `make demo` are the quick start; each creates .venv and installs on first use.
+PYTHON        ?= python3
+TORCH_VERSION ?= 2.13.0
+VENV          ?= .venv
+PY            := $(VENV)/bin/python
+PIP           := $(PY) -m pip
+# Reinstall only when the build inputs change (a second `make test` installs nothing).
+STAMP         := $(VENV)/.puzzlecam-installed
+BUILD_INPUTS  := setup.py $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \) 2>/dev/null)
+# Triton runs on the CPU only through its interpreter; it must be set before triton is imported.
+GPU_VISIBLE    = $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
+TEST_ENV       = $(if $(filter 1,$(GPU_VISIBLE)),,TRITON_INTERPRET=1)
+PYTEST_ARGS   ?=
+DEMO_DIR      ?= demo_out
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+
+$(STAMP): $(PY) $(BUILD_INPUTS)
+	$(PIP) install torch==$(TORCH_VERSION)
+	$(PIP) install --no-build-isolation -e '.[test]'
+	touch $@
+
+test: install
+	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
+
+demo: install
+	$(TEST_ENV) $(PY) -m puzzlecam.demo --out $(DEMO_DIR)
+
+bench: install
+	$(TEST_ENV) $(PY) -m puzzlecam.bench kernels
+
+clean:
+	rm -rf build *.egg-info puzzlecam/_C*.so

@@ -1,0 +1,309 @@
+"""Every setting in one typed place.
+
+A run's configuration is a tree of dataclasses (:class:`Config`). It is read from YAML files
+(``launch/configs/*.yaml``), then dotted command-line overrides (``train.lr=0.05``) are applied.
+An unknown key or a value of the wrong type is rejected with a :class:`ConfigError` naming the
+dotted key and what was expected. :func:`save_config` writes the resolved config; reading it back
+with :func:`load_config` gives an identical object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config file, key or value; the message names the key and what was expected."""
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
+    # Channels of the stem / first stage; 64 is torchvision's ResNet, smaller values give the
+    # reduced-width variant for CPU runs (pretrained files then do not fit).
+    width: int = 64
+    output_stride: Literal[16, 32] = 16
+    # "train": ordinary BatchNorm; "frozen": running statistics used and never updated.
+    norm: Literal["train", "frozen"] = "train"
+    num_classes: int = 20
+    # torchvision-format ImageNet weights (a local file; nothing is downloaded).
+    pretrained: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    train_shards: str = ""
+    eval_shards: str = ""
+    crop_size: int = 512
+    # Rescale so that the long side is uniform in [min_long_side, max_long_side] (bicubic).
+    min_long_side: int = 320
+    max_long_side: int = 640
+    hflip: bool = True
+    num_workers: int = 4
+    shuffle_buffer: int = 256
+
+
+@dataclass
+class PuzzleConfig:
+    num_pieces: int = 2
+    level: Literal["feature", "cam"] = "feature"
+    kind: Literal["l1", "l2"] = "l1"
+    masking: bool = True
+    alpha_max: float = 4.0
+    # Fraction of training over which alpha ramps linearly from 0 to alpha_max.
+    alpha_schedule: float = 0.5
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1
+    # The paper's reference code passed weight decay into SGD's momentum slot by mistake (effective
+    # momentum 1e-4); configs state which one they use.
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    # Max global gradient norm; 0 disables clipping.
+    grad_clip: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    mode: Literal["puzzle", "baseline"] = "puzzle"
+    epochs: int = 15
+    # When > 0, stop after this many optimizer steps (and size the schedules by it).
+    max_steps: int = 0
+    # Images per optimizer step over all ranks = micro_batch_size * grad_accum_steps * world size.
+    global_batch_size: int = 32
+    micro_batch_size: int = 32
+    grad_accum_steps: int = 1
+    seed: int = 0
+    # DeepSpeed JSON (precision etc.); the --deepspeed_config flag overrides it.
+    deepspeed_config: str = "launch/configs/ds_fp32.json"
+    ops_backend: Literal["auto", "triton", "cpp", "cuda", "reference"] = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_last: int = 3
+    # Stop after this many consecutive non-finite losses (each skipped and counted).
+    max_bad_steps: int = 5
+    # Images per second are reported; samples per epoch are needed for the step count.
+    epoch_size: int = 0
+
+
+@dataclass
+class InferConfig:
+    scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
+    flip: bool = True
+    batch_size: int = 1
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    puzzle: PuzzleConfig = field(default_factory=PuzzleConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed conversion
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (tuple, list):
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping of {tp.__name__} settings, got {value!r}")
+        return _from_dict(tp, value, key)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        for a in allowed:
+            if value == a and type(value) is type(a):
+                return a
+        raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+    if origin in (tuple, list):
+        (elem,) = typing.get_args(tp)[:1]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+        items = [_coerce(v, elem, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - a field type this module does not know
+        raise ConfigError(f"config key '{key}' has an unsupported type {tp!r}")
+    raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in hints:
+            raise ConfigError(f"unknown config key '{key}'; expected one of: {', '.join(names)}")
+        kwargs[k] = _coerce(v, hints[k], key)
+    obj = cls(**kwargs)
+    return obj
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_update(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from a (possibly partial) nested dict."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping at the top level, got {type(data).__name__}")
+    return _from_dict(Config, data)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"train.lr=0.05"`` -> ``("train.lr", 0.05)``; the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.lr=0.05)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: cannot parse value {raw!r}: {e}") from None
+    return key, (raw if _expects_str(key) and not isinstance(value, str) and value is not None else value)
+
+
+def _expects_str(dotted: str) -> bool:
+    cls: Any = Config
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return False
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return False
+        cls = hints[part]
+    return cls is str or cls == Optional[str]
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted ``key=value`` overrides to a nested dict (validation happens later)."""
+    out = _to_plain(data) if dataclasses.is_dataclass(data) else dict(data)
+    for item in overrides:
+        key, value = parse_override(item)
+        parts = key.split(".")
+        node = out
+        for i, p in enumerate(parts[:-1]):
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: '{'.'.join(parts[: i + 1])}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (defaults when ``path`` is None) and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level, got {type(loaded).__name__}")
+        data = loaded
+    data = apply_overrides(data, overrides or [])
+    try:
+        return config_from_dict(data)
+    except ConfigError as e:
+        where = f" (in {path})" if path is not None else ""
+        raise ConfigError(f"{e}{where}") from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML, atomically."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(dump_config(cfg))
+    tmp.replace(p)

@@ -1,0 +1,229 @@
+"""Reference Puzzle-CAM math in pure torch: the oracle every kernel is tested against.
+
+Semantics (design.md §3):
+
+* ``tile(x, n)``: (B, C, H, W) -> (n*n*B, C, H/n, W/n); piece p = i*n + j (row i, column j) of
+  image b lands at batch index p*B + b ("piece-major").
+* ``merge(t, n)``: the exact inverse of ``tile``.
+* ``make_cam(a)`` = relu(a - eps) / (max_hw relu(a) + eps), per (b, c).
+* ``reconstruction_loss``: mean over all B*C*h*w elements of |A - merge(A_tiles)| (or its square),
+  optionally masked by the image labels, at level "feature" (raw maps) or "cam" (make_cam of both).
+* ``puzzle_losses``: the three terms cls, pcls, re.
+
+All losses are computed in fp32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+LEVELS = ("feature", "cam")
+KINDS = ("l1", "l2")
+CAM_EPS = 1e-5
+
+
+def _check_pieces(n: int) -> None:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"number of pieces per side n must be a positive int, got {n!r}")
+
+
+def _check_4d(name: str, t: torch.Tensor) -> None:
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be 4-D (B, C, H, W), got shape {tuple(t.shape)}")
+
+
+def tile(x: torch.Tensor, n: int = 2) -> torch.Tensor:
+    """Split each image of ``x`` into n*n tiles, piece-major: (B,C,H,W) -> (n*n*B, C, H/n, W/n)."""
+    _check_pieces(n)
+    _check_4d("x", x)
+    b, c, h, w = x.shape
+    if h % n or w % n:
+        raise ValueError(f"tile: H and W must be divisible by n={n}, got x of shape {tuple(x.shape)} (H={h}, W={w})")
+    th, tw = h // n, w // n
+    # (B, C, i, th, j, tw) -> (i, j, B, C, th, tw): piece p = i*n + j at index p*B + b.
+    return x.reshape(b, c, n, th, n, tw).permute(2, 4, 0, 1, 3, 5).reshape(n * n * b, c, th, tw)
+
+
+def merge(t: torch.Tensor, n: int = 2) -> torch.Tensor:
+    """Inverse of :func:`tile`: (n*n*B, C, h, w) -> (B, C, n*h, n*w)."""
+    _check_pieces(n)
+    _check_4d("tiles", t)
+    nb, c, th, tw = t.shape
+    if nb % (n * n):
+        raise ValueError(
+            f"merge: the tile batch {nb} (tiles of shape {tuple(t.shape)}) is not a multiple of n*n={n * n}"
+        )
+    b = nb // (n * n)
+    return t.reshape(n, n, b, c, th, tw).permute(2, 3, 0, 4, 1, 5).reshape(b, c, n * th, n * tw)
+
+
+def make_cam(x: torch.Tensor, eps: float = CAM_EPS) -> torch.Tensor:
+    """relu(x - eps) / (max over (h, w) of relu(x) + eps), per (b, c)."""
+    _check_4d("x", x)
+    peak = F.relu(x).amax(dim=(2, 3), keepdim=True)
+    return F.relu(x - eps) / (peak + eps)
+
+
+def alpha_at(step: float, total_steps: float, alpha_max: float = 4.0, schedule: float = 0.5) -> float:
+    """Weight of the reconstruction loss: a linear ramp over the first ``schedule`` of training."""
+    if total_steps <= 0:
+        raise ValueError(f"alpha_at: total_steps must be positive, got {total_steps}")
+    if schedule <= 0:
+        return float(alpha_max)
+    return float(min(alpha_max * step / (total_steps * schedule), alpha_max))
+
+
+def check_loss_args(cam: torch.Tensor, cam_tiles: torch.Tensor, labels: torch.Tensor, n: int, level: str, kind: str) -> None:
+    """Validate the arguments shared by every reconstruction-loss backend (clear ValueErrors)."""
+    _check_pieces(n)
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    _check_4d("cam", cam)
+    _check_4d("cam_tiles", cam_tiles)
+    b, c, h, w = cam.shape
+    nb, tc, th, tw = cam_tiles.shape
+    if nb % (n * n):
+        raise ValueError(
+            f"cam_tiles batch {nb} (shape {tuple(cam_tiles.shape)}) is not a multiple of n*n={n * n}"
+        )
+    merged_shape = (nb // (n * n), tc, th * n, tw * n)
+    if merged_shape != (b, c, h, w):
+        raise ValueError(
+            f"merged tiles have shape {merged_shape} (from cam_tiles {tuple(cam_tiles.shape)}, n={n}) "
+            f"but cam has shape {tuple(cam.shape)}"
+        )
+    if tuple(labels.shape) != (b, c):
+        raise ValueError(f"labels must have shape (B, C)={(b, c)} to match cam {tuple(cam.shape)}, got {tuple(labels.shape)}")
+
+
+def reconstruction_loss(
+    cam: torch.Tensor,
+    cam_tiles: torch.Tensor,
+    labels: torch.Tensor,
+    n: int = 2,
+    level: str = "feature",
+    kind: str = "l1",
+    masking: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L_re and the merged map's GAP logits, both fp32.
+
+    Returns ``(re_loss, merged_logits)`` with ``re_loss`` a scalar (mean over all B*C*h*w elements,
+    masked ones included) and ``merged_logits`` = GAP(merge(cam_tiles)) of shape (B, C).
+    """
+    check_loss_args(cam, cam_tiles, labels, n, level, kind)
+    full = cam.float()
+    merged = merge(cam_tiles, n).float()
+    merged_logits = merged.mean(dim=(2, 3))
+    if level == "cam":
+        full, merged = make_cam(full), make_cam(merged)
+    diff = full - merged
+    err = diff.abs() if kind == "l1" else diff * diff
+    if masking:
+        err = err * labels.to(err.dtype)[:, :, None, None]
+    return err.mean(), merged_logits
+
+
+def gap(cam: torch.Tensor) -> torch.Tensor:
+    """Global average pooling of class maps (B, C, h, w) -> logits (B, C), in fp32."""
+    return cam.float().mean(dim=(2, 3))
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Multi-label soft margin loss averaged over the batch (fp32)."""
+    if logits.shape != labels.shape:
+        raise ValueError(f"labels must have the shape of the logits {tuple(logits.shape)}, got {tuple(labels.shape)}")
+    return F.multilabel_soft_margin_loss(logits.float(), labels.float())
+
+
+class PuzzleLosses(NamedTuple):
+    cls: torch.Tensor
+    pcls: torch.Tensor
+    re: torch.Tensor
+
+
+def puzzle_losses(
+    cam: torch.Tensor,
+    cam_tiles: torch.Tensor,
+    labels: torch.Tensor,
+    n: int = 2,
+    level: str = "feature",
+    kind: str = "l1",
+    masking: bool = True,
+) -> PuzzleLosses:
+    """The three Puzzle-CAM terms: L_cls on GAP(cam), L_pcls on GAP(merged tiles), L_re."""
+    re, merged_logits = reconstruction_loss(cam, cam_tiles, labels, n=n, level=level, kind=kind, masking=masking)
+    return PuzzleLosses(
+        cls=classification_loss(gap(cam), labels),
+        pcls=classification_loss(merged_logits, labels),
+        re=re,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference fusion (design.md §4)
+
+
+def strided_size(size: tuple[int, int], stride: int) -> tuple[int, int]:
+    """Size of a map at ``stride``: ((H-1)//s + 1, (W-1)//s + 1)."""
+    h, w = size
+    return (h - 1) // stride + 1, (w - 1) // stride + 1
+
+
+def strided_up_size(size: tuple[int, int], stride: int) -> tuple[int, int]:
+    """The stride-``stride`` size scaled back up: strided_size * stride (>= the original size)."""
+    h, w = strided_size(size, stride)
+    return h * stride, w * stride
+
+
+def multiscale_cam(
+    maps: list[torch.Tensor],
+    flipped_maps: list[torch.Tensor] | None,
+    keys: torch.Tensor,
+    image_size: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fuse one image's multi-scale (and flipped) class maps into its normalized CAMs.
+
+    ``maps[s]`` is the network's raw output (C, h_s, w_s) at scale s; ``flipped_maps[s]`` (or None)
+    the output for the horizontally flipped image at the same scale. ``keys`` (K,) are the indices
+    of the image's labelled classes; ``image_size`` is (H, W) of the original image.
+
+    Per scale: relu, add the flipped pass flipped back, resize bilinearly (align_corners=False) to
+    the stride-4 size and to the stride-16 up size; sum over scales; crop the high-resolution sum to
+    (H, W); keep the labelled classes; divide each class map by (its max + 1e-5).
+    Returns ``(cam, hr_cam)``: (K, (H-1)//4+1, (W-1)//4+1) and (K, H, W), fp32.
+    """
+    if len(maps) == 0:
+        raise ValueError("multiscale_cam: no scale maps given")
+    if flipped_maps is not None and len(flipped_maps) != len(maps):
+        raise ValueError(f"multiscale_cam: {len(maps)} scale maps but {len(flipped_maps)} flipped maps")
+    height, width = image_size
+    small = strided_size((height, width), 4)
+    up = strided_up_size((height, width), 16)
+    keys = keys.to(device=maps[0].device, dtype=torch.long)
+    cam = hr = None
+    for s, m in enumerate(maps):
+        if m.dim() != 3:
+            raise ValueError(f"multiscale_cam: scale {s} map must be (C, h, w), got shape {tuple(m.shape)}")
+        a = F.relu(m.float())
+        if flipped_maps is not None:
+            f = flipped_maps[s]
+            if f.shape != m.shape:
+                raise ValueError(
+                    f"multiscale_cam: scale {s} flipped map shape {tuple(f.shape)} differs from {tuple(m.shape)}"
+                )
+            a = a + F.relu(f.float()).flip(-1)
+        a = a[None]
+        c = F.interpolate(a, small, mode="bilinear", align_corners=False)[0]
+        h = F.interpolate(a, up, mode="bilinear", align_corners=False)[0]
+        cam = c if cam is None else cam + c
+        hr = h if hr is None else hr + h
+    hr = hr[:, :height, :width]
+    cam, hr = cam[keys], hr[keys]
+    cam = cam / (cam.amax(dim=(1, 2), keepdim=True) + CAM_EPS)
+    hr = hr / (hr.amax(dim=(1, 2), keepdim=True) + CAM_EPS)
+    return cam, hr
