@@ -260,13 +260,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     for item in overrides:
         key, value = parse_override(item)
         parts = key.split(".")
-        node = out
+        node, schema = out, Config
         for i, p in enumerate(parts[:-1]):
+            hints = typing.get_type_hints(schema) if dataclasses.is_dataclass(schema) else {}
+            schema = hints.get(p)
             child = node.get(p)
+            if (schema is not None and not dataclasses.is_dataclass(schema)) or (
+                child is not None and not isinstance(child, dict)
+            ):
+                raise ConfigError(f"override {item!r}: '{'.'.join(parts[: i + 1])}' is not a section")
             if child is None:
                 child = node[p] = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: '{'.'.join(parts[: i + 1])}' is not a section")
             node = child
         node[parts[-1]] = value
     return out
