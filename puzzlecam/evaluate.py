@@ -1,0 +1,418 @@
+"""CAM evaluation: the threshold-sweep mIoU of design.md §4, every threshold in one pass.
+
+Semantics (the reference evaluation):
+
+* The background score is a constant threshold ``t`` placed before the class maps; the prediction
+  is the argmax over ``[t, cam_1, ..., cam_K]``. np.argmax picks the first maximum, so ties go to
+  background: a pixel is predicted as its best class c* only if its best score s* > t (strictly),
+  and ties between two classes go to the one listed first in ``keys``.
+* Pixels whose ground truth is 255 are ignored. Confusion matrices are 21 x 21 with
+  **rows = ground truth, columns = prediction** (class 0 = background, 1..20 = VOC classes).
+* IoU = TP / (P + T - TP) per class (T = ground-truth pixels, P = predicted pixels);
+  mIoU = nan-mean over the 21 classes (a class absent from both prediction and ground truth is nan
+  and excluded). FP rate = (P - TP) / union, FN rate = (T - TP) / union (the reference's FP / FN).
+
+One pass: a pixel's prediction at threshold t depends only on (c*, s*), so pixels are counted by
+(ground truth, c*, number of thresholds strictly below s*) and a cumulative sum over the last axis
+gives all T confusion matrices at once (:func:`confusion_sweep`). Comparisons are made in float64
+on the stored float16 values.
+
+Class indices: the CAM store keeps ``keys`` as *channel indices* 0..19; :func:`confusion_sweep`
+takes *class indices* 1..20 (channel + 1), like the label maps. The CLI converts.
+
+CLI: ``python -m puzzlecam.evaluate --cams DIR --shards PATTERN`` (see ``--help``); ``--mode labels
+--labels DIR`` scores PNG label maps instead (pixels a label map marks 255 count as undecided:
+they add to T of their ground-truth class and to no P, i.e. as misses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from puzzlecam import VOC_CLASSES
+from puzzlecam.camstore import CamStoreError, atomic_write_bytes, atomic_write_with, read_cam
+
+NUM_LABELS = len(VOC_CLASSES) + 1  # background + 20 classes
+CLASS_NAMES = ("background",) + VOC_CLASSES
+IGNORE = 255
+DEFAULT_THRESHOLDS = "0.05:0.80:0.05"
+
+
+class EvaluationError(ValueError):
+    """Bad evaluation input (missing CAMs, shape mismatch, bad labels); names the image ids."""
+
+
+def parse_thresholds(spec: str) -> list[float]:
+    """``"0.05:0.80:0.05"`` (start:stop:step, stop included) or ``"0.1,0.2,0.3"`` -> sorted floats."""
+    try:
+        if ":" in spec:
+            start, stop, step = (float(p) for p in spec.split(":"))
+            if step <= 0 or stop < start:
+                raise ValueError
+            count = int(math.floor((stop - start) / step + 1e-9)) + 1
+            values = [round(start + i * step, 10) for i in range(count)]
+        else:
+            values = [float(p) for p in spec.split(",") if p.strip()]
+    except ValueError:
+        raise EvaluationError(
+            f"--thresholds {spec!r}: expected start:stop:step with step > 0 and stop >= start "
+            "(e.g. 0.05:0.80:0.05) or a comma list (e.g. 0.1,0.2)"
+        ) from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise EvaluationError(f"--thresholds {spec!r} gives no usable (finite) threshold")
+    return sorted(set(values))
+
+
+def _check_gt(gt: torch.Tensor, num_labels: int) -> None:
+    bad = (gt >= num_labels) & (gt != IGNORE) | (gt < 0)
+    if bool(bad.any()):
+        values = sorted({int(v) for v in gt[bad].unique()[:10]})
+        raise EvaluationError(f"ground truth holds values {values} outside 0..{num_labels - 1} and {IGNORE}")
+
+
+def confusion_sweep(cams, keys, gt, thresholds, num_labels: int = NUM_LABELS) -> torch.Tensor:
+    """All thresholds' confusion matrices of one image: int64 tensor (T, 21, 21), rows = ground truth.
+
+    ``cams`` (K, H, W) are the normalized maps of the image's K labelled classes, ``keys`` (K,) their
+    class indices 1..20 (channel index + 1), ``gt`` (H, W) the mask (0..20, 255 ignored) and
+    ``thresholds`` (T,) the background scores, in any order (the result follows their order).
+    K = 0 predicts background everywhere.
+    """
+    gt = torch.as_tensor(gt)
+    cams = torch.as_tensor(cams)
+    keys = torch.as_tensor(keys, dtype=torch.long).reshape(-1)
+    thr = torch.as_tensor(thresholds, dtype=torch.float64).reshape(-1)
+    if gt.dim() != 2:
+        raise EvaluationError(f"gt must be (H, W), got shape {tuple(gt.shape)}")
+    if cams.dim() != 3 or cams.shape[0] != keys.numel() or tuple(cams.shape[1:]) != tuple(gt.shape):
+        raise EvaluationError(
+            f"cams must be (K, H, W) = ({keys.numel()}, {gt.shape[0]}, {gt.shape[1]}) to match {keys.numel()} keys "
+            f"and the mask, got shape {tuple(cams.shape)}"
+        )
+    if keys.numel() and (int(keys.min()) < 1 or int(keys.max()) >= num_labels):
+        raise EvaluationError(f"keys must be class indices 1..{num_labels - 1} (channel index + 1), got {keys.tolist()}")
+    if thr.numel() == 0:
+        raise EvaluationError("no thresholds given")
+    gt = gt.long()
+    _check_gt(gt, num_labels)
+    num_t = thr.numel()
+    valid = (gt != IGNORE).reshape(-1)
+    g = gt.reshape(-1)[valid]
+    sorted_thr, order = thr.sort()
+    if keys.numel() == 0:
+        counts = torch.bincount(g, minlength=num_labels)
+        swept = torch.zeros(num_t, num_labels, num_labels, dtype=torch.long)
+        swept[:, :, 0] = counts
+    else:
+        flat = cams.reshape(keys.numel(), -1)[:, valid].float()  # float16 -> float32 is exact
+        best = flat.argmax(0)  # first maximum: ties between classes go to the first key
+        score = flat.gather(0, best[None])[0].double()
+        if not bool(torch.isfinite(score).all()):
+            raise EvaluationError("cams hold non-finite values (nan or inf)")
+        below = torch.searchsorted(sorted_thr, score, right=False)  # thresholds strictly below s*
+        cls = keys[best]
+        bins = (g * num_labels + cls) * (num_t + 1) + below
+        hist = torch.bincount(bins, minlength=num_labels * num_labels * (num_t + 1))
+        hist = hist.reshape(num_labels, num_labels, num_t + 1)
+        at_least = hist.flip(-1).cumsum(-1).flip(-1)  # [..., k] = pixels with >= k thresholds below s*
+        fg = at_least[..., 1:]  # at sorted threshold j the pixel is c* iff > j thresholds are below s*
+        bg = (at_least[..., :1] - fg).sum(1)  # (gt, T): pixels that fall back to background
+        swept = fg.permute(2, 0, 1).contiguous()
+        swept[:, :, 0] += bg.T
+    out = torch.empty_like(swept)
+    out[order] = swept
+    return out
+
+
+def confusion_from_labels(pred, gt, num_labels: int = NUM_LABELS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Confusion (21, 21) of a label map against a mask, and the undecided (pred 255) pixels per gt class."""
+    pred = torch.as_tensor(pred).long()
+    gt = torch.as_tensor(gt).long()
+    if pred.shape != gt.shape:
+        raise EvaluationError(f"label map shape {tuple(pred.shape)} differs from the mask's {tuple(gt.shape)}")
+    _check_gt(gt, num_labels)
+    bad = (pred >= num_labels) & (pred != IGNORE) | (pred < 0)
+    if bool(bad.any()):
+        raise EvaluationError(f"label map holds values {sorted({int(v) for v in pred[bad].unique()[:10]})} outside 0..{num_labels - 1} and {IGNORE}")
+    valid = gt != IGNORE
+    g, p = gt[valid], pred[valid]
+    decided = p != IGNORE
+    conf = torch.bincount(g[decided] * num_labels + p[decided], minlength=num_labels * num_labels)
+    undecided = torch.bincount(g[~decided], minlength=num_labels)
+    return conf.reshape(num_labels, num_labels), undecided
+
+
+def _rates(confusion, undecided=None):
+    conf = torch.as_tensor(confusion).double()
+    tp = conf.diagonal(dim1=-2, dim2=-1)
+    gt_total = conf.sum(-1)
+    if undecided is not None:
+        gt_total = gt_total + torch.as_tensor(undecided).double()
+    pred_total = conf.sum(-2)
+    union = gt_total + pred_total - tp
+    return tp, gt_total, pred_total, union
+
+
+def miou(confusion, undecided=None):
+    """``(miou, per_class_iou)`` of a (21, 21) confusion (rows = ground truth) or a stack (T, 21, 21).
+
+    IoU = TP / (P + T - TP); a class with P = T = 0 is nan and left out of the mean. For one matrix
+    ``miou`` is a float and ``per_class_iou`` a float64 tensor (21,); for a stack, tensors (T,) and
+    (T, 21). ``undecided`` (21,) adds label-map pixels marked 255 to T (they count as misses).
+    """
+    tp, _, _, union = _rates(confusion, undecided)
+    iou = tp / union  # 0 / 0 = nan for classes absent from both
+    mean = iou.nanmean(-1)
+    return (float(mean), iou) if iou.dim() == 1 else (mean, iou)
+
+
+def error_rates(confusion, undecided=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class FP rate (P - TP) / union and FN rate (T - TP) / union (nan where union = 0)."""
+    tp, gt_total, pred_total, union = _rates(confusion, undecided)
+    return (pred_total - tp) / union, (gt_total - tp) / union
+
+
+# ---------------------------------------------------------------------------------------------
+# Driving a whole evaluation
+
+
+def iter_masks(shards: str, num_workers: int = 0) -> Iterator[tuple[str, np.ndarray]]:
+    """(id, mask uint8 (H, W)) of every sample with a mask in ``shards`` (via puzzlecam.data.eval_loader)."""
+    from puzzlecam.data import eval_loader
+
+    for batch in eval_loader(shards, num_workers=num_workers, rank=0, world_size=1):
+        if bool(batch["has_mask"][0]):
+            yield batch["id"][0], np.asarray(batch["mask"][0])
+
+
+def _progress(total: int | None, description: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    progress = Progress(*columns, transient=False, disable=not sys.stderr.isatty())
+    return progress, progress.add_task(description, total=total)
+
+
+def sweep_cams(cam_dir: str | Path, masks: Iterable[tuple[str, np.ndarray]], thresholds: list[float], total: int | None = None):
+    """Sum the (T, 21, 21) confusions of every (id, mask); raises naming missing or bad CAMs."""
+    total_conf = torch.zeros(len(thresholds), NUM_LABELS, NUM_LABELS, dtype=torch.long)
+    missing: list[str] = []
+    count = 0
+    progress, task = _progress(total, "evaluate CAMs")
+    with progress:
+        for image_id, mask in masks:
+            progress.advance(task)
+            try:
+                record = read_cam(cam_dir, image_id)
+            except CamStoreError as e:
+                if not Path(cam_dir, f"{image_id}.npz").exists():
+                    missing.append(image_id)
+                    continue
+                raise EvaluationError(str(e)) from None
+            if record.size != tuple(mask.shape):
+                raise EvaluationError(
+                    f"{image_id}: CAM hr_cam is {record.size[0]}x{record.size[1]} but the mask is "
+                    f"{mask.shape[0]}x{mask.shape[1]} (CAMs from another data set or resolution?)"
+                )
+            try:
+                total_conf += confusion_sweep(torch.from_numpy(record.hr_cam), torch.from_numpy(record.keys) + 1, torch.from_numpy(mask), thresholds)
+            except EvaluationError as e:
+                raise EvaluationError(f"{image_id}: {e}") from None
+            count += 1
+    _raise_missing(missing, f"CAM files in {cam_dir}")
+    return total_conf, count
+
+
+def sweep_labels(label_dir: str | Path, masks: Iterable[tuple[str, np.ndarray]], total: int | None = None):
+    """Sum the confusions (1, 21, 21) and undecided counts of PNG label maps ``{id}.png``."""
+    from PIL import Image
+
+    conf = torch.zeros(1, NUM_LABELS, NUM_LABELS, dtype=torch.long)
+    undecided = torch.zeros(NUM_LABELS, dtype=torch.long)
+    missing: list[str] = []
+    count = 0
+    progress, task = _progress(total, "evaluate labels")
+    with progress:
+        for image_id, mask in masks:
+            progress.advance(task)
+            path = Path(label_dir, f"{image_id}.png")
+            if not path.is_file():
+                missing.append(image_id)
+                continue
+            try:
+                with Image.open(path) as im:
+                    if im.mode not in ("P", "L"):
+                        raise EvaluationError(f"{image_id}: label map {path} has mode {im.mode}; expected a P or L PNG of indices")
+                    pred = np.asarray(im)
+            except EvaluationError:
+                raise
+            except Exception as e:
+                raise EvaluationError(f"{image_id}: cannot read label map {path}: {type(e).__name__}: {e}") from None
+            try:
+                c, u = confusion_from_labels(torch.from_numpy(pred), torch.from_numpy(mask))
+            except EvaluationError as e:
+                raise EvaluationError(f"{image_id}: {e}") from None
+            conf[0] += c
+            undecided += u
+            count += 1
+    _raise_missing(missing, f"label maps in {label_dir}")
+    return conf, undecided, count
+
+
+def _raise_missing(missing: list[str], what: str) -> None:
+    if missing:
+        shown = ", ".join(missing[:20]) + (f", ... ({len(missing)} in all)" if len(missing) > 20 else "")
+        raise EvaluationError(f"{len(missing)} images with a mask have no {what}: {shown}")
+
+
+def results_table(confusion: torch.Tensor, thresholds: list[float | None], undecided=None) -> pa.Table:
+    """One row per (threshold, class): iou, fp_rate, fn_rate and the pixel counts."""
+    rows: dict[str, list] = {k: [] for k in ("threshold", "class_index", "class_name", "iou", "fp_rate", "fn_rate", "tp", "gt_pixels", "pred_pixels", "miou")}
+    means, ious = miou(confusion, undecided)
+    fps, fns = error_rates(confusion, undecided)
+    tp, gt_total, pred_total, _ = _rates(confusion, undecided)
+    for i, t in enumerate(thresholds):
+        for c in range(NUM_LABELS):
+            rows["threshold"].append(t)
+            rows["class_index"].append(c)
+            rows["class_name"].append(CLASS_NAMES[c])
+            rows["iou"].append(float(ious[i, c]))
+            rows["fp_rate"].append(float(fps[i, c]))
+            rows["fn_rate"].append(float(fns[i, c]))
+            rows["tp"].append(int(tp[i, c]))
+            rows["gt_pixels"].append(int(gt_total[i, c]))
+            rows["pred_pixels"].append(int(pred_total[i, c]))
+            rows["miou"].append(float(means[i]))
+    return pa.table(rows, schema=pa.schema([
+        ("threshold", pa.float64()), ("class_index", pa.int32()), ("class_name", pa.string()), ("iou", pa.float64()),
+        ("fp_rate", pa.float64()), ("fn_rate", pa.float64()), ("tp", pa.int64()), ("gt_pixels", pa.int64()),
+        ("pred_pixels", pa.int64()), ("miou", pa.float64()),
+    ]))
+
+
+def summarize(confusion: torch.Tensor, thresholds: list[float | None], num_images: int, undecided=None) -> dict:
+    means, ious = miou(confusion, undecided)
+    fps, fns = error_rates(confusion, undecided)
+    best = int(torch.nan_to_num(means, nan=-1.0).argmax())
+
+    def clean(v: float):  # JSON has no nan
+        return None if math.isnan(v) else v
+
+    summary = {
+        "num_images": num_images,
+        "best_threshold": thresholds[best],
+        "best_miou": clean(float(means[best])),
+        "per_class_iou": {CLASS_NAMES[c]: clean(float(ious[best, c])) for c in range(NUM_LABELS)},
+        "per_class_fp_rate": {CLASS_NAMES[c]: clean(float(fps[best, c])) for c in range(NUM_LABELS)},
+        "per_class_fn_rate": {CLASS_NAMES[c]: clean(float(fns[best, c])) for c in range(NUM_LABELS)},
+        "thresholds": thresholds,
+        "miou_per_threshold": [clean(float(m)) for m in means],
+    }
+    if undecided is not None:
+        scored = float(confusion[0].sum() + torch.as_tensor(undecided).sum())
+        summary["undecided_fraction"] = float(torch.as_tensor(undecided).sum()) / scored if scored else 0.0
+    return summary
+
+
+def print_report(summary: dict, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    thresholds = summary["thresholds"]
+    if len(thresholds) > 1:
+        sweep = Table(title=f"mIoU per threshold ({summary['num_images']} images)")
+        sweep.add_column("threshold", justify="right")
+        sweep.add_column("mIoU %", justify="right")
+        for t, m in zip(thresholds, summary["miou_per_threshold"]):
+            mark = "bold green" if t == summary["best_threshold"] else None
+            sweep.add_row(f"{t:.2f}", "nan" if m is None else f"{100 * m:.2f}", style=mark)
+        console.print(sweep)
+    where = "" if summary["best_threshold"] is None else f" at threshold {summary['best_threshold']:.2f}"
+    best = summary["best_miou"]
+    per_class = Table(title=f"per-class IoU{where}: mIoU {'nan' if best is None else f'{100 * best:.2f}'} %")
+    for name in ("class", "IoU %", "FP %", "FN %"):
+        per_class.add_column(name, justify="left" if name == "class" else "right")
+    fmt = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    for name in CLASS_NAMES:
+        per_class.add_row(name, fmt(summary["per_class_iou"][name]), fmt(summary["per_class_fp_rate"][name]), fmt(summary["per_class_fn_rate"][name]))
+    console.print(per_class)
+    if "undecided_fraction" in summary:
+        console.print(f"undecided (255) pixels in the label maps: {100 * summary['undecided_fraction']:.2f} % of scored pixels (counted as misses)")
+
+
+def write_results(out_dir: str | Path, table: pa.Table, summary: dict) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_with(out / "eval.parquet", lambda f: pq.write_table(table, f))
+    atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+
+
+def _count_masks(shards: str) -> int | None:
+    """Samples with a mask according to the manifest beside the shards (for the progress bar)."""
+    try:
+        from puzzlecam.data import expand_shards, read_manifest_for  # optional helpers
+
+        return int(sum(read_manifest_for(expand_shards(shards))["has_mask"].to_pylist()))
+    except Exception:
+        return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m puzzlecam.evaluate",
+        description="Threshold-sweep mIoU of CAMs (or of PNG label maps) against the masks in shards. "
+        "Every image with a mask is scored; a missing CAM or label map is an error naming the ids.",
+    )
+    p.add_argument("--cams", type=Path, help="CAM store directory ({id}.npz) written by puzzlecam.infer (mode cams)")
+    p.add_argument("--shards", required=True, help="webdataset shard pattern holding the masks, e.g. 'data/voc/train-{000000..000002}.tar'")
+    p.add_argument("--mode", choices=("cams", "labels"), default="cams", help="cams: sweep thresholds over CAMs; labels: score PNG label maps (default: cams)")
+    p.add_argument("--labels", type=Path, help="directory of {id}.png label maps (mode labels): 0 background, 1..20 classes, 255 undecided")
+    p.add_argument("--thresholds", default=DEFAULT_THRESHOLDS, help=f"background thresholds: start:stop:step (stop included) or a comma list (default {DEFAULT_THRESHOLDS})")
+    p.add_argument("--out", type=Path, help="write eval.parquet (one row per threshold and class) and summary.json here")
+    p.add_argument("--num-workers", type=int, default=0, help="data loader workers decoding the shards (default 0)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.mode == "cams":
+            if args.cams is None:
+                raise EvaluationError("--mode cams needs --cams DIR")
+            if not args.cams.is_dir():
+                raise EvaluationError(f"--cams {args.cams}: no such directory")
+            thresholds = parse_thresholds(args.thresholds)
+            conf, count = sweep_cams(args.cams, iter_masks(args.shards, args.num_workers), thresholds, _count_masks(args.shards))
+            undecided, row_thresholds = None, thresholds
+        else:
+            if args.labels is None or not args.labels.is_dir():
+                raise EvaluationError(f"--mode labels needs --labels DIR of PNG label maps (got {args.labels})")
+            conf, undecided, count = sweep_labels(args.labels, iter_masks(args.shards, args.num_workers), _count_masks(args.shards))
+            row_thresholds = [None]
+        if count == 0:
+            raise EvaluationError(f"no sample with a mask in --shards {args.shards}")
+    except (EvaluationError, CamStoreError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = summarize(conf, row_thresholds, count, undecided)
+    summary["mode"] = args.mode
+    print_report(summary)
+    if args.out is not None:
+        write_results(args.out, results_table(conf, row_thresholds, undecided), summary)
+        print(f"wrote {args.out / 'eval.parquet'} and {args.out / 'summary.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

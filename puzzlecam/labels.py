@@ -1,0 +1,218 @@
+"""Pseudo-labels from CAMs: ``python -m puzzlecam.labels --cams DIR --threshold T --out DIR``.
+
+Each image's label map is the argmax over ``[T, hr_cam_1, ..., hr_cam_K]`` (ties go to background,
+ties between classes to the first key; the evaluation's rule, see puzzlecam.evaluate), written as a
+palette PNG ``{id}.png`` with the VOC palette: 0 background, 1..20 classes (channel index + 1).
+
+``--bg-threshold B`` (B < T) marks uncertain pixels: background at T but a class at B become 255
+(ignored by a segmentation loss), background even at B stays 0.
+
+``--crf`` refines each map with a dense CRF (pydensecrf2, ``pip install .[crf]``) on the RGB image
+from ``--shards``: label-based unaries (the argmax label gets probability ``--crf-gt-prob``),
+a Gaussian smoothness kernel (sxy 3, compat 3) and a bilateral appearance kernel (sxy 50, srgb 5,
+compat 10), ``--crf-iters`` mean-field steps; with ``--bg-threshold`` both maps are refined.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from puzzlecam.camstore import CamRecord, CamStoreError, atomic_write_bytes, list_ids, read_cam
+from puzzlecam.palette import VOC_PALETTE
+
+IGNORE = 255
+CRF_GAUSSIAN = dict(sxy=3, compat=3)
+CRF_BILATERAL = dict(sxy=50, srgb=5, compat=10)
+
+
+class LabelsError(ValueError):
+    """Bad input for pseudo-label generation; names the image id or flag."""
+
+
+def predict_labels(hr_cam: np.ndarray, keys: np.ndarray, threshold: float) -> np.ndarray:
+    """uint8 (H, W) label map: class index (channel + 1) of the best key where its score > threshold, else 0.
+
+    ``hr_cam`` (K, H, W); ``keys`` (K,) channel indices 0..19. K = 0 gives all background.
+    """
+    local = local_labels(hr_cam, threshold)
+    return to_class_indices(local, keys)
+
+
+def local_labels(hr_cam: np.ndarray, threshold: float) -> np.ndarray:
+    """Indices into [background, key_1, ..., key_K]: argmax over [threshold, cams] (first max wins)."""
+    if hr_cam.shape[0] == 0:
+        return np.zeros(hr_cam.shape[1:], dtype=np.uint8)
+    cams = hr_cam.astype(np.float32)  # float16 -> float32 is exact: ties are preserved
+    best = cams.argmax(0)
+    score = np.take_along_axis(cams, best[None], 0)[0].astype(np.float64)
+    return np.where(score > threshold, best + 1, 0).astype(np.uint8)
+
+
+def to_class_indices(local: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    lut = np.concatenate([[0], np.asarray(keys, dtype=np.int64) + 1]).astype(np.uint8)
+    return lut[local]
+
+
+def _crf_module():
+    try:
+        import pydensecrf.densecrf as dcrf
+        from pydensecrf.utils import unary_from_labels
+    except ImportError:
+        raise LabelsError("--crf needs the optional dense CRF package: pip install .[crf]  (installs pydensecrf2)") from None
+    return dcrf, unary_from_labels
+
+
+def crf_refine(image: np.ndarray, local: np.ndarray, num_labels: int, iters: int = 10, gt_prob: float = 0.7) -> np.ndarray:
+    """Dense-CRF refinement of a local label map (indices 0..num_labels-1) on the RGB ``image`` (H, W, 3)."""
+    dcrf, unary_from_labels = _crf_module()
+    h, w = local.shape
+    if num_labels < 2:
+        return local
+    crf = dcrf.DenseCRF2D(w, h, num_labels)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_labels(local, num_labels, gt_prob=gt_prob, zero_unsure=False)))
+    crf.addPairwiseGaussian(**CRF_GAUSSIAN)
+    crf.addPairwiseBilateral(rgbim=np.ascontiguousarray(image, dtype=np.uint8), **CRF_BILATERAL)
+    q = np.asarray(crf.inference(iters)).reshape(num_labels, h, w)
+    return q.argmax(0).astype(np.uint8)
+
+
+def make_label_map(
+    record: CamRecord,
+    threshold: float,
+    bg_threshold: float | None = None,
+    image: np.ndarray | None = None,
+    crf_iters: int = 10,
+    crf_gt_prob: float = 0.7,
+) -> np.ndarray:
+    """The pseudo-label (H, W) uint8 of one image (0, 1..20, and 255 where uncertain)."""
+    num_labels = len(record.keys) + 1
+
+    def at(t: float) -> np.ndarray:
+        local = local_labels(record.hr_cam, t)
+        if image is not None:
+            if tuple(image.shape[:2]) != record.size:
+                raise LabelsError(f"{record.id}: image is {image.shape[0]}x{image.shape[1]} but its CAM is {record.size[0]}x{record.size[1]}")
+            local = crf_refine(image, local, num_labels, crf_iters, crf_gt_prob)
+        return local
+
+    fg = at(threshold)
+    labels = to_class_indices(fg, record.keys)
+    if bg_threshold is not None:
+        bg = at(bg_threshold)
+        labels[(fg == 0) & (bg != 0)] = IGNORE
+    return labels
+
+
+def png_bytes(labels: np.ndarray) -> bytes:
+    """A palette ("P") PNG of the label map with the VOC palette."""
+    from PIL import Image
+
+    im = Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint8))
+    im.putpalette(VOC_PALETTE)  # turns the "L" image into "P" with these colours
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _job(args) -> str:
+    cam_dir, out_dir, image_id, image, options = args
+    try:
+        record = read_cam(cam_dir, image_id)
+    except CamStoreError as e:
+        raise LabelsError(str(e)) from None
+    atomic_write_bytes(Path(out_dir, f"{image_id}.png"), png_bytes(make_label_map(record, image=image, **options)))
+    return image_id
+
+
+def _jobs(args, ids_with_images: Iterator[tuple[str, np.ndarray | None]], options: dict):
+    for image_id, image in ids_with_images:
+        yield args.cams, args.out, image_id, image, options
+
+
+def _shard_images(shards: str, num_workers: int, cam_dir: Path, missing: list[str]):
+    from puzzlecam.data import eval_loader
+
+    for batch in eval_loader(shards, num_workers=num_workers, rank=0, world_size=1):
+        image_id = batch["id"][0]
+        if not Path(cam_dir, f"{image_id}.npz").is_file():
+            missing.append(image_id)
+            continue
+        yield image_id, np.asarray(batch["image"][0])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m puzzlecam.labels",
+        description="Write palette-PNG pseudo-labels {id}.png (0 background, 1..20 classes, 255 uncertain) from a CAM store.",
+    )
+    p.add_argument("--cams", type=Path, required=True, help="CAM store directory ({id}.npz) written by puzzlecam.infer")
+    p.add_argument("--threshold", type=float, required=True, help="background score: a pixel gets its best class only if that class's CAM > T")
+    p.add_argument("--out", type=Path, required=True, help="output directory for {id}.png")
+    p.add_argument("--bg-threshold", type=float, default=None, help="optional lower threshold B < T: pixels background at T but a class at B become 255 (uncertain)")
+    p.add_argument("--crf", action="store_true", help="refine with a dense CRF (needs pip install .[crf] and --shards for the images)")
+    p.add_argument("--shards", default=None, help="shard pattern; required with --crf (the images); without --crf it restricts the output to these images")
+    p.add_argument("--crf-iters", type=int, default=10, help="mean-field iterations of the CRF (default 10)")
+    p.add_argument("--crf-gt-prob", type=float, default=0.7, help="CRF unary: probability given to the argmax label (default 0.7)")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes (the CRF is the slow part; default 1)")
+    p.add_argument("--num-workers", type=int, default=0, help="data loader workers decoding the shards (default 0)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.progress import Progress
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.bg_threshold is not None and not args.bg_threshold < args.threshold:
+            raise LabelsError(f"--bg-threshold {args.bg_threshold} must be below --threshold {args.threshold}")
+        if args.crf:
+            _crf_module()
+            if args.shards is None:
+                raise LabelsError("--crf needs --shards PATTERN: the CRF works on the RGB images")
+        if not args.cams.is_dir():
+            raise LabelsError(f"--cams {args.cams}: no such directory")
+        args.out.mkdir(parents=True, exist_ok=True)
+        options = dict(threshold=args.threshold, bg_threshold=args.bg_threshold, crf_iters=args.crf_iters, crf_gt_prob=args.crf_gt_prob)
+        missing: list[str] = []
+        if args.shards is not None:
+            items = _shard_images(args.shards, args.num_workers, args.cams, missing)
+            if not args.crf:
+                items = ((image_id, None) for image_id, _ in items)
+            total = None
+        else:
+            ids = list_ids(args.cams)
+            items = ((image_id, None) for image_id in ids)
+            total = len(ids)
+        jobs = _jobs(args, items, options)
+        written = 0
+        with Progress(disable=not sys.stderr.isatty()) as progress:
+            task = progress.add_task("pseudo-labels", total=total)
+            if args.jobs > 1:
+                with ProcessPoolExecutor(args.jobs) as pool:
+                    for _ in pool.map(_job, jobs, chunksize=4):
+                        written += 1
+                        progress.advance(task)
+            else:
+                for job in jobs:
+                    _job(job)
+                    written += 1
+                    progress.advance(task)
+        if missing:
+            shown = ", ".join(missing[:20]) + (f", ... ({len(missing)} in all)" if len(missing) > 20 else "")
+            raise LabelsError(f"{len(missing)} images in --shards have no CAM in {args.cams}: {shown}")
+    except (LabelsError, CamStoreError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {written} label maps to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
