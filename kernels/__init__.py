@@ -1,0 +1,17 @@
+"""Triton kernels of puzzlecam, installed as ``puzzlecam.kernels`` (never as a top-level module).
+
+One file per fused op, each with its kernels, launcher and autograd.Function:
+
+* :mod:`.tile_merge` -- ``tile`` / ``merge`` of feature maps (each the other's backward);
+* :mod:`.reconstruction_loss` -- fused L_re + merged GAP logits, forward and backward;
+* :mod:`.prepare_inputs` -- uint8 NHWC images -> normalized batch and its tiles in one pass.
+
+Importing this package imports triton. On a machine without a GPU the kernels run only through the
+Triton interpreter (``TRITON_INTERPRET=1`` set before triton is first imported).
+"""
+
+from .prepare_inputs import prepare_inputs
+from .reconstruction_loss import reconstruction_loss
+from .tile_merge import merge, tile
+
+__all__ = ["prepare_inputs", "reconstruction_loss", "tile", "merge"]

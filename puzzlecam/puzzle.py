@@ -227,3 +227,53 @@ def multiscale_cam(
     cam = cam / (cam.amax(dim=(1, 2), keepdim=True) + CAM_EPS)
     hr = hr / (hr.amax(dim=(1, 2), keepdim=True) + CAM_EPS)
     return cam, hr
+
+
+# ---------------------------------------------------------------------------------------------
+# Input preparation (contracts.md: ops.prepare_inputs)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def check_prepare_args(images: torch.Tensor, valid: torch.Tensor, n: int) -> None:
+    """Validate the arguments shared by every prepare_inputs backend (clear errors)."""
+    _check_pieces(n)
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
+        raise TypeError(f"prepare_inputs: images must be a uint8 tensor (B, H, W, 3), got {getattr(images, 'dtype', type(images))}")
+    if images.dim() != 4 or images.shape[-1] != 3:
+        raise ValueError(f"prepare_inputs: images must be (B, H, W, 3) RGB, got shape {tuple(images.shape)}")
+    b, h, w, _ = images.shape
+    if not isinstance(valid, torch.Tensor) or tuple(valid.shape) != (b, 2) or valid.dtype.is_floating_point:
+        raise ValueError(
+            f"prepare_inputs: valid must be an integer tensor (B, 2)={(b, 2)} of (valid_h, valid_w), got "
+            f"{tuple(valid.shape) if isinstance(valid, torch.Tensor) else type(valid).__name__}"
+            f"{' ' + str(valid.dtype) if isinstance(valid, torch.Tensor) else ''}"
+        )
+    if h % n or w % n:
+        raise ValueError(f"prepare_inputs: H and W must be divisible by n={n}, got images of shape {tuple(images.shape)}")
+
+
+def prepare_inputs(
+    images: torch.Tensor,
+    valid: torch.Tensor,
+    n: int = 2,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (B, H, W, 3) images -> (x (B, 3, H, W), tile(x, n)) in ``dtype``.
+
+    ImageNet normalization ``(v/255 - mean)/std`` computed in fp32, zero outside each image's valid
+    region ``[0:valid_h, 0:valid_w]``, then cast to ``dtype``; both outputs channels_last if asked.
+    """
+    check_prepare_args(images, valid, n)
+    b, h, w, _ = images.shape
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    x = (images.permute(0, 3, 1, 2).float() / 255 - mean) / std
+    valid = valid.to(images.device)
+    rows = torch.arange(h, device=images.device)[None, :, None] < valid[:, 0, None, None]
+    cols = torch.arange(w, device=images.device)[None, None, :] < valid[:, 1, None, None]
+    x = torch.where((rows & cols)[:, None], x, torch.zeros((), device=images.device)).to(dtype)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return x.contiguous(memory_format=memory_format), tile(x, n).contiguous(memory_format=memory_format)

@@ -1,0 +1,58 @@
+"""Helpers shared by the Triton launchers: argument checks and output allocation."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Tests switch this on: every buffer a launcher allocates starts as NaN, so an element that a
+# kernel forgot to write shows up in the comparison with the reference.
+POISON = os.environ.get("PUZZLECAM_KERNEL_POISON", "0") == "1"
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Kernels index with int32; every tensor they touch must stay below this many elements.
+MAX_ELEMENTS = 2**31 - 1
+
+
+def empty(shape, dtype: torch.dtype, device, memory_format=torch.contiguous_format) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+    if POISON and dtype.is_floating_point:
+        out.fill_(float("nan"))
+    return out
+
+
+def empty_like(t: torch.Tensor) -> torch.Tensor:
+    """A new tensor like ``t`` with the same dense strides (contiguous when ``t`` is not dense)."""
+    out = torch.empty_like(t)
+    if POISON and t.dtype.is_floating_point:
+        out.fill_(float("nan"))
+    return out
+
+
+def memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def check_float(op: str, name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def check_size(op: str, name: str, t: torch.Tensor) -> None:
+    if t.numel() > MAX_ELEMENTS:
+        raise ValueError(f"{op}: {name} has {t.numel()} elements; the Triton kernels index with int32 (at most {MAX_ELEMENTS})")
+    if t.dim() and t.numel() and max(s * (d - 1) for s, d in zip(t.stride(), t.shape)) > MAX_ELEMENTS:
+        raise ValueError(f"{op}: {name} spans more than {MAX_ELEMENTS} elements of memory (strides {t.stride()})")
+
+
+def check_same_device(op: str, **tensors: torch.Tensor) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items()}
+    first = next(iter(devices.values()))
+    if any(d != first for d in devices.values()):
+        raise ValueError(f"{op}: all tensors must be on one device, got " + ", ".join(f"{k} on {v}" for k, v in devices.items()))
+    return first

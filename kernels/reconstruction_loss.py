@@ -1,0 +1,267 @@
+"""Fused Puzzle-CAM reconstruction loss: L_re and the merged map's GAP logits, forward and backward.
+
+One program per (b, c) map. It reads the full map ``cam[b, c]`` and the n*n tile regions of
+``cam_tiles`` that make up the merged map, directly at their tile addresses: the merged map is
+never materialized. Level "cam" needs the per-map maxima of relu(cam) and relu(merged) (and, for
+the exact gradient of the max, how many elements tie at it) before the normalized difference can be
+formed, so that level makes one more pass over the same map; with maps of at most a few thousand
+elements the second pass is served from L1/L2, not from memory.
+
+The forward writes per-program loss partials (summed afterwards in a fixed order by torch: no float
+atomics, so the result is deterministic) and the merged logits. The backward recomputes the
+differences from cam and cam_tiles and writes both gradients once, already scaled by the upstream
+gradients of the loss and of the logits. Recomputing moves fewer bytes than saving the gradients
+in the forward: the saved gradients would have to be written in the forward and read back in the
+backward (and in fp32, since unscaled fp16 gradients of a mean over millions of elements would
+underflow), while recomputation reads cam and cam_tiles once more.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from puzzlecam import puzzle
+
+from ._common import check_float, check_same_device, check_size, empty, empty_like
+
+MAX_BLOCK = 4096
+
+
+@triton.jit
+def _chunk_offsets(k, b, c, B, W, TH, TW, HW, c_sb, c_sc, c_sy, c_sx, t_sb, t_sc, t_sy, t_sx,
+                   N: tl.constexpr, BLOCK: tl.constexpr):
+    idx = k * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < HW
+    y = idx // W
+    x = idx - y * W
+    i = y // TH
+    ty = y - i * TH
+    j = x // TW
+    tx = x - j * TW
+    a_off = b * c_sb + c * c_sc + y * c_sy + x * c_sx
+    m_off = ((i * N + j) * B + b) * t_sb + c * t_sc + ty * t_sy + tx * t_sx
+    return mask, a_off, m_off, y, x, i, j, ty, tx
+
+
+@triton.jit
+def _re_loss_kernel(
+    cam_ptr, tiles_ptr, labels_ptr, partial_ptr, logits_ptr,
+    gcam_ptr, gtiles_ptr, gloss_ptr, glogits_ptr,
+    B, C, W, TH, TW, HW, inv_numel, inv_hw, eps,
+    c_sb, c_sc, c_sy, c_sx,
+    t_sb, t_sc, t_sy, t_sx,
+    gc_sb, gc_sc, gc_sy, gc_sx,
+    gt_sb, gt_sc, gt_sy, gt_sx,
+    N: tl.constexpr, LEVEL_CAM: tl.constexpr, L2: tl.constexpr, MASKING: tl.constexpr,
+    BACKWARD: tl.constexpr, HAS_GLOGITS: tl.constexpr, NUM_CHUNKS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // C
+    c = pid - b * C
+    if MASKING:
+        weight = tl.load(labels_ptr + pid)
+    else:
+        weight = 1.0
+
+    # Pass 1 (level "cam"): per-lane running max of relu(.) and how many elements tie at it; the
+    # forward also sums the merged map for its GAP logit here.
+    peak_a = 0.0
+    peak_m = 0.0
+    count_a = 1.0
+    count_m = 1.0
+    merged_sum = 0.0
+    if LEVEL_CAM:
+        lane_max_a = tl.full((BLOCK,), -1.0, tl.float32)
+        lane_max_m = tl.full((BLOCK,), -1.0, tl.float32)
+        lane_cnt_a = tl.zeros((BLOCK,), tl.float32)
+        lane_cnt_m = tl.zeros((BLOCK,), tl.float32)
+        lane_sum = tl.zeros((BLOCK,), tl.float32)
+        for k in tl.static_range(NUM_CHUNKS):
+            mask, a_off, m_off, y, x, i, j, ty, tx = _chunk_offsets(
+                k, b, c, B, W, TH, TW, HW, c_sb, c_sc, c_sy, c_sx, t_sb, t_sc, t_sy, t_sx, N, BLOCK)
+            a = tl.load(cam_ptr + a_off, mask=mask, other=0.0).to(tl.float32)
+            m = tl.load(tiles_ptr + m_off, mask=mask, other=0.0).to(tl.float32)
+            ra = tl.where(mask, tl.maximum(a, 0.0), -1.0)
+            rm = tl.where(mask, tl.maximum(m, 0.0), -1.0)
+            lane_cnt_a = tl.where(ra > lane_max_a, 1.0, tl.where(ra == lane_max_a, lane_cnt_a + 1.0, lane_cnt_a))
+            lane_cnt_m = tl.where(rm > lane_max_m, 1.0, tl.where(rm == lane_max_m, lane_cnt_m + 1.0, lane_cnt_m))
+            lane_max_a = tl.maximum(lane_max_a, ra)
+            lane_max_m = tl.maximum(lane_max_m, rm)
+            lane_sum += m
+        peak_a = tl.max(lane_max_a, axis=0)
+        peak_m = tl.max(lane_max_m, axis=0)
+        count_a = tl.sum(tl.where(lane_max_a == peak_a, lane_cnt_a, 0.0), axis=0)
+        count_m = tl.sum(tl.where(lane_max_m == peak_m, lane_cnt_m, 0.0), axis=0)
+        merged_sum = tl.sum(lane_sum, axis=0)
+    denom_a = peak_a + eps
+    denom_m = peak_m + eps
+
+    if BACKWARD:
+        # d L / d diff, without the sign or the factor 2 of the kind.
+        gscale = tl.load(gloss_ptr).to(tl.float32) * weight * inv_numel
+        if HAS_GLOGITS:
+            glogit = tl.load(glogits_ptr + pid).to(tl.float32) * inv_hw
+        else:
+            glogit = 0.0
+        # Pass 2 (level "cam"): the max's gradient needs sum_k g_k * relu(x_k - eps) / denom^2.
+        max_grad_a = 0.0
+        max_grad_m = 0.0
+        if LEVEL_CAM:
+            lane_sa = tl.zeros((BLOCK,), tl.float32)
+            lane_sm = tl.zeros((BLOCK,), tl.float32)
+            for k in tl.static_range(NUM_CHUNKS):
+                mask, a_off, m_off, y, x, i, j, ty, tx = _chunk_offsets(
+                    k, b, c, B, W, TH, TW, HW, c_sb, c_sc, c_sy, c_sx, t_sb, t_sc, t_sy, t_sx, N, BLOCK)
+                a = tl.load(cam_ptr + a_off, mask=mask, other=0.0).to(tl.float32)
+                m = tl.load(tiles_ptr + m_off, mask=mask, other=0.0).to(tl.float32)
+                na = tl.maximum(a - eps, 0.0) / denom_a
+                nm = tl.maximum(m - eps, 0.0) / denom_m
+                d = na - nm
+                if L2:
+                    g = 2.0 * d * gscale
+                else:
+                    g = tl.where(d > 0, gscale, tl.where(d < 0, -gscale, 0.0))
+                g = tl.where(mask, g, 0.0)
+                lane_sa += g * na / denom_a
+                lane_sm += g * nm / denom_m
+            # Spread evenly over the elements that tie at the max (as torch.amax's backward does).
+            max_grad_a = -tl.sum(lane_sa, axis=0) / count_a
+            max_grad_m = tl.sum(lane_sm, axis=0) / count_m
+        # Pass 3: write both gradients once.
+        for k in tl.static_range(NUM_CHUNKS):
+            mask, a_off, m_off, y, x, i, j, ty, tx = _chunk_offsets(
+                k, b, c, B, W, TH, TW, HW, c_sb, c_sc, c_sy, c_sx, t_sb, t_sc, t_sy, t_sx, N, BLOCK)
+            a = tl.load(cam_ptr + a_off, mask=mask, other=0.0).to(tl.float32)
+            m = tl.load(tiles_ptr + m_off, mask=mask, other=0.0).to(tl.float32)
+            if LEVEL_CAM:
+                d = tl.maximum(a - eps, 0.0) / denom_a - tl.maximum(m - eps, 0.0) / denom_m
+            else:
+                d = a - m
+            if L2:
+                g = 2.0 * d * gscale
+            else:
+                g = tl.where(d > 0, gscale, tl.where(d < 0, -gscale, 0.0))
+            if LEVEL_CAM:
+                ga = tl.where(a - eps > 0, g / denom_a, 0.0)
+                ga += tl.where((a > 0) & (a == peak_a), max_grad_a, 0.0)
+                gm = tl.where(m - eps > 0, -g / denom_m, 0.0)
+                gm += tl.where((m > 0) & (m == peak_m), max_grad_m, 0.0)
+            else:
+                ga = g
+                gm = -g
+            gm += glogit
+            ga_off = b * gc_sb + c * gc_sc + y * gc_sy + x * gc_sx
+            gm_off = ((i * N + j) * B + b) * gt_sb + c * gt_sc + ty * gt_sy + tx * gt_sx
+            tl.store(gcam_ptr + ga_off, ga.to(gcam_ptr.dtype.element_ty), mask=mask)
+            tl.store(gtiles_ptr + gm_off, gm.to(gtiles_ptr.dtype.element_ty), mask=mask)
+    else:
+        # Forward: the loss partial of this map (and, for level "feature", the logit sum).
+        lane_err = tl.zeros((BLOCK,), tl.float32)
+        lane_sum = tl.zeros((BLOCK,), tl.float32)
+        for k in tl.static_range(NUM_CHUNKS):
+            mask, a_off, m_off, y, x, i, j, ty, tx = _chunk_offsets(
+                k, b, c, B, W, TH, TW, HW, c_sb, c_sc, c_sy, c_sx, t_sb, t_sc, t_sy, t_sx, N, BLOCK)
+            a = tl.load(cam_ptr + a_off, mask=mask, other=0.0).to(tl.float32)
+            m = tl.load(tiles_ptr + m_off, mask=mask, other=0.0).to(tl.float32)
+            if LEVEL_CAM:
+                d = tl.maximum(a - eps, 0.0) / denom_a - tl.maximum(m - eps, 0.0) / denom_m
+            else:
+                d = a - m
+                lane_sum += m
+            if L2:
+                lane_err += d * d
+            else:
+                lane_err += tl.abs(d)
+        if not LEVEL_CAM:
+            merged_sum = tl.sum(lane_sum, axis=0)
+        tl.store(partial_ptr + pid, tl.sum(lane_err, axis=0) * weight * inv_numel)
+        tl.store(logits_ptr + pid, merged_sum * inv_hw)
+
+
+def _launch(cam, cam_tiles, labels, n, level, kind, masking, *, backward, gloss=None, glogits=None):
+    b, c, h, w = cam.shape
+    hw = h * w
+    block = min(triton.next_power_of_2(max(hw, 16)), MAX_BLOCK)
+    num_chunks = triton.cdiv(hw, block)
+    device = cam.device
+    if backward:
+        grad_cam = empty_like(cam)
+        grad_tiles = empty_like(cam_tiles)
+        partial = logits = None
+        outs = (grad_cam, grad_tiles)
+    else:
+        partial = empty((b * c,), torch.float32, device)
+        logits = empty((b, c), torch.float32, device)
+        grad_cam, grad_tiles = cam, cam_tiles  # unused placeholders
+        outs = (partial, logits)
+    if b * c == 0:
+        return outs
+    _re_loss_kernel[(b * c,)](
+        cam, cam_tiles, labels, partial if partial is not None else labels, logits if logits is not None else labels,
+        grad_cam, grad_tiles, gloss if gloss is not None else labels, glogits if glogits is not None else labels,
+        b, c, w, h // n, w // n, hw, 1.0 / (b * c * hw), 1.0 / hw, puzzle.CAM_EPS,
+        *cam.stride(), *cam_tiles.stride(), *grad_cam.stride(), *grad_tiles.stride(),
+        N=n, LEVEL_CAM=level == "cam", L2=kind == "l2", MASKING=bool(masking),
+        BACKWARD=backward, HAS_GLOGITS=glogits is not None, NUM_CHUNKS=num_chunks, BLOCK=block,
+        num_warps=8 if block >= 2048 else 4,
+    )
+    return outs
+
+
+def check_args(cam, cam_tiles, labels, n, level, kind) -> None:
+    op = "reconstruction_loss"
+    check_float(op, "cam", cam)
+    check_float(op, "cam_tiles", cam_tiles)
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{op}: labels must be a torch.Tensor, got {type(labels).__name__}")
+    puzzle.check_loss_args(cam, cam_tiles, labels, n, level, kind)
+    if cam_tiles.dtype != cam.dtype:
+        raise TypeError(f"{op}: cam ({cam.dtype}) and cam_tiles ({cam_tiles.dtype}) must have one dtype")
+    check_same_device(op, cam=cam, cam_tiles=cam_tiles, labels=labels)
+    check_size(op, "cam", cam)
+    check_size(op, "cam_tiles", cam_tiles)
+
+
+class ReconstructionLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, cam, cam_tiles, labels, n, level, kind, masking):
+        check_args(cam, cam_tiles, labels, n, level, kind)
+        weights = labels.detach().to(torch.float32).contiguous()
+        partial, logits = _launch(cam, cam_tiles, weights, n, level, kind, masking, backward=False)
+        ctx.save_for_backward(cam, cam_tiles, weights)
+        ctx.args = (n, level, kind, masking)
+        ctx.set_materialize_grads(False)
+        return partial.sum(), logits
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, grad_logits):
+        cam, cam_tiles, weights = ctx.saved_tensors
+        if grad_loss is None and grad_logits is None:
+            return None, None, None, None, None, None, None
+        if grad_loss is None:
+            grad_loss = torch.zeros((), dtype=torch.float32, device=cam.device)
+        grad_loss = grad_loss.to(torch.float32).contiguous()
+        if grad_logits is not None:
+            grad_logits = grad_logits.to(torch.float32).contiguous()
+        grad_cam, grad_tiles = _launch(cam, cam_tiles, weights, *ctx.args, backward=True, gloss=grad_loss, glogits=grad_logits)
+        return (
+            grad_cam if ctx.needs_input_grad[0] else None,
+            grad_tiles if ctx.needs_input_grad[1] else None,
+            None, None, None, None, None,
+        )
+
+
+def reconstruction_loss(
+    cam: torch.Tensor,
+    cam_tiles: torch.Tensor,
+    labels: torch.Tensor,
+    n: int = 2,
+    level: str = "feature",
+    kind: str = "l1",
+    masking: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused (re_loss fp32 scalar, merged_logits fp32 (B, C)); semantics of the reference."""
+    return ReconstructionLossFunction.apply(cam, cam_tiles, labels, n, level, kind, masking)

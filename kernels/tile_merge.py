@@ -1,0 +1,128 @@
+"""Puzzle tile / merge of feature maps as one Triton permutation-copy kernel.
+
+``tile(x, n)``: (B, C, H, W) -> (n*n*B, C, H/n, W/n), piece p = i*n + j of image b at batch index
+p*B + b; ``merge`` is its exact inverse. Each is the other's backward. Any strides are accepted
+(channels_last included); the output keeps the input's memory format.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from puzzlecam import puzzle
+
+from ._common import check_float, check_size, empty, memory_format_of
+
+BLOCK = 1024
+
+
+@triton.jit
+def _tile_copy_kernel(
+    full_ptr, tiles_ptr, total, B, C, H, W, TH, TW,
+    f_sb, f_sc, f_sy, f_sx,
+    t_sb, t_sc, t_sy, t_sx,
+    N: tl.constexpr, TO_TILES: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # Walk the full map's logical elements in the destination's memory order, so stores coalesce.
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < total
+    if CHANNELS_LAST:
+        c = idx % C
+        r = idx // C
+        x = r % W
+        r = r // W
+        y = r % H
+        b = r // H
+    else:
+        x = idx % W
+        r = idx // W
+        y = r % H
+        r = r // H
+        c = r % C
+        b = r // C
+    i = y // TH
+    ty = y - i * TH
+    j = x // TW
+    tx = x - j * TW
+    f_off = b * f_sb + c * f_sc + y * f_sy + x * f_sx
+    t_off = ((i * N + j) * B + b) * t_sb + c * t_sc + ty * t_sy + tx * t_sx
+    if TO_TILES:
+        v = tl.load(full_ptr + f_off, mask=mask)
+        tl.store(tiles_ptr + t_off, v, mask=mask)
+    else:
+        v = tl.load(tiles_ptr + t_off, mask=mask)
+        tl.store(full_ptr + f_off, v, mask=mask)
+
+
+def _launch(full: torch.Tensor, tiles: torch.Tensor, n: int, to_tiles: bool) -> None:
+    b, c, h, w = full.shape
+    total = full.numel()
+    if total == 0:
+        return
+    channels_last = memory_format_of(tiles if to_tiles else full) == torch.channels_last
+    grid = (triton.cdiv(total, BLOCK),)
+    _tile_copy_kernel[grid](
+        full, tiles, total, b, c, h, w, h // n, w // n,
+        *full.stride(), *tiles.stride(),
+        N=n, TO_TILES=to_tiles, CHANNELS_LAST=channels_last, BLOCK=BLOCK,
+    )
+
+
+def tile_forward(x: torch.Tensor, n: int) -> torch.Tensor:
+    puzzle._check_pieces(n)
+    puzzle._check_4d("x", x)
+    check_float("tile", "x", x)
+    check_size("tile", "x", x)
+    b, c, h, w = x.shape
+    if h % n or w % n:
+        raise ValueError(f"tile: H and W must be divisible by n={n}, got x of shape {tuple(x.shape)} (H={h}, W={w})")
+    out = empty((n * n * b, c, h // n, w // n), x.dtype, x.device, memory_format_of(x))
+    _launch(x, out, n, to_tiles=True)
+    return out
+
+
+def merge_forward(t: torch.Tensor, n: int) -> torch.Tensor:
+    puzzle._check_pieces(n)
+    puzzle._check_4d("tiles", t)
+    check_float("merge", "tiles", t)
+    check_size("merge", "tiles", t)
+    nb, c, th, tw = t.shape
+    if nb % (n * n):
+        raise ValueError(f"merge: the tile batch {nb} (tiles of shape {tuple(t.shape)}) is not a multiple of n*n={n * n}")
+    out = empty((nb // (n * n), c, th * n, tw * n), t.dtype, t.device, memory_format_of(t))
+    _launch(out, t, n, to_tiles=False)
+    return out
+
+
+class TileFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, n):
+        ctx.n = n
+        return tile_forward(x, n)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return merge_forward(grad, ctx.n), None
+
+
+class MergeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, n):
+        ctx.n = n
+        return merge_forward(t, n)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return tile_forward(grad, ctx.n), None
+
+
+def tile(x: torch.Tensor, n: int = 2) -> torch.Tensor:
+    """Triton ``tile`` (differentiable); semantics of :func:`puzzlecam.puzzle.tile`."""
+    return TileFunction.apply(x, n)
+
+
+def merge(t: torch.Tensor, n: int = 2) -> torch.Tensor:
+    """Triton ``merge`` (differentiable); semantics of :func:`puzzlecam.puzzle.merge`."""
+    return MergeFunction.apply(t, n)
