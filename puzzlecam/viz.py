@@ -1,0 +1,156 @@
+"""CAM overlays: ``python -m puzzlecam.viz --cams DIR --shards PATTERN --out DIR [--n 16]``.
+
+For each of the first ``n`` images of the shards that have a CAM, one row of panels:
+image | one heat map per labelled class (jet colours blended over the image) | pseudo-label at
+``--threshold`` | ground truth (VOC palette; grey when the sample has no mask). Written as
+``{id}.png`` per image plus ``grid.png`` (all rows stacked). No matplotlib: the colour map is a
+small numpy jet; Pillow draws the captions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from puzzlecam import VOC_CLASSES
+from puzzlecam.camstore import CamStoreError, atomic_write_bytes, read_cam
+from puzzlecam.labels import predict_labels
+from puzzlecam.palette import voc_colormap
+
+CAPTION_H = 14
+GAP = 2
+
+
+def jet(x: np.ndarray) -> np.ndarray:
+    """Jet-like colour map: values in [0, 1] (clipped) -> uint8 RGB (..., 3); blue low, red high."""
+    x = np.clip(np.asarray(x, dtype=np.float32), 0.0, 1.0)[..., None]
+    centers = np.array([0.75, 0.5, 0.25], dtype=np.float32)  # where R, G, B peak
+    rgb = np.clip(1.5 - np.abs(4.0 * (x - centers)), 0.0, 1.0)
+    return (rgb * 255 + 0.5).astype(np.uint8)
+
+
+def heat_overlay(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend the jet colours of ``cam`` (H, W) in [0, 1] over the RGB ``image`` (H, W, 3)."""
+    blended = (1 - alpha) * image.astype(np.float32) + alpha * jet(cam).astype(np.float32)
+    return blended.round().astype(np.uint8)
+
+
+def colorize(labels: np.ndarray) -> np.ndarray:
+    """VOC palette colours of a label map (H, W) -> (H, W, 3) uint8."""
+    return voc_colormap()[labels]
+
+
+def _panel(rgb: np.ndarray, caption: str, height: int) -> Image.Image:
+    im = Image.fromarray(rgb)
+    width = max(1, round(im.width * height / im.height))
+    im = im.resize((width, height), Image.Resampling.BILINEAR)
+    panel = Image.new("RGB", (width, height + CAPTION_H), (255, 255, 255))
+    panel.paste(im, (0, CAPTION_H))
+    ImageDraw.Draw(panel).text((2, 1), caption, fill=(0, 0, 0), font=ImageFont.load_default())
+    return panel
+
+
+def _hstack(panels: list[Image.Image]) -> Image.Image:
+    width = sum(p.width for p in panels) + GAP * (len(panels) - 1)
+    row = Image.new("RGB", (width, max(p.height for p in panels)), (255, 255, 255))
+    x = 0
+    for p in panels:
+        row.paste(p, (x, 0))
+        x += p.width + GAP
+    return row
+
+
+def _vstack(rows: list[Image.Image]) -> Image.Image:
+    grid = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows) + GAP * (len(rows) - 1)), (255, 255, 255))
+    y = 0
+    for r in rows:
+        grid.paste(r, (0, y))
+        y += r.height + GAP
+    return grid
+
+
+def overlay_row(image_id: str, image: np.ndarray, record, mask: np.ndarray | None, threshold: float, height: int = 160) -> Image.Image:
+    """One image's panels side by side (see the module docstring)."""
+    if tuple(image.shape[:2]) != record.size:
+        raise CamStoreError(f"{image_id}: image is {image.shape[0]}x{image.shape[1]} but its CAM is {record.size[0]}x{record.size[1]}")
+    panels = [_panel(image, image_id, height)]
+    for k, cam in zip(record.keys, record.hr_cam):
+        panels.append(_panel(heat_overlay(image, cam.astype(np.float32)), VOC_CLASSES[int(k)], height))
+    pred = predict_labels(record.hr_cam, record.keys, threshold)
+    panels.append(_panel(colorize(pred), f"pseudo-label t={threshold:.2f}", height))
+    if mask is None:
+        panels.append(_panel(np.full_like(image, 128), "no mask", height))
+    else:
+        panels.append(_panel(colorize(mask), "ground truth", height))
+    return _hstack(panels)
+
+
+def _png(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m puzzlecam.viz",
+        description="PNG overlays of CAMs: image | heat map per labelled class | pseudo-label | ground truth, one {id}.png per image and grid.png.",
+    )
+    p.add_argument("--cams", type=Path, required=True, help="CAM store directory ({id}.npz) written by puzzlecam.infer")
+    p.add_argument("--shards", required=True, help="shard pattern holding the images (and masks)")
+    p.add_argument("--out", type=Path, required=True, help="output directory for {id}.png and grid.png")
+    p.add_argument("--n", type=int, default=16, help="number of images: the first N of the shards that have a CAM (default 16)")
+    p.add_argument("--threshold", type=float, default=None, help="background threshold of the pseudo-label panel (default: best_threshold of --summary, else 0.20)")
+    p.add_argument("--summary", type=Path, default=None, help="summary.json of puzzlecam.evaluate: take its best threshold")
+    p.add_argument("--height", type=int, default=160, help="panel height in pixels (default 160)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from puzzlecam.data import eval_loader
+
+    args = build_parser().parse_args(argv)
+    threshold = args.threshold
+    if threshold is None and args.summary is not None:
+        try:
+            threshold = float(json.loads(args.summary.read_text())["best_threshold"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"error: --summary {args.summary}: cannot read best_threshold ({e})", file=sys.stderr)
+            return 2
+    threshold = 0.20 if threshold is None else threshold
+    if args.n < 1:
+        print("error: --n must be at least 1", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    try:
+        for batch in eval_loader(args.shards, num_workers=0, rank=0, world_size=1):
+            image_id = batch["id"][0]
+            if not Path(args.cams, f"{image_id}.npz").is_file():
+                continue
+            record = read_cam(args.cams, image_id)
+            mask = np.asarray(batch["mask"][0]) if bool(batch["has_mask"][0]) else None
+            row = overlay_row(image_id, np.asarray(batch["image"][0]), record, mask, threshold, args.height)
+            atomic_write_bytes(args.out / f"{image_id}.png", _png(row))
+            rows.append(row)
+            if len(rows) == args.n:
+                break
+    except CamStoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not rows:
+        print(f"error: no image of --shards {args.shards} has a CAM in {args.cams}", file=sys.stderr)
+        return 2
+    atomic_write_bytes(args.out / "grid.png", _png(_vstack(rows)))
+    print(f"wrote {len(rows)} overlays and {args.out / 'grid.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
