@@ -1,0 +1,91 @@
+"""Load torchvision-format ImageNet weights into a backbone, strictly.
+
+A torchvision ResNet state dict (``.pth`` saved with ``torch.save(model.state_dict())``, or a
+``.safetensors`` file with the same names) fits our backbone exactly except for ``fc.weight`` /
+``fc.bias``, which are ignored. Anything else that does not fit (a missing key, an unexpected key,
+a shape mismatch) raises :class:`PretrainedMismatchError` naming the file and listing the keys.
+Old torchvision files (saved before BatchNorm had ``num_batches_tracked``) load too: those
+counters are then left at their current value. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+IGNORED_PREFIXES = ("fc.",)
+_OPTIONAL_SUFFIX = ".num_batches_tracked"
+_MAX_LISTED = 20
+
+
+class PretrainedMismatchError(ValueError):
+    """A pretrained file whose keys or shapes do not fit the backbone."""
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a flat name -> tensor mapping from a .pth/.pt (weights_only) or .safetensors file."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"pretrained weights file {p} does not exist (nothing is downloaded)")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(p), device="cpu")
+    else:
+        try:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"pretrained weights file {p} cannot be read as a torch state dict: {e}") from e
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise ValueError(
+            f"pretrained weights file {p} must hold a flat state dict (parameter name -> tensor) "
+            f"as saved by torch.save(resnet.state_dict()), got {type(state).__name__}"
+        )
+    return dict(state)
+
+
+def _listing(title: str, items: list[str]) -> str:
+    shown = items[:_MAX_LISTED]
+    more = f"\n    ... and {len(items) - len(shown)} more" if len(items) > len(shown) else ""
+    return f"\n  {title} ({len(items)}):\n    " + "\n    ".join(shown) + more
+
+
+def load_pretrained(model_or_backbone: nn.Module, path: str | Path) -> nn.Module:
+    """Load a torchvision-format file into ``model_or_backbone`` (a Classifier uses its ``.backbone``).
+
+    Strict: every backbone key must be present with the same shape (``*.num_batches_tracked`` may
+    be absent), and only ``fc.*`` may be extra. Returns the backbone.
+    """
+    backbone = getattr(model_or_backbone, "backbone", model_or_backbone)
+    state = {k: v for k, v in read_state_dict(path).items() if not k.startswith(IGNORED_PREFIXES)}
+    own = backbone.state_dict()
+
+    missing = [k for k in own if k not in state and not k.endswith(_OPTIONAL_SUFFIX)]
+    unexpected = sorted(k for k in state if k not in own)
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        msg = f"pretrained weights file {path} does not fit the backbone"
+        arch = getattr(backbone, "arch", None)
+        if arch is not None:
+            msg += f" ({arch}, width {backbone.width})"
+        if missing:
+            msg += _listing("missing keys", missing)
+        if unexpected:
+            msg += _listing("unexpected keys", unexpected)
+        if mismatched:
+            msg += _listing("shape mismatches", mismatched)
+        if getattr(backbone, "width", 64) != 64:
+            msg += "\n  note: ImageNet files fit only model.width=64 (torchvision's widths)"
+        raise PretrainedMismatchError(msg)
+
+    for k in own:  # files older than BatchNorm's num_batches_tracked buffer
+        if k not in state:
+            state[k] = own[k]
+    backbone.load_state_dict(state, strict=True)
+    return backbone
