@@ -1,0 +1,221 @@
+"""Backend dispatch of the puzzle ops (design.md §6): the only entry point the trainer calls.
+
+Every function has the signature of its :mod:`puzzlecam.puzzle` reference plus ``backend``:
+
+* ``"reference"`` -- the pure-torch oracle (any device);
+* ``"triton"`` -- the Triton kernels of :mod:`puzzlecam.kernels` (CUDA tensors; CPU tensors only
+  under the Triton interpreter, ``TRITON_INTERPRET=1``, which is for tests);
+* ``"cpp"`` / ``"cuda"`` -- the C++ / CUDA extension ``puzzlecam._C`` through :mod:`puzzlecam._ext`
+  (reconstruction_loss, puzzle_losses and multiscale_cam only);
+* ``"auto"`` -- Triton for CUDA tensors (the CUDA extension for multiscale_cam, which has no Triton
+  kernel), the C++ extension for CPU tensors, and the reference where neither is available, with
+  one warning. ``auto`` never picks Triton for CPU tensors.
+
+A backend asked for by name that cannot serve the call raises a RuntimeError that says why.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+from puzzlecam import puzzle
+from puzzlecam.puzzle import PuzzleLosses
+
+BACKENDS = ("auto", "triton", "cpp", "cuda", "reference")
+
+# Which ops each non-reference backend implements.
+TRITON_OPS = frozenset({"tile", "merge", "reconstruction_loss", "puzzle_losses", "prepare_inputs"})
+EXT_OPS = frozenset({"reconstruction_loss", "puzzle_losses", "multiscale_cam"})
+
+_warned: set[str] = set()
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels_or_error():
+    """(puzzlecam.kernels, None) or (None, why it cannot be imported)."""
+    try:
+        import puzzlecam.kernels as kernels
+    except Exception as exc:  # triton missing or broken
+        return None, f"puzzlecam.kernels cannot be imported ({type(exc).__name__}: {exc})"
+    return kernels, None
+
+
+def _ext_module():
+    """puzzlecam._ext, or None while it does not exist (it is built separately)."""
+    try:
+        from puzzlecam import _ext
+    except ImportError:
+        return None
+    return _ext
+
+
+def _ext_available(kind: str) -> bool:
+    ext = _ext_module()
+    if ext is None:
+        return False
+    try:
+        return bool(ext.available() if kind == "cpp" else ext.cuda_available())
+    except AttributeError:
+        return False
+
+
+def _interpreter_on() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _why_not(op: str, backend: str, device: torch.device) -> str | None:
+    """None when ``backend`` can run ``op`` on ``device``, else the reason it cannot."""
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        if op not in TRITON_OPS:
+            return f"{op} has no Triton kernel (backends: reference, cpp, cuda)"
+        _, err = _kernels_or_error()
+        if err:
+            return err
+        if device.type == "cpu" and not _interpreter_on():
+            return "Triton runs on CPU tensors only under the interpreter (set TRITON_INTERPRET=1 before triton is imported)"
+        if device.type not in ("cpu", "cuda"):
+            return f"Triton kernels need CUDA tensors, got {device.type}"
+        return None
+    if op not in EXT_OPS:
+        return f"{op} has no C++/CUDA extension implementation (backends: reference, triton)"
+    if backend == "cpp":
+        if device.type != "cpu":
+            return f"the cpp backend runs on CPU tensors, got {device.type} tensors (use backend='cuda')"
+        if not _ext_available("cpp"):
+            return "the C++ extension puzzlecam._C is not built (reinstall with a C++ compiler: pip install --no-build-isolation -e .)"
+        return None
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend runs on CUDA tensors, got {device.type} tensors (use backend='cpp')"
+        if not _ext_available("cuda"):
+            return "the CUDA extension is not built (reinstall with nvcc and a CUDA torch: pip install --no-build-isolation -e .)"
+        return None
+    raise AssertionError(backend)
+
+
+def resolve_backend(op: str, backend: str, device: torch.device) -> str:
+    """The concrete backend that runs ``op`` on ``device`` for the requested ``backend``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    device = torch.device(device)
+    if backend != "auto":
+        why = _why_not(op, backend, device)
+        if why:
+            raise RuntimeError(f"{op}: backend {backend!r} is unavailable: {why}")
+        return backend
+    if device.type == "cuda":
+        candidates = ("triton", "cuda")
+    else:
+        candidates = ("cpp",)  # auto never picks Triton for CPU tensors
+    served = [c for c in candidates if (op in TRITON_OPS if c == "triton" else op in EXT_OPS)]
+    for cand in served:
+        if _why_not(op, cand, device) is None:
+            return cand
+    if served:  # a fast backend exists for this op but cannot run here: say so, once
+        key = f"{device.type}:{','.join(served)}"
+        if key not in _warned:
+            _warned.add(key)
+            reasons = "; ".join(f"{c}: {_why_not(op, c, device)}" for c in served)
+            warnings.warn(f"puzzlecam.ops: using the pure-torch reference backend on {device.type} ({reasons})", RuntimeWarning, stacklevel=3)
+    return "reference"
+
+
+def available_backends(op: str, device: torch.device | str) -> list[str]:
+    """The named backends (not 'auto') that can run ``op`` on ``device`` here."""
+    device = torch.device(device)
+    return [b for b in BACKENDS[1:] if _why_not(op, b, device) is None]
+
+
+def _kernels():
+    return _kernels_or_error()[0]
+
+
+def tile(x: torch.Tensor, n: int = 2, backend: str = "auto") -> torch.Tensor:
+    """Split each image into n*n tiles, piece-major; see :func:`puzzlecam.puzzle.tile`."""
+    if resolve_backend("tile", backend, x.device) == "triton":
+        return _kernels().tile(x, n)
+    return puzzle.tile(x, n)
+
+
+def merge(t: torch.Tensor, n: int = 2, backend: str = "auto") -> torch.Tensor:
+    """Inverse of :func:`tile`; see :func:`puzzlecam.puzzle.merge`."""
+    if resolve_backend("merge", backend, t.device) == "triton":
+        return _kernels().merge(t, n)
+    return puzzle.merge(t, n)
+
+
+def reconstruction_loss(
+    cam: torch.Tensor,
+    cam_tiles: torch.Tensor,
+    labels: torch.Tensor,
+    n: int = 2,
+    level: str = "feature",
+    kind: str = "l1",
+    masking: bool = True,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(re_loss fp32 scalar, merged_logits fp32 (B, C)); see :func:`puzzlecam.puzzle.reconstruction_loss`."""
+    chosen = resolve_backend("reconstruction_loss", backend, cam.device)
+    if chosen == "triton":
+        return _kernels().reconstruction_loss(cam, cam_tiles, labels, n, level, kind, masking)
+    if chosen in ("cpp", "cuda"):
+        puzzle.check_loss_args(cam, cam_tiles, labels, n, level, kind)
+        return _ext_module().reconstruction_loss(cam, cam_tiles, labels, n, level, kind, masking)
+    return puzzle.reconstruction_loss(cam, cam_tiles, labels, n, level, kind, masking)
+
+
+def puzzle_losses(
+    cam: torch.Tensor,
+    cam_tiles: torch.Tensor,
+    labels: torch.Tensor,
+    n: int = 2,
+    level: str = "feature",
+    kind: str = "l1",
+    masking: bool = True,
+    backend: str = "auto",
+) -> PuzzleLosses:
+    """The three Puzzle-CAM terms (cls, pcls, re); see :func:`puzzlecam.puzzle.puzzle_losses`."""
+    re, merged_logits = reconstruction_loss(cam, cam_tiles, labels, n, level, kind, masking, backend=backend)
+    return PuzzleLosses(
+        cls=puzzle.classification_loss(puzzle.gap(cam), labels),
+        pcls=puzzle.classification_loss(merged_logits, labels),
+        re=re,
+    )
+
+
+def prepare_inputs(
+    images: torch.Tensor,
+    valid: torch.Tensor,
+    n: int = 2,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (B,H,W,3) -> (x (B,3,H,W), tiles); see :func:`puzzlecam.puzzle.prepare_inputs`."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"prepare_inputs: images must be a torch.Tensor, got {type(images).__name__}")
+    if resolve_backend("prepare_inputs", backend, images.device) == "triton":
+        return _kernels().prepare_inputs(images, valid, n, dtype, channels_last)
+    return puzzle.prepare_inputs(images, valid, n, dtype, channels_last)
+
+
+def multiscale_cam(
+    maps: list[torch.Tensor],
+    flipped_maps: list[torch.Tensor] | None,
+    keys: torch.Tensor,
+    image_size: tuple[int, int],
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image's fused multi-scale CAMs; see :func:`puzzlecam.puzzle.multiscale_cam`."""
+    if len(maps) == 0:
+        raise ValueError("multiscale_cam: no scale maps given")
+    chosen = resolve_backend("multiscale_cam", backend, maps[0].device)
+    if chosen in ("cpp", "cuda"):
+        return _ext_module().multiscale_cam(maps, flipped_maps, keys, image_size)
+    return puzzle.multiscale_cam(maps, flipped_maps, keys, image_size)
