@@ -1,0 +1,121 @@
+"""``python -m puzzlecam.bench eval``: the one-pass threshold sweep against a per-threshold loop.
+
+Both sides score the same in-memory random CAMs and masks (VOC-sized by default) at every
+threshold; file reading and decoding are left out of both. The loop is how the reference code
+evaluates: for each threshold, for each image, argmax over [t, cams] and accumulate a confusion
+matrix. The sweep is :func:`puzzlecam.evaluate.confusion_sweep` (one pass per image). Both results
+are checked to be identical before any timing is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from puzzlecam.evaluate import DEFAULT_THRESHOLDS, IGNORE, NUM_LABELS, confusion_sweep, miou, parse_thresholds
+
+
+def make_images(count: int, height: int, width: int, seed: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(cams float16 (K, H, W), keys 1..20 (K,), mask uint8 (H, W)) with 1..3 classes and some 255 pixels."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for _ in range(count):
+        k = int(rng.integers(1, 4))
+        keys = rng.choice(np.arange(1, NUM_LABELS), k, replace=False)
+        cams = rng.random((k, height, width), dtype=np.float32).astype(np.float16)
+        mask = rng.choice(np.concatenate([[0], keys]), (height, width)).astype(np.uint8)
+        mask[rng.random((height, width)) < 0.05] = IGNORE
+        images.append((cams, keys, mask))
+    return images
+
+
+def loop_confusions(images, thresholds: list[float]) -> np.ndarray:
+    """Per threshold, per image: argmax over [t, cams] (ties to background) and a bincount confusion."""
+    out = np.zeros((len(thresholds), NUM_LABELS, NUM_LABELS), dtype=np.int64)
+    for i, t in enumerate(thresholds):
+        for cams, keys, mask in images:
+            stacked = np.concatenate([np.full((1,) + cams.shape[1:], t, dtype=np.float64), cams.astype(np.float64)])
+            pred = np.concatenate([[0], keys])[stacked.argmax(0)]
+            valid = mask != IGNORE
+            out[i] += np.bincount(mask[valid].astype(np.int64) * NUM_LABELS + pred[valid], minlength=NUM_LABELS * NUM_LABELS).reshape(NUM_LABELS, NUM_LABELS)
+    return out
+
+
+def sweep_confusions(images, thresholds: list[float]) -> np.ndarray:
+    out = torch.zeros(len(thresholds), NUM_LABELS, NUM_LABELS, dtype=torch.long)
+    for cams, keys, mask in images:
+        out += confusion_sweep(torch.from_numpy(cams), torch.from_numpy(keys), torch.from_numpy(mask), thresholds)
+    return out.numpy()
+
+
+def _time(fn, repeats: int) -> tuple[float, np.ndarray]:
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m puzzlecam.bench eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=32, help="number of random images (default 32)")
+    p.add_argument("--height", type=int, default=375, help="image height (default 375, a typical VOC image)")
+    p.add_argument("--width", type=int, default=500, help="image width (default 500)")
+    p.add_argument("--thresholds", default=DEFAULT_THRESHOLDS, help=f"threshold sweep (default {DEFAULT_THRESHOLDS}: 16 thresholds)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per side; the best is reported (default 3)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    thresholds = parse_thresholds(args.thresholds)
+    images = make_images(args.images, args.height, args.width, args.seed)
+
+    loop_s, loop_conf = _time(lambda: loop_confusions(images, thresholds), args.repeats)
+    sweep_s, sweep_conf = _time(lambda: sweep_confusions(images, thresholds), args.repeats)
+    if not np.array_equal(loop_conf, sweep_conf):
+        print("error: the sweep's confusion matrices differ from the per-threshold loop's", file=sys.stderr)
+        return 1
+    best_miou = float(torch.nan_to_num(miou(torch.from_numpy(sweep_conf))[0], nan=-1).max())
+
+    figures = {
+        "images": args.images,
+        "image_size": [args.height, args.width],
+        "thresholds": len(thresholds),
+        "loop_images_per_s": args.images / loop_s,
+        "sweep_images_per_s": args.images / sweep_s,
+        "speedup": loop_s / sweep_s,
+        "identical_confusions": True,
+        "best_miou_check": best_miou,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+    }
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"eval: {args.images} images {args.height}x{args.width}, {len(thresholds)} thresholds (confusions identical)")
+    table.add_column("method")
+    table.add_column("images/s (all thresholds)", justify="right")
+    table.add_column("ms/image", justify="right")
+    table.add_row("per-threshold loop (reference)", f"{figures['loop_images_per_s']:.1f}", f"{1000 * loop_s / args.images:.1f}")
+    table.add_row("one-pass sweep", f"{figures['sweep_images_per_s']:.1f}", f"{1000 * sweep_s / args.images:.1f}")
+    Console().print(table)
+    print(f"speedup: {figures['speedup']:.1f}x")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
