@@ -29,6 +29,9 @@ class BatchNorm2d(nn.BatchNorm2d):
 
     use_batch_stats = True  # False in the frozen variant
 
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=True, track_running_stats=True)
+
     def _apply(self, fn, *args, **kwargs):
         module = super()._apply(fn, *args, **kwargs)
         # A cast to half precision must not reach the statistics: undo it for the two buffers.
@@ -37,9 +40,6 @@ class BatchNorm2d(nn.BatchNorm2d):
             if buf is not None and buf.dtype in _HALF_DTYPES:
                 self._buffers[name] = buf.float()
         return module
-
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
-        super().__init__(num_features, eps=eps, momentum=momentum, affine=True, track_running_stats=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
