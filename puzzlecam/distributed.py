@@ -1,0 +1,161 @@
+"""Process-group setup, seeding and small collectives for the trainer.
+
+One code path serves every launcher: ``deepspeed``, ``torchrun`` and plain ``python`` all describe
+the process through the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT);
+a plain ``python`` run gets a one-process group on a free loopback port. CPU runs use gloo, CUDA
+runs nccl.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise RuntimeError(f"environment variable {name} must be an integer, got {raw!r}") from None
+
+
+def avoid_deepspeed_cpu_builds() -> None:
+    """Stop DeepSpeed from JIT-building its shared-memory comm op on CPU.
+
+    On the CPU accelerator, DeepSpeed's torch comm backend compiles ``deepspeed_shm_comm`` (~45-80 s
+    on 2 cores, cached in ~/.cache/torch_extensions) when its process group starts. That op serves
+    only ``inference_all_reduce``; training all-reduces go through torch.distributed (gloo), so the
+    build buys nothing here. Marking the op incompatible makes DeepSpeed skip it.
+    Set PUZZLECAM_DS_SHM=1 to keep DeepSpeed's default.
+    """
+    if os.environ.get("PUZZLECAM_DS_SHM", "0") == "1" or torch.cuda.is_available():
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def init_distributed(use_deepspeed: bool = True) -> DistInfo:
+    """Join (or create) the process group described by the environment; returns this process's place."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        # Plain `python launch/train.py`: a one-process group, so that every code path is the same.
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    rank = _env_int("RANK", 0)
+    world_size = _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        if use_deepspeed:
+            import deepspeed
+
+            avoid_deepspeed_cpu_builds()
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        else:
+            dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def average_buffers(module: torch.nn.Module) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) over all ranks, in place.
+
+    Under data parallelism each rank updates its own running statistics; parameters stay identical
+    but buffers drift apart. Averaging them before a checkpoint or an export makes the saved model
+    (written by rank 0) describe every rank's data and keeps all ranks equal after a resume.
+    """
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    world = dist.get_world_size()
+    for buf in module.buffers():
+        if buf.is_floating_point():
+            acc = buf.detach().float()
+            dist.all_reduce(acc, op=dist.ReduceOp.SUM)
+            buf.copy_(acc / world)
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed python, numpy and torch from (seed, rank): ranks differ, runs repeat."""
+    mixed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+    random.seed(mixed)
+    np.random.seed(mixed)
+    torch.manual_seed(mixed)
+
+
+def rng_state() -> dict:
+    """Every RNG state this process uses, as tensors and plain values (loadable with weights_only)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {
+            "name": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(_to_tuple(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_tuple(x):
+    return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x

@@ -1,0 +1,434 @@
+"""The Puzzle-CAM Trainer: DeepSpeed data-parallel training with exact resume.
+
+``launch/train.py`` is a thin entry around :func:`main`. The same process runs under
+``deepspeed``, ``torchrun`` or plain ``python`` (docs/training.md). One optimizer step:
+
+1. ``grad_accum_steps`` micro-batches, each: uint8 batch -> device -> normalized images + tiles
+   (puzzlecam.ops.prepare_inputs) -> two forward passes -> L = L_cls + L_pcls + alpha(t) L_re
+   (puzzlecam.ops.puzzle_losses) -> backward (DeepSpeed averages gradients over ranks);
+2. every rank learns whether any rank's loss was NaN/Inf (one all-reduce, which also averages the
+   logged losses); a bad step is skipped on every rank and counted, ``max_bad_steps`` in a row stop
+   the run;
+3. poly learning-rate decay per parameter group, clipping (DeepSpeed ``gradient_clipping``), SGD.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import Config, ConfigError, load_config, save_config
+from .distributed import average_buffers, barrier, init_distributed, rng_state, seed_everything, set_rng_state
+from .metrics import MetricsLog, Progress
+from .train_step import PuzzleNet, alpha_for, forward_losses, poly_lr_factor
+
+_DS_FORBIDDEN = {
+    "optimizer": "the optimizer is torch SGD built from the run config (optim.*)",
+    "scheduler": "the learning-rate schedule is poly decay from the run config (optim.poly_power)",
+    "gradient_clipping": "set optim.grad_clip in the run config",
+}
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (too many bad steps, bad setup); the message says why."""
+
+
+def _precision_dtype(ds_config: dict) -> torch.dtype:
+    ac = ds_config.get("torch_autocast", {})
+    if ac.get("enabled", False):
+        return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[
+            str(ac.get("dtype", "bfloat16")).replace("torch.", "")
+        ]
+    return torch.float32
+
+
+def build_deepspeed_config(cfg: Config, world_size: int, path: str) -> dict:
+    """Read the DeepSpeed JSON and fill in what the run config decides (batch sizes, clipping).
+
+    Raises ConfigError naming the file/key when the JSON contradicts the run config or asks for
+    something this trainer does not support.
+    """
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"DeepSpeed config {p} does not exist (train.deepspeed_config / --deepspeed_config)")
+    try:
+        ds = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"DeepSpeed config {p} is not valid JSON: {e}") from None
+    t = cfg.train
+    got = t.micro_batch_size * t.grad_accum_steps * world_size
+    if got != t.global_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} but train.micro_batch_size ({t.micro_batch_size}) x "
+            f"train.grad_accum_steps ({t.grad_accum_steps}) x world size ({world_size}) = {got}; "
+            "change one of them so that the product equals the global batch"
+        )
+    for key, why in _DS_FORBIDDEN.items():
+        if key in ds:
+            raise ConfigError(f"DeepSpeed config {p}: remove '{key}' ({why})")
+    for key in ("fp16", "bf16"):
+        if ds.get(key, {}).get("enabled", False):
+            raise ConfigError(
+                f"DeepSpeed config {p}: '{key}.enabled' casts the whole model (BatchNorm statistics included) to "
+                "half precision; use \"torch_autocast\": {\"enabled\": true, \"dtype\": \"bfloat16\"|\"float16\"} "
+                "(launch/configs/ds_bf16.json, ds_fp16.json), which keeps weights, norms and losses in fp32"
+            )
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage != 0:
+        raise ConfigError(f"DeepSpeed config {p}: zero_optimization.stage={stage} is not supported (use 0: plain data parallel)")
+    expected = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+    }
+    for key, value in expected.items():
+        if key in ds and ds[key] != value:
+            raise ConfigError(
+                f"DeepSpeed config {p}: '{key}' is {ds[key]} but the run config gives {value}; "
+                "remove it from the JSON (the run config's train.* batch settings decide)"
+            )
+        ds[key] = value
+    if _precision_dtype(ds) == torch.float16 and not torch.cuda.is_available():
+        raise ConfigError(f"DeepSpeed config {p}: float16 autocast needs a CUDA GPU; use ds_bf16.json or ds_fp32.json on CPU")
+    ds["gradient_clipping"] = float(cfg.optim.grad_clip)
+    ds.setdefault("steps_per_print", 10**9)
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    return ds
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: str | Path, resume: str = "auto"):
+        import deepspeed
+
+        from . import data as pdata
+        from .model import build_model, param_groups
+
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.dist = init_distributed()
+        self.device = self.dist.device
+        t = cfg.train
+        if not cfg.data.train_shards:
+            raise ConfigError("data.train_shards is empty: give the training shards, e.g. data.train_shards='shards/train-*.tar'")
+        ds_config = build_deepspeed_config(cfg, self.dist.world_size, t.deepspeed_config)
+        self.dtype = _precision_dtype(ds_config)
+        self.channels_last = t.channels_last and self.device.type == "cuda"
+        if self.device.type == "cpu":
+            # Exact repeatability (resume == uninterrupted run) on CPU.
+            torch.use_deterministic_algorithms(True, warn_only=True)
+
+        # Identical initialization on every rank (DeepSpeed also broadcasts rank 0's weights).
+        seed_everything(t.seed, 0)
+        classifier = build_model(cfg.model)
+        if self.channels_last:
+            classifier = classifier.to(memory_format=torch.channels_last)
+        self.classifier = classifier.to(self.device)
+        groups = param_groups(self.classifier, cfg.optim.lr, cfg.optim.weight_decay, keep_empty=False)
+        optimizer = torch.optim.SGD(
+            groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay
+        )
+        net: torch.nn.Module = PuzzleNet(self.classifier)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=net, optimizer=optimizer, config=ds_config)
+        if t.compile:
+            self.engine.compile()
+        seed_everything(t.seed, self.dist.rank)
+
+        self.loader = pdata.train_loader(
+            cfg.data.train_shards,
+            batch_size=t.micro_batch_size,
+            crop_size=cfg.data.crop_size,
+            seed=t.seed,
+            num_workers=cfg.data.num_workers,
+            min_long_side=cfg.data.min_long_side,
+            max_long_side=cfg.data.max_long_side,
+            hflip=cfg.data.hflip,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
+        self.steps_per_epoch = len(self.loader) // t.grad_accum_steps
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"the training data gives {len(self.loader)} micro-batches of {t.micro_batch_size} per rank per epoch, "
+                f"fewer than train.grad_accum_steps={t.grad_accum_steps}: not one optimizer step per epoch"
+            )
+        self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * self.steps_per_epoch
+        self.step = 0
+        self.skipped_steps = 0
+        self.bad_streak = 0
+        self._batches = None
+
+        resume_from = ckpt.resolve_resume(resume, self.ckpt_dir)
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        if resume_from is not None:
+            self._load(resume_from)
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.step if resume_from else None) if self.dist.is_main else None
+        self.resumed_from = resume_from
+
+    # ------------------------------------------------------------------------------------------
+    # Data
+
+    def _next_batch(self) -> dict:
+        """The next micro-batch; epochs roll over (the loader advances its epoch counter)."""
+        while True:
+            if self._batches is None:
+                self._batches = iter(self.loader)
+            try:
+                return next(self._batches)
+            except StopIteration:
+                self._batches = None
+
+    # ------------------------------------------------------------------------------------------
+    # Checkpoints
+
+    def save(self) -> Path:
+        """DeepSpeed checkpoint + per-rank trainer state; COMPLETE marks it usable; old ones pruned."""
+        tag = ckpt.tag_for(self.step)
+        tag_dir = self.ckpt_dir / tag
+        average_buffers(self.classifier)
+        client_state = {
+            "step": self.step,
+            "epoch": self.loader.epoch,
+            "skipped_steps": self.skipped_steps,
+            "bad_streak": self.bad_streak,
+            "world_size": self.dist.world_size,
+            "config": self.cfg.to_dict(),
+        }
+        # A fresh tag directory: a leftover from a crashed save of the same step is not reused.
+        if self.dist.is_main and tag_dir.exists():
+            import shutil
+
+            shutil.rmtree(tag_dir)
+        barrier()
+        self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client_state)
+        ckpt.save_trainer_state(tag_dir, self.dist.rank, {"rng": rng_state(), "loader": self.loader.state_dict(), "step": self.step})
+        barrier()
+        if self.dist.is_main:
+            ckpt.mark_complete(tag_dir, self.step)
+            ckpt.prune(self.ckpt_dir, self.cfg.train.keep_last)
+        barrier()
+        return tag_dir
+
+    def _load(self, tag_dir: Path) -> None:
+        load_path, client = self.engine.load_checkpoint(
+            str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if load_path is None:
+            raise TrainingError(f"DeepSpeed could not load the checkpoint {tag_dir}")
+        if client.get("world_size", self.dist.world_size) != self.dist.world_size:
+            raise TrainingError(
+                f"checkpoint {tag_dir} was written with world size {client['world_size']}, this run has "
+                f"{self.dist.world_size}: resuming with a different world size is not supported"
+            )
+        state = ckpt.load_trainer_state(tag_dir, self.dist.rank)
+        self.step = int(client["step"])
+        self.skipped_steps = int(client.get("skipped_steps", 0))
+        self.bad_streak = int(client.get("bad_streak", 0))
+        self.loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        self._batches = None
+
+    # ------------------------------------------------------------------------------------------
+    # Training
+
+    def _set_lr(self) -> float:
+        factor = poly_lr_factor(self.step, self.total_steps, self.cfg.optim.poly_power)
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.cfg.optim.lr * g.get("lr_scale", 1.0) * factor
+        return self.cfg.optim.lr * factor
+
+    def _drop_grads(self) -> None:
+        """Make the coming optimizer step a no-op on every rank (a skipped non-finite step)."""
+        scaler = getattr(self.engine, "torch_autocast_z0_gradscaler", None)
+        for p in self.engine.module.parameters():
+            if scaler is not None:
+                # fp16: the GradScaler skips the step and lowers its scale when it sees Inf.
+                p.grad = torch.full_like(p, float("inf"))
+            else:
+                p.grad = None  # torch SGD leaves parameters without gradients untouched
+
+    def train_step(self) -> dict:
+        t = self.cfg.train
+        start = time.perf_counter()
+        lr = self._set_lr()
+        alpha = alpha_for(self.step, self.total_steps, self.cfg)
+        sums = torch.zeros(5, dtype=torch.float64)
+        data_wait = 0.0
+        bad = False
+        self.engine.train()
+        for _ in range(t.grad_accum_steps):
+            tw = time.perf_counter()
+            batch = self._next_batch()
+            data_wait += time.perf_counter() - tw
+            losses = forward_losses(self.engine, batch, self.cfg, alpha, self.device, self.dtype, self.channels_last)
+            parts = torch.stack([losses.total, losses.cls, losses.pcls, losses.re]).detach().float()
+            finite = torch.isfinite(parts[0])
+            # One all-reduce: the sum of every rank's losses and the count of non-finite ones.
+            vec = torch.cat([torch.where(finite, parts, torch.zeros_like(parts)), (~finite).float()[None]]).to(self.device)
+            if torch.distributed.is_initialized() and self.dist.world_size > 1:
+                torch.distributed.all_reduce(vec)
+            vec = vec.cpu().double()
+            if vec[4] > 0:
+                bad = True
+            if not bad:
+                self.engine.backward(losses.total)
+            sums += vec
+            if bad:
+                self._drop_grads()
+            self.engine.step()
+        n = self.dist.world_size * t.grad_accum_steps
+        self.step += 1
+        if bad:
+            self.skipped_steps += 1
+            self.bad_streak += 1
+        else:
+            self.bad_streak = 0
+        elapsed = time.perf_counter() - start
+        mean = (sums[:4] / n).tolist() if not bad else [float("nan")] * 4
+        return {
+            "step": self.step,
+            "epoch": self.loader.epoch,
+            "loss": mean[0],
+            "loss_cls": mean[1],
+            "loss_pcls": mean[2],
+            "loss_re": mean[3],
+            "alpha": alpha,
+            "lr": lr,
+            "images_per_s": t.global_batch_size / max(elapsed, 1e-9),
+            "data_wait_pct": 100.0 * data_wait / max(elapsed, 1e-9),
+            "skipped_samples": int(getattr(self.loader, "skipped", 0)),
+            "skipped_steps": self.skipped_steps,
+            "bad_step": bad,
+            "time": time.time(),
+        }
+
+    def fit(self) -> Path | None:
+        """Train to ``total_steps``; returns the exported weights' path (rank 0) or None."""
+        t = self.cfg.train
+        progress = Progress(self.total_steps, self.step, enabled=self.dist.is_main)
+        fault = _FaultInjection.from_env(self.run_dir, self.dist.rank)
+        try:
+            while self.step < self.total_steps:
+                record = self.train_step()
+                if self.metrics is not None and (self.step % t.log_every == 0 or record["bad_step"] or self.step == self.total_steps):
+                    self.metrics.write(record)
+                progress.update(self.step, record if self.step % t.log_every == 0 or self.step == self.total_steps else None)
+                if self.bad_streak >= t.max_bad_steps:
+                    last = ckpt.latest_complete(self.ckpt_dir)
+                    raise TrainingError(
+                        f"{self.bad_streak} optimizer steps in a row had a NaN/Inf loss (train.max_bad_steps={t.max_bad_steps}); "
+                        f"stopping at step {self.step}. Last good checkpoint: {last if last else 'none'}. "
+                        "Lower optim.lr, enable optim.grad_clip or use ds_fp32.json."
+                    )
+                if t.ckpt_every > 0 and self.step % t.ckpt_every == 0 and self.step < self.total_steps:
+                    self.save()
+                fault.maybe_fire(self.step)
+            self.save()
+            return self.export()
+        finally:
+            progress.close()
+            if self.metrics is not None:
+                self.metrics.close()
+
+    def export(self) -> Path | None:
+        """Consolidated fp32 classifier weights -> ``model.safetensors``; metrics -> Parquet."""
+        from safetensors.torch import save_file
+
+        average_buffers(self.classifier)
+        out = self.run_dir / "model.safetensors"
+        if self.dist.is_main:
+            state = {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu()
+                     for k, v in self.classifier.state_dict().items()}
+            tmp = out.with_suffix(".safetensors.tmp")
+            save_file(state, str(tmp), metadata={"format": "pt", "step": str(self.step), "arch": self.cfg.model.arch})
+            tmp.replace(out)
+            self.metrics.export_parquet()
+        barrier()
+        return out if self.dist.is_main else None
+
+
+class _FaultInjection:
+    """Test hook for crash recovery: PUZZLECAM_FAULT_KILL="step=N[,rank=R]" SIGKILLs rank R (default 0)
+    right after optimizer step N, once per run directory (a marker file remembers it fired)."""
+
+    def __init__(self, step: int | None, rank: int, marker: Path):
+        self.step, self.rank, self.marker = step, rank, marker
+
+    @classmethod
+    def from_env(cls, run_dir: Path, rank: int) -> "_FaultInjection":
+        spec = os.environ.get("PUZZLECAM_FAULT_KILL", "")
+        if not spec:
+            return cls(None, rank, Path())
+        fields = dict(item.split("=", 1) for item in spec.split(","))
+        target_rank = int(fields.get("rank", 0))
+        step = int(fields["step"]) if target_rank == rank else None
+        return cls(step, rank, Path(run_dir) / f".fault_fired_rank{rank}")
+
+    def maybe_fire(self, step: int) -> None:
+        if self.step is None or step != self.step or self.marker.exists():
+            return
+        self.marker.parent.mkdir(parents=True, exist_ok=True)
+        self.marker.write_text(str(step))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="launch/train.py",
+        description="Train a Puzzle-CAM classifier (under deepspeed, torchrun or plain python).",
+        epilog="Overrides: dotted key=value pairs applied after the config file, e.g. "
+        "data.train_shards='shards/train-*.tar' train.max_steps=100 train.seed=1 train.mode=baseline",
+    )
+    p.add_argument("--config", required=True, help="run config YAML (launch/configs/*.yaml)")
+    p.add_argument("--run-dir", default=None, help="output directory (default runs/{name}): config.yaml, metrics, checkpoints, model.safetensors")
+    p.add_argument("--resume", default="auto", help="auto: newest complete checkpoint of the run dir if any; none: start fresh; "
+                   "PATH: a checkpoint tag directory or a checkpoints/run directory")
+    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None,
+                   help="DeepSpeed JSON (precision); overrides train.deepspeed_config")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = list(args.overrides)
+    if args.deepspeed_config:
+        overrides.append(f"train.deepspeed_config={args.deepspeed_config}")
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
+    try:
+        trainer = Trainer(cfg, run_dir, resume=args.resume)
+        if trainer.dist.is_main and trainer.resumed_from is not None:
+            print(f"resumed from {trainer.resumed_from} at step {trainer.step}", file=sys.stderr)
+        out = trainer.fit()
+    except (ConfigError, TrainingError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if out is not None:
+        print(f"done: {trainer.step} steps; weights {out}", file=sys.stderr)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0
