@@ -1,0 +1,308 @@
+"""Training and evaluation loaders over tar shards (batch layout: contracts.md).
+
+The epoch's sample order is derived, not streamed: every process indexes the shards' tar headers,
+then computes the same seeded permutation of all samples for (seed, epoch), pads it by wrap-around
+to a multiple of the world size and gives rank r the positions r, r + W, r + 2W, ... So every rank
+has the same number of samples and batches (no collective can hang at the epoch end), however few
+shards there are and however many ranks and workers read them.
+
+Batch k of an epoch is a pure function of (seed, epoch, rank, world size, k): a DataLoader worker
+decodes and augments the whole batch, each sample with an RNG seeded from (seed, epoch, its global
+position), and the DataLoader returns batches in index order. The batches are therefore identical
+for any number of workers and any scheduling, and resuming at batch k (``load_state_dict``) only
+has to start the index sequence at k: nothing before it is read.
+
+A sample that cannot be decoded (bad JPEG/PNG, missing json, labels out of range) is skipped and
+counted; in training its place in the batch goes to the next decodable sample of the rank's order
+(wrapping around), so batches keep their size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from puzzlecam import NUM_CLASSES
+from puzzlecam.data.augment import augment
+from puzzlecam.data.shards import (
+    CorruptSample,
+    SampleRef,
+    ShardError,
+    ShardReader,
+    decode_sample,
+    index_shards,
+    resolve_shards,
+)
+from puzzlecam.data.voc import IGNORE_INDEX
+
+log = logging.getLogger("puzzlecam.data")
+
+
+def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is None or world_size is None:
+        dist = torch.distributed
+        initialized = dist.is_available() and dist.is_initialized()
+        if rank is None:
+            rank = dist.get_rank() if initialized else 0
+        if world_size is None:
+            world_size = dist.get_world_size() if initialized else 1
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    return rank, world_size
+
+
+def _open(shards) -> tuple[ShardReader, list[SampleRef]]:
+    paths = resolve_shards(shards)
+    refs, warnings = index_shards(paths)
+    for w in warnings:
+        log.warning(w)
+    return ShardReader(paths), refs
+
+
+def epoch_order(shard_of: np.ndarray, seed: int, epoch: int, shuffle_buffer: int) -> np.ndarray:
+    """The epoch's order of sample indices (before the split across ranks).
+
+    ``shuffle_buffer <= 0``: a uniform permutation of all samples. ``> 0``: shards in a seeded
+    order, then samples shuffled within consecutive windows of that many samples (mostly sequential
+    reads, for storage where seeks are expensive).
+    """
+    rng = np.random.default_rng([seed, epoch])
+    n = len(shard_of)
+    if shuffle_buffer <= 0 or shuffle_buffer >= n:
+        return rng.permutation(n)
+    shard_rank = np.argsort(rng.permutation(int(shard_of.max()) + 1))
+    order = np.argsort(shard_rank[shard_of], kind="stable")
+    for start in range(0, n, shuffle_buffer):
+        rng.shuffle(order[start : start + shuffle_buffer])
+    return order
+
+
+def _seed_check(seed: int) -> int:
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+class _TrainBatches(Dataset):
+    """Item (epoch, k) = batch k of that epoch for one rank, decoded and augmented."""
+
+    def __init__(self, reader, refs, *, rank, world_size, batch_size, crop_size, seed, min_long_side,
+                 max_long_side, hflip, shuffle_buffer):
+        self.reader, self.refs = reader, refs
+        self.shard_of = np.array([r.shard for r in refs], dtype=np.int64)
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.crop_size, self.seed, self.hflip = crop_size, seed, hflip
+        self.min_long_side, self.max_long_side = min_long_side, max_long_side
+        self.shuffle_buffer = shuffle_buffer
+        self.per_rank = math.ceil(len(refs) / world_size)
+        self._epoch, self._mine = -1, None
+
+    def rank_order(self, epoch: int) -> np.ndarray:
+        """Sample indices of this rank for the epoch (position i has global slot rank + i * W)."""
+        if epoch != self._epoch:
+            order = epoch_order(self.shard_of, self.seed, epoch, self.shuffle_buffer)
+            padded = np.resize(order, self.per_rank * self.world_size)  # wrap-around padding
+            self._epoch, self._mine = epoch, padded[self.rank :: self.world_size]
+        return self._mine
+
+    def __len__(self):
+        return self.per_rank // self.batch_size
+
+    def __getitem__(self, item):
+        epoch, k = item
+        mine = self.rank_order(epoch)
+        B = self.batch_size
+        images = torch.zeros(B, self.crop_size, self.crop_size, 3, dtype=torch.uint8)
+        valid = torch.zeros(B, 2, dtype=torch.int64)
+        labels = torch.zeros(B, NUM_CLASSES, dtype=torch.float32)
+        ids, skipped = [], 0
+        for b in range(B):
+            pos = k * B + b
+            slot = self.rank + pos * self.world_size
+            rng = np.random.default_rng([self.seed, epoch, slot])
+            # Corrupt sample: take the next ones of this rank's order (wrapping) until one decodes.
+            for attempt in range(self.per_rank):
+                i = pos if attempt == 0 else ((k + 1) * B + attempt - 1) % self.per_rank
+                ref = self.refs[mine[i]]
+                try:
+                    sample = decode_sample(self.reader, ref, with_mask=False)
+                    break
+                except CorruptSample as e:
+                    skipped += 1
+                    log.warning("skipping corrupt sample %r (%s): %s", ref.key, self.reader.paths[ref.shard], e)
+            else:
+                raise ShardError(f"rank {self.rank}: no decodable sample among its {self.per_rank} samples")
+            canvas, (vh, vw) = augment(sample.image, rng, self.crop_size, self.min_long_side,
+                                       self.max_long_side, self.hflip)
+            images[b] = torch.from_numpy(canvas)
+            valid[b, 0], valid[b, 1] = vh, vw
+            labels[b, sample.labels] = 1.0
+            ids.append(sample.key)
+        return {"image": images, "valid": valid, "labels": labels, "id": ids, "skipped": skipped}
+
+
+class _BatchIndices:
+    """Sampler yielding (epoch, k) for k in [start, stop); reset before every pass."""
+
+    def __init__(self):
+        self.epoch, self.start, self.stop = 0, 0, 0
+
+    def __iter__(self):
+        return iter([(self.epoch, k) for k in range(self.start, self.stop)])
+
+    def __len__(self):
+        return self.stop - self.start
+
+
+def _identity(x):
+    return x
+
+
+class TrainLoader:
+    """Iterating yields the remaining batches of the current epoch, then the epoch counter advances.
+
+    ``len(loader)`` is the number of batches per epoch, the same on every rank. ``skipped`` counts
+    the corrupt samples this rank has skipped so far (restored by ``load_state_dict``).
+    """
+
+    def __init__(self, shards, *, batch_size, crop_size, seed, num_workers=0, min_long_side=320,
+                 max_long_side=640, hflip=True, shuffle_buffer=0, rank=None, world_size=None,
+                 pin_memory=None):
+        if batch_size < 1 or crop_size < 1:
+            raise ValueError(f"batch_size ({batch_size}) and crop_size ({crop_size}) must be positive")
+        if not 1 <= min_long_side <= max_long_side:
+            raise ValueError(f"need 1 <= min_long_side ({min_long_side}) <= max_long_side ({max_long_side})")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.rank, self.world_size = _rank_world(rank, world_size)
+        self.seed, self.batch_size = _seed_check(seed), batch_size
+        reader, refs = _open(shards)
+        self.num_samples = len(refs)
+        self._data = _TrainBatches(
+            reader, refs, rank=self.rank, world_size=self.world_size, batch_size=batch_size,
+            crop_size=crop_size, seed=self.seed, min_long_side=min_long_side,
+            max_long_side=max_long_side, hflip=hflip, shuffle_buffer=shuffle_buffer)
+        if len(self._data) == 0:
+            raise ShardError(
+                f"{self.num_samples} samples over {self.world_size} rank(s) give {self._data.per_rank} per rank, "
+                f"fewer than batch_size={batch_size}: no full batch")
+        self._fingerprint = hashlib.sha1("\n".join(r.key for r in refs).encode()).hexdigest()
+        self._indices = _BatchIndices()
+        self._loader = DataLoader(
+            self._data, batch_size=None, sampler=self._indices, num_workers=num_workers,
+            collate_fn=_identity, persistent_workers=num_workers > 0,
+            pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+            multiprocessing_context="fork" if num_workers > 0 and "fork" in _start_methods() else None)
+        self.epoch, self.batches_done, self.skipped = 0, 0, 0
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __iter__(self):
+        if self.batches_done >= len(self):
+            self.epoch, self.batches_done = self.epoch + 1, 0
+        self._indices.epoch, self._indices.start, self._indices.stop = self.epoch, self.batches_done, len(self)
+        for batch in self._loader:
+            self.skipped += batch.pop("skipped")
+            self.batches_done += 1
+            yield batch
+        self.epoch, self.batches_done = self.epoch + 1, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.batches_done = int(epoch), 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_done": self.batches_done, "skipped": self.skipped,
+                "seed": self.seed, "world_size": self.world_size, "batch_size": self.batch_size,
+                "num_samples": self.num_samples, "fingerprint": self._fingerprint}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "world_size", "batch_size", "num_samples", "fingerprint"):
+            mine = self.state_dict()[key]
+            if state.get(key) != mine:
+                raise ValueError(f"loader state: {key} is {state.get(key)!r} in the checkpoint but {mine!r} now; "
+                                 "exact resume needs the same shards, seed, batch size and world size")
+        self.epoch, self.batches_done, self.skipped = int(state["epoch"]), int(state["batches_done"]), int(state["skipped"])
+
+
+def _start_methods():
+    import multiprocessing
+
+    return multiprocessing.get_all_start_methods()
+
+
+def train_loader(shards, *, batch_size, crop_size, seed, num_workers=0, min_long_side=320, max_long_side=640,
+                 hflip=True, shuffle_buffer=0, rank=None, world_size=None, pin_memory=None) -> TrainLoader:
+    """Training batches from shards (a brace/glob pattern, a directory or a list); see :class:`TrainLoader`."""
+    return TrainLoader(shards, batch_size=batch_size, crop_size=crop_size, seed=seed, num_workers=num_workers,
+                       min_long_side=min_long_side, max_long_side=max_long_side, hflip=hflip,
+                       shuffle_buffer=shuffle_buffer, rank=rank, world_size=world_size, pin_memory=pin_memory)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+class _EvalSamples(Dataset):
+    def __init__(self, reader, refs):
+        self.reader, self.refs = reader, refs
+
+    def __len__(self):
+        return len(self.refs)
+
+    def __getitem__(self, i):
+        ref = self.refs[i]
+        try:
+            s = decode_sample(self.reader, ref, with_mask=True)
+        except CorruptSample as e:
+            log.warning("skipping corrupt sample %r (%s): %s", ref.key, self.reader.paths[ref.shard], e)
+            return None
+        h, w = s.image.shape[:2]
+        labels = torch.zeros(1, NUM_CLASSES, dtype=torch.float32)
+        labels[0, s.labels] = 1.0
+        has_mask = s.mask is not None
+        mask = torch.from_numpy(s.mask) if has_mask else torch.full((h, w), IGNORE_INDEX, dtype=torch.uint8)
+        return {"image": torch.from_numpy(np.ascontiguousarray(s.image))[None], "valid": torch.tensor([[h, w]]),
+                "labels": labels, "id": [s.key], "mask": mask[None], "has_mask": torch.tensor([has_mask])}
+
+
+class EvalLoader:
+    """One full image per batch; rank r gets samples r, r + W, ... of the shards' order (none twice)."""
+
+    def __init__(self, shards, *, num_workers=0, rank=None, world_size=None, pin_memory=None):
+        self.rank, self.world_size = _rank_world(rank, world_size)
+        reader, refs = _open(shards)
+        self.num_samples = len(refs)
+        self.skipped = 0
+        self._data = _EvalSamples(reader, refs[self.rank :: self.world_size])
+        self._loader = DataLoader(
+            self._data, batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=_identity,
+            pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory)
+
+    def __len__(self) -> int:
+        """Samples of this rank (corrupt ones are skipped, so an epoch can yield fewer)."""
+        return len(self._data)
+
+    def __iter__(self):
+        for batch in self._loader:
+            if batch is None:
+                self.skipped += 1
+                continue
+            yield batch
+
+
+def eval_loader(shards, *, num_workers=0, rank=None, world_size=None, pin_memory=None) -> EvalLoader:
+    """Full-image evaluation batches with masks; see :class:`EvalLoader`."""
+    return EvalLoader(shards, num_workers=num_workers, rank=rank, world_size=world_size, pin_memory=pin_memory)
+
+
+__all__ = ["TrainLoader", "EvalLoader", "train_loader", "eval_loader", "epoch_order"]

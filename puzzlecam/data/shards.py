@@ -1,0 +1,275 @@
+"""webdataset tar shards: finding them, indexing them, reading one sample by its byte offsets.
+
+A sample is the tar members sharing one key (``2007_000032.jpg``, ``2007_000032.json``,
+``2007_000032.seg.png``). Shards are indexed once from their tar headers (no member data is read),
+so that any sample can be read with two ``pread`` calls: the loaders derive their sample order
+themselves (see loader.py) instead of streaming shards through a shuffle buffer.
+
+Security: only the members named in :data:`DECODED_KEYS` are ever read; every other member (``.pyd``,
+``.pth``, ``.pickle``, ...) is skipped by offset without reading a byte of it, so nothing in a shard
+can be unpickled or run. Member names are never used as file-system paths.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from braceexpand import braceexpand
+from PIL import Image
+
+from puzzlecam import NUM_CLASSES
+from puzzlecam.data.voc import IGNORE_INDEX
+
+DECODED_KEYS = ("jpg", "json", "seg.png")
+# Largest member that is read (a hostile header could claim anything up to the file size).
+MAX_MEMBER_BYTES = 64 << 20
+
+
+class ShardError(ValueError):
+    """Shards that cannot be used at all (none matched, missing, unreadable); raised before training."""
+
+
+class CorruptSample(Exception):
+    """One sample that cannot be decoded; loaders skip and count it."""
+
+
+def resolve_shards(shards: str | os.PathLike | list) -> list[Path]:
+    """Shard paths from a brace/glob pattern, a directory (its ``*.tar``) or a list of paths/patterns."""
+    items = [shards] if isinstance(shards, (str, os.PathLike)) else list(shards)
+    if not items:
+        raise ShardError("no shards given (an empty list)")
+    paths: list[Path] = []
+    for item in items:
+        item = str(item)
+        if os.path.isdir(item):
+            found = sorted(glob.glob(os.path.join(item, "*.tar")))
+            if not found:
+                raise ShardError(f"shard directory {item} holds no *.tar files")
+            paths += [Path(p) for p in found]
+            continue
+        for pattern in braceexpand(item):
+            if glob.has_magic(pattern):
+                found = sorted(glob.glob(pattern))
+                if not found:
+                    raise ShardError(f"shard pattern {pattern!r} matches no file")
+                paths += [Path(p) for p in found]
+            elif not os.path.isfile(pattern):
+                raise ShardError(f"shard {pattern} does not exist")
+            else:
+                paths.append(Path(pattern))
+    seen = set()
+    unique = []
+    for p in paths:
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            unique.append(p)
+    return unique
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """webdataset convention: key = path up to the first dot of the base name; the rest is the extension."""
+    directory, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    key = f"{directory}/{stem}" if directory else stem
+    return key, ext if dot else ""
+
+
+@dataclass
+class SampleRef:
+    """Where one sample's decodable members lie: shard number -> {ext: (offset, size)}."""
+
+    key: str
+    shard: int
+    members: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+def index_shard(path: Path, shard_number: int) -> tuple[list[SampleRef], list[str]]:
+    """Read the tar headers of one shard; returns its samples in tar order and warnings.
+
+    A truncated shard keeps the samples whose members lie wholly inside the file; members claiming
+    more bytes than the file holds are dropped (the loaders then count those samples as corrupt).
+    """
+    warnings = []
+    size = path.stat().st_size
+    samples: dict[str, SampleRef] = {}
+    try:
+        tf = tarfile.open(path, mode="r:")
+    except (tarfile.TarError, OSError) as e:
+        raise ShardError(f"shard {path} is not a readable tar file: {e}") from None
+    with tf:
+        while True:
+            try:
+                info = tf.next()
+            except (tarfile.TarError, OSError) as e:
+                warnings.append(f"shard {path}: tar headers unreadable after {len(samples)} samples ({e})")
+                break
+            if info is None:
+                break
+            if not info.isreg():
+                continue
+            key, ext = split_member_name(info.name)
+            if ext not in DECODED_KEYS:
+                continue
+            if info.offset_data + info.size > size:
+                warnings.append(f"shard {path}: member {info.name} is truncated")
+                continue
+            ref = samples.get(key)
+            if ref is None:
+                ref = samples[key] = SampleRef(key, shard_number)
+            ref.members[ext] = (info.offset_data, info.size)
+    return list(samples.values()), warnings
+
+
+def index_shards(paths: list[Path]) -> tuple[list[SampleRef], list[str]]:
+    refs: list[SampleRef] = []
+    warnings: list[str] = []
+    for i, p in enumerate(paths):
+        r, w = index_shard(p, i)
+        refs += r
+        warnings += w
+    if not refs:
+        raise ShardError(f"the {len(paths)} shard(s) hold no samples (first: {paths[0]})")
+    return refs, warnings
+
+
+class ShardReader:
+    """Reads members by offset; file handles are opened lazily per process (safe across fork)."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = [str(p) for p in paths]
+        self._fds: dict[int, int] = {}
+        self._pid = -1
+
+    def read(self, shard: int, offset: int, size: int) -> bytes:
+        if self._pid != os.getpid():
+            self._fds = {}
+            self._pid = os.getpid()
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
+        if size > MAX_MEMBER_BYTES:
+            raise CorruptSample(f"member of {size} bytes exceeds the {MAX_MEMBER_BYTES}-byte limit")
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise CorruptSample(f"short read in {self.paths[shard]} at {offset}")
+        return data
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+    def __getstate__(self):
+        return {"paths": self.paths, "_fds": {}, "_pid": -1}
+
+    def __del__(self):
+        if self._pid == os.getpid():
+            self.close()
+
+
+@dataclass
+class Sample:
+    key: str
+    image: np.ndarray  # (H, W, 3) uint8 RGB
+    labels: list[int]
+    mask: np.ndarray | None  # (H, W) uint8 or None
+
+
+def decode_sample(reader: ShardReader, ref: SampleRef, with_mask: bool) -> Sample:
+    """Decode ``jpg`` + ``json`` (+ ``seg.png``); any problem raises :class:`CorruptSample`."""
+    try:
+        if "json" not in ref.members:
+            raise CorruptSample("no json member")
+        if "jpg" not in ref.members:
+            raise CorruptSample("no jpg member")
+        meta = json.loads(reader.read(ref.shard, *ref.members["json"]))
+        if not isinstance(meta, dict) or not isinstance(meta.get("labels"), list):
+            raise CorruptSample("json has no 'labels' list")
+        labels = meta["labels"]
+        if not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < NUM_CLASSES for c in labels):
+            raise CorruptSample(f"labels {labels[:8]} out of range 0..{NUM_CLASSES - 1}")
+        with Image.open(io.BytesIO(reader.read(ref.shard, *ref.members["jpg"]))) as img:
+            if img.format != "JPEG":
+                raise CorruptSample(f"jpg member is {img.format}, not JPEG")
+            image = np.array(img.convert("RGB"))
+        mask = None
+        if with_mask and "seg.png" in ref.members:
+            with Image.open(io.BytesIO(reader.read(ref.shard, *ref.members["seg.png"]))) as m:
+                if m.format != "PNG" or m.mode not in ("P", "L"):
+                    raise CorruptSample(f"seg.png is {m.format} mode {m.mode}; expected a P/L PNG")
+                mask = np.array(m, dtype=np.uint8)
+            if mask.shape != image.shape[:2]:
+                raise CorruptSample(f"mask {mask.shape} does not match image {image.shape[:2]}")
+            if (mask > NUM_CLASSES)[mask != IGNORE_INDEX].any():
+                raise CorruptSample("mask holds values outside 0..20 and 255")
+    except CorruptSample:
+        raise
+    except Exception as e:  # PIL / json / zlib errors of a damaged member
+        raise CorruptSample(f"{type(e).__name__}: {e}") from None
+    return Sample(ref.key, image, [int(c) for c in labels], mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    # Fixed metadata so that the same input gives byte-identical shards.
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+class ShardWriter:
+    """Writes ``{split}-{index:06d}.tar`` under temporary names; :meth:`commit` renames them all."""
+
+    def __init__(self, out_dir: Path, split: str, shard_size: int):
+        self.out_dir, self.split, self.shard_size = Path(out_dir), split, shard_size
+        self.written: list[tuple[Path, Path]] = []  # (temporary, final)
+        self._tar: tarfile.TarFile | None = None
+        self._count = 0
+
+    def shard_name(self, index: int) -> str:
+        return f"{self.split}-{index:06d}.tar"
+
+    def add(self, key: str, members: dict[str, bytes]) -> str:
+        """Add one sample; returns the name of the shard that holds it."""
+        if self._tar is None or self._count == self.shard_size:
+            self._close_current()
+            final = self.out_dir / self.shard_name(len(self.written))
+            tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+            self.written.append((tmp, final))
+            self._tar = tarfile.open(tmp, mode="w", format=tarfile.USTAR_FORMAT)
+            self._count = 0
+        for ext in sorted(members):
+            data = members[ext]
+            self._tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
+        self._count += 1
+        return self.written[-1][1].name
+
+    def _close_current(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
+
+    def commit(self) -> list[Path]:
+        self._close_current()
+        for tmp, final in self.written:
+            os.replace(tmp, final)
+        return [final for _, final in self.written]
+
+    def abort(self) -> None:
+        self._close_current()
+        for tmp, _ in self.written:
+            tmp.unlink(missing_ok=True)
