@@ -191,9 +191,12 @@ def iter_masks(shards: str, num_workers: int = 0) -> Iterator[tuple[str, np.ndar
     """(id, mask uint8 (H, W)) of every sample with a mask in ``shards`` (via puzzlecam.data.eval_loader)."""
     from puzzlecam.data import eval_loader
 
-    for batch in eval_loader(shards, num_workers=num_workers, rank=0, world_size=1):
+    loader = eval_loader(shards, num_workers=num_workers, rank=0, world_size=1)
+    for batch in loader:
         if bool(batch["has_mask"][0]):
-            yield batch["id"][0], np.asarray(batch["mask"][0])
+            yield batch["id"][0], batch["mask"][0].numpy()
+    if loader.skipped:
+        raise EvaluationError(f"{loader.skipped} samples of --shards {shards} could not be decoded (see the warnings); they cannot be scored")
 
 
 def _progress(total: int | None, description: str):
@@ -254,7 +257,7 @@ def sweep_labels(label_dir: str | Path, masks: Iterable[tuple[str, np.ndarray]],
                 with Image.open(path) as im:
                     if im.mode not in ("P", "L"):
                         raise EvaluationError(f"{image_id}: label map {path} has mode {im.mode}; expected a P or L PNG of indices")
-                    pred = np.asarray(im)
+                    pred = np.array(im)  # a writable copy for torch.from_numpy
             except EvaluationError:
                 raise
             except Exception as e:
@@ -332,7 +335,7 @@ def print_report(summary: dict, console=None) -> None:
     console = console or Console()
     thresholds = summary["thresholds"]
     if len(thresholds) > 1:
-        sweep = Table(title=f"mIoU per threshold ({summary['num_images']} images)")
+        sweep = Table(title=f"{summary['num_images']} images: mIoU per threshold")
         sweep.add_column("threshold", justify="right")
         sweep.add_column("mIoU %", justify="right")
         for t, m in zip(thresholds, summary["miou_per_threshold"]):
@@ -341,7 +344,7 @@ def print_report(summary: dict, console=None) -> None:
         console.print(sweep)
     where = "" if summary["best_threshold"] is None else f" at threshold {summary['best_threshold']:.2f}"
     best = summary["best_miou"]
-    per_class = Table(title=f"per-class IoU{where}: mIoU {'nan' if best is None else f'{100 * best:.2f}'} %")
+    per_class = Table(title=f"mIoU {'nan' if best is None else f'{100 * best:.2f}'} %{where}")
     for name in ("class", "IoU %", "FP %", "FN %"):
         per_class.add_column(name, justify="left" if name == "class" else "right")
     fmt = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
@@ -360,12 +363,15 @@ def write_results(out_dir: str | Path, table: pa.Table, summary: dict) -> None:
 
 
 def _count_masks(shards: str) -> int | None:
-    """Samples with a mask according to the manifest beside the shards (for the progress bar)."""
+    """Samples with a mask according to manifest.parquet beside the shards (for the progress bar only)."""
     try:
-        from puzzlecam.data import expand_shards, read_manifest_for  # optional helpers
+        from puzzlecam.data.shards import resolve_shards
 
-        return int(sum(read_manifest_for(expand_shards(shards))["has_mask"].to_pylist()))
-    except Exception:
+        paths = resolve_shards(shards)
+        manifest = pq.read_table(paths[0].parent / "manifest.parquet", columns=["shard", "has_mask"]).to_pylist()
+        names = {p.name for p in paths}
+        return sum(1 for row in manifest if row["has_mask"] and Path(row["shard"]).name in names)
+    except Exception:  # no manifest: the bar has no total
         return None
 
 

@@ -1,0 +1,344 @@
+"""Multi-scale + flip CAM inference into a CAM store (design.md §4, docs/inference.md).
+
+``python -m puzzlecam.infer --weights RUN/model.safetensors --shards PATTERN --out DIR``
+
+* The architecture comes from ``config.yaml`` beside the weights (or ``--config``); the weights are
+  loaded strictly (no pretrained file is read).
+* Per image and scale s: the image is resized to (round(H*s), round(W*s)) with bicubic
+  interpolation on float tensors (``F.interpolate(mode="bicubic", align_corners=False,
+  antialias=True)``, clamped to [0, 1] like an 8-bit image; antialiasing matches PIL's bicubic
+  downscaling), normalized with the ImageNet mean/std, and run together with its horizontal flip
+  as one batch. ``puzzlecam.ops.multiscale_cam`` fuses the scales (relu, flip back, resize, sum,
+  labelled classes only, max-normalize).
+* Output: ``{id}.npz`` (keys = channel indices 0..19, cam, hr_cam; float16; see
+  puzzlecam.camstore) and, at the end, ``index.parquet`` (rank 0, after a barrier, from the files
+  present) and ``infer.json`` (the settings). Images without labelled classes get empty arrays.
+* Under torchrun the images are divided across ranks (each written by exactly one). A rerun skips
+  images whose file loads completely; files are written under temporary names and renamed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from puzzlecam import ops
+from puzzlecam.camstore import CamStoreError, atomic_write_bytes, cam_path, is_complete, write_cam, write_index
+from puzzlecam.config import ConfigError, load_config
+
+META_NAME = "infer.json"
+
+
+class InferenceError(ValueError):
+    """Bad inference input (weights, config, flags, output directory); the message names it."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+
+def load_classifier(weights: str | Path, config: str | Path | None = None, device: str | torch.device = "cpu"):
+    """(model in eval mode on ``device``, Config) from a trainer's model.safetensors and config.yaml."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from puzzlecam.model import build_model
+
+    weights = Path(weights)
+    if not weights.is_file():
+        raise InferenceError(f"--weights {weights}: no such file")
+    config = Path(config) if config is not None else weights.parent / "config.yaml"
+    if not config.is_file():
+        raise InferenceError(f"no config {config} describing the architecture of {weights}; pass --config FILE")
+    try:
+        cfg = load_config(config)
+    except ConfigError as e:
+        raise InferenceError(f"config {config}: {e}") from None
+    cfg.model = dataclasses.replace(cfg.model, pretrained=None)  # the weights file has everything
+    model = build_model(cfg.model)
+    try:
+        state = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InferenceError(f"--weights {weights} is not a readable safetensors file: {e}") from None
+    missing, unexpected = _key_diff(model.state_dict(), state)
+    if missing or unexpected:
+        raise InferenceError(
+            f"--weights {weights} does not fit the model of {config} ({cfg.model.arch}, width {cfg.model.width}): "
+            f"missing keys {missing[:10]}{'...' if len(missing) > 10 else ''}, "
+            f"unexpected keys {unexpected[:10]}{'...' if len(unexpected) > 10 else ''}"
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # shape mismatches
+        raise InferenceError(f"--weights {weights} does not fit the model of {config}: {e}") from None
+    return model.to(device).eval(), cfg
+
+
+def _key_diff(expected: dict, got: dict) -> tuple[list[str], list[str]]:
+    return sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+
+
+# ---------------------------------------------------------------------------------------------
+# One group of images
+
+
+def scaled_size(size: tuple[int, int], scale: float) -> tuple[int, int]:
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+def normalize(images: torch.Tensor, size: tuple[int, int], mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, h, w): bicubic resize to ``size``, clamp to [0, 1], ImageNet mean/std."""
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True).clamp_(0.0, 1.0)
+    return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
+
+@torch.no_grad()
+def infer_same_size(model, images: torch.Tensor, keys: list[torch.Tensor], scales, flip: bool, autocast, backend: str = "auto"):
+    """CAMs of images of one size: images uint8 (B, H, W, 3) on the model's device.
+
+    Each scale runs the B images and (with ``flip``) their mirror images as one batch of 2B.
+    Returns one (cam, hr_cam) pair per image (fp32, on the device).
+    """
+    from puzzlecam.data import IMAGENET_MEAN, IMAGENET_STD
+
+    device = images.device
+    mean = torch.tensor(IMAGENET_MEAN, device=device, dtype=torch.float32)
+    std = torch.tensor(IMAGENET_STD, device=device, dtype=torch.float32)
+    b, h, w, _ = images.shape
+    maps: list[list[torch.Tensor]] = [[] for _ in range(b)]
+    flipped: list[list[torch.Tensor]] = [[] for _ in range(b)]
+    for scale in scales:
+        x = normalize(images, scaled_size((h, w), scale), mean, std)
+        if flip:
+            x = torch.cat([x, x.flip(-1)])
+        with autocast:
+            _, cams = model(x)
+        cams = cams.float()
+        for i in range(b):
+            maps[i].append(cams[i])
+            if flip:
+                flipped[i].append(cams[b + i])
+    return [ops.multiscale_cam(maps[i], flipped[i] if flip else None, keys[i], (h, w), backend=backend) for i in range(b)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Process group and bookkeeping
+
+
+def _init_distributed(device_kind: str) -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _sum_across_ranks(values: list[int], device: torch.device) -> list[int]:
+    if not dist.is_initialized():
+        return values
+    t = torch.tensor(values, dtype=torch.long, device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return [int(v) for v in t.tolist()]
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_meta(out: Path, meta: dict, overwrite: bool) -> None:
+    """Refuse to mix CAMs of different weights or settings in one store (unless --overwrite)."""
+    path = out / META_NAME
+    if overwrite or not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except ValueError:
+        return  # unreadable metadata: it is rewritten at the end
+    differs = [k for k in ("weights_sha256", "scales", "flip") if old.get(k) != meta[k]]
+    if differs:
+        raise InferenceError(
+            f"--out {out} already holds CAMs made with other {', '.join(differs)} (see {path}); "
+            "use another --out or pass --overwrite to recompute every image"
+        )
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    for p in out.glob(".*.tmp*"):  # left by a crashed run; never a complete file
+        p.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def parse_scales(spec: str) -> tuple[float, ...]:
+    try:
+        scales = tuple(float(s) for s in spec.split(",") if s.strip())
+    except ValueError:
+        raise InferenceError(f"--scales {spec!r}: expected comma-separated numbers, e.g. 1.0,0.5,1.5,2.0") from None
+    if not scales or any(not s > 0 for s in scales):
+        raise InferenceError(f"--scales {spec!r}: expected one or more positive numbers")
+    return scales
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m puzzlecam.infer",
+        description="Multi-scale + flip CAM inference: writes {id}.npz (keys, cam, hr_cam; float16) and index.parquet. "
+        "Run under torchrun to divide the images across processes; a rerun skips completed images.",
+    )
+    p.add_argument("--weights", type=Path, required=True, help="a trainer's model.safetensors (classifier state dict)")
+    p.add_argument("--config", type=Path, default=None, help="config.yaml describing the architecture (default: the one beside --weights)")
+    p.add_argument("--shards", required=True, help="webdataset shard pattern of the images, e.g. 'data/voc/train-{000000..000002}.tar'")
+    p.add_argument("--out", type=Path, required=True, help="output directory (the CAM store)")
+    p.add_argument("--scales", default=None, help="comma-separated scales (default: the config's infer.scales, 1.0,0.5,1.5,2.0)")
+    p.add_argument("--no-flip", action="store_true", help="skip the horizontally flipped passes")
+    p.add_argument("--batch-size", type=int, default=None, help="images batched together when they have the same size (default: infer.batch_size, 1); each image brings its flip")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available; under torchrun cuda:LOCAL_RANK)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype of the forward passes (default fp32); fusion is fp32")
+    p.add_argument("--backend", choices=ops.BACKENDS, default="auto", help="puzzlecam.ops backend of the multi-scale fusion (default auto)")
+    p.add_argument("--num-workers", type=int, default=2, help="data loader workers decoding the shards (default 2)")
+    p.add_argument("--overwrite", action="store_true", help="recompute every image even if its CAM file is complete (and allow other settings)")
+    return p
+
+
+def _device(spec: str | None) -> torch.device:
+    if spec is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InferenceError(f"--device {spec}: CUDA is not available")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def run(args) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from puzzlecam.data import eval_loader
+
+    device = _device(args.device)
+    rank, world = _init_distributed(device.type)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    model, cfg = load_classifier(args.weights, args.config, device)
+    scales = parse_scales(args.scales) if args.scales is not None else tuple(cfg.infer.scales)
+    flip = cfg.infer.flip and not args.no_flip
+    batch_size = args.batch_size if args.batch_size is not None else cfg.infer.batch_size
+    if batch_size < 1:
+        raise InferenceError(f"--batch-size must be at least 1, got {batch_size}")
+    meta = {
+        "weights": str(args.weights),
+        "weights_sha256": _file_digest(args.weights),
+        "arch": cfg.model.arch,
+        "scales": list(scales),
+        "flip": flip,
+        "shards": args.shards,
+        "resize": "bicubic (F.interpolate, antialias, clamped to [0, 1])",
+        "precision": args.precision,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    _check_meta(args.out, meta, args.overwrite)
+    _barrier()  # every rank has checked the old metadata before rank 0 touches the directory
+    if rank == 0:
+        _remove_stale_temporaries(args.out)
+    _barrier()
+
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    loader = eval_loader(args.shards, num_workers=args.num_workers, rank=rank, world_size=world)
+    written = skipped = empty = 0
+    pending: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+
+    def flush() -> int:
+        groups: dict[tuple[int, int], list] = {}
+        for item in pending:
+            groups.setdefault(tuple(item[1].shape[:2]), []).append(item)
+        for items in groups.values():
+            images = torch.stack([img for _, img, _ in items]).to(device, non_blocking=True)
+            keys = [k.to(device) for _, _, k in items]
+            for (image_id, _, k), (cam, hr_cam) in zip(items, infer_same_size(model, images, keys, scales, flip, autocast, args.backend)):
+                write_cam(args.out, image_id, k.cpu().numpy(), cam.cpu().numpy(), hr_cam.cpu().numpy())
+        n = len(pending)
+        pending.clear()
+        return n
+
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    with Progress(*columns, disable=rank != 0 or not sys.stderr.isatty()) as progress:
+        task = progress.add_task(f"CAMs (rank 0 of {world})", total=len(loader))
+        for batch in loader:
+            image_id = batch["id"][0]
+            cam_path(args.out, image_id)  # rejects ids that cannot be file names
+            if not args.overwrite and is_complete(args.out, image_id):
+                skipped += 1
+            else:
+                keys = batch["labels"][0].nonzero().flatten()
+                image = batch["image"][0]
+                if keys.numel() == 0:  # nothing to localize: empty arrays, all background
+                    h, w = image.shape[:2]
+                    s = (max(1, (h - 1) // 4 + 1), max(1, (w - 1) // 4 + 1))
+                    write_cam(args.out, image_id, keys.numpy(), torch.zeros(0, *s).numpy(), torch.zeros(0, h, w).numpy())
+                    empty += 1
+                    written += 1
+                else:
+                    pending.append((image_id, image, keys))
+                    if len(pending) >= batch_size:
+                        written += flush()
+            progress.advance(task)
+        written += flush()
+
+    written, skipped, empty, corrupt = _sum_across_ranks([written, skipped, empty, loader.skipped], device)
+    _barrier()
+    stats = {"written": written, "skipped_complete": skipped, "no_labels": empty, "corrupt_samples": corrupt, "samples": loader.num_samples}
+    if rank == 0:
+        index = write_index(args.out)
+        meta.update(stats)
+        atomic_write_bytes(args.out / META_NAME, (json.dumps(meta, indent=2) + "\n").encode())
+        print(
+            f"CAMs: {written} written ({empty} without labelled classes), {skipped} already complete, "
+            f"{corrupt} corrupt samples skipped, {world} process(es); index {index}"
+        )
+    _barrier()
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (InferenceError, CamStoreError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
