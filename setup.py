@@ -39,27 +39,33 @@ def _cuda_wanted():
 def _extensions():
     if cpp_extension is None:
         return [], {}
+    # csrc/*.cpp: op schemas + module; csrc/cpu/*.cpp: CPU kernels; csrc/cuda/*.cu: CUDA kernels (toolkit
+    # headers only); csrc/cuda/*.cpp: their ATen glue (needs a CUDA torch).
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     if not cpu_sources:
         return [], {}
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
-    define_macros = []
+    # No -std flag: torch's BuildExtension adds the standard its headers need (C++17 for torch 2.4, C++20 later).
+    cxx_flags = ["-O3", "-fopenmp"]
+    include_dirs = [os.path.join(HERE, "csrc")]
     if _cuda_wanted():
+        # Without a visible GPU, torch would compile for every architecture it knows: pick A100 + H100.
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
         cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
         ext = cpp_extension.CUDAExtension(
             "puzzlecam._C",
             cpu_sources + cuda_sources,
-            include_dirs=[os.path.join(HERE, "csrc")],
-            define_macros=define_macros + [("PUZZLECAM_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-std=c++17"]},
+            include_dirs=include_dirs,
+            define_macros=[("PUZZLECAM_WITH_CUDA", None)],
+            # No --use_fast_math: the kernels must match the reference's IEEE division and relu thresholds.
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
             extra_link_args=["-fopenmp"],
         )
     else:
         ext = cpp_extension.CppExtension(
             "puzzlecam._C",
             cpu_sources,
-            include_dirs=[os.path.join(HERE, "csrc")],
-            define_macros=define_macros,
+            include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=["-fopenmp"],
         )
