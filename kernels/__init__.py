@@ -10,8 +10,13 @@ Importing this package imports triton. On a machine without a GPU the kernels ru
 Triton interpreter (``TRITON_INTERPRET=1`` set before triton is first imported).
 """
 
-from .prepare_inputs import prepare_inputs
-from .reconstruction_loss import reconstruction_loss
-from .tile_merge import merge, tile
+import os
 
-__all__ = ["prepare_inputs", "reconstruction_loss", "tile", "merge"]
+# triton.jit picks interpreted or compiled kernels when they are defined, i.e. at this import.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+from .prepare_inputs import prepare_inputs  # noqa: E402
+from .reconstruction_loss import reconstruction_loss  # noqa: E402
+from .tile_merge import merge, tile  # noqa: E402
+
+__all__ = ["INTERPRETED", "prepare_inputs", "reconstruction_loss", "tile", "merge"]

@@ -74,13 +74,17 @@ def _why_not(op: str, backend: str, device: torch.device) -> str | None:
     if backend == "triton":
         if op not in TRITON_OPS:
             return f"{op} has no Triton kernel (backends: reference, cpp, cuda)"
-        _, err = _kernels_or_error()
-        if err:
-            return err
-        if device.type == "cpu" and not _interpreter_on():
-            return "Triton runs on CPU tensors only under the interpreter (set TRITON_INTERPRET=1 before triton is imported)"
         if device.type not in ("cpu", "cuda"):
             return f"Triton kernels need CUDA tensors, got {device.type}"
+        if device.type == "cpu" and not _interpreter_on():
+            return "Triton runs on CPU tensors only under the interpreter (set TRITON_INTERPRET=1 before triton is imported)"
+        kernels, err = _kernels_or_error()
+        if err:
+            return err
+        if device.type == "cpu" and not kernels.INTERPRETED:
+            return "puzzlecam.kernels was imported before TRITON_INTERPRET=1 was set, so its kernels are compiled, not interpreted"
+        if device.type == "cuda" and kernels.INTERPRETED:
+            return "puzzlecam.kernels was imported with TRITON_INTERPRET=1 (interpreter only); unset it to run compiled kernels on CUDA"
         return None
     if op not in EXT_OPS:
         return f"{op} has no C++/CUDA extension implementation (backends: reference, triton)"
