@@ -1,0 +1,249 @@
+"""Synthetic set end to end (synth -> shard -> load), distributed splitting, resume, corrupt and hostile shards."""
+
+import io
+import json
+import os
+import pickle
+import socket
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
+
+from puzzlecam import NUM_CLASSES
+from puzzlecam.data import ShardError, eval_loader, train_loader
+from puzzlecam.data.__main__ import main as data_main
+from puzzlecam.data.synth import make_scene
+
+SMALL = dict(crop_size=48, min_long_side=40, max_long_side=72)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    assert data_main(["synth", "--out", str(root / "voc"), "--num-images", "30", "--size", "64", "--seed", "3"]) == 0
+    assert data_main(["shard", "--voc-root", str(root / "voc"), "--split", "trainval", "--out", str(root / "shards"),
+                      "--shard-size", "7"]) == 0
+    return root
+
+
+def _batches(loader, n=None):
+    out = []
+    for i, b in enumerate(loader):
+        out.append(b)
+        if n is not None and i + 1 == n:
+            break
+    return out
+
+
+def _same(a, b):
+    assert a["id"] == b["id"]
+    for k in ("image", "valid", "labels"):
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_synth_deterministic_and_consistent(synth, tmp_path):
+    assert data_main(["synth", "--out", str(tmp_path / "again"), "--num-images", "30", "--size", "64", "--seed", "3"]) == 0
+    for sub in ("JPEGImages/synth_000007.jpg", "SegmentationClass/synth_000007.png", "Annotations/synth_000007.xml",
+                "ImageSets/Segmentation/val.txt"):
+        assert (tmp_path / "again" / sub).read_bytes() == (synth / "voc" / sub).read_bytes()
+    for i in range(30):
+        mask = np.array(Image.open(synth / "voc" / "SegmentationClass" / f"synth_{i:06d}.png"))
+        assert Image.open(synth / "voc" / "SegmentationClass" / f"synth_{i:06d}.png").mode == "P"
+        values = set(np.unique(mask).tolist())
+        assert 255 in values and values <= set(range(NUM_CLASSES + 1)) | {255}
+        # Every labelled class has pixels, every mask class is labelled.
+        rgb, m2, objects = make_scene(3, i, 64, sorted({0, 2, 3, 6, 7, 11, 14, 18}))
+        np.testing.assert_array_equal(m2, mask)
+        assert {c + 1 for c, _ in objects} == values - {0, 255}
+    # A different seed gives a different set.
+    rgb_other, _, _ = make_scene(4, 0, 64, [0, 1])
+    assert not np.array_equal(rgb_other, make_scene(3, 0, 64, [0, 1])[0])
+
+
+def test_train_batches_layout_and_augmentation(synth):
+    shards = str(synth / "shards" / "trainval-{000000..000004}.tar")
+    loader = train_loader(shards, batch_size=4, seed=1, **SMALL)
+    assert len(loader) == 30 // 4
+    batches = _batches(loader)
+    assert len(batches) == 7 and loader.epoch == 1 and loader.skipped == 0
+    b = batches[0]
+    assert b["image"].dtype == torch.uint8 and b["image"].shape == (4, 48, 48, 3)
+    assert b["valid"].dtype == torch.int64 and b["labels"].dtype == torch.float32 and b["labels"].shape == (4, 20)
+    assert (b["labels"].sum(1) >= 1).all()
+    for batch in batches:  # outside the valid region the canvas is zero
+        for img, (vh, vw) in zip(batch["image"], batch["valid"].tolist()):
+            assert 1 <= vh <= 48 and 1 <= vw <= 48
+            assert img[vh:].sum() == 0 and img[:, vw:].sum() == 0
+    ids = [i for batch in batches for i in batch["id"]]
+    assert len(set(ids)) == 28  # a permutation: no repeats within an epoch
+    # Epoch 1 has another order.
+    assert [i for batch in _batches(loader) for i in batch["id"]] != ids
+
+    # Without randomness left (fixed long side, no flip, crop >= image), the canvas is exactly the
+    # bicubic resize of the decoded JPEG at the top-left.
+    exact = train_loader(shards, batch_size=2, seed=0, crop_size=80, min_long_side=70, max_long_side=70, hflip=False)
+    batch = next(iter(exact))
+    for img, (vh, vw), image_id in zip(batch["image"], batch["valid"].tolist(), batch["id"]):
+        src = Image.open(synth / "voc" / "JPEGImages" / f"{image_id}.jpg").convert("RGB")
+        w, h = src.size
+        expected = np.asarray(src.resize((round(w * 70 / max(w, h)), round(h * 70 / max(w, h))), Image.BICUBIC))
+        assert (vh, vw) == expected.shape[:2] and max(vh, vw) == 70
+        np.testing.assert_array_equal(img[:vh, :vw].numpy(), expected)
+
+
+def test_workers_do_not_change_batches_and_resume_is_exact(synth):
+    shards = str(synth / "shards" / "*.tar")
+    ref = train_loader(shards, batch_size=3, seed=5, num_workers=0, **SMALL)
+    full = _batches(ref) + _batches(ref)  # two epochs
+    par = train_loader(shards, batch_size=3, seed=5, num_workers=2, **SMALL)
+    for a, b in zip(full, _batches(par) + _batches(par)):
+        _same(a, b)
+    # Stop after 4 batches of epoch 1, resume in a new loader (other worker count): same remaining batches.
+    run = train_loader(shards, batch_size=3, seed=5, num_workers=2, **SMALL)
+    _batches(run)
+    _batches(run, 4)
+    state = run.state_dict()
+    assert (state["epoch"], state["batches_done"]) == (1, 4)
+    resumed = train_loader(shards, batch_size=3, seed=5, num_workers=0, **SMALL)
+    resumed.load_state_dict(state)
+    rest = _batches(resumed)
+    assert len(rest) == len(ref) - 4 and resumed.epoch == 2
+    for a, b in zip(full[len(ref) + 4 :], rest):
+        _same(a, b)
+    # A checkpoint taken at the very end of an epoch resumes at the next epoch.
+    end = train_loader(shards, batch_size=3, seed=5, **SMALL)
+    end.load_state_dict({**state, "epoch": 0, "batches_done": len(ref)})
+    _same(next(iter(end)), full[len(ref)])
+    # Mismatched runs are refused.
+    other = train_loader(shards, batch_size=2, seed=5, **SMALL)
+    with pytest.raises(ValueError, match="batch_size"):
+        other.load_state_dict(state)
+
+
+def test_rank_split_even_with_fewer_shards_than_readers(synth, tmp_path):
+    one = tmp_path / "one.tar"  # a single shard read by 4 ranks x 2 workers
+    one.write_bytes((synth / "shards" / "trainval-000000.tar").read_bytes())
+    lens, seen = set(), []
+    for rank in range(4):
+        loader = train_loader(str(one), batch_size=1, seed=0, num_workers=2, rank=rank, world_size=4, **SMALL)
+        lens.add(len(loader))
+        seen += [i for b in _batches(loader) for i in b["id"]]
+    # 7 samples, padded by wrap-around to 8: every rank has 2 batches; every sample is seen.
+    assert lens == {2} and len(seen) == 8 and len(set(seen)) == 7
+    with pytest.raises(ShardError, match="batch_size"):
+        train_loader(str(one), batch_size=3, seed=0, rank=0, world_size=4, **SMALL)
+
+
+def test_missing_shards_are_clear_errors(synth, tmp_path):
+    with pytest.raises(ShardError, match="matches no file"):
+        train_loader(str(tmp_path / "nothing-*.tar"), batch_size=1, seed=0, **SMALL)
+    with pytest.raises(ShardError, match="does not exist"):
+        eval_loader(str(synth / "shards" / "trainval-{000000..000009}.tar"))
+    with pytest.raises(ShardError, match="does not exist"):
+        eval_loader([str(synth / "shards" / "trainval-000000.tar"), str(tmp_path / "gone.tar")])
+    (tmp_path / "junk.tar").write_bytes(b"not a tar file at all" * 100)
+    with pytest.raises(ShardError, match="junk.tar"):
+        eval_loader(str(tmp_path / "junk.tar"))
+
+
+class _Exploit:
+    """Unpickling this would create MARKER; no loader may ever do it."""
+
+    marker = ""
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _add(tf, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+def test_corrupt_and_hostile_shards_are_skipped_and_never_unpickled(synth, tmp_path):
+    marker = tmp_path / "PWNED"
+    _Exploit.marker = str(marker)
+    payload = pickle.dumps(_Exploit())
+    good = sorted((synth / "voc" / "JPEGImages").glob("*.jpg"))[:4]
+    path = tmp_path / "bad-000000.tar"
+    with tarfile.open(path, "w") as tf:
+        for i, jpg in enumerate(good):
+            key = f"good{i}"
+            _add(tf, f"{key}.jpg", jpg.read_bytes())
+            _add(tf, f"{key}.json", json.dumps({"id": key, "labels": [i]}).encode())
+            for ext in ("pyd", "pth", "pickle", "json.pickle"):
+                _add(tf, f"{key}.{ext}", payload)
+        _add(tf, "badjpeg.jpg", good[0].read_bytes()[:300])
+        _add(tf, "badjpeg.json", b'{"labels": [1]}')
+        _add(tf, "nojson.jpg", good[1].read_bytes())
+        _add(tf, "range.jpg", good[2].read_bytes())
+        _add(tf, "range.json", b'{"labels": [20]}')
+        _add(tf, "badjson.jpg", good[2].read_bytes())
+        _add(tf, "badjson.json", b"{not json")
+        _add(tf, "badmask.jpg", good[3].read_bytes())
+        _add(tf, "badmask.json", b'{"labels": [2]}')
+        _add(tf, "badmask.seg.png", b"\x89PNG\r\n\x1a\n garbage")
+        _add(tf, "../../escape.jpg", good[0].read_bytes())  # never used as a path
+        _add(tf, "tail.json", b'{"labels": [3]}')
+        _add(tf, "tail.jpg", good[0].read_bytes())
+    data = path.read_bytes()
+    cut = data.rfind(b"tail.jpg")  # truncate inside the last member's data
+    path.write_bytes(data[: cut + 512 + 100])
+
+    ev = eval_loader(str(path))
+    got = [b["id"][0] for b in ev]
+    assert sorted(got) == ["good0", "good1", "good2", "good3"]
+    # badjpeg, nojson, range, badjson, badmask, ../../escape (no json), tail (truncated jpg member dropped).
+    assert ev.skipped == 7
+    loader = train_loader(str(path), batch_size=4, seed=0, num_workers=2, **SMALL)
+    for _ in range(2):
+        for b in loader:
+            # Training never decodes masks, so badmask (good jpg + json) is a usable training sample.
+            assert b["image"].shape[0] == 4 and set(b["id"]) <= {f"good{i}" for i in range(4)} | {"badmask"}
+            assert b["labels"].sum() == 4
+    assert loader.skipped > 0 and len(loader) == 11 // 4  # 11 keys indexed, 6 of them corrupt
+    assert not marker.exists()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dist_worker(rank, world, port, shards, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        train = train_loader(shards, batch_size=2, seed=7, num_workers=1, **SMALL)  # rank/world from dist
+        steps = 0
+        train_ids = []
+        for b in train:
+            steps += 1
+            train_ids += b["id"]
+            dist.all_reduce(torch.ones(1))  # a collective per step: unequal counts would hang here
+        ev = eval_loader(shards)
+        eval_ids = [b["id"][0] for b in ev]
+        dist.barrier()
+        Path(out_dir, f"{rank}.json").write_text(json.dumps({"steps": steps, "len": len(train), "train": train_ids,
+                                                            "eval": eval_ids}))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_disjoint_and_equal(synth, tmp_path):
+    shards = str(synth / "shards" / "trainval-{000000..000004}.tar")  # 30 samples, 5 uneven shards
+    mp.start_processes(_dist_worker, args=(2, _free_port(), shards, str(tmp_path)), nprocs=2, join=True,
+                       start_method="spawn")
+    r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2))
+    assert r0["steps"] == r1["steps"] == r0["len"] == 15 // 2
+    assert not set(r0["train"]) & set(r1["train"])
+    assert not set(r0["eval"]) & set(r1["eval"])
+    assert sorted(r0["eval"] + r1["eval"]) == [f"synth_{i:06d}" for i in range(30)]
