@@ -83,12 +83,25 @@ def init_distributed(use_deepspeed: bool = True) -> DistInfo:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
+        restart = _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+        if restart > 0:
+            # torchrun restarted the workers: the store outlives the dead attempt and still holds its
+            # process-group keys (gloo would connect to the dead workers' addresses). Give every
+            # attempt its own key namespace.
+            agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            store = dist.TCPStore(
+                os.environ["MASTER_ADDR"], _env_int("MASTER_PORT", 29500), world_size,
+                is_master=rank == 0 and not agent_store, wait_for_workers=False,
+            )
+            dist.init_process_group(backend=backend, store=dist.PrefixStore(f"puzzlecam_attempt{restart}", store),
+                                    rank=rank, world_size=world_size)
         if use_deepspeed:
             import deepspeed
 
             avoid_deepspeed_cpu_builds()
+            # Wraps the group when it already exists.
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-        else:
+        elif not dist.is_initialized():
             dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
 

@@ -332,7 +332,8 @@ class Trainer:
                         f"stopping at step {self.step}. Last good checkpoint: {last if last else 'none'}. "
                         "Lower optim.lr, enable optim.grad_clip or use ds_fp32.json."
                     )
-                if t.ckpt_every > 0 and self.step % t.ckpt_every == 0 and self.step < self.total_steps:
+                # No checkpoint inside a run of bad steps: the last good one is what a resume needs.
+                if t.ckpt_every > 0 and self.step % t.ckpt_every == 0 and self.step < self.total_steps and self.bad_streak == 0:
                     self.save()
                 fault.maybe_fire(self.step)
             self.save()
@@ -347,8 +348,15 @@ class Trainer:
         from safetensors.torch import save_file
 
         average_buffers(self.classifier)
+        digests = replica_digests(self.classifier)
         out = self.run_dir / "model.safetensors"
         if self.dist.is_main:
+            if len(set(digests)) != 1:
+                raise TrainingError(f"parameters differ between ranks at the end of training (digests {digests}): replicas went out of sync")
+            _write_json(self.run_dir / "summary.json", {
+                "steps": self.step, "world_size": self.dist.world_size, "skipped_steps": self.skipped_steps,
+                "param_digest_per_rank": digests, "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+            })
             state = {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu()
                      for k, v in self.classifier.state_dict().items()}
             tmp = out.with_suffix(".safetensors.tmp")
@@ -357,6 +365,30 @@ class Trainer:
             self.metrics.export_parquet()
         barrier()
         return out if self.dist.is_main else None
+
+
+def replica_digests(module: torch.nn.Module) -> list[str]:
+    """SHA-256 of this rank's parameter bytes, gathered from every rank (rank order)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in module.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().float().contiguous().cpu().numpy().tobytes())
+    mine = h.hexdigest()
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return [mine]
+    out: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, mine)
+    return out
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    import json
+
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
 
 
 class _FaultInjection:
