@@ -335,7 +335,7 @@ def print_report(summary: dict, console=None) -> None:
     console = console or Console()
     thresholds = summary["thresholds"]
     if len(thresholds) > 1:
-        sweep = Table(title=f"{summary['num_images']} images: mIoU per threshold")
+        sweep = Table(title="mIoU per threshold", caption=f"{summary['num_images']} images")
         sweep.add_column("threshold", justify="right")
         sweep.add_column("mIoU %", justify="right")
         for t, m in zip(thresholds, summary["miou_per_threshold"]):
@@ -344,7 +344,7 @@ def print_report(summary: dict, console=None) -> None:
         console.print(sweep)
     where = "" if summary["best_threshold"] is None else f" at threshold {summary['best_threshold']:.2f}"
     best = summary["best_miou"]
-    per_class = Table(title=f"mIoU {'nan' if best is None else f'{100 * best:.2f}'} %{where}")
+    per_class = Table(title=f"mIoU {'nan' if best is None else f'{100 * best:.2f}'} %{where}", min_width=48)
     for name in ("class", "IoU %", "FP %", "FN %"):
         per_class.add_column(name, justify="left" if name == "class" else "right")
     fmt = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
