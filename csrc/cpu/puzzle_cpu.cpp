@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "checks.h"
@@ -228,6 +229,8 @@ std::tuple<at::Tensor, at::Tensor> reconstruction_loss_cpu(const at::Tensor& cam
       using T = decltype(tag);
       loss_forward<T>(g, cam, tiles, labels.data_ptr<float>(), masking, logits.data_ptr<float>(), plane_err.data());
     });
+  } else {
+    logits.fill_(std::numeric_limits<float>::quiet_NaN());  // GAP of empty maps, as torch's mean
   }
   double total = 0.0;
   for (double e : plane_err) total += e;
