@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import multiprocessing
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -195,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         with Progress(disable=not sys.stderr.isatty()) as progress:
             task = progress.add_task("pseudo-labels", total=total)
             if args.jobs > 1:
-                with ProcessPoolExecutor(args.jobs) as pool:
+                # spawn: forking a process that holds torch / OpenMP threads can hang the children.
+                with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
                     for _ in pool.map(_job, jobs, chunksize=4):
                         written += 1
                         progress.advance(task)
