@@ -1,0 +1,171 @@
+"""Trainer tests: exact resume after SIGKILL, run-directory contents, baseline mode, bad-loss
+handling, config/launch errors, checkpoint bookkeeping (CPU, fp32, real DeepSpeed, real shards)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from puzzlecam import checkpoint as ckpt
+from puzzlecam.config import ConfigError, load_config
+from puzzlecam.metrics import MetricsLog, read_jsonl
+from puzzlecam.train import build_deepspeed_config
+from test_train_support import (
+    DEMO_CONFIG,
+    ROOT,
+    max_param_diff,
+    metrics,
+    python_launch,
+    run_all,
+    summary,
+    tiny_overrides,
+    tiny_shards,
+    weights,
+)
+
+LOSS_KEYS = ("step", "loss", "loss_cls", "loss_pcls", "loss_re", "alpha", "lr")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return tiny_shards(tmp_path_factory.mktemp("data"))
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(shards, tmp_path):
+    # 6 steps, micro-batch 2 x accumulation 2, checkpoints every 2 steps; run B is SIGKILLed
+    # right after step 3 (the checkpoint of step 2 is the newest) and resumed with --resume auto.
+    over = tiny_overrides(shards, **{"train.max_steps": 6, "train.micro_batch_size": 2, "train.grad_accum_steps": 2, "model.norm": "train"})
+    a, b = tmp_path / "A", tmp_path / "B"
+    full = python_launch(a, over, tmp_path / "A.log")
+    killed = python_launch(b, over, tmp_path / "B1.log", env={"PUZZLECAM_FAULT_KILL": "step=3"})
+    rc_full, rc_killed = run_all([full, killed], expect_ok=False)
+    assert rc_full == 0, full.output()[-4000:]
+    assert rc_killed == -9, f"expected SIGKILL, got {rc_killed}\n{killed.output()[-4000:]}"
+    assert ckpt.latest_complete(b / "checkpoints").name == "step00000002"
+    assert not (b / "model.safetensors").exists()
+
+    resumed = python_launch(b, over, tmp_path / "B2.log")
+    run_all([resumed])
+    assert "resumed from" in resumed.output() and "step00000002" in resumed.output()
+
+    ma, mb = metrics(a), metrics(b)
+    assert [r["step"] for r in ma] == [1, 2, 3, 4, 5, 6] == [r["step"] for r in mb]
+    for ra, rb in zip(ma, mb):
+        for key in LOSS_KEYS:
+            assert ra[key] == rb[key], (key, ra, rb)
+    wa, wb = weights(a), weights(b)
+    assert max_param_diff(wa, wb, params_only=False) == 0.0
+
+    # The run directory: resolved config, metrics (JSONL + Parquet), pruned checkpoints, weights.
+    cfg = load_config(a / "config.yaml")
+    assert cfg.train.max_steps == 6 and cfg.data.train_shards.startswith(str(shards))
+    assert all(isinstance(ma[0][k], (int, float)) for k in LOSS_KEYS)
+    assert ma[0]["alpha"] == 0.0 and ma[-1]["alpha"] == cfg.puzzle.alpha_max
+    assert ma[0]["lr"] == pytest.approx(cfg.optim.lr) and ma[-1]["lr"] < ma[0]["lr"]
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(a / "metrics.parquet").column("loss").to_pylist() == [r["loss"] for r in ma]
+    assert [p.name for p in ckpt.complete_tags(a / "checkpoints")] == ["step00000004", "step00000006"]
+    from puzzlecam.model import build_model
+
+    model = build_model(cfg.model)
+    model.load_state_dict(wa, strict=True)
+    assert all(v.dtype == torch.float32 for v in wa.values() if v.is_floating_point())
+    assert summary(a)["steps"] == 6 and summary(b)["resumed_from"].endswith("step00000002")
+
+
+def test_baseline_mode_bad_losses_and_setup_errors(shards, tmp_path):
+    base, bad, mismatch = tmp_path / "base", tmp_path / "bad", tmp_path / "mismatch"
+    launches = [
+        python_launch(base, tiny_overrides(shards, **{"train.mode": "baseline", "train.max_steps": 2}), tmp_path / "base.log"),
+        # A huge learning rate makes every loss after the first step non-finite.
+        python_launch(bad, tiny_overrides(shards, **{"optim.lr": "1.0e+30", "optim.grad_clip": 0.0, "train.max_steps": 10,
+                                                     "train.ckpt_every": 1, "train.max_bad_steps": 3}), tmp_path / "bad.log"),
+        python_launch(mismatch, tiny_overrides(shards, **{"train.global_batch_size": 6}), tmp_path / "mismatch.log"),
+    ]
+    rc = run_all(launches, expect_ok=False)
+    assert rc[0] == 0, launches[0].output()[-4000:]
+    for r in metrics(base):
+        assert r["loss"] == r["loss_cls"] and r["loss_pcls"] == 0.0 and r["loss_re"] == 0.0 and r["alpha"] == 0.0
+
+    assert rc[1] == 1, launches[1].output()[-4000:]
+    out = launches[1].output()
+    assert "3 optimizer steps in a row had a NaN/Inf loss" in out and "step00000001" in out
+    records = metrics(bad)
+    assert records[0]["loss"] is not None and [r["loss"] for r in records[1:]] == [None, None, None]
+    assert records[-1]["skipped_steps"] == 3
+    assert [p.name for p in ckpt.complete_tags(bad / "checkpoints")] == ["step00000001"]
+
+    assert rc[2] == 1
+    assert "train.global_batch_size=6" in launches[2].output() and "world size (1) = 4" in launches[2].output()
+
+
+def test_cli_rejects_bad_override(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--config", DEMO_CONFIG, "train.mode=both"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and "train.mode" in r.stderr and "'puzzle'" in r.stderr
+
+
+def test_deepspeed_config_checks(tmp_path):
+    cfg = load_config(DEMO_CONFIG, ["train.global_batch_size=8", "train.micro_batch_size=2", "train.grad_accum_steps=2", "optim.grad_clip=3.0"])
+    ds = build_deepspeed_config(cfg, 2, str(ROOT / "launch" / "configs" / "ds_fp32.json"))
+    assert ds["train_batch_size"] == 8 and ds["train_micro_batch_size_per_gpu"] == 2
+    assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 3.0
+    with pytest.raises(ConfigError, match=r"x world size \(3\) = 12"):
+        build_deepspeed_config(cfg, 3, str(ROOT / "launch" / "configs" / "ds_fp32.json"))
+    cases = {
+        '{"optimizer": {"type": "Adam"}}': "remove 'optimizer'",
+        '{"bf16": {"enabled": true}}': "torch_autocast",
+        '{"train_batch_size": 16}': "'train_batch_size' is 16",
+        '{"zero_optimization": {"stage": 2}}': "stage=2",
+        "{not json": "not valid JSON",
+    }
+    for text, message in cases.items():
+        path = tmp_path / "ds.json"
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            build_deepspeed_config(cfg, 2, str(path))
+    with pytest.raises(ConfigError, match="does not exist"):
+        build_deepspeed_config(cfg, 2, str(tmp_path / "missing.json"))
+
+
+def test_checkpoint_bookkeeping(tmp_path):
+    d = tmp_path / "checkpoints"
+    for step in (2, 4, 6, 8):
+        (d / ckpt.tag_for(step)).mkdir(parents=True)
+        if step != 8:  # step 8: a save that died half way
+            ckpt.mark_complete(d / ckpt.tag_for(step), step)
+    assert ckpt.resolve_resume("auto", d).name == "step00000006"
+    assert ckpt.resolve_resume("none", d) is None
+    assert ckpt.resolve_resume(str(tmp_path), d).name == "step00000006"
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        ckpt.resolve_resume(str(d / "step00000008"), d)
+    with pytest.raises(FileNotFoundError, match="no such"):
+        ckpt.resolve_resume(str(tmp_path / "nope"), d)
+    ckpt.prune(d, keep_last=2)
+    # The newest incomplete tag may be a save in progress: kept; older ones go.
+    assert sorted(p.name for p in d.iterdir()) == ["step00000004", "step00000006", "step00000008"]
+    with pytest.raises(FileNotFoundError, match="different world size"):
+        ckpt.load_trainer_state(d / "step00000006", rank=1)
+
+
+def test_metrics_log_truncates_on_resume(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path)
+    for step in range(1, 6):
+        log.write({"step": step, "loss": float(step) if step != 3 else float("nan")})
+    log.close()
+    with open(path, "a") as f:
+        f.write('{"step": 6, "lo')  # torn last line of a crash
+    log = MetricsLog(path, resume_step=4)
+    log.write({"step": 5, "loss": 50.0})
+    log.close()
+    rows = read_jsonl(path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[2]["loss"] is None and rows[4]["loss"] == 50.0
+    assert json.loads(path.read_text().splitlines()[0]) == {"step": 1, "loss": 1.0}
