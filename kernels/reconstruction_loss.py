@@ -49,17 +49,21 @@ def _chunk_offsets(k, b, c, B, W, TH, TW, HW, c_sb, c_sc, c_sy, c_sx, t_sb, t_sc
 def _re_loss_kernel(
     cam_ptr, tiles_ptr, labels_ptr, partial_ptr, logits_ptr,
     gcam_ptr, gtiles_ptr, gloss_ptr, glogits_ptr,
-    B, C, W, TH, TW, HW, inv_numel, inv_hw, eps,
+    B, C, W, TH, TW, g_sb, g_sc,
     c_sb, c_sc, c_sy, c_sx,
     t_sb, t_sc, t_sy, t_sx,
-    gc_sb, gc_sc, gc_sy, gc_sx,
-    gt_sb, gt_sc, gt_sy, gt_sx,
-    N: tl.constexpr, LEVEL_CAM: tl.constexpr, L2: tl.constexpr, MASKING: tl.constexpr,
+    N: tl.constexpr, EPS: tl.constexpr, LEVEL_CAM: tl.constexpr, L2: tl.constexpr, MASKING: tl.constexpr,
     BACKWARD: tl.constexpr, HAS_GLOGITS: tl.constexpr, NUM_CHUNKS: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    # Gradients share the strides of their inputs (the launcher makes sure), so few arguments:
+    # the host-side launch cost matters at the paper's small shape.
     pid = tl.program_id(0)
     b = pid // C
     c = pid - b * C
+    HW = TH * N * W
+    inv_hw = 1.0 / (HW * 1.0)  # "* 1.0": HW (and B * C) may be compile-time constants when 1
+    inv_numel = inv_hw / (B * C * 1.0)
+    eps = EPS
     if MASKING:
         weight = tl.load(labels_ptr + pid)
     else:
@@ -102,7 +106,7 @@ def _re_loss_kernel(
         # d L / d diff, without the sign or the factor 2 of the kind.
         gscale = tl.load(gloss_ptr).to(tl.float32) * weight * inv_numel
         if HAS_GLOGITS:
-            glogit = tl.load(glogits_ptr + pid).to(tl.float32) * inv_hw
+            glogit = tl.load(glogits_ptr + b * g_sb + c * g_sc).to(tl.float32) * inv_hw
         else:
             glogit = 0.0
         # Pass 2 (level "cam"): the max's gradient needs sum_k g_k * relu(x_k - eps) / denom^2.
@@ -152,10 +156,8 @@ def _re_loss_kernel(
                 ga = g
                 gm = -g
             gm += glogit
-            ga_off = b * gc_sb + c * gc_sc + y * gc_sy + x * gc_sx
-            gm_off = ((i * N + j) * B + b) * gt_sb + c * gt_sc + ty * gt_sy + tx * gt_sx
-            tl.store(gcam_ptr + ga_off, ga.to(gcam_ptr.dtype.element_ty), mask=mask)
-            tl.store(gtiles_ptr + gm_off, gm.to(gtiles_ptr.dtype.element_ty), mask=mask)
+            tl.store(gcam_ptr + a_off, ga.to(gcam_ptr.dtype.element_ty), mask=mask)
+            tl.store(gtiles_ptr + m_off, gm.to(gtiles_ptr.dtype.element_ty), mask=mask)
     else:
         # Forward: the loss partial of this map (and, for level "feature", the logit sum).
         lane_err = tl.zeros((BLOCK,), tl.float32)
@@ -180,31 +182,37 @@ def _re_loss_kernel(
         tl.store(logits_ptr + pid, merged_sum * inv_hw)
 
 
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when torch.empty_like keeps its strides (NCHW or channels_last), else a copy."""
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    return t.contiguous()
+
+
 def _launch(cam, cam_tiles, labels, n, level, kind, masking, *, backward, gloss=None, glogits=None):
     b, c, h, w = cam.shape
     hw = h * w
     block = min(triton.next_power_of_2(max(hw, 16)), MAX_BLOCK)
-    num_chunks = triton.cdiv(hw, block)
-    device = cam.device
     if backward:
-        grad_cam = empty_like(cam)
-        grad_tiles = empty_like(cam_tiles)
-        partial = logits = None
+        grad_cam, grad_tiles = empty_like(cam), empty_like(cam_tiles)
+        assert grad_cam.stride() == cam.stride() and grad_tiles.stride() == cam_tiles.stride()
+        partial = logits = labels  # unused placeholders
         outs = (grad_cam, grad_tiles)
     else:
-        partial = empty((b * c,), torch.float32, device)
-        logits = empty((b, c), torch.float32, device)
-        grad_cam, grad_tiles = cam, cam_tiles  # unused placeholders
+        partial = empty((b * c,), torch.float32, cam.device)
+        logits = empty((b, c), torch.float32, cam.device)
+        grad_cam = grad_tiles = gloss = cam  # unused placeholders
         outs = (partial, logits)
     if b * c == 0:
         return outs
+    has_glogits = glogits is not None
+    if not has_glogits:
+        glogits = labels
     _re_loss_kernel[(b * c,)](
-        cam, cam_tiles, labels, partial if partial is not None else labels, logits if logits is not None else labels,
-        grad_cam, grad_tiles, gloss if gloss is not None else labels, glogits if glogits is not None else labels,
-        b, c, w, h // n, w // n, hw, 1.0 / (b * c * hw), 1.0 / hw, puzzle.CAM_EPS,
-        *cam.stride(), *cam_tiles.stride(), *grad_cam.stride(), *grad_tiles.stride(),
-        N=n, LEVEL_CAM=level == "cam", L2=kind == "l2", MASKING=bool(masking),
-        BACKWARD=backward, HAS_GLOGITS=glogits is not None, NUM_CHUNKS=num_chunks, BLOCK=block,
+        cam, cam_tiles, labels, partial, logits, grad_cam, grad_tiles, gloss, glogits,
+        b, c, w, h // n, w // n, *glogits.stride(), *cam.stride(), *cam_tiles.stride(),
+        N=n, EPS=puzzle.CAM_EPS, LEVEL_CAM=level == "cam", L2=kind == "l2", MASKING=bool(masking),
+        BACKWARD=backward, HAS_GLOGITS=has_glogits, NUM_CHUNKS=triton.cdiv(hw, block), BLOCK=block,
         num_warps=8 if block >= 2048 else 4,
     )
     return outs
@@ -228,6 +236,7 @@ class ReconstructionLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, cam, cam_tiles, labels, n, level, kind, masking):
         check_args(cam, cam_tiles, labels, n, level, kind)
+        cam, cam_tiles = _dense(cam), _dense(cam_tiles)
         weights = labels.detach().to(torch.float32).contiguous()
         partial, logits = _launch(cam, cam_tiles, weights, n, level, kind, masking, backward=False)
         ctx.save_for_backward(cam, cam_tiles, weights)
@@ -243,9 +252,9 @@ class ReconstructionLossFunction(torch.autograd.Function):
             return None, None, None, None, None, None, None
         if grad_loss is None:
             grad_loss = torch.zeros((), dtype=torch.float32, device=cam.device)
-        grad_loss = grad_loss.to(torch.float32).contiguous()
+        grad_loss = grad_loss.to(torch.float32)
         if grad_logits is not None:
-            grad_logits = grad_logits.to(torch.float32).contiguous()
+            grad_logits = grad_logits.to(torch.float32)  # any strides (often an expanded scalar)
         grad_cam, grad_tiles = _launch(cam, cam_tiles, weights, *ctx.args, backward=True, gloss=grad_loss, glogits=grad_logits)
         return (
             grad_cam if ctx.needs_input_grad[0] else None,
