@@ -46,10 +46,11 @@ def colorize(labels: np.ndarray) -> np.ndarray:
     return voc_colormap()[labels]
 
 
-def _panel(rgb: np.ndarray, caption: str, height: int) -> Image.Image:
+def _panel(rgb: np.ndarray, caption: str, height: int, nearest: bool = False) -> Image.Image:
     im = Image.fromarray(rgb)
     width = max(1, round(im.width * height / im.height))
-    im = im.resize((width, height), Image.Resampling.BILINEAR)
+    # Label maps are resized by nearest neighbour so that they keep their exact palette colours.
+    im = im.resize((width, height), Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR)
     panel = Image.new("RGB", (width, height + CAPTION_H), (255, 255, 255))
     panel.paste(im, (0, CAPTION_H))
     ImageDraw.Draw(panel).text((2, 1), caption, fill=(0, 0, 0), font=ImageFont.load_default())
@@ -83,11 +84,11 @@ def overlay_row(image_id: str, image: np.ndarray, record, mask: np.ndarray | Non
     for k, cam in zip(record.keys, record.hr_cam):
         panels.append(_panel(heat_overlay(image, cam.astype(np.float32)), VOC_CLASSES[int(k)], height))
     pred = predict_labels(record.hr_cam, record.keys, threshold)
-    panels.append(_panel(colorize(pred), f"pseudo-label t={threshold:.2f}", height))
+    panels.append(_panel(colorize(pred), f"pseudo-label t={threshold:.2f}", height, nearest=True))
     if mask is None:
         panels.append(_panel(np.full_like(image, 128), "no mask", height))
     else:
-        panels.append(_panel(colorize(mask), "ground truth", height))
+        panels.append(_panel(colorize(mask), "ground truth", height, nearest=True))
     return _hstack(panels)
 
 
