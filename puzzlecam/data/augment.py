@@ -20,8 +20,12 @@ def augment(
     min_long_side: int,
     max_long_side: int,
     hflip: bool,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, tuple[int, int]]:
-    """(H, W, 3) uint8 -> ((crop, crop, 3) uint8 canvas, (valid_h, valid_w)). All randomness from ``rng``."""
+    """(H, W, 3) uint8 -> ((crop, crop, 3) uint8 canvas, (valid_h, valid_w)). All randomness from ``rng``.
+
+    ``out``: a zeroed (crop, crop, 3) uint8 array to write into (e.g. a slice of the batch array).
+    """
     h, w = image.shape[:2]
     long_side = int(rng.integers(min_long_side, max_long_side + 1))
     scale = long_side / max(h, w)
@@ -38,6 +42,6 @@ def augment(
         pil = pil.transpose(Image.FLIP_LEFT_RIGHT)
     valid_h, valid_w = min(crop_size, new_h), min(crop_size, new_w)
     region = np.asarray(pil.crop((left, top, left + valid_w, top + valid_h)))
-    canvas = np.zeros((crop_size, crop_size, 3), dtype=np.uint8)
+    canvas = np.zeros((crop_size, crop_size, 3), dtype=np.uint8) if out is None else out
     canvas[:valid_h, :valid_w] = region
     return canvas, (valid_h, valid_w)

@@ -121,9 +121,10 @@ class _TrainBatches(Dataset):
         epoch, k = item
         mine = self.rank_order(epoch)
         B = self.batch_size
-        images = torch.zeros(B, self.crop_size, self.crop_size, 3, dtype=torch.uint8)
-        valid = torch.zeros(B, 2, dtype=torch.int64)
-        labels = torch.zeros(B, NUM_CLASSES, dtype=torch.float32)
+        # numpy buffers: copying uint8 images into a torch tensor slice is many times slower.
+        images = np.zeros((B, self.crop_size, self.crop_size, 3), dtype=np.uint8)
+        valid = np.zeros((B, 2), dtype=np.int64)
+        labels = np.zeros((B, NUM_CLASSES), dtype=np.float32)
         ids, skipped = [], 0
         for b in range(B):
             pos = k * B + b
@@ -141,13 +142,12 @@ class _TrainBatches(Dataset):
                     log.warning("skipping corrupt sample %r (%s): %s", ref.key, self.reader.paths[ref.shard], e)
             else:
                 raise ShardError(f"rank {self.rank}: no decodable sample among its {self.per_rank} samples")
-            canvas, (vh, vw) = augment(sample.image, rng, self.crop_size, self.min_long_side,
-                                       self.max_long_side, self.hflip)
-            images[b] = torch.from_numpy(canvas)
-            valid[b, 0], valid[b, 1] = vh, vw
+            _, valid[b] = augment(sample.image, rng, self.crop_size, self.min_long_side, self.max_long_side,
+                                  self.hflip, out=images[b])
             labels[b, sample.labels] = 1.0
             ids.append(sample.key)
-        return {"image": images, "valid": valid, "labels": labels, "id": ids, "skipped": skipped}
+        return {"image": torch.from_numpy(images), "valid": torch.from_numpy(valid),
+                "labels": torch.from_numpy(labels), "id": ids, "skipped": skipped}
 
 
 class _BatchIndices:
