@@ -199,11 +199,13 @@ def iter_masks(shards: str, num_workers: int = 0) -> Iterator[tuple[str, np.ndar
         raise EvaluationError(f"{loader.skipped} samples of --shards {shards} could not be decoded (see the warnings); they cannot be scored")
 
 
-def _progress(total: int | None, description: str):
+def progress_bar(description: str, total: int | None, enabled: bool = True):
+    """(rich Progress, task id): a bar on stderr, shown only on a terminal (logs stay clean)."""
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
-    progress = Progress(*columns, transient=False, disable=not sys.stderr.isatty())
+    progress = Progress(*columns, console=Console(stderr=True), disable=not (enabled and sys.stderr.isatty()))
     return progress, progress.add_task(description, total=total)
 
 
@@ -212,7 +214,7 @@ def sweep_cams(cam_dir: str | Path, masks: Iterable[tuple[str, np.ndarray]], thr
     total_conf = torch.zeros(len(thresholds), NUM_LABELS, NUM_LABELS, dtype=torch.long)
     missing: list[str] = []
     count = 0
-    progress, task = _progress(total, "evaluate CAMs")
+    progress, task = progress_bar("evaluate CAMs", total)
     with progress:
         for image_id, mask in masks:
             progress.advance(task)
@@ -245,7 +247,7 @@ def sweep_labels(label_dir: str | Path, masks: Iterable[tuple[str, np.ndarray]],
     undecided = torch.zeros(NUM_LABELS, dtype=torch.long)
     missing: list[str] = []
     count = 0
-    progress, task = _progress(total, "evaluate labels")
+    progress, task = progress_bar("evaluate labels", total)
     with progress:
         for image_id, mask in masks:
             progress.advance(task)

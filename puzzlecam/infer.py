@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from puzzlecam import ops
 from puzzlecam.camstore import CamStoreError, atomic_write_bytes, cam_path, is_complete, write_cam, write_index
 from puzzlecam.config import ConfigError, load_config
+from puzzlecam.evaluate import progress_bar
+from puzzlecam.puzzle import strided_size
 
 META_NAME = "infer.json"
 
@@ -238,8 +240,6 @@ def _device(spec: str | None) -> torch.device:
 
 
 def run(args) -> dict:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from puzzlecam.data import eval_loader
 
     device = _device(args.device)
@@ -288,9 +288,8 @@ def run(args) -> dict:
         pending.clear()
         return n
 
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
-    with Progress(*columns, disable=rank != 0 or not sys.stderr.isatty()) as progress:
-        task = progress.add_task(f"CAMs (rank 0 of {world})", total=len(loader))
+    progress, task = progress_bar(f"CAMs (rank 0 of {world})", len(loader), enabled=rank == 0)
+    with progress:
         for batch in loader:
             image_id = batch["id"][0]
             cam_path(args.out, image_id)  # rejects ids that cannot be file names
@@ -301,8 +300,8 @@ def run(args) -> dict:
                 image = batch["image"][0]
                 if keys.numel() == 0:  # nothing to localize: empty arrays, all background
                     h, w = image.shape[:2]
-                    s = (max(1, (h - 1) // 4 + 1), max(1, (w - 1) // 4 + 1))
-                    write_cam(args.out, image_id, keys.numpy(), torch.zeros(0, *s).numpy(), torch.zeros(0, h, w).numpy())
+                    small = strided_size((h, w), 4)
+                    write_cam(args.out, image_id, keys.numpy(), torch.zeros(0, *small).numpy(), torch.zeros(0, h, w).numpy())
                     empty += 1
                     written += 1
                 else:

@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rich.progress import Progress
+    from puzzlecam.evaluate import progress_bar
 
     args = build_parser().parse_args(argv)
     try:
@@ -193,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             total = len(ids)
         jobs = _jobs(args, items, options)
         written = 0
-        with Progress(disable=not sys.stderr.isatty()) as progress:
-            task = progress.add_task("pseudo-labels", total=total)
+        progress, task = progress_bar("pseudo-labels", total)
+        with progress:
             if args.jobs > 1:
                 # spawn: forking a process that holds torch / OpenMP threads can hang the children.
                 with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:

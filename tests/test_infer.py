@@ -124,7 +124,7 @@ def test_every_image_written_with_reference_values(setup):
     assert meta["written"] == len(ids) and meta["skipped_complete"] == 0 and meta["no_labels"] == 1
 
 
-def test_no_flip_differs_and_matches_reference(setup, tmp_path):
+def test_no_flip_single_scale_matches_reference(setup, tmp_path):
     root, shards, weights, _ = setup
     out = tmp_path / "cams"
     assert infer.main(["--weights", str(weights), "--shards", str(shards), "--out", str(out), "--scales", "1.0", "--no-flip", "--num-workers", "0"]) == 0
