@@ -3,8 +3,8 @@
 One file per fused op, each with its kernels, launcher and autograd.Function:
 
 * :mod:`.tile_merge` -- ``tile`` / ``merge`` of feature maps (each the other's backward);
-* :mod:`.reconstruction_loss` -- fused L_re + merged GAP logits, forward and backward;
-* :mod:`.prepare_inputs` -- uint8 NHWC images -> normalized batch and its tiles in one pass.
+* :mod:`.fused_reconstruction_loss` -- fused L_re + merged GAP logits, forward and backward;
+* :mod:`.fused_prepare_inputs` -- uint8 NHWC images -> normalized batch and its tiles in one pass.
 
 Importing this package imports triton. On a machine without a GPU the kernels run only through the
 Triton interpreter (``TRITON_INTERPRET=1`` set before triton is first imported).
@@ -15,8 +15,8 @@ import os
 # triton.jit picks interpreted or compiled kernels when they are defined, i.e. at this import.
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-from .prepare_inputs import prepare_inputs  # noqa: E402
-from .reconstruction_loss import reconstruction_loss  # noqa: E402
+from .fused_prepare_inputs import prepare_inputs  # noqa: E402
+from .fused_reconstruction_loss import reconstruction_loss  # noqa: E402
 from .tile_merge import merge, tile  # noqa: E402
 
 __all__ = ["INTERPRETED", "prepare_inputs", "reconstruction_loss", "tile", "merge"]

@@ -213,7 +213,8 @@ def _launch(cam, cam_tiles, labels, n, level, kind, masking, *, backward, gloss=
         b, c, w, h // n, w // n, *glogits.stride(), *cam.stride(), *cam_tiles.stride(),
         N=n, EPS=puzzle.CAM_EPS, LEVEL_CAM=level == "cam", L2=kind == "l2", MASKING=bool(masking),
         BACKWARD=backward, HAS_GLOGITS=has_glogits, NUM_CHUNKS=triton.cdiv(hw, block), BLOCK=block,
-        num_warps=8 if block >= 2048 else 4,
+        # Enough warps that a 64x64 map (4096 elements) holds its values in registers without spills.
+        num_warps=16 if block >= 4096 else 8 if block >= 2048 else 4,
     )
     return outs
 
