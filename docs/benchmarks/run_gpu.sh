@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Kernel tests (compiled, full grid) and the kernel bench on a CUDA machine; results under $OUT.
+#
+#   OUT=/some/dir bash docs/benchmarks/run_gpu.sh [tests|bench|all]     (from the repo root)
+#
+# Works whether or not `pip install --no-build-isolation --no-deps -e .` has run: puzzlecam and
+# puzzlecam.kernels are imported from this source tree through a throwaway package directory of
+# symlinks (puzzlecam/* plus kernels/ as puzzlecam/kernels) put first on PYTHONPATH, with
+# PYTHONSAFEPATH=1 so the repo root itself (whose puzzlecam/ has no kernels/) is not on sys.path.
+# The C++/CUDA extension is used when puzzlecam/_C*.so exists; BUILD_EXT=1 builds it in place first.
+#
+# Environment: OUT (default ./gpu_out), PYTHON (default python), BENCH_DTYPES (default "fp32 bf16"),
+# BENCH_ARGS (extra flags for the bench), PYTEST_ARGS (extra flags for pytest).
+set -uo pipefail
+
+what=${1:-all}
+REPO=$(pwd)
+OUT=${OUT:-$REPO/gpu_out}
+PY=${PYTHON:-python}
+mkdir -p "$OUT"
+[ -f "$REPO/kernels/__init__.py" ] && [ -f "$REPO/puzzlecam/__init__.py" ] || { echo "run from the repo root" >&2; exit 2; }
+
+if [ "${BUILD_EXT:-0}" = "1" ]; then
+  echo "== building puzzlecam._C in place" | tee -a "$OUT/build_ext.log"
+  "$PY" setup.py build_ext --inplace >>"$OUT/build_ext.log" 2>&1 || echo "extension build failed (see build_ext.log); going on without it"
+fi
+
+SRC=$(mktemp -d)
+trap 'rm -rf "$SRC"' EXIT
+mkdir "$SRC/puzzlecam"
+for f in "$REPO"/puzzlecam/*; do ln -s "$f" "$SRC/puzzlecam/$(basename "$f")"; done
+ln -s "$REPO/kernels" "$SRC/puzzlecam/kernels"
+export PYTHONPATH="$SRC${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONSAFEPATH=1
+unset TRITON_INTERPRET
+
+{
+  echo "date: $(date -u +%FT%TZ)"
+  nvidia-smi -L || true
+  "$PY" -c "import sys, torch, triton, puzzlecam, puzzlecam.kernels as k, puzzlecam.ops as ops
+print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)
+print('puzzlecam from', puzzlecam.__file__, '| kernels from', k.__file__, '| interpreted:', k.INTERPRETED)
+print('backends on cuda:', {op: ops.available_backends(op, 'cuda') for op in ('reconstruction_loss', 'prepare_inputs', 'multiscale_cam')})"
+} 2>&1 | tee "$OUT/env.txt"
+
+rc=0
+if [ "$what" = "tests" ] || [ "$what" = "all" ]; then
+  echo "== kernel tests (compiled, full grid)"
+  PUZZLECAM_FULL_GRID=1 "$PY" -m pytest "$REPO/tests/test_kernels.py" "$REPO/tests/test_ops.py" \
+    -c "$REPO/pytest.ini" --rootdir "$REPO" -q -rs --durations=15 --junitxml="$OUT/kernel_tests.xml" ${PYTEST_ARGS:-} \
+    2>&1 | tee "$OUT/kernel_tests.log"
+  test_rc=${PIPESTATUS[0]}
+  [ "$test_rc" -ne 0 ] && rc=$test_rc
+fi
+if [ "$what" = "bench" ] || [ "$what" = "all" ]; then
+  for dt in ${BENCH_DTYPES:-fp32 bf16}; do
+    echo "== bench kernels ($dt)"
+    "$PY" -m puzzlecam.bench kernels --dtype "$dt" --json "$OUT/bench_kernels_$dt.json" ${BENCH_ARGS:-} \
+      2>&1 | tee "$OUT/bench_kernels_$dt.log"
+    bench_rc=${PIPESTATUS[0]}
+    [ "$bench_rc" -ne 0 ] && rc=$bench_rc
+  done
+fi
+echo "results in $OUT (exit $rc)"
+exit $rc
