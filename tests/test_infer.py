@@ -218,3 +218,20 @@ def test_cuda_matches_cpu(setup, tmp_path):
     assert infer.main(["--weights", str(weights), "--shards", str(shards), "--out", str(out), "--scales", ",".join(map(str, SCALES)), "--device", "cuda", "--num-workers", "0"]) == 0
     for image_id in manifest_ids(shards):
         np.testing.assert_allclose(read_cam(out, image_id).hr_cam.astype(np.float32), read_cam(first, image_id).hr_cam.astype(np.float32), atol=5e-3)
+
+
+def test_end_to_end_chain(setup, tmp_path):
+    """infer -> evaluate -> labels at the best threshold -> evaluate the labels -> viz."""
+    from puzzlecam import evaluate, labels, viz
+
+    root, shards, weights, cams = setup
+    assert evaluate.main(["--cams", str(cams), "--shards", str(shards), "--thresholds", "0.1:0.7:0.1", "--out", str(tmp_path / "eval")]) == 0
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["num_images"] == len(manifest_ids(shards))
+    best = summary["best_threshold"]
+    assert labels.main(["--cams", str(cams), "--threshold", str(best), "--out", str(tmp_path / "labels")]) == 0
+    assert evaluate.main(["--mode", "labels", "--labels", str(tmp_path / "labels"), "--shards", str(shards), "--out", str(tmp_path / "eval_labels")]) == 0
+    scored = json.loads((tmp_path / "eval_labels" / "summary.json").read_text())
+    assert scored["best_miou"] == pytest.approx(summary["best_miou"], abs=1e-12)
+    assert viz.main(["--cams", str(cams), "--shards", str(shards), "--out", str(tmp_path / "viz"), "--n", "2", "--summary", str(tmp_path / "eval" / "summary.json")]) == 0
+    assert (tmp_path / "viz" / "grid.png").is_file()
