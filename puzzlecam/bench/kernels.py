@@ -321,7 +321,7 @@ def print_table(results: list[Result], title: str) -> None:
     for r in results:
         check = r.check if r.check == "ok" else f"[red]{r.check}[/red] {r.note}"
         table.add_row(r.op, r.shape, r.backend, check, _fmt(r.fwd_ms, ".4f"), _fmt(r.fwd_bwd_ms, ".4f"),
-                      _fmt(r.speedup, ".2f"), _fmt(r.gbps, ".0f"), _fmt(r.pct_copy, ".0f"), _fmt(r.peak_mib, ".1f"))
+                      _fmt(r.speedup, ".2f"), _fmt(r.gbps, ".1f"), _fmt(r.pct_copy, ".0f"), _fmt(r.peak_mib, ".1f"))
     Console(width=max(150, Console().width)).print(table)
 
 
@@ -387,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
         task = progress.add_task("benchmarking", total=len(cases))
         for op, shape in cases:
             progress.update(task, description=f"{op} @ {shape}")
+            # Each case compiles its own reference afresh: compiled partials share one code object,
+            # which would otherwise run into dynamo's recompile limit.
+            torch._dynamo.reset()
             case = _make_case(op, shape, device, dtype, _backends_for(op, device, not args.no_compile))
             results += bench_case(case, dtype, device, timer, repeats, warmup, copy_gbps)
             progress.advance(task)
