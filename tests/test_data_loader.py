@@ -110,6 +110,8 @@ def test_workers_do_not_change_batches_and_resume_is_exact(synth):
     _batches(run, 4)
     state = run.state_dict()
     assert (state["epoch"], state["batches_done"]) == (1, 4)
+    # Iterating the same loader again (persistent workers, prefetched batches dropped) continues at batch 4.
+    _same(next(iter(run)), full[len(ref) + 4])
     resumed = train_loader(shards, batch_size=3, seed=5, num_workers=0, **SMALL)
     resumed.load_state_dict(state)
     rest = _batches(resumed)
