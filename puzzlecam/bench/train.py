@@ -1,0 +1,207 @@
+"""``python -m puzzlecam.bench train``: the full Puzzle-CAM training step, reference against fast.
+
+Both modes run the same step as the Trainer (puzzlecam.train_step: uint8 batch -> normalized
+images + tiles on the device -> two forward passes -> L_cls + L_pcls + alpha L_re -> backward ->
+SGD nesterov with the four parameter groups) on the same random uint8 batches:
+
+* ``reference``: how the original research code runs: fp32 (TF32 off, as on the GPUs it was
+  written for; ``--reference-tf32`` allows it), NCHW, the pure-torch reference ops, eager.
+* ``fast``: bf16 autocast on GPU (fp32 on CPU unless ``--fast-dtype bf16``), channels_last, the
+  fused ops (``backend=auto``: Triton on CUDA, the C++ extension on CPU), cudnn autotuning, fused
+  SGD where torch has it, and ``--compile`` for torch.compile.
+
+Reported per mode: images/s (median over timed steps; one image = one full image and its tiles)
+and peak memory (CUDA: max allocated; CPU: peak RSS of the process since the mode started).
+Data loading is left out of both (see ``python -m puzzlecam.bench data``). DeepSpeed is not needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from puzzlecam.config import Config, ModelConfig
+from puzzlecam.model import build_model, param_groups
+from puzzlecam.train_step import PuzzleNet, forward_losses
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:  # Linux: "5" resets the peak resident set size (VmHWM) of this process.
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def _peak_mib(device: torch.device) -> float | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_batches(count: int, batch_size: int, size: int, device: torch.device, seed: int) -> list[dict]:
+    """Loader-shaped uint8 batches (random content, random valid regions, 1-3 labels each)."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        labels = torch.zeros(batch_size, 20)
+        for b in range(batch_size):
+            labels[b, torch.randperm(20, generator=g)[: int(torch.randint(1, 4, (1,), generator=g))]] = 1.0
+        valid = torch.randint(size // 2, size + 1, (batch_size, 2), generator=g)
+        image = torch.randint(0, 256, (batch_size, size, size, 3), dtype=torch.uint8, generator=g)
+        batches.append({k: v.to(device) for k, v in {"image": image, "valid": valid, "labels": labels}.items()})
+    return batches
+
+
+def run_mode(mode: str, args, device: torch.device, batches: list[dict]) -> dict:
+    fast = mode == "fast"
+    cfg = Config()
+    cfg.model = ModelConfig(arch=args.arch, width=args.width, output_stride=16, norm="train")
+    cfg.train.mode = "puzzle"
+    cfg.train.ops_backend = "auto" if fast else "reference"
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = fast
+        tf32 = fast or args.reference_tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    dtype = torch.float32
+    if fast and (device.type == "cuda" or args.fast_dtype == "bf16") and args.fast_dtype != "fp32":
+        dtype = torch.bfloat16
+    channels_last = fast and (device.type == "cuda" or args.channels_last_cpu)
+
+    torch.manual_seed(0)
+    classifier = build_model(cfg.model)
+    if channels_last:
+        classifier = classifier.to(memory_format=torch.channels_last)
+    classifier = classifier.to(device)
+    groups = param_groups(classifier, cfg.optim.lr, cfg.optim.weight_decay, keep_empty=False)
+    extra = {}
+    if fast and device.type == "cuda":
+        extra["fused"] = True
+    try:
+        opt = torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=0.9, nesterov=True, weight_decay=cfg.optim.weight_decay, **extra)
+    except (TypeError, RuntimeError):  # torch without fused SGD
+        opt = torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=0.9, nesterov=True, weight_decay=cfg.optim.weight_decay)
+    net: torch.nn.Module = PuzzleNet(classifier)
+    if fast and args.compile:
+        net.classifier = torch.compile(classifier)
+
+    def step(batch: dict) -> float:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            losses = forward_losses(net, batch, cfg, alpha=2.0, device=device, dtype=dtype, channels_last=channels_last)
+        opt.zero_grad(set_to_none=True)
+        losses.total.backward()
+        opt.step()
+        return losses.total
+
+    _reset_peak(device)
+    for i in range(args.warmup):
+        step(batches[i % len(batches)])
+    _sync(device)
+    times = []
+    last = None
+    for i in range(args.steps):
+        t0 = time.perf_counter()
+        last = step(batches[i % len(batches)])
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    loss = float(last.detach())
+    median = statistics.median(times)
+    return {
+        "mode": mode,
+        "images_per_s": args.batch_size / median,
+        "step_ms": 1000 * median,
+        "peak_mib": _peak_mib(device),
+        "dtype": str(dtype).replace("torch.", ""),
+        "channels_last": channels_last,
+        "ops_backend": cfg.train.ops_backend,
+        "compile": bool(fast and args.compile),
+        "final_loss": loss,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m puzzlecam.bench train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cpu")
+    p.add_argument("--arch", default=None, help="backbone (default: resnet50 on GPU, resnet18 on CPU)")
+    p.add_argument("--width", type=int, default=None, help="stem width (default: 64 on GPU, 16 on CPU)")
+    p.add_argument("--image-size", type=int, default=None, help="crop size (default: 512 on GPU, 96 on CPU)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per step (default: 16 on GPU, 8 on CPU)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per mode (default 20)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5; more with --compile)")
+    p.add_argument("--modes", default="reference,fast", help="comma-separated modes to run (default reference,fast)")
+    p.add_argument("--compile", action="store_true", help="fast mode: torch.compile the network")
+    p.add_argument("--fast-dtype", choices=("auto", "bf16", "fp32"), default="auto", help="fast mode precision (auto: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--channels-last-cpu", action="store_true", help="fast mode on CPU: use channels_last too")
+    p.add_argument("--reference-tf32", action="store_true", help="reference mode on GPU: allow TF32 (default off: true fp32)")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    gpu = device.type == "cuda"
+    args.arch = args.arch or ("resnet50" if gpu else "resnet18")
+    args.width = args.width or (64 if gpu else 16)
+    args.image_size = args.image_size or (512 if gpu else 96)
+    args.batch_size = args.batch_size or (16 if gpu else 8)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = set(modes) - {"reference", "fast"}
+    if unknown:
+        print(f"error: --modes: unknown mode(s) {sorted(unknown)}; choose from reference, fast", file=sys.stderr)
+        return 2
+    if args.image_size % 32:
+        print(f"error: --image-size must be a multiple of 32 (2x2 tiles at output stride 16), got {args.image_size}", file=sys.stderr)
+        return 2
+    batches = make_batches(4, args.batch_size, args.image_size, device, seed=0)
+    name = torch.cuda.get_device_name(device) if gpu else platform.processor() or platform.machine()
+    print(f"Puzzle-CAM train step: {args.arch} width {args.width}, {args.batch_size} x {args.image_size}px, "
+          f"{args.steps} timed steps after {args.warmup} warm-up, on {device} ({name}), torch {torch.__version__}")
+    results = [run_mode(m, args, device, batches) for m in modes]
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="full training step (forward x2, losses, backward, SGD)")
+    for col in ("mode", "images/s", "step ms", "peak MiB", "dtype", "channels_last", "ops", "compile"):
+        table.add_column(col)
+    for r in results:
+        peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "n/a"
+        table.add_row(r["mode"], f"{r['images_per_s']:.1f}", f"{r['step_ms']:.1f}", peak, r["dtype"], str(r["channels_last"]),
+                      r["ops_backend"], str(r["compile"]))
+    Console(width=max(Console().width, 110)).print(table)
+    by = {r["mode"]: r for r in results}
+    if "reference" in by and "fast" in by:
+        print(f"fast / reference: {by['fast']['images_per_s'] / by['reference']['images_per_s']:.2f}x images/s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": str(device), "device_name": name, "torch": torch.__version__,
+                                               "arch": args.arch, "width": args.width, "image_size": args.image_size,
+                                               "batch_size": args.batch_size, "results": results}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
