@@ -64,6 +64,16 @@ def _open(shards) -> tuple[ShardReader, list[SampleRef]]:
     return ShardReader(paths), refs
 
 
+_warned: set[tuple[int, str]] = set()
+
+
+def _warn_corrupt(reader: ShardReader, ref: SampleRef, error: Exception) -> None:
+    """Log a corrupt sample once per process (it comes back every epoch)."""
+    if (ref.shard, ref.key) not in _warned:
+        _warned.add((ref.shard, ref.key))
+        log.warning("skipping corrupt sample %r in %s: %s", ref.key, reader.paths[ref.shard], error)
+
+
 def epoch_order(shard_of: np.ndarray, seed: int, epoch: int, shuffle_buffer: int) -> np.ndarray:
     """The epoch's order of sample indices (before the split across ranks).
 
@@ -138,8 +148,9 @@ class _TrainBatches(Dataset):
                     sample = decode_sample(self.reader, ref, with_mask=False)
                     break
                 except CorruptSample as e:
-                    skipped += 1
-                    log.warning("skipping corrupt sample %r (%s): %s", ref.key, self.reader.paths[ref.shard], e)
+                    # Counted at its own slot only, so `skipped` = corrupt samples met in the order.
+                    skipped += attempt == 0
+                    _warn_corrupt(self.reader, ref, e)
             else:
                 raise ShardError(f"rank {self.rank}: no decodable sample among its {self.per_rank} samples")
             _, valid[b] = augment(sample.image, rng, self.crop_size, self.min_long_side, self.max_long_side,
@@ -264,7 +275,7 @@ class _EvalSamples(Dataset):
         try:
             s = decode_sample(self.reader, ref, with_mask=True)
         except CorruptSample as e:
-            log.warning("skipping corrupt sample %r (%s): %s", ref.key, self.reader.paths[ref.shard], e)
+            _warn_corrupt(self.reader, ref, e)
             return None
         h, w = s.image.shape[:2]
         labels = torch.zeros(1, NUM_CLASSES, dtype=torch.float32)
