@@ -207,6 +207,8 @@ class Trainer:
             "bad_streak": self.bad_streak,
             "world_size": self.dist.world_size,
             "config": self.cfg.to_dict(),
+            # Rank 0's data position, for inspection; every rank restores its own from trainer_rank*.pt.
+            "data": self.loader.state_dict(),
         }
         # A fresh tag directory: a leftover from a crashed save of the same step is not reused.
         if self.dist.is_main and tag_dir.exists():

@@ -169,3 +169,16 @@ def test_metrics_log_truncates_on_resume(tmp_path):
     rows = read_jsonl(path)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[2]["loss"] is None and rows[4]["loss"] == 50.0
     assert json.loads(path.read_text().splitlines()[0]) == {"step": 1, "loss": 1.0}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ds_json", ["ds_bf16.json", "ds_fp16.json", "ds_fp32.json"])
+def test_gpu_mixed_precision_run(shards, tmp_path, ds_json):
+    # One process on the GPU: autocast precision from the DeepSpeed JSON, fp32 weights and norms,
+    # channels_last, fused ops; the exported weights are fp32 and the losses finite.
+    run = tmp_path / "gpu"
+    over = tiny_overrides(shards, **{"train.deepspeed_config": str(ROOT / "launch" / "configs" / ds_json), "train.channels_last": True,
+                                     "model.norm": "train", "data.crop_size": 64, "data.max_long_side": 64})
+    run_all([python_launch(run, over, tmp_path / "gpu.log")])
+    assert all(r["loss"] is not None and r["loss"] > 0 for r in metrics(run))
+    assert all(v.dtype == torch.float32 for v in weights(run).values() if v.is_floating_point())
