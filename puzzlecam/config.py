@@ -47,7 +47,9 @@ class DataConfig:
     max_long_side: int = 640
     hflip: bool = True
     num_workers: int = 4
-    shuffle_buffer: int = 256
+    # 0 = exact full shuffle per epoch; N > 0 = shards in seeded order, shuffled in windows of N
+    # samples (for slow-seek storage).
+    shuffle_buffer: int = 0
 
 
 @dataclass
