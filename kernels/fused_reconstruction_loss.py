@@ -30,19 +30,30 @@ MAX_BLOCK = 4096
 
 
 @triton.jit
-def _chunk_offsets(k, b, c, B, W, TH, TW, HW, c_sb, c_sc, c_sy, c_sx, t_sb, t_sc, t_sy, t_sx,
-                   N: tl.constexpr, BLOCK: tl.constexpr):
-    idx = k * BLOCK + tl.arange(0, BLOCK)
-    mask = idx < HW
-    y = idx // W
-    x = idx - y * W
+def _chunk_offsets(k, b, c, B, H, W, TH, TW, c_sb, c_sc, c_sy, c_sx, t_sb, t_sc, t_sy, t_sx,
+                   N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    # A 2-D block of rows x columns: the tile row / column of each element comes from one integer
+    # division per row and one per column, not per element.
+    y = k * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+    x = tl.arange(0, BLOCK_W)[None, :]
+    mask = (y < H) & (x < W)
     i = y // TH
     ty = y - i * TH
     j = x // TW
     tx = x - j * TW
     a_off = b * c_sb + c * c_sc + y * c_sy + x * c_sx
     m_off = ((i * N + j) * B + b) * t_sb + c * t_sc + ty * t_sy + tx * t_sx
-    return mask, a_off, m_off, y, x, i, j, ty, tx
+    return mask, a_off, m_off
+
+
+@triton.jit
+def _sum2d(x):
+    return tl.sum(tl.sum(x, axis=1), axis=0)
+
+
+@triton.jit
+def _max2d(x):
+    return tl.max(tl.max(x, axis=1), axis=0)
 
 
 @triton.jit
@@ -53,15 +64,16 @@ def _re_loss_kernel(
     c_sb, c_sc, c_sy, c_sx,
     t_sb, t_sc, t_sy, t_sx,
     N: tl.constexpr, EPS: tl.constexpr, LEVEL_CAM: tl.constexpr, L2: tl.constexpr, MASKING: tl.constexpr,
-    BACKWARD: tl.constexpr, HAS_GLOGITS: tl.constexpr, NUM_CHUNKS: tl.constexpr, BLOCK: tl.constexpr,
+    BACKWARD: tl.constexpr, HAS_GLOGITS: tl.constexpr, NUM_CHUNKS: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
     # Gradients share the strides of their inputs (the launcher makes sure), so few arguments:
     # the host-side launch cost matters at the paper's small shape.
     pid = tl.program_id(0)
     b = pid // C
     c = pid - b * C
-    HW = TH * N * W
-    inv_hw = 1.0 / (HW * 1.0)  # "* 1.0": HW (and B * C) may be compile-time constants when 1
+    H = TH * N
+    inv_hw = 1.0 / (H * W * 1.0)  # "* 1.0": sizes equal to 1 are compile-time constants
     inv_numel = inv_hw / (B * C * 1.0)
     eps = EPS
     if MASKING:
@@ -77,14 +89,14 @@ def _re_loss_kernel(
     count_m = 1.0
     merged_sum = 0.0
     if LEVEL_CAM:
-        lane_max_a = tl.full((BLOCK,), -1.0, tl.float32)
-        lane_max_m = tl.full((BLOCK,), -1.0, tl.float32)
-        lane_cnt_a = tl.zeros((BLOCK,), tl.float32)
-        lane_cnt_m = tl.zeros((BLOCK,), tl.float32)
-        lane_sum = tl.zeros((BLOCK,), tl.float32)
+        lane_max_a = tl.full((BLOCK_H, BLOCK_W), -1.0, tl.float32)
+        lane_max_m = tl.full((BLOCK_H, BLOCK_W), -1.0, tl.float32)
+        lane_cnt_a = tl.zeros((BLOCK_H, BLOCK_W), tl.float32)
+        lane_cnt_m = tl.zeros((BLOCK_H, BLOCK_W), tl.float32)
+        lane_sum = tl.zeros((BLOCK_H, BLOCK_W), tl.float32)
         for k in tl.static_range(NUM_CHUNKS):
-            mask, a_off, m_off, y, x, i, j, ty, tx = _chunk_offsets(
-                k, b, c, B, W, TH, TW, HW, c_sb, c_sc, c_sy, c_sx, t_sb, t_sc, t_sy, t_sx, N, BLOCK)
+            mask, a_off, m_off = _chunk_offsets(
+                k, b, c, B, H, W, TH, TW, c_sb, c_sc, c_sy, c_sx, t_sb, t_sc, t_sy, t_sx, N, BLOCK_H, BLOCK_W)
             a = tl.load(cam_ptr + a_off, mask=mask, other=0.0).to(tl.float32)
             m = tl.load(tiles_ptr + m_off, mask=mask, other=0.0).to(tl.float32)
             ra = tl.where(mask, tl.maximum(a, 0.0), -1.0)
@@ -94,11 +106,11 @@ def _re_loss_kernel(
             lane_max_a = tl.maximum(lane_max_a, ra)
             lane_max_m = tl.maximum(lane_max_m, rm)
             lane_sum += m
-        peak_a = tl.max(lane_max_a, axis=0)
-        peak_m = tl.max(lane_max_m, axis=0)
-        count_a = tl.sum(tl.where(lane_max_a == peak_a, lane_cnt_a, 0.0), axis=0)
-        count_m = tl.sum(tl.where(lane_max_m == peak_m, lane_cnt_m, 0.0), axis=0)
-        merged_sum = tl.sum(lane_sum, axis=0)
+        peak_a = _max2d(lane_max_a)
+        peak_m = _max2d(lane_max_m)
+        count_a = _sum2d(tl.where(lane_max_a == peak_a, lane_cnt_a, 0.0))
+        count_m = _sum2d(tl.where(lane_max_m == peak_m, lane_cnt_m, 0.0))
+        merged_sum = _sum2d(lane_sum)
     denom_a = peak_a + eps
     denom_m = peak_m + eps
 
@@ -113,11 +125,11 @@ def _re_loss_kernel(
         max_grad_a = 0.0
         max_grad_m = 0.0
         if LEVEL_CAM:
-            lane_sa = tl.zeros((BLOCK,), tl.float32)
-            lane_sm = tl.zeros((BLOCK,), tl.float32)
+            lane_sa = tl.zeros((BLOCK_H, BLOCK_W), tl.float32)
+            lane_sm = tl.zeros((BLOCK_H, BLOCK_W), tl.float32)
             for k in tl.static_range(NUM_CHUNKS):
-                mask, a_off, m_off, y, x, i, j, ty, tx = _chunk_offsets(
-                    k, b, c, B, W, TH, TW, HW, c_sb, c_sc, c_sy, c_sx, t_sb, t_sc, t_sy, t_sx, N, BLOCK)
+                mask, a_off, m_off = _chunk_offsets(
+                    k, b, c, B, H, W, TH, TW, c_sb, c_sc, c_sy, c_sx, t_sb, t_sc, t_sy, t_sx, N, BLOCK_H, BLOCK_W)
                 a = tl.load(cam_ptr + a_off, mask=mask, other=0.0).to(tl.float32)
                 m = tl.load(tiles_ptr + m_off, mask=mask, other=0.0).to(tl.float32)
                 na = tl.maximum(a - eps, 0.0) / denom_a
@@ -131,12 +143,12 @@ def _re_loss_kernel(
                 lane_sa += g * na / denom_a
                 lane_sm += g * nm / denom_m
             # Spread evenly over the elements that tie at the max (as torch.amax's backward does).
-            max_grad_a = -tl.sum(lane_sa, axis=0) / count_a
-            max_grad_m = tl.sum(lane_sm, axis=0) / count_m
+            max_grad_a = -_sum2d(lane_sa) / count_a
+            max_grad_m = _sum2d(lane_sm) / count_m
         # Pass 3: write both gradients once.
         for k in tl.static_range(NUM_CHUNKS):
-            mask, a_off, m_off, y, x, i, j, ty, tx = _chunk_offsets(
-                k, b, c, B, W, TH, TW, HW, c_sb, c_sc, c_sy, c_sx, t_sb, t_sc, t_sy, t_sx, N, BLOCK)
+            mask, a_off, m_off = _chunk_offsets(
+                k, b, c, B, H, W, TH, TW, c_sb, c_sc, c_sy, c_sx, t_sb, t_sc, t_sy, t_sx, N, BLOCK_H, BLOCK_W)
             a = tl.load(cam_ptr + a_off, mask=mask, other=0.0).to(tl.float32)
             m = tl.load(tiles_ptr + m_off, mask=mask, other=0.0).to(tl.float32)
             if LEVEL_CAM:
@@ -160,11 +172,11 @@ def _re_loss_kernel(
             tl.store(gtiles_ptr + m_off, gm.to(gtiles_ptr.dtype.element_ty), mask=mask)
     else:
         # Forward: the loss partial of this map (and, for level "feature", the logit sum).
-        lane_err = tl.zeros((BLOCK,), tl.float32)
-        lane_sum = tl.zeros((BLOCK,), tl.float32)
+        lane_err = tl.zeros((BLOCK_H, BLOCK_W), tl.float32)
+        lane_sum = tl.zeros((BLOCK_H, BLOCK_W), tl.float32)
         for k in tl.static_range(NUM_CHUNKS):
-            mask, a_off, m_off, y, x, i, j, ty, tx = _chunk_offsets(
-                k, b, c, B, W, TH, TW, HW, c_sb, c_sc, c_sy, c_sx, t_sb, t_sc, t_sy, t_sx, N, BLOCK)
+            mask, a_off, m_off = _chunk_offsets(
+                k, b, c, B, H, W, TH, TW, c_sb, c_sc, c_sy, c_sx, t_sb, t_sc, t_sy, t_sx, N, BLOCK_H, BLOCK_W)
             a = tl.load(cam_ptr + a_off, mask=mask, other=0.0).to(tl.float32)
             m = tl.load(tiles_ptr + m_off, mask=mask, other=0.0).to(tl.float32)
             if LEVEL_CAM:
@@ -177,9 +189,16 @@ def _re_loss_kernel(
             else:
                 lane_err += tl.abs(d)
         if not LEVEL_CAM:
-            merged_sum = tl.sum(lane_sum, axis=0)
-        tl.store(partial_ptr + pid, tl.sum(lane_err, axis=0) * weight * inv_numel)
+            merged_sum = _sum2d(lane_sum)
+        tl.store(partial_ptr + pid, _sum2d(lane_err) * weight * inv_numel)
         tl.store(logits_ptr + pid, merged_sum * inv_hw)
+
+
+def block_shape(h: int, w: int) -> tuple[int, int, int]:
+    """(BLOCK_H, BLOCK_W, NUM_CHUNKS): whole rows, at most MAX_BLOCK elements per chunk."""
+    block_w = triton.next_power_of_2(w)
+    block_h = min(triton.next_power_of_2(h), max(1, MAX_BLOCK // block_w))
+    return block_h, block_w, triton.cdiv(h, block_h)
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
@@ -191,8 +210,8 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
 
 def _launch(cam, cam_tiles, labels, n, level, kind, masking, *, backward, gloss=None, glogits=None):
     b, c, h, w = cam.shape
-    hw = h * w
-    block = min(triton.next_power_of_2(max(hw, 16)), MAX_BLOCK)
+    block_h, block_w, num_chunks = block_shape(h, w)
+    block = block_h * block_w
     if backward:
         grad_cam, grad_tiles = empty_like(cam), empty_like(cam_tiles)
         assert grad_cam.stride() == cam.stride() and grad_tiles.stride() == cam_tiles.stride()
@@ -212,7 +231,7 @@ def _launch(cam, cam_tiles, labels, n, level, kind, masking, *, backward, gloss=
         cam, cam_tiles, labels, partial, logits, grad_cam, grad_tiles, gloss, glogits,
         b, c, w, h // n, w // n, *glogits.stride(), *cam.stride(), *cam_tiles.stride(),
         N=n, EPS=puzzle.CAM_EPS, LEVEL_CAM=level == "cam", L2=kind == "l2", MASKING=bool(masking),
-        BACKWARD=backward, HAS_GLOGITS=has_glogits, NUM_CHUNKS=triton.cdiv(hw, block), BLOCK=block,
+        BACKWARD=backward, HAS_GLOGITS=has_glogits, NUM_CHUNKS=num_chunks, BLOCK_H=block_h, BLOCK_W=block_w,
         # Enough warps that a 64x64 map (4096 elements) holds its values in registers without spills.
         num_warps=16 if block >= 4096 else 8 if block >= 2048 else 4,
     )

@@ -15,33 +15,34 @@ from puzzlecam import puzzle
 
 from ._common import check_float, check_size, empty, memory_format_of
 
-BLOCK = 1024
+MAX_BLOCK = 4096
 
 
 @triton.jit
 def _tile_copy_kernel(
-    full_ptr, tiles_ptr, total, B, C, H, W, TH, TW,
+    full_ptr, tiles_ptr, ROWS, INNER, B, C, H, W, TH, TW,
     f_sb, f_sc, f_sy, f_sx,
     t_sb, t_sc, t_sy, t_sx,
-    N: tl.constexpr, TO_TILES: tl.constexpr, CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr,
+    N: tl.constexpr, TO_TILES: tl.constexpr, CHANNELS_LAST: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
-    # Walk the full map's logical elements in the destination's memory order, so stores coalesce.
-    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = idx < total
-    if CHANNELS_LAST:
-        c = idx % C
-        r = idx // C
+    # A 2-D block: columns run along the innermost dimension of the memory order (x for NCHW, c
+    # for channels_last), rows over the other three; index math is per row and per column.
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+    k = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)[None, :]
+    mask = (r < ROWS) & (k < INNER)
+    if CHANNELS_LAST:  # rows (b, y, x), columns c
+        c = k
         x = r % W
-        r = r // W
+        q = r // W
+        y = q % H
+        b = q // H
+    else:  # rows (b, c, y), columns x
+        x = k
         y = r % H
-        b = r // H
-    else:
-        x = idx % W
-        r = idx // W
-        y = r % H
-        r = r // H
-        c = r % C
-        b = r // C
+        q = r // H
+        c = q % C
+        b = q // C
     i = y // TH
     ty = y - i * TH
     j = x // TW
@@ -58,15 +59,18 @@ def _tile_copy_kernel(
 
 def _launch(full: torch.Tensor, tiles: torch.Tensor, n: int, to_tiles: bool) -> None:
     b, c, h, w = full.shape
-    total = full.numel()
-    if total == 0:
+    if full.numel() == 0:
         return
+    # Walk in the destination's memory order so that stores coalesce.
     channels_last = memory_format_of(tiles if to_tiles else full) == torch.channels_last
-    grid = (triton.cdiv(total, BLOCK),)
+    rows, inner = (b * h * w, c) if channels_last else (b * c * h, w)
+    block_i = min(triton.next_power_of_2(inner), MAX_BLOCK)
+    block_r = max(1, MAX_BLOCK // block_i)
+    grid = (triton.cdiv(rows, block_r), triton.cdiv(inner, block_i))
     _tile_copy_kernel[grid](
-        full, tiles, total, b, c, h, w, h // n, w // n,
+        full, tiles, rows, inner, b, c, h, w, h // n, w // n,
         *full.stride(), *tiles.stride(),
-        N=n, TO_TILES=to_tiles, CHANNELS_LAST=channels_last, BLOCK=BLOCK,
+        N=n, TO_TILES=to_tiles, CHANNELS_LAST=channels_last, BLOCK_R=block_r, BLOCK_I=block_i, num_warps=8,
     )
 
 

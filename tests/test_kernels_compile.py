@@ -76,14 +76,15 @@ def main() -> int:
         ("fp32", True, True, 1024, 1), ("bf16", True, True, 4096, 1), ("bf16", False, True, 4096, 1),
         ("fp16", True, False, 4096, 2), ("fp16", True, True, 256, 1),
     ):
+        block_h = block // 64
         consts = {"N": 2, "EPS": 1e-5, "LEVEL_CAM": level_cam, "L2": backward, "MASKING": True, "BACKWARD": backward,
-                  "HAS_GLOGITS": backward, "NUM_CHUNKS": chunks, "BLOCK": block}
+                  "HAS_GLOGITS": backward, "NUM_CHUNKS": chunks, "BLOCK_H": block_h, "BLOCK_W": 64}
         pointers = {"default": "*fp32", **{p: "*" + dtype for p in ("cam_ptr", "tiles_ptr", "gcam_ptr", "gtiles_ptr")}}
         warps = 16 if block >= 4096 else 8 if block >= 2048 else 4
         build(loss, pointers, consts, warps, f"reconstruction loss {dtype} cam={level_cam} backward={backward} block={block}x{chunks}")
     for channels_last, to_tiles in ((False, True), (True, False)):
         build(tile_merge._tile_copy_kernel, {"default": "*bf16"},
-              {"N": 3, "TO_TILES": to_tiles, "CHANNELS_LAST": channels_last, "BLOCK": tile_merge.BLOCK}, 4,
+              {"N": 3, "TO_TILES": to_tiles, "CHANNELS_LAST": channels_last, "BLOCK_R": 128, "BLOCK_I": 32}, 8,
               f"tile copy channels_last={channels_last} to_tiles={to_tiles}")
     for dtype in ("fp32", "bf16"):
         build(fused_prepare_inputs._prepare_inputs_kernel, {"default": "*" + dtype, "img_ptr": "*u8", "valid_ptr": "*i32"},
