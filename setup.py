@@ -45,7 +45,8 @@ def _extensions():
     if not cpu_sources:
         return [], {}
     # No -std flag: torch's BuildExtension adds the standard its headers need (C++17 for torch 2.4, C++20 later).
-    cxx_flags = ["-O3", "-fopenmp"]
+    # -fno-trapping-math lets gcc turn float compares/selects into vector blends (values are unchanged).
+    cxx_flags = ["-O3", "-fno-trapping-math", "-fopenmp"]
     include_dirs = [os.path.join(HERE, "csrc")]
     if _cuda_wanted():
         # Without a visible GPU, torch would compile for every architecture it knows: pick A100 + H100.

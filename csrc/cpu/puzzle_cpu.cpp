@@ -31,9 +31,14 @@ float plane_sum(const float* x, int64_t len) {
 
 // max over the plane of relu(x) (0 when every value is <= 0), as make_cam's peak.
 float plane_relu_max(const float* x, int64_t len) {
+  // Eight independent lanes: a single running max is a serial dependency chain the compiler keeps scalar.
+  float lanes[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8)
+    for (int j = 0; j < 8; ++j) lanes[j] = x[i + j] > lanes[j] ? x[i + j] : lanes[j];
   float m = 0.f;
-#pragma omp simd reduction(max : m)
-  for (int64_t i = 0; i < len; ++i) m = std::max(m, x[i]);
+  for (; i < len; ++i) m = x[i] > m ? x[i] : m;
+  for (int j = 0; j < 8; ++j) m = lanes[j] > m ? lanes[j] : m;
   return m;
 }
 
@@ -62,11 +67,14 @@ void plane_make_cam_backward(const float* x, float* g, int64_t len, float peak) 
     ties += (x[i] > 0.f ? x[i] : 0.f) == peak;
   }
 #pragma omp simd
-  for (int64_t i = 0; i < len; ++i) g[i] = (x[i] - kCamEps) > 0.f ? g[i] / denom : 0.f;
+  for (int64_t i = 0; i < len; ++i) {
+    // A 0/1 factor instead of a branch, so the loop vectorizes (g is finite).
+    g[i] = g[i] / denom * static_cast<float>((x[i] - kCamEps) > 0.f);
+  }
   if (peak > 0.f) {
     const float share = grad_denom / static_cast<float>(ties);
-    for (int64_t i = 0; i < len; ++i)
-      if (x[i] == peak) g[i] += share;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) g[i] += x[i] == peak ? share : 0.f;
   }
 }
 
