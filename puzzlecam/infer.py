@@ -246,6 +246,9 @@ def run(args) -> dict:
     rank, world = _init_distributed(device.type)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if device.type == "cpu" and local_world > 1:  # share the cores instead of oversubscribing them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     model, cfg = load_classifier(args.weights, args.config, device)
     scales = parse_scales(args.scales) if args.scales is not None else tuple(cfg.infer.scales)
     flip = cfg.infer.flip and not args.no_flip
