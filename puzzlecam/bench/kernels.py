@@ -272,7 +272,9 @@ def bench_case(case: Case, dtype, device, timer: Timer, repeats: int, warmup: in
         res.check = _compare(got, want, dtype)
         if res.check != "ok":
             continue
-        res.fwd_ms = timer.median_ms(lambda: fn(*case.inputs), repeats, warmup)
+        # The forward as training runs it: differentiable inputs require grad (one compiled graph).
+        fwd_inputs = _leaf_inputs(case)
+        res.fwd_ms = timer.median_ms(lambda: fn(*fwd_inputs), repeats, warmup)
         main_ms, main_bytes = res.fwd_ms, case.fwd_bytes
         if differentiable:
             res.fwd_bwd_ms = timer.median_ms(lambda: _run(fn, case, True, upstream), repeats, warmup)
