@@ -34,9 +34,11 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 struct SumOp {
+  __device__ __forceinline__ static float identity() { return 0.f; }
   __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
 };
 struct MaxOp {
+  __device__ __forceinline__ static float identity() { return -FLT_MAX; }
   __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
 };
 
@@ -49,7 +51,7 @@ __device__ float block_reduce(float v, Op op, float* shared) {
   if (lane == 0) shared[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    v = lane < warps ? shared[lane] : shared[0];
+    v = lane < warps ? shared[lane] : Op::identity();
     for (int offset = 16; offset > 0; offset /= 2) v = op(v, __shfl_down_sync(0xffffffffu, v, offset));
     if (lane == 0) shared[0] = v;
   }
