@@ -11,6 +11,8 @@ import torch
 POISON = os.environ.get("PUZZLECAM_KERNEL_POISON", "0") == "1"
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Pure copies (tile / merge) move any of these element types.
+COPY_DTYPES = FLOAT_DTYPES + (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 # Kernels index with int32; every tensor they touch must stay below this many elements.
 MAX_ELEMENTS = 2**31 - 1
 
@@ -36,11 +38,12 @@ def memory_format_of(t: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def check_float(op: str, name: str, t: torch.Tensor) -> None:
+def check_float(op: str, name: str, t: torch.Tensor, allowed=FLOAT_DTYPES) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        raise TypeError(f"{op}: {name} must have one of the dtypes {names}; got {t.dtype}")
 
 
 def check_size(op: str, name: str, t: torch.Tensor) -> None:

@@ -68,7 +68,7 @@ def prepare_inputs(
     """Triton prepare_inputs; semantics of :func:`puzzlecam.puzzle.prepare_inputs` (no autograd)."""
     puzzle.check_prepare_args(images, valid, n)
     if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"prepare_inputs: dtype must be float32, float16 or bfloat16, got {dtype}")
+        raise TypeError(f"prepare_inputs: dtype must be one of float32, float16, bfloat16; got {dtype}")
     check_size("prepare_inputs", "images", images)
     b, h, w, _ = images.shape
     fmt = torch.channels_last if channels_last else torch.contiguous_format

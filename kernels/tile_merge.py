@@ -2,7 +2,8 @@
 
 ``tile(x, n)``: (B, C, H, W) -> (n*n*B, C, H/n, W/n), piece p = i*n + j of image b at batch index
 p*B + b; ``merge`` is its exact inverse. Each is the other's backward. Any strides are accepted
-(channels_last included); the output keeps the input's memory format.
+(channels_last included); the output keeps the input's memory format. Float and integer element
+types are moved as they are (autograd for the float ones).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import triton.language as tl
 
 from puzzlecam import puzzle
 
-from ._common import check_float, check_size, empty, memory_format_of
+from ._common import COPY_DTYPES, check_float, check_size, empty, memory_format_of
 
 MAX_BLOCK = 4096
 
@@ -77,7 +78,7 @@ def _launch(full: torch.Tensor, tiles: torch.Tensor, n: int, to_tiles: bool) -> 
 def tile_forward(x: torch.Tensor, n: int) -> torch.Tensor:
     puzzle._check_pieces(n)
     puzzle._check_4d("x", x)
-    check_float("tile", "x", x)
+    check_float("tile", "x", x, COPY_DTYPES)
     check_size("tile", "x", x)
     b, c, h, w = x.shape
     if h % n or w % n:
@@ -90,7 +91,7 @@ def tile_forward(x: torch.Tensor, n: int) -> torch.Tensor:
 def merge_forward(t: torch.Tensor, n: int) -> torch.Tensor:
     puzzle._check_pieces(n)
     puzzle._check_4d("tiles", t)
-    check_float("merge", "tiles", t)
+    check_float("merge", "tiles", t, COPY_DTYPES)
     check_size("merge", "tiles", t)
     nb, c, th, tw = t.shape
     if nb % (n * n):

@@ -188,7 +188,7 @@ def test_reconstruction_loss_bad_arguments(device):
     cam = torch.randn(2, 3, 4, 4, device=device)
     tiles = torch.randn(8, 3, 2, 2, device=device)
     labels = torch.ones(2, 3, device=device)
-    with pytest.raises(TypeError, match="cam must be float32, float16 or bfloat16"):
+    with pytest.raises(TypeError, match="cam must have one of the dtypes float32, float16, bfloat16; got torch.int64"):
         ops.reconstruction_loss(cam.long(), tiles, labels, backend="triton")
     with pytest.raises(TypeError, match="one dtype"):
         ops.reconstruction_loss(cam, tiles.half(), labels, backend="triton")
@@ -258,8 +258,12 @@ def test_tile_merge_bad_arguments(device):
         ops.tile(x, 2, backend="triton")
     with pytest.raises(ValueError, match="not a multiple of n\\*n=4"):
         ops.merge(x, 2, backend="triton")
-    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+    with pytest.raises(TypeError, match="x must have one of the dtypes .*; got torch.float64"):
         ops.tile(x[:, :, :4].double(), 2, backend="triton")
+    # Integer maps (e.g. label masks) are moved as they are.
+    masks = torch.randint(0, 255, (2, 1, 6, 4), dtype=torch.uint8, device=device)
+    assert torch.equal(ops.tile(masks, 2, backend="triton"), ops.tile(masks, 2, backend="reference"))
+    assert torch.equal(ops.merge(ops.tile(masks, 2, backend="triton"), 2, backend="triton"), masks)
     with pytest.raises(ValueError, match="must be 4-D"):
         ops.tile(x[0], 2, backend="triton")
 
@@ -313,5 +317,5 @@ def test_prepare_inputs_bad_arguments(device):
         ops.prepare_inputs(images, valid[:1], backend="triton")
     with pytest.raises(ValueError, match="divisible by n=3"):
         ops.prepare_inputs(images, valid, 3, backend="triton")
-    with pytest.raises(TypeError, match="dtype must be"):
+    with pytest.raises(TypeError, match="dtype must be one of float32, float16, bfloat16; got torch.float64"):
         ops.prepare_inputs(images, valid, 2, torch.float64, backend="triton")
