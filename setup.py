@@ -31,9 +31,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def _cuda_wanted():
     if torch is None:
         return False
+    if torch.version.cuda is None:  # a CPU torch has no CUDA headers to build the glue against
+        if os.environ.get("FORCE_CUDA", "0") == "1":
+            print("puzzlecam: FORCE_CUDA=1 ignored: the installed torch has no CUDA; building the CPU ops only", file=sys.stderr)
+        return False
     if os.environ.get("FORCE_CUDA", "0") == "1":
         return True
-    return torch.version.cuda is not None and shutil.which("nvcc") is not None
+    return shutil.which("nvcc") is not None
 
 
 def _extensions():
@@ -79,16 +83,36 @@ if cpp_extension is not None:
         """Build the extension; on failure say why and go on (the reference backend serves)."""
 
         def run(self):
+            self._failed = set()
             try:
                 super().run()
-            except Exception as exc:  # compiler missing or compile error
+            except Exception as exc:  # an error outside one extension's build (e.g. the in-place copy)
                 self._report(exc)
 
         def build_extension(self, ext):
+            compiler = os.environ.get("CXX", "c++").split()[0]
+            if shutil.which(compiler) is None:
+                self._failed.add(ext.name)
+                self._report(RuntimeError(f"no C++ compiler found: {compiler!r} is not on PATH (set CXX or install g++)"))
+                return
             try:
                 super().build_extension(ext)
             except Exception as exc:
+                self._failed.add(ext.name)
                 self._report(exc)
+
+        def copy_extensions_to_source(self):
+            # --inplace / editable installs copy the built libraries; skip the ones that failed (reported once).
+            built = [ext for ext in self.extensions if ext.name not in self._failed]
+            self.extensions, everything = built, self.extensions
+            try:
+                super().copy_extensions_to_source()
+            finally:
+                self.extensions = everything
+
+        def get_outputs(self):
+            failed = {os.path.basename(self.get_ext_filename(name)) for name in getattr(self, "_failed", ())}
+            return [out for out in super().get_outputs() if os.path.basename(out) not in failed]
 
         @staticmethod
         def _report(exc):
