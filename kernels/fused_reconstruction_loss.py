@@ -47,6 +47,34 @@ def _chunk_offsets(k, b, c, B, H, W, TH, TW, c_sb, c_sc, c_sy, c_sx, t_sb, t_sc,
 
 
 @triton.jit
+def _load_chunk(cam_ptr, tiles_ptr, k, b, c, B, H, W, TH, TW, c_sb, c_sc, c_sy, c_sx, t_sb, t_sc, t_sy, t_sx,
+                N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+    """Chunk k of the full map and of the merged map (read at its tile addresses), in fp32."""
+    mask, a_off, m_off = _chunk_offsets(k, b, c, B, H, W, TH, TW, c_sb, c_sc, c_sy, c_sx, t_sb, t_sc, t_sy, t_sx,
+                                        N, BLOCK_H, BLOCK_W)
+    a = tl.load(cam_ptr + a_off, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(tiles_ptr + m_off, mask=mask, other=0.0).to(tl.float32)
+    return mask, a_off, m_off, a, m
+
+
+@triton.jit
+def _diff(a, m, denom_a, denom_m, eps, LEVEL_CAM: tl.constexpr):
+    if LEVEL_CAM:
+        return tl.maximum(a - eps, 0.0) / denom_a - tl.maximum(m - eps, 0.0) / denom_m
+    else:
+        return a - m
+
+
+@triton.jit
+def _grad_diff(d, gscale, L2: tl.constexpr):
+    """d loss / d diff: sign(d) (zero at 0, as torch.abs's backward) or 2 d, times the scale."""
+    if L2:
+        return 2.0 * d * gscale
+    else:
+        return tl.where(d > 0, gscale, tl.where(d < 0, -gscale, 0.0))
+
+
+@triton.jit
 def _sum2d(x):
     return tl.sum(tl.sum(x, axis=1), axis=0)
 
@@ -95,10 +123,8 @@ def _re_loss_kernel(
         lane_cnt_m = tl.zeros((BLOCK_H, BLOCK_W), tl.float32)
         lane_sum = tl.zeros((BLOCK_H, BLOCK_W), tl.float32)
         for k in tl.static_range(NUM_CHUNKS):
-            mask, a_off, m_off = _chunk_offsets(
+            mask, a_off, m_off, a, m = _load_chunk(cam_ptr, tiles_ptr,
                 k, b, c, B, H, W, TH, TW, c_sb, c_sc, c_sy, c_sx, t_sb, t_sc, t_sy, t_sx, N, BLOCK_H, BLOCK_W)
-            a = tl.load(cam_ptr + a_off, mask=mask, other=0.0).to(tl.float32)
-            m = tl.load(tiles_ptr + m_off, mask=mask, other=0.0).to(tl.float32)
             ra = tl.where(mask, tl.maximum(a, 0.0), -1.0)
             rm = tl.where(mask, tl.maximum(m, 0.0), -1.0)
             lane_cnt_a = tl.where(ra > lane_max_a, 1.0, tl.where(ra == lane_max_a, lane_cnt_a + 1.0, lane_cnt_a))
@@ -128,18 +154,11 @@ def _re_loss_kernel(
             lane_sa = tl.zeros((BLOCK_H, BLOCK_W), tl.float32)
             lane_sm = tl.zeros((BLOCK_H, BLOCK_W), tl.float32)
             for k in tl.static_range(NUM_CHUNKS):
-                mask, a_off, m_off = _chunk_offsets(
+                mask, a_off, m_off, a, m = _load_chunk(cam_ptr, tiles_ptr,
                     k, b, c, B, H, W, TH, TW, c_sb, c_sc, c_sy, c_sx, t_sb, t_sc, t_sy, t_sx, N, BLOCK_H, BLOCK_W)
-                a = tl.load(cam_ptr + a_off, mask=mask, other=0.0).to(tl.float32)
-                m = tl.load(tiles_ptr + m_off, mask=mask, other=0.0).to(tl.float32)
                 na = tl.maximum(a - eps, 0.0) / denom_a
                 nm = tl.maximum(m - eps, 0.0) / denom_m
-                d = na - nm
-                if L2:
-                    g = 2.0 * d * gscale
-                else:
-                    g = tl.where(d > 0, gscale, tl.where(d < 0, -gscale, 0.0))
-                g = tl.where(mask, g, 0.0)
+                g = tl.where(mask, _grad_diff(na - nm, gscale, L2), 0.0)
                 lane_sa += g * na / denom_a
                 lane_sm += g * nm / denom_m
             # Spread evenly over the elements that tie at the max (as torch.amax's backward does).
@@ -147,18 +166,9 @@ def _re_loss_kernel(
             max_grad_m = _sum2d(lane_sm) / count_m
         # Pass 3: write both gradients once.
         for k in tl.static_range(NUM_CHUNKS):
-            mask, a_off, m_off = _chunk_offsets(
+            mask, a_off, m_off, a, m = _load_chunk(cam_ptr, tiles_ptr,
                 k, b, c, B, H, W, TH, TW, c_sb, c_sc, c_sy, c_sx, t_sb, t_sc, t_sy, t_sx, N, BLOCK_H, BLOCK_W)
-            a = tl.load(cam_ptr + a_off, mask=mask, other=0.0).to(tl.float32)
-            m = tl.load(tiles_ptr + m_off, mask=mask, other=0.0).to(tl.float32)
-            if LEVEL_CAM:
-                d = tl.maximum(a - eps, 0.0) / denom_a - tl.maximum(m - eps, 0.0) / denom_m
-            else:
-                d = a - m
-            if L2:
-                g = 2.0 * d * gscale
-            else:
-                g = tl.where(d > 0, gscale, tl.where(d < 0, -gscale, 0.0))
+            g = _grad_diff(_diff(a, m, denom_a, denom_m, eps, LEVEL_CAM), gscale, L2)
             if LEVEL_CAM:
                 ga = tl.where(a - eps > 0, g / denom_a, 0.0)
                 ga += tl.where((a > 0) & (a == peak_a), max_grad_a, 0.0)
@@ -175,14 +185,10 @@ def _re_loss_kernel(
         lane_err = tl.zeros((BLOCK_H, BLOCK_W), tl.float32)
         lane_sum = tl.zeros((BLOCK_H, BLOCK_W), tl.float32)
         for k in tl.static_range(NUM_CHUNKS):
-            mask, a_off, m_off = _chunk_offsets(
+            mask, a_off, m_off, a, m = _load_chunk(cam_ptr, tiles_ptr,
                 k, b, c, B, H, W, TH, TW, c_sb, c_sc, c_sy, c_sx, t_sb, t_sc, t_sy, t_sx, N, BLOCK_H, BLOCK_W)
-            a = tl.load(cam_ptr + a_off, mask=mask, other=0.0).to(tl.float32)
-            m = tl.load(tiles_ptr + m_off, mask=mask, other=0.0).to(tl.float32)
-            if LEVEL_CAM:
-                d = tl.maximum(a - eps, 0.0) / denom_a - tl.maximum(m - eps, 0.0) / denom_m
-            else:
-                d = a - m
+            d = _diff(a, m, denom_a, denom_m, eps, LEVEL_CAM)
+            if not LEVEL_CAM:
                 lane_sum += m
             if L2:
                 lane_err += d * d
