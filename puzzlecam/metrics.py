@@ -111,7 +111,8 @@ class Progress:
     def describe(r: dict[str, Any]) -> str:
         return (
             f"step {r['step']} loss {r['loss']:.4f} cls {r['loss_cls']:.4f} pcls {r['loss_pcls']:.4f} "
-            f"re {r['loss_re']:.4f} alpha {r['alpha']:.3f} lr {r['lr']:.2e} {r['images_per_s']:.1f} img/s "
+            f"re {r['loss_re']:.4f} alpha {r['alpha']:.3f} lr {r['lr']:.2e} gnorm {r.get('grad_norm', float('nan')):.3g} "
+            f"{r['images_per_s']:.1f} img/s "
             f"data-wait {r['data_wait_pct']:.0f}% skipped {r['skipped_samples']} bad-steps {r['skipped_steps']}"
         )
 

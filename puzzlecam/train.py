@@ -9,7 +9,8 @@
 2. every rank learns whether any rank's loss was NaN/Inf (one all-reduce, which also averages the
    logged losses); a bad step is skipped on every rank and counted, ``max_bad_steps`` in a row stop
    the run;
-3. poly learning-rate decay per parameter group, clipping (DeepSpeed ``gradient_clipping``), SGD.
+3. poly learning-rate decay per parameter group, explicit clipping of the all-reduced gradients
+   (``optim.grad_clip``; the norm is logged), SGD.
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ def build_deepspeed_config(cfg: Config, world_size: int, path: str) -> dict:
         ds[key] = value
     if _precision_dtype(ds) == torch.float16 and not torch.cuda.is_available():
         raise ConfigError(f"DeepSpeed config {p}: float16 autocast needs a CUDA GPU; use ds_bf16.json or ds_fp32.json on CPU")
-    ds["gradient_clipping"] = float(cfg.optim.grad_clip)
+    ds["gradient_clipping"] = 0.0  # the Trainer clips (optim.grad_clip) after the all-reduce
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("zero_allow_untested_optimizer", True)
     return ds
@@ -253,6 +254,21 @@ class Trainer:
             g["lr"] = self.cfg.optim.lr * g.get("lr_scale", 1.0) * factor
         return self.cfg.optim.lr * factor
 
+    def _clip_grads(self) -> float:
+        """Clip the (all-reduced) gradients to optim.grad_clip; returns their global norm before clipping.
+
+        Done here rather than by DeepSpeed so that a skipped step never reaches a clipping routine
+        with no gradients, and the norm is logged. fp16: the GradScaler unscales first.
+        """
+        params = [p for p in self.engine.module.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        scaler = getattr(self.engine, "torch_autocast_z0_gradscaler", None)
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
     def _drop_grads(self) -> None:
         """Make the coming optimizer step a no-op on every rank (a skipped non-finite step)."""
         scaler = getattr(self.engine, "torch_autocast_z0_gradscaler", None)
@@ -272,7 +288,8 @@ class Trainer:
         data_wait = 0.0
         bad = False
         self.engine.train()
-        for _ in range(t.grad_accum_steps):
+        grad_norm = float("nan")
+        for micro in range(t.grad_accum_steps):
             tw = time.perf_counter()
             batch = self._next_batch()
             data_wait += time.perf_counter() - tw
@@ -284,13 +301,15 @@ class Trainer:
             if torch.distributed.is_initialized() and self.dist.world_size > 1:
                 torch.distributed.all_reduce(vec)
             vec = vec.cpu().double()
-            if vec[4] > 0:
-                bad = True
+            bad = bad or bool(vec[4] > 0)
             if not bad:
-                self.engine.backward(losses.total)
+                self.engine.backward(losses.total)  # at the last micro-batch DeepSpeed all-reduces the gradients
             sums += vec
-            if bad:
-                self._drop_grads()
+            if micro == t.grad_accum_steps - 1:
+                if bad:
+                    self._drop_grads()
+                else:
+                    grad_norm = self._clip_grads()
             self.engine.step()
         n = self.dist.world_size * t.grad_accum_steps
         self.step += 1
@@ -314,6 +333,7 @@ class Trainer:
             "data_wait_pct": 100.0 * data_wait / max(elapsed, 1e-9),
             "skipped_samples": int(getattr(self.loader, "skipped", 0)),
             "skipped_steps": self.skipped_steps,
+            "grad_norm": grad_norm,
             "bad_step": bad,
             "time": time.time(),
         }

@@ -116,7 +116,7 @@ def test_deepspeed_config_checks(tmp_path):
     cfg = load_config(DEMO_CONFIG, ["train.global_batch_size=8", "train.micro_batch_size=2", "train.grad_accum_steps=2", "optim.grad_clip=3.0"])
     ds = build_deepspeed_config(cfg, 2, str(ROOT / "launch" / "configs" / "ds_fp32.json"))
     assert ds["train_batch_size"] == 8 and ds["train_micro_batch_size_per_gpu"] == 2
-    assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 3.0
+    assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.0  # the Trainer clips
     with pytest.raises(ConfigError, match=r"x world size \(3\) = 12"):
         build_deepspeed_config(cfg, 3, str(ROOT / "launch" / "configs" / "ds_fp32.json"))
     cases = {
