@@ -18,6 +18,8 @@ underflow), while recomputation reads cam and cam_tiles once more.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -200,6 +202,7 @@ def _re_loss_kernel(
         tl.store(logits_ptr + pid, merged_sum * inv_hw)
 
 
+@functools.lru_cache(maxsize=256)
 def block_shape(h: int, w: int) -> tuple[int, int, int]:
     """(BLOCK_H, BLOCK_W, NUM_CHUNKS): whole rows, at most MAX_BLOCK elements per chunk."""
     block_w = triton.next_power_of_2(w)

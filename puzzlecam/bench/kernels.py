@@ -375,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 1)
     device_name = torch.cuda.get_device_name(device) if on_gpu else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     if not on_gpu:
-        print("No CUDA GPU: benchmarking the CPU backends only (reference, torch.compile if it works, cpp); "
+        why = "--device cpu" if torch.cuda.is_available() else "no CUDA GPU"
+        print(f"{why}: benchmarking the CPU backends only (reference, torch.compile if it works, cpp); "
               "Triton runs on CPU only through its interpreter, which is not timed.", file=sys.stderr)
 
     timer = Timer(device)

@@ -1,0 +1,35 @@
+"""`python -m puzzlecam.bench kernels` runs on CPU, checks every backend and writes its JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from puzzlecam.bench import kernels as bench
+
+
+def test_bench_kernels_cpu_smoke(tmp_path, capsys):
+    out = tmp_path / "kernels.json"
+    rc = bench.main(["--device", "cpu", "--ops", "re_loss_cam,merge,multiscale_cam", "--repeats", "1", "--warmup", "0",
+                     "--no-compile", "--json", str(out)])
+    assert rc == 0
+    payload = json.loads(out.read_text())
+    assert payload["device_type"] == "cpu" and payload["versions"]["torch"] and payload["date"]
+    assert payload["copy_bandwidth_gbps"] > 0
+    rows = {(r["op"], r["backend"]): r for r in payload["results"]}
+    assert {op for op, _ in rows} == {"re_loss_cam", "merge", "multiscale_cam"}
+    for (op, backend), r in rows.items():
+        assert r["check"] == "ok", (op, backend, r["note"])
+        assert r["fwd_ms"] > 0 and r["gbps"] > 0
+        assert (r["fwd_bwd_ms"] is not None) == (op != "multiscale_cam")
+        if backend == "eager":
+            assert r["speedup"] == 1.0
+    assert "benchmarking the CPU backends only" in capsys.readouterr().err
+
+
+def test_bench_kernels_rejects_unknown_op(capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--ops", "softmax"])
+    assert exc.value.code == 2
+    assert "unknown op 'softmax'" in capsys.readouterr().err
