@@ -175,6 +175,12 @@ class Trainer:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
+            if resume == "none" and self.ckpt_dir.is_dir() and any(self.ckpt_dir.iterdir()):
+                # A fresh start must not leave older checkpoints for a later `--resume auto` to pick up.
+                aside = self.run_dir / f"checkpoints.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+                self.ckpt_dir.rename(aside)
+                print(f"--resume none: moved the existing checkpoints to {aside}", file=sys.stderr)
+        barrier()
         if resume_from is not None:
             self._load(resume_from)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.step if resume_from else None) if self.dist.is_main else None

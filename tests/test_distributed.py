@@ -33,6 +33,7 @@ from test_train_support import (
     weights,
 )
 
+pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
 TOL = 1e-5  # fp32, different reduction order (2 x micro-batch 2 vs 1 x micro-batch 4)
 

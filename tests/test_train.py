@@ -3,6 +3,7 @@ handling, config/launch errors, checkpoint bookkeeping (CPU, fp32, real DeepSpee
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from test_train_support import (
     weights,
 )
 
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
 LOSS_KEYS = ("step", "loss", "loss_cls", "loss_pcls", "loss_re", "alpha", "lr")
 
 
@@ -34,6 +36,7 @@ def shards(tmp_path_factory) -> Path:
     return tiny_shards(tmp_path_factory.mktemp("data"))
 
 
+@needs_deepspeed
 def test_sigkill_then_resume_equals_uninterrupted_run(shards, tmp_path):
     # 6 steps, micro-batch 2 x accumulation 2, checkpoints every 2 steps; run B is SIGKILLed
     # right after step 3 (the checkpoint of step 2 is the newest) and resumed with --resume auto.
@@ -77,6 +80,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(shards, tmp_path):
     assert summary(a)["steps"] == 6 and summary(b)["resumed_from"].endswith("step00000002")
 
 
+@needs_deepspeed
 def test_baseline_mode_bad_losses_and_setup_errors(shards, tmp_path):
     base, bad, mismatch = tmp_path / "base", tmp_path / "bad", tmp_path / "mismatch"
     launches = [
@@ -90,6 +94,14 @@ def test_baseline_mode_bad_losses_and_setup_errors(shards, tmp_path):
     assert rc[0] == 0, launches[0].output()[-4000:]
     for r in metrics(base):
         assert r["loss"] == r["loss_cls"] and r["loss_pcls"] == 0.0 and r["loss_re"] == 0.0 and r["alpha"] == 0.0
+    # --resume none in a used run dir: a fresh run; the old checkpoints are moved aside, not resumed.
+    again = python_launch(base, ["--resume", "none", *tiny_overrides(shards, **{"train.mode": "baseline", "train.max_steps": 1})],
+                          tmp_path / "again.log")
+    run_all([again])
+    assert [p.name for p in ckpt.complete_tags(base / "checkpoints")] == ["step00000001"]
+    (aside,) = base.glob("checkpoints.replaced-*")
+    assert [p.name for p in ckpt.complete_tags(aside)] == ["step00000002"]
+    assert [r["step"] for r in metrics(base)] == [1] and summary(base)["resumed_from"] is None
 
     assert rc[1] == 1, launches[1].output()[-4000:]
     out = launches[1].output()
@@ -171,6 +183,7 @@ def test_metrics_log_truncates_on_resume(tmp_path):
     assert json.loads(path.read_text().splitlines()[0]) == {"step": 1, "loss": 1.0}
 
 
+@needs_deepspeed
 @pytest.mark.gpu
 @pytest.mark.parametrize("ds_json", ["ds_bf16.json", "ds_fp16.json", "ds_fp32.json"])
 def test_gpu_mixed_precision_run(shards, tmp_path, ds_json):
