@@ -26,6 +26,13 @@ cuda::DType kernel_dtype(at::ScalarType t) {
   return cuda::DType::kFloat32;  // unreachable
 }
 
+// The kernels run one block per (b, c) plane and index inside a plane with 32-bit ints.
+void check_cuda_limits(const LossGeometry& g) {
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK_VALUE(g.B * g.C <= kMax && g.h * g.w <= kMax, "puzzlecam::reconstruction_loss (CUDA): at most 2^31-1 ",
+                    "planes of at most 2^31-1 elements, got B*C=", g.B * g.C, " planes of ", g.h, "x", g.w);
+}
+
 cuda::LossArgs loss_args(const LossGeometry& g, bool masking) {
   cuda::LossArgs a;
   a.B = g.B, a.C = g.C, a.h = g.h, a.w = g.w, a.n = g.n, a.th = g.th, a.tw = g.tw;
@@ -38,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor> reconstruction_loss_cuda(const at::Tensor& ca
                                                             c10::string_view level, c10::string_view kind,
                                                             bool masking) {
   const LossGeometry g = check_loss_args(cam_in, tiles_in, labels_in, n, level, kind, at::kCUDA);
-  TORCH_CHECK_VALUE(g.B * g.C <= std::numeric_limits<int32_t>::max(), "puzzlecam::reconstruction_loss: too many planes");
+  check_cuda_limits(g);
   const c10::cuda::CUDAGuard guard(cam_in.device());
   const at::Tensor cam = cam_in.contiguous(), tiles = tiles_in.contiguous();
   const at::Tensor labels = labels_in.to(at::kFloat).contiguous();
@@ -58,6 +65,7 @@ std::tuple<at::Tensor, at::Tensor> reconstruction_loss_backward_cuda(
     const at::Tensor& labels_in, int64_t n, c10::string_view level, c10::string_view kind, bool masking) {
   const LossGeometry g = check_loss_args(cam_in, tiles_in, labels_in, n, level, kind, at::kCUDA);
   check_loss_grads(grad_re_in, grad_logits_in, g, at::kCUDA);
+  check_cuda_limits(g);
   const c10::cuda::CUDAGuard guard(cam_in.device());
   const at::Tensor cam = cam_in.contiguous(), tiles = tiles_in.contiguous();
   const at::Tensor labels = labels_in.to(at::kFloat).contiguous();

@@ -59,11 +59,14 @@ __device__ float block_reduce(float v, Op op, float* shared) {
   return shared[0];
 }
 
-// Index in cam_tiles of element k of the merged (b, c) plane.
-__device__ __forceinline__ int64_t merged_index(const LossArgs& a, int64_t b, int64_t c, int64_t k) {
-  const int64_t y = k / a.w, x = k % a.w;
-  const int64_t piece = (y / a.th) * a.n + x / a.tw;
-  return (((piece * a.B + b) * a.C + c) * a.th + y % a.th) * a.tw + x % a.tw;
+// Index in cam_tiles of element k of the merged (b, c) plane. In-plane math in 32 bits (a plane has
+// < 2^31 elements, checked by the glue): 64-bit division is slow on the GPU.
+__device__ __forceinline__ int64_t merged_index(const LossArgs& a, int64_t b, int64_t c, int k) {
+  const int w = static_cast<int>(a.w), th = static_cast<int>(a.th), tw = static_cast<int>(a.tw);
+  const int y = k / w, x = k - y * w;
+  const int ty = y / th, tx = x / tw;
+  const int64_t piece = ty * static_cast<int>(a.n) + tx;
+  return (((piece * a.B + b) * a.C + c) * a.th + (y - ty * th)) * a.tw + (x - tx * tw);
 }
 
 __device__ __forceinline__ float make_cam_value(float v, float denom) {
@@ -75,9 +78,9 @@ __device__ __forceinline__ float make_cam_value(float v, float denom) {
 template <typename T>
 __device__ void plane_peaks(const T* full, const T* tiles, const LossArgs& a, int64_t b, int64_t c, float* shared,
                             float& peak_full, float& peak_merged) {
-  const int64_t len = a.h * a.w;
+  const int len = static_cast<int>(a.h * a.w);
   float pf = 0.f, pm = 0.f;
-  for (int64_t k = threadIdx.x; k < len; k += blockDim.x) {
+  for (int k = threadIdx.x; k < len; k += blockDim.x) {
     pf = fmaxf(pf, to_float(full[k]));
     pm = fmaxf(pm, to_float(tiles[merged_index(a, b, c, k)]));
   }
@@ -90,7 +93,8 @@ __global__ void loss_forward_kernel(const T* __restrict__ cam, const T* __restri
                                     const float* __restrict__ labels, LossArgs a, float* __restrict__ plane_err,
                                     float* __restrict__ logits) {
   __shared__ float shared[32];
-  const int64_t bc = blockIdx.x, b = bc / a.C, c = bc % a.C, len = a.h * a.w;
+  const int64_t bc = blockIdx.x, b = bc / a.C, c = bc % a.C;
+  const int len = static_cast<int>(a.h * a.w);
   const T* full = cam + bc * len;
   float denom_full = 1.f, denom_merged = 1.f;
   if (a.cam_level) {
@@ -99,7 +103,7 @@ __global__ void loss_forward_kernel(const T* __restrict__ cam, const T* __restri
     denom_full = peak_full + kCamEps, denom_merged = peak_merged + kCamEps;
   }
   float err = 0.f, merged_sum = 0.f;
-  for (int64_t k = threadIdx.x; k < len; k += blockDim.x) {
+  for (int k = threadIdx.x; k < len; k += blockDim.x) {
     float f = to_float(full[k]), m = to_float(tiles[merged_index(a, b, c, k)]);
     merged_sum += m;
     if (a.cam_level) f = make_cam_value(f, denom_full), m = make_cam_value(m, denom_merged);
@@ -136,7 +140,8 @@ __global__ void loss_backward_kernel(const T* __restrict__ cam, const T* __restr
                                      const float* __restrict__ grad_logits, T* __restrict__ grad_cam,
                                      T* __restrict__ grad_tiles) {
   __shared__ float shared[32];
-  const int64_t bc = blockIdx.x, b = bc / a.C, c = bc % a.C, len = a.h * a.w;
+  const int64_t bc = blockIdx.x, b = bc / a.C, c = bc % a.C;
+  const int len = static_cast<int>(a.h * a.w);
   const T* full = cam + bc * len;
   const float grad_mean = grad_re[0] / static_cast<float>(a.B * a.C * len);  // mean's backward
   const float coef = a.masking ? grad_mean * labels[bc] : grad_mean;
@@ -150,7 +155,7 @@ __global__ void loss_backward_kernel(const T* __restrict__ cam, const T* __restr
     plane_peaks(full, tiles, a, b, c, shared, peak_full, peak_merged);
     denom_full = peak_full + kCamEps, denom_merged = peak_merged + kCamEps;
     float gd_full = 0.f, gd_merged = 0.f, ties_full = 0.f, ties_merged = 0.f;
-    for (int64_t k = threadIdx.x; k < len; k += blockDim.x) {
+    for (int k = threadIdx.x; k < len; k += blockDim.x) {
       const float f = to_float(full[k]), m = to_float(tiles[merged_index(a, b, c, k)]);
       const float nf = make_cam_value(f, denom_full), nm = make_cam_value(m, denom_merged);
       const float g = error_grad(nf, nm, coef, a.l2);
@@ -167,7 +172,7 @@ __global__ void loss_backward_kernel(const T* __restrict__ cam, const T* __restr
     share_full = gd_full / ties_full;
     share_merged = gd_merged / ties_merged;
   }
-  for (int64_t k = threadIdx.x; k < len; k += blockDim.x) {
+  for (int k = threadIdx.x; k < len; k += blockDim.x) {
     const int64_t mk = merged_index(a, b, c, k);
     const float f = to_float(full[k]), m = to_float(tiles[mk]);
     float gf, gm;
