@@ -96,13 +96,16 @@ class Progress:
             # Logs (files, CI): one unwrapped line per logged step.
             self._console = Console(stderr=True, width=400, soft_wrap=True)
             return
+        from rich.table import Column
+
         self._progress = RichProgress(
-            TextColumn("[bold]train"),
-            BarColumn(),
+            BarColumn(bar_width=20),
             MofNCompleteColumn(),
             TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"),
+            # The stats wrap onto a second line in narrow terminals instead of being cut off.
+            TextColumn("{task.fields[info]}", table_column=Column(no_wrap=False, overflow="fold", ratio=1)),
             console=console,
+            expand=True,
         )
         self._task = self._progress.add_task("train", total=total_steps, completed=start_step, info="")
         self._progress.start()

@@ -185,6 +185,7 @@ class Trainer:
             self._load(resume_from)
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.step if resume_from else None) if self.dist.is_main else None
         self.resumed_from = resume_from
+        self.fault = _FaultInjection.from_env(self.run_dir, self.dist.rank)
 
     # ------------------------------------------------------------------------------------------
     # Data
@@ -225,6 +226,7 @@ class Trainer:
         barrier()
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client_state)
         ckpt.save_trainer_state(tag_dir, self.dist.rank, {"rng": rng_state(), "loader": self.loader.state_dict(), "step": self.step})
+        self.fault.maybe_fire(self.step, "save")  # test hook: die with the files written, before COMPLETE
         barrier()
         if self.dist.is_main:
             ckpt.mark_complete(tag_dir, self.step)
@@ -348,7 +350,6 @@ class Trainer:
         """Train to ``total_steps``; returns the exported weights' path (rank 0) or None."""
         t = self.cfg.train
         progress = Progress(self.total_steps, self.step, enabled=self.dist.is_main)
-        fault = _FaultInjection.from_env(self.run_dir, self.dist.rank)
         try:
             while self.step < self.total_steps:
                 record = self.train_step()
@@ -365,7 +366,7 @@ class Trainer:
                 # No checkpoint inside a run of bad steps: the last good one is what a resume needs.
                 if t.ckpt_every > 0 and self.step % t.ckpt_every == 0 and self.step < self.total_steps and self.bad_streak == 0:
                     self.save()
-                fault.maybe_fire(self.step)
+                self.fault.maybe_fire(self.step, "step")
             self.save()
             return self.export()
         finally:
@@ -422,24 +423,28 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 class _FaultInjection:
-    """Test hook for crash recovery: PUZZLECAM_FAULT_KILL="step=N[,rank=R]" SIGKILLs rank R (default 0)
-    right after optimizer step N, once per run directory (a marker file remembers it fired)."""
+    """Test hook for crash recovery: PUZZLECAM_FAULT_KILL="step=N[,rank=R][,phase=step|save]" SIGKILLs
+    rank R (default 0) right after optimizer step N (phase=step, the default) or in the middle of the
+    checkpoint save of step N, after its files are written and before COMPLETE (phase=save). It fires
+    once per run directory (a marker file remembers it)."""
 
-    def __init__(self, step: int | None, rank: int, marker: Path):
-        self.step, self.rank, self.marker = step, rank, marker
+    def __init__(self, step: int | None, phase: str, marker: Path):
+        self.step, self.phase, self.marker = step, phase, marker
 
     @classmethod
     def from_env(cls, run_dir: Path, rank: int) -> "_FaultInjection":
         spec = os.environ.get("PUZZLECAM_FAULT_KILL", "")
         if not spec:
-            return cls(None, rank, Path())
-        fields = dict(item.split("=", 1) for item in spec.split(","))
-        target_rank = int(fields.get("rank", 0))
-        step = int(fields["step"]) if target_rank == rank else None
-        return cls(step, rank, Path(run_dir) / f".fault_fired_rank{rank}")
+            return cls(None, "step", Path())
+        try:
+            fields = dict(item.split("=", 1) for item in spec.split(","))
+            step = int(fields["step"]) if int(fields.get("rank", 0)) == rank else None
+        except (ValueError, KeyError):
+            raise ConfigError(f"PUZZLECAM_FAULT_KILL={spec!r}: expected step=N[,rank=R][,phase=step|save]") from None
+        return cls(step, fields.get("phase", "step"), Path(run_dir) / f".fault_fired_rank{rank}")
 
-    def maybe_fire(self, step: int) -> None:
-        if self.step is None or step != self.step or self.marker.exists():
+    def maybe_fire(self, step: int, phase: str) -> None:
+        if self.step is None or step != self.step or phase != self.phase or self.marker.exists():
             return
         self.marker.parent.mkdir(parents=True, exist_ok=True)
         self.marker.write_text(str(step))

@@ -41,26 +41,35 @@ def test_sigkill_then_resume_equals_uninterrupted_run(shards, tmp_path):
     # 6 steps, micro-batch 2 x accumulation 2, checkpoints every 2 steps; run B is SIGKILLed
     # right after step 3 (the checkpoint of step 2 is the newest) and resumed with --resume auto.
     over = tiny_overrides(shards, **{"train.max_steps": 6, "train.micro_batch_size": 2, "train.grad_accum_steps": 2, "model.norm": "train"})
-    a, b = tmp_path / "A", tmp_path / "B"
+    # Run C dies in the middle of the step-4 save (files written, no COMPLETE): the step-2
+    # checkpoint must stay usable.
+    a, b, c = tmp_path / "A", tmp_path / "B", tmp_path / "C"
     full = python_launch(a, over, tmp_path / "A.log")
     killed = python_launch(b, over, tmp_path / "B1.log", env={"PUZZLECAM_FAULT_KILL": "step=3"})
-    rc_full, rc_killed = run_all([full, killed], expect_ok=False)
+    killed_saving = python_launch(c, over, tmp_path / "C1.log", env={"PUZZLECAM_FAULT_KILL": "step=4,phase=save"})
+    rc_full, rc_killed, rc_saving = run_all([full, killed, killed_saving], expect_ok=False)
     assert rc_full == 0, full.output()[-4000:]
-    assert rc_killed == -9, f"expected SIGKILL, got {rc_killed}\n{killed.output()[-4000:]}"
-    assert ckpt.latest_complete(b / "checkpoints").name == "step00000002"
-    assert not (b / "model.safetensors").exists()
+    for launch, rc in ((killed, rc_killed), (killed_saving, rc_saving)):
+        assert rc == -9, f"expected SIGKILL, got {rc}\n{launch.output()[-4000:]}"
+    for run in (b, c):
+        assert ckpt.latest_complete(run / "checkpoints").name == "step00000002"
+        assert not (run / "model.safetensors").exists()
+    assert (c / "checkpoints" / "step00000004").is_dir() and not ckpt.is_complete(c / "checkpoints" / "step00000004")
 
-    resumed = python_launch(b, over, tmp_path / "B2.log")
-    run_all([resumed])
-    assert "resumed from" in resumed.output() and "step00000002" in resumed.output()
+    resumed = [python_launch(run, over, tmp_path / f"{run.name}2.log") for run in (b, c)]
+    run_all(resumed)
+    for launch in resumed:
+        assert "resumed from" in launch.output() and "step00000002" in launch.output()
 
-    ma, mb = metrics(a), metrics(b)
-    assert [r["step"] for r in ma] == [1, 2, 3, 4, 5, 6] == [r["step"] for r in mb]
-    for ra, rb in zip(ma, mb):
-        for key in LOSS_KEYS:
-            assert ra[key] == rb[key], (key, ra, rb)
-    wa, wb = weights(a), weights(b)
-    assert max_param_diff(wa, wb, params_only=False) == 0.0
+    ma, wa = metrics(a), weights(a)
+    for run in (b, c):
+        mb = metrics(run)
+        assert [r["step"] for r in ma] == [1, 2, 3, 4, 5, 6] == [r["step"] for r in mb]
+        for ra, rb in zip(ma, mb):
+            for key in LOSS_KEYS:
+                assert ra[key] == rb[key], (run.name, key, ra, rb)
+        assert max_param_diff(wa, weights(run), params_only=False) == 0.0
+    assert [p.name for p in ckpt.complete_tags(c / "checkpoints")] == ["step00000004", "step00000006"]
 
     # The run directory: resolved config, metrics (JSONL + Parquet), pruned checkpoints, weights.
     cfg = load_config(a / "config.yaml")
