@@ -499,3 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
