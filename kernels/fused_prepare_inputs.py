@@ -36,8 +36,15 @@ def _prepare_inputs_kernel(
     x_sb, x_sc, x_sy, x_sx,
     t_sb, t_sc, t_sy, t_sx,
     mean0, mean1, mean2, std0, std1, std2,
-    N: tl.constexpr, BLOCK: tl.constexpr,
+    N: tl.constexpr, BLOCK: tl.constexpr, PACKED_IMAGES: tl.constexpr, UNIT_X: tl.constexpr,
 ):
+    # Compile-time strides for the usual layouts let the compiler vectorize.
+    if PACKED_IMAGES:  # (.., W, 3) with the pixels of a row packed
+        i_sx = 3
+        i_sc = 1
+    if UNIT_X:  # NCHW outputs
+        x_sx = 1
+        t_sx = 1
     row = tl.program_id(0)  # b * H + y
     j = tl.program_id(1)  # tile column
     b = row // H
@@ -85,6 +92,7 @@ def prepare_inputs(
         images, valid, x, tiles, b, h, th, tw,
         s_b, s_y, s_x, s_c, *x.stride(), *tiles.stride(),
         *puzzle.IMAGENET_MEAN, *puzzle.IMAGENET_STD,
-        N=n, BLOCK=block, num_warps=max(1, min(8, block // 128)),
+        N=n, BLOCK=block, PACKED_IMAGES=(s_x, s_c) == (3, 1), UNIT_X=x.stride(3) == 1 and tiles.stride(3) == 1,
+        num_warps=max(1, min(8, block // 128)),
     )
     return x, tiles

@@ -25,8 +25,15 @@ def _tile_copy_kernel(
     f_sb, f_sc, f_sy, f_sx,
     t_sb, t_sc, t_sy, t_sx,
     N: tl.constexpr, TO_TILES: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, UNIT_INNER: tl.constexpr,
 ):
+    if UNIT_INNER:  # a compile-time unit stride along the columns lets the compiler vectorize
+        if CHANNELS_LAST:
+            f_sc = 1
+            t_sc = 1
+        else:
+            f_sx = 1
+            t_sx = 1
     # A 2-D block: columns run along the innermost dimension of the memory order (x for NCHW, c
     # for channels_last), rows over the other three; index math is per row and per column.
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
@@ -65,13 +72,15 @@ def _launch(full: torch.Tensor, tiles: torch.Tensor, n: int, to_tiles: bool) -> 
     # Walk in the destination's memory order so that stores coalesce.
     channels_last = memory_format_of(tiles if to_tiles else full) == torch.channels_last
     rows, inner = (b * h * w, c) if channels_last else (b * c * h, w)
+    inner_dim = 1 if channels_last else 3
+    unit_inner = full.stride(inner_dim) == 1 and tiles.stride(inner_dim) == 1
     block_i = min(triton.next_power_of_2(inner), MAX_BLOCK)
     block_r = max(1, MAX_BLOCK // block_i)
     grid = (triton.cdiv(rows, block_r), triton.cdiv(inner, block_i))
     _tile_copy_kernel[grid](
         full, tiles, rows, inner, b, c, h, w, h // n, w // n,
         *full.stride(), *tiles.stride(),
-        N=n, TO_TILES=to_tiles, CHANNELS_LAST=channels_last, BLOCK_R=block_r, BLOCK_I=block_i, num_warps=8,
+        N=n, TO_TILES=to_tiles, CHANNELS_LAST=channels_last, BLOCK_R=block_r, BLOCK_I=block_i, UNIT_INNER=unit_inner, num_warps=8,
     )
 
 
