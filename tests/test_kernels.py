@@ -214,8 +214,9 @@ def test_reconstruction_loss_bad_arguments(device):
 
 
 def tile_cases():
-    if FULL_GRID:
-        return list(itertools.product((2, 3), (1, 4, 8), CHANNELS, ((1, 1), (3, 5), (16, 16)), (0, 1, 2), (False, True)))
+    if FULL_GRID:  # six shapes x every dtype x both memory formats
+        shapes = [(2, 1, 1, (1, 1)), (2, 8, 20, (16, 16)), (2, 4, 80, (32, 32)), (3, 3, 21, (3, 5)), (3, 8, 20, (5, 7)), (3, 1, 80, (1, 1))]
+        return [(n, b, c, t, d, cl) for (n, b, c, t) in shapes for d in (0, 1, 2) for cl in (False, True)]
     rng = random.Random(99)
     cases = []
     for k in range(6):
@@ -273,8 +274,9 @@ def test_tile_merge_bad_arguments(device):
 
 
 def prepare_cases():
-    if FULL_GRID:
-        return list(itertools.product((2, 3), (1, 3, 8), ((6, 6), (12, 30), (96, 66)), (0, 1, 2), (False, True)))
+    if FULL_GRID:  # six shapes x every dtype x both memory formats
+        shapes = [(2, 1, (6, 6)), (2, 8, (512, 512)), (2, 3, (96, 66)), (3, 2, (12, 30)), (3, 8, (96, 66)), (3, 1, (3, 3))]
+        return [(n, b, hw, d, cl) for (n, b, hw) in shapes for d in (0, 1, 2) for cl in (False, True)]
     return [(2, 3, (12, 30), 0, False), (3, 2, (15, 21), 1, True), (2, 5, (6, 10), 0, True), (3, 1, (9, 6), 1, False)]
 
 
