@@ -3,7 +3,7 @@
 // so every backend of puzzlecam.ops fails the same way as the pure-torch reference.
 #pragma once
 
-#include <ATen/core/Tensor.h>
+#include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
 #include <string>
@@ -128,6 +128,16 @@ inline FusionGeometry check_fusion_args(at::TensorList maps, at::TensorList flip
   g.uh = ((g.H - 1) / 16 + 1) * 16, g.uw = ((g.W - 1) / 16 + 1) * 16;
   g.flipped = !flipped_maps.empty();
   return g;
+}
+
+// The class keys as int64 on the CPU, each checked to be in [0, C) (keys are a handful of ints).
+inline at::Tensor checked_keys(const at::Tensor& keys, int64_t C) {
+  const at::Tensor k = keys.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* data = k.data_ptr<int64_t>();
+  for (int64_t i = 0; i < k.numel(); ++i)
+    TORCH_CHECK_VALUE(data[i] >= 0 && data[i] < C, "puzzlecam::multiscale_cam: class key ", data[i],
+                      " out of range for ", C, " classes (keys ", k.sizes(), ")");
+  return k;
 }
 
 }  // namespace puzzlecam

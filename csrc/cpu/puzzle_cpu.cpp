@@ -374,19 +374,11 @@ void fuse_resize(const std::vector<ScaleMap>& scales, int64_t K, int64_t out_h, 
   });
 }
 
-std::vector<int64_t> checked_keys(const at::Tensor& keys, int64_t C) {
-  const at::Tensor k = keys.to(at::kCPU, at::kLong).contiguous();
-  std::vector<int64_t> out(k.data_ptr<int64_t>(), k.data_ptr<int64_t>() + k.numel());
-  for (int64_t key : out)
-    TORCH_CHECK_VALUE(key >= 0 && key < C, "puzzlecam::multiscale_cam: class key ", key, " out of range for ", C,
-                      " classes (keys ", k.sizes(), ")");
-  return out;
-}
-
 std::tuple<at::Tensor, at::Tensor> multiscale_cam_cpu(at::TensorList maps, at::TensorList flipped_maps,
                                                       const at::Tensor& keys_in, at::IntArrayRef image_size) {
   const FusionGeometry g = check_fusion_args(maps, flipped_maps, keys_in, image_size, at::kCPU);
-  const std::vector<int64_t> keys = checked_keys(keys_in, g.C);
+  const at::Tensor keys_cpu = checked_keys(keys_in, g.C);
+  const std::vector<int64_t> keys(keys_cpu.data_ptr<int64_t>(), keys_cpu.data_ptr<int64_t>() + keys_cpu.numel());
   std::vector<ScaleMap> scales;
   for (size_t s = 0; s < maps.size(); ++s) {
     const at::Tensor m = maps[s].contiguous();

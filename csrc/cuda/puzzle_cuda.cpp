@@ -85,12 +85,7 @@ std::tuple<at::Tensor, at::Tensor> multiscale_cam_cuda(at::TensorList maps_in, a
   const FusionGeometry g = check_fusion_args(maps_in, flipped_in, keys_in, image_size, at::kCUDA);
   const c10::cuda::CUDAGuard guard(maps_in[0].device());
   // Keys are validated on the host (a handful of ints), then used on the device.
-  const at::Tensor keys_cpu = keys_in.to(at::kCPU, at::kLong).contiguous();
-  for (int64_t i = 0; i < keys_cpu.numel(); ++i) {
-    const int64_t key = keys_cpu.data_ptr<int64_t>()[i];
-    TORCH_CHECK_VALUE(key >= 0 && key < g.C, "puzzlecam::multiscale_cam: class key ", key, " out of range for ", g.C,
-                      " classes (keys ", keys_cpu.sizes(), ")");
-  }
+  const at::Tensor keys_cpu = checked_keys(keys_in, g.C);
   const at::Tensor keys = keys_cpu.to(maps_in[0].device());
   std::vector<at::Tensor> maps, flipped;  // contiguous copies kept alive until the launches are queued
   for (size_t s = 0; s < maps_in.size(); ++s) {
