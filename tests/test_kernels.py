@@ -26,6 +26,7 @@ DEVICES = [
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
 ]
 CHANNELS = (1, 20, 21, 80)
+DTYPE_NAMES = ("fp32", "fp16", "bf16")  # index d of a case: dtypes_for(device)[d]
 # Relative tolerance per dtype, against the largest magnitude of the reference tensor: kernels and
 # reference both compute in fp32 from the same low-precision inputs, so they differ by summation
 # order and by the final rounding to the storage dtype.
@@ -98,8 +99,8 @@ def run_loss(backend, cam, tiles, labels, n, level, kind, masking, g_loss, g_log
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", loss_cases(), ids=lambda c: "n{}-B{}-C{}-t{}x{}-{}-{}-{}-d{}{}".format(
-    c[0], c[1], c[2], c[3], c[4], c[5], c[6], "mask" if c[7] else "nomask", c[8], "-ties" if c[9] else ""))
+@pytest.mark.parametrize("case", loss_cases(), ids=lambda c: "n{}-B{}-C{}-t{}x{}-{}-{}-{}-{}{}".format(
+    c[0], c[1], c[2], c[3], c[4], c[5], c[6], "mask" if c[7] else "nomask", DTYPE_NAMES[c[8]], "-ties" if c[9] else ""))
 def test_reconstruction_loss_matches_reference(device, case):
     n, b, c, th, tw, level, kind, masking, d, ties = case
     dtypes = dtypes_for(device)
@@ -225,8 +226,8 @@ def tile_cases():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", tile_cases(), ids=lambda c: "n{}-B{}-C{}-t{}x{}-d{}{}".format(
-    c[0], c[1], c[2], c[3][0], c[3][1], c[4], "-cl" if c[5] else ""))
+@pytest.mark.parametrize("case", tile_cases(), ids=lambda c: "n{}-B{}-C{}-t{}x{}-{}{}".format(
+    c[0], c[1], c[2], c[3][0], c[3][1], DTYPE_NAMES[c[4]], "-cl" if c[5] else ""))
 def test_tile_merge_match_reference(device, case):
     n, b, c, (th, tw), d, channels_last = case
     dtypes = dtypes_for(device)
@@ -281,8 +282,8 @@ def prepare_cases():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", prepare_cases(), ids=lambda c: "n{}-B{}-{}x{}-d{}{}".format(
-    c[0], c[1], c[2][0], c[2][1], c[3], "-cl" if c[4] else ""))
+@pytest.mark.parametrize("case", prepare_cases(), ids=lambda c: "n{}-B{}-{}x{}-{}{}".format(
+    c[0], c[1], c[2][0], c[2][1], DTYPE_NAMES[c[3]], "-cl" if c[4] else ""))
 def test_prepare_inputs_matches_reference(device, case):
     n, b, (h, w), d, channels_last = case
     dtypes = dtypes_for(device)
