@@ -103,7 +103,7 @@ if cpp_extension is not None:
 
         def copy_extensions_to_source(self):
             # --inplace / editable installs copy the built libraries; skip the ones that failed (reported once).
-            built = [ext for ext in self.extensions if ext.name not in self._failed]
+            built = [ext for ext in self.extensions if ext.name not in getattr(self, "_failed", ())]
             self.extensions, everything = built, self.extensions
             try:
                 super().copy_extensions_to_source()
