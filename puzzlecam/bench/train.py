@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None, help="crop size (default: 512 on GPU, 96 on CPU)")
     p.add_argument("--batch-size", type=int, default=None, help="images per step (default: 16 on GPU, 8 on CPU)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per mode (default 20)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5; more with --compile)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; 10 with --compile)")
     p.add_argument("--modes", default="reference,fast", help="comma-separated modes to run (default reference,fast)")
     p.add_argument("--compile", action="store_true", help="fast mode: torch.compile the network")
     p.add_argument("--fast-dtype", choices=("auto", "bf16", "fp32"), default="auto", help="fast mode precision (auto: bf16 on GPU, fp32 on CPU)")
@@ -169,6 +169,7 @@ def main(argv=None) -> int:
     args.width = args.width or (64 if gpu else 16)
     args.image_size = args.image_size or (512 if gpu else 96)
     args.batch_size = args.batch_size or (16 if gpu else 8)
+    args.warmup = args.warmup if args.warmup is not None else (10 if args.compile else 5)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = set(modes) - {"reference", "fast"}
     if unknown:
