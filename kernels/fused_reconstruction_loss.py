@@ -226,7 +226,10 @@ def _launch(cam, cam_tiles, labels, n, level, kind, masking, *, backward, gloss=
     block = block_h * block_w
     if backward:
         grad_cam, grad_tiles = empty_like(cam), empty_like(cam_tiles)
-        assert grad_cam.stride() == cam.stride() and grad_tiles.stride() == cam_tiles.stride()
+        # The kernel writes the gradients at their inputs' offsets (strides of size-1 dims are moot).
+        for g, t in ((grad_cam, cam), (grad_tiles, cam_tiles)):
+            if any(gs != ts for gs, ts, size in zip(g.stride(), t.stride(), t.shape) if size > 1):
+                raise RuntimeError(f"reconstruction_loss: gradient strides {g.stride()} differ from the input's {t.stride()}")
         partial = logits = labels  # unused placeholders
         outs = (grad_cam, grad_tiles)
     else:

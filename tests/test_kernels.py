@@ -90,8 +90,8 @@ def loss_cases():
 
 
 def run_loss(backend, cam, tiles, labels, n, level, kind, masking, g_loss, g_logits):
-    cam = cam.detach().clone().requires_grad_(True)
-    tiles = tiles.detach().clone().requires_grad_(True)
+    cam = cam.detach().requires_grad_(True)  # detach keeps the strides of views
+    tiles = tiles.detach().requires_grad_(True)
     loss, logits = ops.reconstruction_loss(cam, tiles, labels, n, level, kind, masking, backend=backend)
     objective = loss * g_loss + (logits * g_logits).sum()
     objective.backward()
@@ -149,6 +149,23 @@ def test_reconstruction_loss_large_maps_and_layouts(device, level):
         (loss + (logits * g_logits).sum()).backward()
         for what, a, e in zip(("re_loss", "merged_logits", "grad cam", "grad cam_tiles"), (loss, logits, cam_in.grad, tiles_in.grad), want):
             assert_close(a, e, torch.float32, f"{what} {name}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reconstruction_loss_sliced_inputs(device):
+    """Views of larger tensors: one class of a batch of one (odd strides on size-1 dims) and a
+    class slice of the tiles (not contiguous)."""
+    gen = torch.Generator().manual_seed(5)
+    cams = random_maps((3, 5, 4, 6), torch.float32, device, gen)
+    tiles = random_maps((4, 5, 2, 3), torch.float32, device, gen)
+    cam_view, tiles_view = cams[:1, 2:3], tiles[:, 1:2]
+    assert cam_view.stride() == (120, 24, 6, 1) and not tiles_view.is_contiguous()
+    labels = torch.ones(1, 1, device=device)
+    for level in ("feature", "cam"):
+        got = run_loss("triton", cam_view, tiles_view, labels, 2, level, "l1", True, 1.0, 0.5)
+        want = run_loss("reference", cam_view, tiles_view, labels, 2, level, "l1", True, 1.0, 0.5)
+        for name, a, e in zip(("re_loss", "merged_logits", "grad cam", "grad cam_tiles"), got, want):
+            assert_close(a, e, torch.float32, f"{name} ({level}, sliced)")
 
 
 @pytest.mark.parametrize("device", DEVICES)
