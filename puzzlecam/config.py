@@ -10,6 +10,7 @@ with :func:`load_config` gives an identical object.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
+
+
+_FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
 class ConfigError(ValueError):
@@ -178,6 +182,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads "1e-3" (no dot) as a string; accept plain numeric spellings for float keys.
+        if isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
             return float(value)
     elif tp is str:
         if isinstance(value, str):
