@@ -325,23 +325,28 @@ struct ScaleMap {
 void fuse_resize(const std::vector<ScaleMap>& scales, int64_t K, int64_t out_h, int64_t out_w, int64_t keep_h,
                  int64_t keep_w, float* out) {
   std::vector<float> row_max(K * keep_h, 0.f);
+  // Few parallel regions, each with enough work (small ones run inline): a region costs a thread wake-up.
+  const int64_t grain = std::max<int64_t>(1, 32768 / keep_w);
   std::vector<std::vector<float>> wide(scales.size());  // per scale: rows resized along x, (K, h, keep_w)
-  std::vector<AxisWeights> ys;
-  for (size_t s = 0; s < scales.size(); ++s) {
-    const ScaleMap& sm = scales[s];
-    const AxisWeights xs = axis_weights(sm.w, out_w, keep_w);
+  std::vector<AxisWeights> xs, ys;
+  std::vector<int64_t> first_row{0};  // scale s owns rows [first_row[s], first_row[s + 1]) of the x pass
+  for (const ScaleMap& sm : scales) {
+    xs.push_back(axis_weights(sm.w, out_w, keep_w));
     ys.push_back(axis_weights(sm.h, out_h, keep_h));
-    wide[s].resize(K * sm.h * keep_w);
-    float* dst_all = wide[s].data();
-    at::parallel_for(0, K * sm.h, std::max<int64_t>(1, 4096 / keep_w), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const float* src = sm.data.data() + r * sm.w;
-        float* dst = dst_all + r * keep_w;
-        for (int64_t x = 0; x < keep_w; ++x) dst[x] = xs.l0[x] * src[xs.i0[x]] + xs.l1[x] * src[xs.i1[x]];
-      }
-    });
+    wide[xs.size() - 1].resize(K * sm.h * keep_w);
+    first_row.push_back(first_row.back() + K * sm.h);
   }
-  at::parallel_for(0, K * keep_h, std::max<int64_t>(1, 4096 / keep_w), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, first_row.back(), grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const size_t s = std::upper_bound(first_row.begin(), first_row.end(), row) - first_row.begin() - 1;
+      const int64_t r = row - first_row[s];
+      const AxisWeights& xw = xs[s];
+      const float* src = scales[s].data.data() + r * scales[s].w;
+      float* dst = wide[s].data() + r * keep_w;
+      for (int64_t x = 0; x < keep_w; ++x) dst[x] = xw.l0[x] * src[xw.i0[x]] + xw.l1[x] * src[xw.i1[x]];
+    }
+  });
+  at::parallel_for(0, K * keep_h, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t k = r / keep_h, y = r % keep_h;
       float* dst = out + r * keep_w;
@@ -364,7 +369,7 @@ void fuse_resize(const std::vector<ScaleMap>& scales, int64_t K, int64_t out_h, 
   std::vector<float> denom(K);
   for (int64_t k = 0; k < K; ++k)
     denom[k] = *std::max_element(row_max.begin() + k * keep_h, row_max.begin() + (k + 1) * keep_h) + kCamEps;
-  at::parallel_for(0, K * keep_h, std::max<int64_t>(1, 8192 / keep_w), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, K * keep_h, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float d = denom[r / keep_h];
       float* dst = out + r * keep_w;
