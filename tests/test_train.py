@@ -204,3 +204,24 @@ def test_gpu_mixed_precision_run(shards, tmp_path, ds_json):
     run_all([python_launch(run, over, tmp_path / "gpu.log")])
     assert all(r["loss"] is not None and r["loss"] > 0 for r in metrics(run))
     assert all(v.dtype == torch.float32 for v in weights(run).values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("name", ["voc_resnet50_puzzle", "voc_resnet50_baseline", "demo_cpu"])
+def test_shipped_configs_are_consistent(name):
+    cfg = load_config(ROOT / "launch" / "configs" / f"{name}.yaml")
+    ds = build_deepspeed_config(cfg, 1, str(ROOT / cfg.train.deepspeed_config))
+    assert ds["train_batch_size"] == cfg.train.global_batch_size
+    if name.startswith("voc"):
+        assert cfg.train.global_batch_size == 32 and cfg.train.epochs == 15 and cfg.optim.lr == 0.1
+        assert cfg.train.mode == name.rsplit("_", 1)[1]
+        # The 4-GPU command line in the config's header gives the same global batch.
+        four = load_config(ROOT / "launch" / "configs" / f"{name}.yaml", ["train.micro_batch_size=8", "train.grad_accum_steps=1"])
+        assert build_deepspeed_config(four, 4, str(ROOT / four.train.deepspeed_config))["train_batch_size"] == 32
+
+
+def test_fp16_needs_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    cfg = load_config(DEMO_CONFIG)
+    with pytest.raises(ConfigError, match="float16 autocast needs a CUDA GPU"):
+        build_deepspeed_config(cfg, 1, str(ROOT / "launch" / "configs" / "ds_fp16.json"))
