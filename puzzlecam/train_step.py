@@ -9,55 +9,18 @@ paper's comparison point: L = L_cls, no tile pass.
 
 from __future__ import annotations
 
-import importlib.util
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from . import puzzle
+from . import ops, puzzle
 from .config import Config
-
-# ImageNet statistics (RGB, 0..1 scale); equal to puzzlecam.data.IMAGENET_MEAN / IMAGENET_STD.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def puzzle_ops():
-    """The op implementations the step uses: ``puzzlecam.ops`` (fused kernels with dispatch), or the
-    pure-torch reference while puzzlecam.ops is not present. The one place that chooses."""
-    if importlib.util.find_spec("puzzlecam.ops") is not None:
-        from . import ops
-
-        return ops
-    return _ReferenceOps
-
-
-class _ReferenceOps:
-    """puzzlecam.puzzle behind the ops signatures (``backend`` ignored)."""
-
-    @staticmethod
-    def prepare_inputs(images, valid, n=2, dtype=torch.float32, channels_last=False, backend="auto"):
-        mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-        x = (images.permute(0, 3, 1, 2).float() / 255.0 - mean) / std
-        h, w = x.shape[2:]
-        rows = torch.arange(h, device=x.device).view(1, 1, h, 1) < valid[:, 0].view(-1, 1, 1, 1)
-        cols = torch.arange(w, device=x.device).view(1, 1, 1, w) < valid[:, 1].view(-1, 1, 1, 1)
-        x = (x * (rows & cols)).to(dtype)
-        tiles = puzzle.tile(x, n)
-        if channels_last:
-            x, tiles = x.contiguous(memory_format=torch.channels_last), tiles.contiguous(memory_format=torch.channels_last)
-        return x, tiles
-
-    @staticmethod
-    def puzzle_losses(cam, cam_tiles, labels, n=2, level="feature", kind="l1", masking=True, backend="auto"):
-        return puzzle.puzzle_losses(cam, cam_tiles, labels, n=n, level=level, kind=kind, masking=masking)
 
 
 def prepare_inputs(images: torch.Tensor, valid: torch.Tensor, n: int, dtype: torch.dtype, channels_last: bool, backend: str):
     """uint8 (B,H,W,3) on the device -> (normalized x (B,3,H,W), tiles (n*n*B,3,H/n,W/n))."""
-    return puzzle_ops().prepare_inputs(images, valid, n=n, dtype=dtype, channels_last=channels_last, backend=backend)
+    return ops.prepare_inputs(images, valid, n=n, dtype=dtype, channels_last=channels_last, backend=backend)
 
 
 class PuzzleNet(nn.Module):
@@ -92,7 +55,7 @@ def step_losses(cams: torch.Tensor, cams_tiles: torch.Tensor | None, labels: tor
         zero = torch.zeros((), device=cls.device)
         return StepLosses(cls, cls, zero, zero)
     p = cfg.puzzle
-    parts = puzzle_ops().puzzle_losses(
+    parts = ops.puzzle_losses(
         cams, cams_tiles, labels, n=p.num_pieces, level=p.level, kind=p.kind, masking=p.masking, backend=cfg.train.ops_backend
     )
     total = parts.cls + parts.pcls + alpha * parts.re
