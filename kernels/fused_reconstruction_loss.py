@@ -60,9 +60,17 @@ def _load_chunk(cam_ptr, tiles_ptr, k, b, c, B, H, W, TH, TW, c_sb, c_sc, c_sy, 
 
 
 @triton.jit
+def _make_cam(x, denom, eps):
+    # Correctly rounded division (div_rn), as torch's. A plain `/` compiles to a multiply by an approximate
+    # reciprocal that the compiler may contract with the later subtraction into an FMA: then two equal
+    # normalized values differ by a rounding residual and sign(d) of the L1 gradient flips from 0.
+    return tl.math.div_rn(tl.maximum(x - eps, 0.0), denom)
+
+
+@triton.jit
 def _diff(a, m, denom_a, denom_m, eps, LEVEL_CAM: tl.constexpr):
     if LEVEL_CAM:
-        return tl.maximum(a - eps, 0.0) / denom_a - tl.maximum(m - eps, 0.0) / denom_m
+        return _make_cam(a, denom_a, eps) - _make_cam(m, denom_m, eps)
     else:
         return a - m
 
@@ -161,8 +169,8 @@ def _re_loss_kernel(
             for k in tl.static_range(NUM_CHUNKS):
                 mask, a_off, m_off, a, m = _load_chunk(cam_ptr, tiles_ptr,
                     k, b, c, B, H, W, TH, TW, c_sb, c_sc, c_sy, c_sx, t_sb, t_sc, t_sy, t_sx, N, BLOCK_H, BLOCK_W)
-                na = tl.maximum(a - eps, 0.0) / denom_a
-                nm = tl.maximum(m - eps, 0.0) / denom_m
+                na = _make_cam(a, denom_a, eps)
+                nm = _make_cam(m, denom_m, eps)
                 g = tl.where(mask, _grad_diff(na - nm, gscale, L2), 0.0)
                 lane_sa += g * na / denom_a
                 lane_sm += g * nm / denom_m

@@ -72,7 +72,8 @@ def setup(tmp_path_factory):
     shards = make_synth_shards(root)
     weights = make_tiny_model(root / "run")
     out = root / "cams"
-    code = infer.main(["--weights", str(weights), "--shards", str(shards), "--out", str(out), "--scales", ",".join(map(str, SCALES)), "--batch-size", "3", "--num-workers", "0"])
+    code = infer.main(["--weights", str(weights), "--shards", str(shards), "--out", str(out), "--scales", ",".join(map(str, SCALES)), "--batch-size", "3", "--num-workers", "0",
+                       "--device", "cpu"])  # compared with a CPU reference below; test_cuda_matches_cpu covers CUDA
     assert code == 0
     return root, shards, weights, out
 
@@ -139,7 +140,8 @@ def test_no_flip_single_scale_matches_reference(setup, tmp_path):
 def test_rerun_skips_complete_and_redoes_missing_or_partial(setup, tmp_path):
     root, shards, weights, first = setup
     out = tmp_path / "cams"
-    args = ["--weights", str(weights), "--shards", str(shards), "--out", str(out), "--scales", ",".join(map(str, SCALES)), "--num-workers", "0"]
+    args = ["--weights", str(weights), "--shards", str(shards), "--out", str(out), "--scales", ",".join(map(str, SCALES)), "--num-workers", "0",
+            "--device", "cpu"]  # bit-equal to the first (CPU) run below
     assert infer.main(args) == 0
     ids = manifest_ids(shards)
     (out / f"{ids[1]}.npz").unlink()

@@ -326,12 +326,19 @@ def test_half_model_on_cuda(dtype):
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch="resnet50", width=16)).cuda()
     x = torch.randn(2, 3, 128, 128, device="cuda")
-    with torch.no_grad():
-        ref = model.eval()(x)[1]
-        half_model = model.to(dtype).to(memory_format=torch.channels_last)
-        out = half_model(x.to(dtype).contiguous(memory_format=torch.channels_last))[1]
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # a true fp32 reference
+    try:
+        with torch.no_grad():
+            ref = model.eval()(x)[1]
+            half_model = model.to(dtype).to(memory_format=torch.channels_last)
+            out = half_model(x.to(dtype).contiguous(memory_format=torch.channels_last))[1]
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
     assert half_model.backbone.bn1.running_var.dtype == torch.float32
-    torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.05)
+    # Relative error of the whole map: 50 layers of half-precision rounding (bf16 has 8 mantissa bits).
+    rel = ((out.float() - ref).norm() / ref.norm()).item()
+    assert rel < (5e-2 if dtype == torch.bfloat16 else 1e-2), rel
     half_model.train()(x.to(dtype))[0].sum().backward()
 
 
