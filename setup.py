@@ -136,6 +136,7 @@ def _install_requires():
         "torch>=2.4",
         "deepspeed>=0.14",
         "webdataset>=0.2.86",
+        "braceexpand",
         "numpy",
         "pyarrow>=12",
         "rich>=13",
