@@ -26,6 +26,8 @@ mkdir -p "$OUT"
 
 if [ "${BUILD_EXT:-0}" = "1" ]; then
   echo "== building puzzlecam._C in place" | tee -a "$OUT/build_ext.log"
+  # CC/CXX: build with the system compiler where the default one mismatches the runtime libstdc++
+  # (docs/extension.md, Troubleshooting).
   "$PY" setup.py build_ext --inplace >>"$OUT/build_ext.log" 2>&1 || echo "extension build failed (see build_ext.log); going on without it"
 fi
 
