@@ -6,14 +6,14 @@ PY            := $(VENV)/bin/python
 PIP           := $(PY) -m pip
 # Reinstall only when the build inputs change (a second `make test` installs nothing).
 STAMP         := $(VENV)/.puzzlecam-installed
-BUILD_INPUTS  := setup.py $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \) 2>/dev/null)
+BUILD_INPUTS  := setup.py pyproject.toml $(shell find csrc -type f \( -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' \) 2>/dev/null)
 # Triton runs on the CPU only through its interpreter; it must be set before triton is imported.
 GPU_VISIBLE    = $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
 TEST_ENV       = $(if $(filter 1,$(GPU_VISIBLE)),,TRITON_INTERPRET=1)
 PYTEST_ARGS   ?=
 DEMO_DIR      ?= demo_out
 
-.PHONY: install test demo bench clean
+.PHONY: install lint format test test-fast demo bench clean
 
 install: $(STAMP)
 
@@ -26,8 +26,20 @@ $(STAMP): $(PY) $(BUILD_INPUTS)
 	$(PIP) install --no-build-isolation -e '.[test]'
 	touch $@
 
-test: install
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: install
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+# CI runs everything, the lint first; test-fast leaves out the tests marked slow (launches, the demo).
+test: install lint
 	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(TEST_ENV) $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 demo: install
 	$(TEST_ENV) $(PY) -m puzzlecam.demo --out $(DEMO_DIR)

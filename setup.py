@@ -1,11 +1,8 @@
-"""Build and install puzzlecam.
+"""The extension build of puzzlecam; the package metadata lives in pyproject.toml.
 
-* ``puzzlecam`` (the library) and the top-level ``kernels/`` folder, installed as the subpackage
-  ``puzzlecam.kernels`` through a package_dir mapping (never as a top-level ``kernels`` module:
-  that name belongs to another PyPI package).
-* ``puzzlecam._C``, the C++ (and, with a CUDA torch and nvcc, CUDA) extension from ``csrc/``.
-  A failed extension build is reported clearly and does not fail the install: the package then
-  serves the pure-torch reference backend with one warning.
+``puzzlecam._C`` is the C++ (and, with a CUDA torch and nvcc, CUDA) extension from ``csrc/``.
+A failed extension build is reported clearly and does not fail the install: the package then
+serves the pure-torch reference backend with one warning.
 
 Install with ``pip install --no-build-isolation -e .`` so that the build uses the torch that is
 already installed (an isolated build would pull a CUDA torch from the index).
@@ -33,7 +30,10 @@ def _cuda_wanted():
         return False
     if torch.version.cuda is None:  # a CPU torch has no CUDA headers to build the glue against
         if os.environ.get("FORCE_CUDA", "0") == "1":
-            print("puzzlecam: FORCE_CUDA=1 ignored: the installed torch has no CUDA; building the CPU ops only", file=sys.stderr)
+            print(
+                "puzzlecam: FORCE_CUDA=1 ignored: the installed torch has no CUDA; building the CPU ops only",
+                file=sys.stderr,
+            )
         return False
     if os.environ.get("FORCE_CUDA", "0") == "1":
         return True
@@ -56,7 +56,9 @@ def _extensions():
         # Without a visible GPU, torch would compile for every architecture it knows: pick A100 + H100.
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
-        cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+        cuda_sources = sorted(
+            glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp"))
+        )
         ext = cpp_extension.CUDAExtension(
             "puzzlecam._C",
             cpu_sources + cuda_sources,
@@ -93,7 +95,9 @@ if cpp_extension is not None:
             compiler = os.environ.get("CXX", "c++").split()[0]
             if shutil.which(compiler) is None:
                 self._failed.add(ext.name)
-                self._report(RuntimeError(f"no C++ compiler found: {compiler!r} is not on PATH (set CXX or install g++)"))
+                self._report(
+                    RuntimeError(f"no C++ compiler found: {compiler!r} is not on PATH (set CXX or install g++)")
+                )
                 return
             try:
                 super().build_extension(ext)
@@ -131,42 +135,6 @@ else:
     _TolerantBuildExt = None
 
 
-def _install_requires():
-    reqs = [
-        "torch>=2.4",
-        "deepspeed>=0.14",
-        "webdataset>=0.2.86",
-        "braceexpand",
-        "numpy",
-        "pyarrow>=12",
-        "rich>=13",
-        "pillow>=9",
-        "pyyaml>=6",
-        "safetensors>=0.4",
-        "scipy>=1.10",
-    ]
-    # CUDA builds of torch bring their own triton; CPU builds do not.
-    if torch is None or torch.version.cuda is None:
-        reqs.append("triton>=3.0")
-    return reqs
-
-
 ext_modules, cmdclass = _extensions()
 
-setup(
-    name="puzzlecam",
-    version="0.1.0",
-    description="Distributed Puzzle-CAM trainer (weakly supervised semantic segmentation) with Triton and CUDA kernels",
-    python_requires=">=3.10",
-    packages=["puzzlecam", "puzzlecam.model", "puzzlecam.data", "puzzlecam.bench", "puzzlecam.kernels"],
-    package_dir={"puzzlecam": "puzzlecam", "puzzlecam.kernels": "kernels"},
-    package_data={"puzzlecam": ["py.typed"]},
-    install_requires=_install_requires(),
-    extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "imgviz>=1.7"],
-        "crf": ["pydensecrf2"],
-    },
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    zip_safe=False,
-)
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -19,4 +19,4 @@ from .fused_prepare_inputs import prepare_inputs  # noqa: E402
 from .fused_reconstruction_loss import reconstruction_loss  # noqa: E402
 from .tile_merge import merge, tile  # noqa: E402
 
-__all__ = ["INTERPRETED", "prepare_inputs", "reconstruction_loss", "tile", "merge"]
+__all__ = ["INTERPRETED", "merge", "prepare_inputs", "reconstruction_loss", "tile"]

@@ -48,8 +48,10 @@ def check_float(op: str, name: str, t: torch.Tensor, allowed=FLOAT_DTYPES) -> No
 
 def check_size(op: str, name: str, t: torch.Tensor) -> None:
     if t.numel() > MAX_ELEMENTS:
-        raise ValueError(f"{op}: {name} has {t.numel()} elements; the Triton kernels index with int32 (at most {MAX_ELEMENTS})")
-    if t.dim() and t.numel() and max(s * (d - 1) for s, d in zip(t.stride(), t.shape)) > MAX_ELEMENTS:
+        raise ValueError(
+            f"{op}: {name} has {t.numel()} elements; the Triton kernels index with int32 (at most {MAX_ELEMENTS})"
+        )
+    if t.dim() and t.numel() and max(s * (d - 1) for s, d in zip(t.stride(), t.shape, strict=True)) > MAX_ELEMENTS:
         raise ValueError(f"{op}: {name} spans more than {MAX_ELEMENTS} elements of memory (strides {t.stride()})")
 
 
@@ -57,5 +59,7 @@ def check_same_device(op: str, **tensors: torch.Tensor) -> torch.device:
     devices = {name: t.device for name, t in tensors.items()}
     first = next(iter(devices.values()))
     if any(d != first for d in devices.values()):
-        raise ValueError(f"{op}: all tensors must be on one device, got " + ", ".join(f"{k} on {v}" for k, v in devices.items()))
+        raise ValueError(
+            f"{op}: all tensors must be on one device, got " + ", ".join(f"{k} on {v}" for k, v in devices.items())
+        )
     return first

@@ -20,8 +20,9 @@ MAX_BLOCK = 1024
 
 
 @triton.jit
-def _normalize_store(img_ptr, x_ptr, tiles_ptr, img_off, x_off, t_off, mask, keep, mean, std,
-                     CH: tl.constexpr, i_sc, x_sc, t_sc):
+def _normalize_store(
+    img_ptr, x_ptr, tiles_ptr, img_off, x_off, t_off, mask, keep, mean, std, CH: tl.constexpr, i_sc, x_sc, t_sc
+):
     v = tl.load(img_ptr + img_off + CH * i_sc, mask=mask, other=0).to(tl.float32)
     val = (v / 255.0 - mean) / std
     val = tl.where(keep, val, 0.0).to(x_ptr.dtype.element_ty)
@@ -31,12 +32,36 @@ def _normalize_store(img_ptr, x_ptr, tiles_ptr, img_off, x_off, t_off, mask, kee
 
 @triton.jit
 def _prepare_inputs_kernel(
-    img_ptr, valid_ptr, x_ptr, tiles_ptr, B, H, TH, TW,
-    i_sb, i_sy, i_sx, i_sc,
-    x_sb, x_sc, x_sy, x_sx,
-    t_sb, t_sc, t_sy, t_sx,
-    mean0, mean1, mean2, std0, std1, std2,
-    N: tl.constexpr, BLOCK: tl.constexpr, PACKED_IMAGES: tl.constexpr, UNIT_X: tl.constexpr,
+    img_ptr,
+    valid_ptr,
+    x_ptr,
+    tiles_ptr,
+    B,
+    H,
+    TH,
+    TW,
+    i_sb,
+    i_sy,
+    i_sx,
+    i_sc,
+    x_sb,
+    x_sc,
+    x_sy,
+    x_sx,
+    t_sb,
+    t_sc,
+    t_sy,
+    t_sx,
+    mean0,
+    mean1,
+    mean2,
+    std0,
+    std1,
+    std2,
+    N: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PACKED_IMAGES: tl.constexpr,
+    UNIT_X: tl.constexpr,
 ):
     # Compile-time strides for the usual layouts let the compiler vectorize.
     if PACKED_IMAGES:  # (.., W, 3) with the pixels of a row packed
@@ -89,10 +114,26 @@ def prepare_inputs(
     s_b, s_y, s_x, s_c = images.stride()
     grid = (b * h, n, triton.cdiv(tw, block))
     _prepare_inputs_kernel[grid](
-        images, valid, x, tiles, b, h, th, tw,
-        s_b, s_y, s_x, s_c, *x.stride(), *tiles.stride(),
-        *puzzle.IMAGENET_MEAN, *puzzle.IMAGENET_STD,
-        N=n, BLOCK=block, PACKED_IMAGES=(s_x, s_c) == (3, 1), UNIT_X=x.stride(3) == 1 and tiles.stride(3) == 1,
+        images,
+        valid,
+        x,
+        tiles,
+        b,
+        h,
+        th,
+        tw,
+        s_b,
+        s_y,
+        s_x,
+        s_c,
+        *x.stride(),
+        *tiles.stride(),
+        *puzzle.IMAGENET_MEAN,
+        *puzzle.IMAGENET_STD,
+        N=n,
+        BLOCK=block,
+        PACKED_IMAGES=(s_x, s_c) == (3, 1),
+        UNIT_X=x.stride(3) == 1 and tiles.stride(3) == 1,
         num_warps=max(1, min(8, block // 128)),
     )
     return x, tiles

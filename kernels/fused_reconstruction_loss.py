@@ -32,8 +32,27 @@ MAX_BLOCK = 4096
 
 
 @triton.jit
-def _chunk_offsets(k, b, c, B, H, W, TH, TW, c_sb, c_sc, c_sy, c_sx, t_sb, t_sc, t_sy, t_sx,
-                   N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+def _chunk_offsets(
+    k,
+    b,
+    c,
+    B,
+    H,
+    W,
+    TH,
+    TW,
+    c_sb,
+    c_sc,
+    c_sy,
+    c_sx,
+    t_sb,
+    t_sc,
+    t_sy,
+    t_sx,
+    N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
     # A 2-D block of rows x columns: the tile row / column of each element comes from one integer
     # division per row and one per column, not per element.
     y = k * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
@@ -49,11 +68,33 @@ def _chunk_offsets(k, b, c, B, H, W, TH, TW, c_sb, c_sc, c_sy, c_sx, t_sb, t_sc,
 
 
 @triton.jit
-def _load_chunk(cam_ptr, tiles_ptr, k, b, c, B, H, W, TH, TW, c_sb, c_sc, c_sy, c_sx, t_sb, t_sc, t_sy, t_sx,
-                N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
+def _load_chunk(
+    cam_ptr,
+    tiles_ptr,
+    k,
+    b,
+    c,
+    B,
+    H,
+    W,
+    TH,
+    TW,
+    c_sb,
+    c_sc,
+    c_sy,
+    c_sx,
+    t_sb,
+    t_sc,
+    t_sy,
+    t_sx,
+    N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+):
     """Chunk k of the full map and of the merged map (read at its tile addresses), in fp32."""
-    mask, a_off, m_off = _chunk_offsets(k, b, c, B, H, W, TH, TW, c_sb, c_sc, c_sy, c_sx, t_sb, t_sc, t_sy, t_sx,
-                                        N, BLOCK_H, BLOCK_W)
+    mask, a_off, m_off = _chunk_offsets(
+        k, b, c, B, H, W, TH, TW, c_sb, c_sc, c_sy, c_sx, t_sb, t_sc, t_sy, t_sx, N, BLOCK_H, BLOCK_W
+    )
     a = tl.load(cam_ptr + a_off, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(tiles_ptr + m_off, mask=mask, other=0.0).to(tl.float32)
     return mask, a_off, m_off, a, m
@@ -96,14 +137,41 @@ def _max2d(x):
 
 @triton.jit
 def _re_loss_kernel(
-    cam_ptr, tiles_ptr, labels_ptr, partial_ptr, logits_ptr,
-    gcam_ptr, gtiles_ptr, gloss_ptr, glogits_ptr,
-    B, C, W, TH, TW, g_sb, g_sc,
-    c_sb, c_sc, c_sy, c_sx,
-    t_sb, t_sc, t_sy, t_sx,
-    N: tl.constexpr, EPS: tl.constexpr, LEVEL_CAM: tl.constexpr, L2: tl.constexpr, MASKING: tl.constexpr,
-    BACKWARD: tl.constexpr, HAS_GLOGITS: tl.constexpr, NUM_CHUNKS: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, UNIT_X: tl.constexpr,
+    cam_ptr,
+    tiles_ptr,
+    labels_ptr,
+    partial_ptr,
+    logits_ptr,
+    gcam_ptr,
+    gtiles_ptr,
+    gloss_ptr,
+    glogits_ptr,
+    B,
+    C,
+    W,
+    TH,
+    TW,
+    g_sb,
+    g_sc,
+    c_sb,
+    c_sc,
+    c_sy,
+    c_sx,
+    t_sb,
+    t_sc,
+    t_sy,
+    t_sx,
+    N: tl.constexpr,
+    EPS: tl.constexpr,
+    LEVEL_CAM: tl.constexpr,
+    L2: tl.constexpr,
+    MASKING: tl.constexpr,
+    BACKWARD: tl.constexpr,
+    HAS_GLOGITS: tl.constexpr,
+    NUM_CHUNKS: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_W: tl.constexpr,
+    UNIT_X: tl.constexpr,
 ):
     if UNIT_X:  # a compile-time unit stride along x lets the compiler vectorize the row accesses
         c_sx = 1
@@ -136,8 +204,29 @@ def _re_loss_kernel(
         lane_cnt_m = tl.zeros((BLOCK_H, BLOCK_W), tl.float32)
         lane_sum = tl.zeros((BLOCK_H, BLOCK_W), tl.float32)
         for k in tl.static_range(NUM_CHUNKS):
-            mask, a_off, m_off, a, m = _load_chunk(cam_ptr, tiles_ptr,
-                k, b, c, B, H, W, TH, TW, c_sb, c_sc, c_sy, c_sx, t_sb, t_sc, t_sy, t_sx, N, BLOCK_H, BLOCK_W)
+            mask, a_off, m_off, a, m = _load_chunk(
+                cam_ptr,
+                tiles_ptr,
+                k,
+                b,
+                c,
+                B,
+                H,
+                W,
+                TH,
+                TW,
+                c_sb,
+                c_sc,
+                c_sy,
+                c_sx,
+                t_sb,
+                t_sc,
+                t_sy,
+                t_sx,
+                N,
+                BLOCK_H,
+                BLOCK_W,
+            )
             ra = tl.where(mask, tl.maximum(a, 0.0), -1.0)
             rm = tl.where(mask, tl.maximum(m, 0.0), -1.0)
             lane_cnt_a = tl.where(ra > lane_max_a, 1.0, tl.where(ra == lane_max_a, lane_cnt_a + 1.0, lane_cnt_a))
@@ -167,8 +256,29 @@ def _re_loss_kernel(
             lane_sa = tl.zeros((BLOCK_H, BLOCK_W), tl.float32)
             lane_sm = tl.zeros((BLOCK_H, BLOCK_W), tl.float32)
             for k in tl.static_range(NUM_CHUNKS):
-                mask, a_off, m_off, a, m = _load_chunk(cam_ptr, tiles_ptr,
-                    k, b, c, B, H, W, TH, TW, c_sb, c_sc, c_sy, c_sx, t_sb, t_sc, t_sy, t_sx, N, BLOCK_H, BLOCK_W)
+                mask, a_off, m_off, a, m = _load_chunk(
+                    cam_ptr,
+                    tiles_ptr,
+                    k,
+                    b,
+                    c,
+                    B,
+                    H,
+                    W,
+                    TH,
+                    TW,
+                    c_sb,
+                    c_sc,
+                    c_sy,
+                    c_sx,
+                    t_sb,
+                    t_sc,
+                    t_sy,
+                    t_sx,
+                    N,
+                    BLOCK_H,
+                    BLOCK_W,
+                )
                 na = _make_cam(a, denom_a, eps)
                 nm = _make_cam(m, denom_m, eps)
                 g = tl.where(mask, _grad_diff(na - nm, gscale, L2), 0.0)
@@ -179,8 +289,29 @@ def _re_loss_kernel(
             max_grad_m = _sum2d(lane_sm) / count_m
         # Pass 3: write both gradients once.
         for k in tl.static_range(NUM_CHUNKS):
-            mask, a_off, m_off, a, m = _load_chunk(cam_ptr, tiles_ptr,
-                k, b, c, B, H, W, TH, TW, c_sb, c_sc, c_sy, c_sx, t_sb, t_sc, t_sy, t_sx, N, BLOCK_H, BLOCK_W)
+            mask, a_off, m_off, a, m = _load_chunk(
+                cam_ptr,
+                tiles_ptr,
+                k,
+                b,
+                c,
+                B,
+                H,
+                W,
+                TH,
+                TW,
+                c_sb,
+                c_sc,
+                c_sy,
+                c_sx,
+                t_sb,
+                t_sc,
+                t_sy,
+                t_sx,
+                N,
+                BLOCK_H,
+                BLOCK_W,
+            )
             g = _grad_diff(_diff(a, m, denom_a, denom_m, eps, LEVEL_CAM), gscale, L2)
             if LEVEL_CAM:
                 ga = tl.where(a - eps > 0, g / denom_a, 0.0)
@@ -198,8 +329,29 @@ def _re_loss_kernel(
         lane_err = tl.zeros((BLOCK_H, BLOCK_W), tl.float32)
         lane_sum = tl.zeros((BLOCK_H, BLOCK_W), tl.float32)
         for k in tl.static_range(NUM_CHUNKS):
-            mask, a_off, m_off, a, m = _load_chunk(cam_ptr, tiles_ptr,
-                k, b, c, B, H, W, TH, TW, c_sb, c_sc, c_sy, c_sx, t_sb, t_sc, t_sy, t_sx, N, BLOCK_H, BLOCK_W)
+            mask, a_off, m_off, a, m = _load_chunk(
+                cam_ptr,
+                tiles_ptr,
+                k,
+                b,
+                c,
+                B,
+                H,
+                W,
+                TH,
+                TW,
+                c_sb,
+                c_sc,
+                c_sy,
+                c_sx,
+                t_sb,
+                t_sc,
+                t_sy,
+                t_sx,
+                N,
+                BLOCK_H,
+                BLOCK_W,
+            )
             d = _diff(a, m, denom_a, denom_m, eps, LEVEL_CAM)
             if not LEVEL_CAM:
                 lane_sum += m
@@ -236,8 +388,10 @@ def _launch(cam, cam_tiles, labels, n, level, kind, masking, *, backward, gloss=
         grad_cam, grad_tiles = empty_like(cam), empty_like(cam_tiles)
         # The kernel writes the gradients at their inputs' offsets (strides of size-1 dims are moot).
         for g, t in ((grad_cam, cam), (grad_tiles, cam_tiles)):
-            if any(gs != ts for gs, ts, size in zip(g.stride(), t.stride(), t.shape) if size > 1):
-                raise RuntimeError(f"reconstruction_loss: gradient strides {g.stride()} differ from the input's {t.stride()}")
+            if any(gs != ts for gs, ts, size in zip(g.stride(), t.stride(), t.shape, strict=True) if size > 1):
+                raise RuntimeError(
+                    f"reconstruction_loss: gradient strides {g.stride()} differ from the input's {t.stride()}"
+                )
         partial = logits = labels  # unused placeholders
         outs = (grad_cam, grad_tiles)
     else:
@@ -251,10 +405,33 @@ def _launch(cam, cam_tiles, labels, n, level, kind, masking, *, backward, gloss=
     if not has_glogits:
         glogits = labels
     _re_loss_kernel[(b * c,)](
-        cam, cam_tiles, labels, partial, logits, grad_cam, grad_tiles, gloss, glogits,
-        b, c, w, h // n, w // n, *glogits.stride(), *cam.stride(), *cam_tiles.stride(),
-        N=n, EPS=puzzle.CAM_EPS, LEVEL_CAM=level == "cam", L2=kind == "l2", MASKING=bool(masking),
-        BACKWARD=backward, HAS_GLOGITS=has_glogits, NUM_CHUNKS=num_chunks, BLOCK_H=block_h, BLOCK_W=block_w,
+        cam,
+        cam_tiles,
+        labels,
+        partial,
+        logits,
+        grad_cam,
+        grad_tiles,
+        gloss,
+        glogits,
+        b,
+        c,
+        w,
+        h // n,
+        w // n,
+        *glogits.stride(),
+        *cam.stride(),
+        *cam_tiles.stride(),
+        N=n,
+        EPS=puzzle.CAM_EPS,
+        LEVEL_CAM=level == "cam",
+        L2=kind == "l2",
+        MASKING=bool(masking),
+        BACKWARD=backward,
+        HAS_GLOGITS=has_glogits,
+        NUM_CHUNKS=num_chunks,
+        BLOCK_H=block_h,
+        BLOCK_W=block_w,
         UNIT_X=cam.stride(3) == 1 and cam_tiles.stride(3) == 1,
         # Enough warps that a 64x64 map (4096 elements) holds its values in registers without spills.
         num_warps=16 if block >= 4096 else 8 if block >= 2048 else 4,
@@ -299,11 +476,17 @@ class ReconstructionLossFunction(torch.autograd.Function):
         grad_loss = grad_loss.to(torch.float32)
         if grad_logits is not None:
             grad_logits = grad_logits.to(torch.float32)  # any strides (often an expanded scalar)
-        grad_cam, grad_tiles = _launch(cam, cam_tiles, weights, *ctx.args, backward=True, gloss=grad_loss, glogits=grad_logits)
+        grad_cam, grad_tiles = _launch(
+            cam, cam_tiles, weights, *ctx.args, backward=True, gloss=grad_loss, glogits=grad_logits
+        )
         return (
             grad_cam if ctx.needs_input_grad[0] else None,
             grad_tiles if ctx.needs_input_grad[1] else None,
-            None, None, None, None, None,
+            None,
+            None,
+            None,
+            None,
+            None,
         )
 
 

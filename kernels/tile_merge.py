@@ -21,11 +21,30 @@ MAX_BLOCK = 4096
 
 @triton.jit
 def _tile_copy_kernel(
-    full_ptr, tiles_ptr, ROWS, INNER, B, C, H, W, TH, TW,
-    f_sb, f_sc, f_sy, f_sx,
-    t_sb, t_sc, t_sy, t_sx,
-    N: tl.constexpr, TO_TILES: tl.constexpr, CHANNELS_LAST: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, UNIT_INNER: tl.constexpr,
+    full_ptr,
+    tiles_ptr,
+    ROWS,
+    INNER,
+    B,
+    C,
+    H,
+    W,
+    TH,
+    TW,
+    f_sb,
+    f_sc,
+    f_sy,
+    f_sx,
+    t_sb,
+    t_sc,
+    t_sy,
+    t_sx,
+    N: tl.constexpr,
+    TO_TILES: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    UNIT_INNER: tl.constexpr,
 ):
     if UNIT_INNER:  # a compile-time unit stride along the columns lets the compiler vectorize
         if CHANNELS_LAST:
@@ -78,9 +97,25 @@ def _launch(full: torch.Tensor, tiles: torch.Tensor, n: int, to_tiles: bool) -> 
     block_r = max(1, MAX_BLOCK // block_i)
     grid = (triton.cdiv(rows, block_r), triton.cdiv(inner, block_i))
     _tile_copy_kernel[grid](
-        full, tiles, rows, inner, b, c, h, w, h // n, w // n,
-        *full.stride(), *tiles.stride(),
-        N=n, TO_TILES=to_tiles, CHANNELS_LAST=channels_last, BLOCK_R=block_r, BLOCK_I=block_i, UNIT_INNER=unit_inner, num_warps=8,
+        full,
+        tiles,
+        rows,
+        inner,
+        b,
+        c,
+        h,
+        w,
+        h // n,
+        w // n,
+        *full.stride(),
+        *tiles.stride(),
+        N=n,
+        TO_TILES=to_tiles,
+        CHANNELS_LAST=channels_last,
+        BLOCK_R=block_r,
+        BLOCK_I=block_i,
+        UNIT_INNER=unit_inner,
+        num_warps=8,
     )
 
 
@@ -104,7 +139,9 @@ def merge_forward(t: torch.Tensor, n: int) -> torch.Tensor:
     check_size("merge", "tiles", t)
     nb, c, th, tw = t.shape
     if nb % (n * n):
-        raise ValueError(f"merge: the tile batch {nb} (tiles of shape {tuple(t.shape)}) is not a multiple of n*n={n * n}")
+        raise ValueError(
+            f"merge: the tile batch {nb} (tiles of shape {tuple(t.shape)}) is not a multiple of n*n={n * n}"
+        )
     out = empty((nb // (n * n), c, th * n, tw * n), t.dtype, t.device, memory_format_of(t))
     _launch(out, t, n, to_tiles=False)
     return out

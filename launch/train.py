@@ -9,7 +9,7 @@ import sys
 # Run from a source checkout without installing: make the repository root importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from puzzlecam.train import main  # noqa: E402
+from puzzlecam.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -26,13 +26,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from puzzlecam.errors import CamStoreError
+
 INDEX_NAME = "index.parquet"
 CAM_SUFFIX = ".npz"
 ARRAY_NAMES = ("keys", "cam", "hr_cam")
-
-
-class CamStoreError(ValueError):
-    """A CAM file that is missing, unreadable or malformed; the message names the image id."""
 
 
 @dataclass
@@ -127,7 +125,9 @@ def list_ids(directory: str | Path) -> list[str]:
     d = Path(directory)
     if not d.is_dir():
         raise CamStoreError(f"CAM directory {d} does not exist")
-    return sorted(p.name[: -len(CAM_SUFFIX)] for p in d.iterdir() if p.name.endswith(CAM_SUFFIX) and not p.name.startswith("."))
+    return sorted(
+        p.name[: -len(CAM_SUFFIX)] for p in d.iterdir() if p.name.endswith(CAM_SUFFIX) and not p.name.startswith(".")
+    )
 
 
 def _header(z: zipfile.ZipFile, name: str) -> tuple[tuple[int, ...], np.dtype]:

@@ -69,7 +69,7 @@ def mark_complete(tag_dir: Path, step: int) -> None:
 def prune(ckpt_dir: Path, keep_last: int) -> list[Path]:
     """Remove all but the newest ``keep_last`` complete tags (and incomplete ones older than them)."""
     ckpt_dir = Path(ckpt_dir)
-    keep = complete_tags(ckpt_dir)[-max(keep_last, 1):]
+    keep = complete_tags(ckpt_dir)[-max(keep_last, 1) :]
     if not keep:
         return []
     newest_kept = step_of(keep[-1].name)
@@ -98,7 +98,9 @@ def resolve_resume(resume: str, ckpt_dir: Path) -> Path | None:
         raise FileNotFoundError(f"--resume {resume}: no such checkpoint or directory")
     if step_of(p.name) is not None:
         if not is_complete(p):
-            raise FileNotFoundError(f"--resume {resume}: checkpoint is incomplete (no {COMPLETE} marker; its save did not finish)")
+            raise FileNotFoundError(
+                f"--resume {resume}: checkpoint is incomplete (no {COMPLETE} marker; its save did not finish)"
+            )
         return p
     for candidate in (p, p / "checkpoints"):
         tag = latest_complete(candidate)

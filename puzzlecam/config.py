@@ -15,16 +15,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
+from puzzlecam.errors import ConfigError
 
 _FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-
-
-class ConfigError(ValueError):
-    """A bad config file, key or value; the message names the key and what was expected."""
 
 
 @dataclass
@@ -38,7 +35,7 @@ class ModelConfig:
     norm: Literal["train", "frozen"] = "train"
     num_classes: int = 20
     # torchvision-format ImageNet weights (a local file; nothing is downloaded).
-    pretrained: Optional[str] = None
+    pretrained: str | None = None
 
 
 @dataclass
@@ -260,7 +257,7 @@ def _expects_str(dotted: str) -> bool:
         if part not in hints:
             return False
         cls = hints[part]
-    return cls is str or cls == Optional[str]
+    return cls is str or cls == (str | None)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -25,16 +25,13 @@ from rich.console import Console
 from rich.table import Table
 
 from puzzlecam.config import ConfigError, load_config
+from puzzlecam.errors import DemoError
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "launch" / "configs" / "demo_cpu.yaml"
 MODES = ("baseline", "puzzle")
 
 console = Console(width=max(110, shutil.get_terminal_size((110, 24)).columns))
-
-
-class DemoError(RuntimeError):
-    pass
 
 
 def _free_port() -> int:
@@ -59,8 +56,15 @@ def _run(stage: str, cmd: list[str], log: Path, env: dict[str, str] | None = Non
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
         assert proc.stdout is not None
         for line in proc.stdout:
             fh.write(line)
@@ -72,13 +76,38 @@ def _run(stage: str, cmd: list[str], log: Path, env: dict[str, str] | None = Non
 
 
 def _train_command(launcher: str, procs: int, config: Path, run_dir: Path, overrides: list[str]) -> list[str]:
-    entry = [str(REPO / "launch" / "train.py"), "--config", str(config), "--run-dir", str(run_dir), "--resume", "auto", *overrides]
+    entry = [
+        str(REPO / "launch" / "train.py"),
+        "--config",
+        str(config),
+        "--run-dir",
+        str(run_dir),
+        "--resume",
+        "auto",
+        *overrides,
+    ]
     if launcher == "deepspeed":
-        return [_bin("deepspeed"), "--num_gpus", str(procs), "--master_addr", "127.0.0.1",
-                "--master_port", str(_free_port()), *entry]
+        return [
+            _bin("deepspeed"),
+            "--num_gpus",
+            str(procs),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            *entry,
+        ]
     if launcher == "torchrun":
-        return [_bin("torchrun"), "--nproc-per-node", str(procs), "--rdzv-backend", "c10d",
-                "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", *entry]
+        return [
+            _bin("torchrun"),
+            "--nproc-per-node",
+            str(procs),
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            f"127.0.0.1:{_free_port()}",
+            *entry,
+        ]
     return [sys.executable, *entry]
 
 
@@ -93,38 +122,110 @@ def run_demo(args: argparse.Namespace) -> dict[str, dict]:
     cfg = load_config(args.config, args.set)
     per_proc = cfg.train.global_batch_size // (args.procs * cfg.train.grad_accum_steps)
     if per_proc * args.procs * cfg.train.grad_accum_steps != cfg.train.global_batch_size:
-        raise DemoError(f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by --procs {args.procs} "
-                        f"x train.grad_accum_steps {cfg.train.grad_accum_steps}")
+        raise DemoError(
+            f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by --procs {args.procs} "
+            f"x train.grad_accum_steps {cfg.train.grad_accum_steps}"
+        )
     if not (voc / "ImageSets" / "Segmentation" / "val.txt").exists():
-        _run("synthetic VOC-format data", [py, "-m", "puzzlecam.data", "synth", "--out", str(voc), "--num-images",
-                                           str(args.num_images), "--size", str(args.size), "--seed", str(args.seed)],
-             logs / "synth.log")
+        _run(
+            "synthetic VOC-format data",
+            [
+                py,
+                "-m",
+                "puzzlecam.data",
+                "synth",
+                "--out",
+                str(voc),
+                "--num-images",
+                str(args.num_images),
+                "--size",
+                str(args.size),
+                "--seed",
+                str(args.seed),
+            ],
+            logs / "synth.log",
+        )
     for split in ("train", "val"):
         if not any(shards.glob(f"{split}-*.tar")):
-            _run(f"shard the {split} split", [py, "-m", "puzzlecam.data", "shard", "--voc-root", str(voc), "--split", split,
-                                             "--out", str(shards)], logs / f"shard_{split}.log")
+            _run(
+                f"shard the {split} split",
+                [py, "-m", "puzzlecam.data", "shard", "--voc-root", str(voc), "--split", split, "--out", str(shards)],
+                logs / f"shard_{split}.log",
+            )
     train_pattern, val_pattern = str(shards / "train-*.tar"), str(shards / "val-*.tar")
 
     results = {}
     for mode in MODES:
         run = out / "runs" / mode
-        overrides = [f"data.train_shards={train_pattern}", f"data.eval_shards={val_pattern}", f"train.mode={mode}",
-                     f"train.seed={args.seed}", f"train.micro_batch_size={per_proc}", *args.set]
+        overrides = [
+            f"data.train_shards={train_pattern}",
+            f"data.eval_shards={val_pattern}",
+            f"train.mode={mode}",
+            f"train.seed={args.seed}",
+            f"train.micro_batch_size={per_proc}",
+            *args.set,
+        ]
         if not (run / "model.safetensors").exists():
-            _run(f"train {mode} ({args.launcher}, {args.procs} processes)",
-                 _train_command(args.launcher, args.procs, Path(args.config), run, overrides), logs / f"train_{mode}.log", env)
+            _run(
+                f"train {mode} ({args.launcher}, {args.procs} processes)",
+                _train_command(args.launcher, args.procs, Path(args.config), run, overrides),
+                logs / f"train_{mode}.log",
+                env,
+            )
         cams, evaluation, viz = run / "cams", run / "eval", run / "viz"
         if not (cams / "index.parquet").exists():
-            cmd = [py, "-m", "puzzlecam.infer", "--weights", str(run / "model.safetensors"), "--shards", val_pattern,
-                   "--out", str(cams), "--device", "cpu", "--num-workers", "1"]
+            cmd = [
+                py,
+                "-m",
+                "puzzlecam.infer",
+                "--weights",
+                str(run / "model.safetensors"),
+                "--shards",
+                val_pattern,
+                "--out",
+                str(cams),
+                "--device",
+                "cpu",
+                "--num-workers",
+                "1",
+            ]
             _run(f"multi-scale CAM inference ({mode})", cmd, logs / f"infer_{mode}.log", env)
         if not (evaluation / "summary.json").exists():
-            _run(f"threshold-sweep evaluation ({mode})", [py, "-m", "puzzlecam.evaluate", "--cams", str(cams), "--shards",
-                                                          val_pattern, "--out", str(evaluation)], logs / f"eval_{mode}.log")
+            _run(
+                f"threshold-sweep evaluation ({mode})",
+                [
+                    py,
+                    "-m",
+                    "puzzlecam.evaluate",
+                    "--cams",
+                    str(cams),
+                    "--shards",
+                    val_pattern,
+                    "--out",
+                    str(evaluation),
+                ],
+                logs / f"eval_{mode}.log",
+            )
         if not (viz / "grid.png").exists():
-            _run(f"overlays ({mode})", [py, "-m", "puzzlecam.viz", "--cams", str(cams), "--shards", val_pattern, "--out",
-                                        str(viz), "--n", str(args.pictures), "--summary", str(evaluation / "summary.json")],
-                 logs / f"viz_{mode}.log")
+            _run(
+                f"overlays ({mode})",
+                [
+                    py,
+                    "-m",
+                    "puzzlecam.viz",
+                    "--cams",
+                    str(cams),
+                    "--shards",
+                    val_pattern,
+                    "--out",
+                    str(viz),
+                    "--n",
+                    str(args.pictures),
+                    "--summary",
+                    str(evaluation / "summary.json"),
+                ],
+                logs / f"viz_{mode}.log",
+            )
         summary = json.loads((evaluation / "summary.json").read_text())
         results[mode] = {"summary": summary, "run": run, "grid": viz / "grid.png"}
     return results
@@ -137,34 +238,57 @@ def print_table(results: dict[str, dict], out: Path) -> None:
     table.add_column("overlays", overflow="fold")
     for mode, r in results.items():
         s = r["summary"]
-        table.add_row(mode, str(s["num_images"]), f"{s['best_threshold']:.2f}", f"{100 * s['best_miou']:.1f}",
-                      str(r["grid"].relative_to(out)))
+        table.add_row(
+            mode,
+            str(s["num_images"]),
+            f"{s['best_threshold']:.2f}",
+            f"{100 * s['best_miou']:.1f}",
+            str(r["grid"].relative_to(out)),
+        )
     console.print(table)
     if len(results) == 2:
         gain = 100 * (results["puzzle"]["summary"]["best_miou"] - results["baseline"]["summary"]["best_miou"])
         console.print(f"Puzzle-CAM - baseline: {gain:+.1f} mIoU points")
-    console.print(f"Everything is under {out}: runs/<mode>/ (config, metrics, checkpoints, model.safetensors, "
-                  f"cams/, eval/, viz/), logs/, shards/, voc/")
+    console.print(
+        f"Everything is under {out}: runs/<mode>/ (config, metrics, checkpoints, model.safetensors, "
+        f"cams/, eval/, viz/), logs/, shards/, voc/"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m puzzlecam.demo",
         description="The main job on a CPU machine: synthetic VOC-format data -> shards -> baseline and Puzzle-CAM "
-                    "training (DeepSpeed, 2 processes) -> multi-scale CAMs -> threshold-sweep mIoU -> overlays -> "
-                    "one comparison table. Completed stages are reused on a rerun.",
+        "training (DeepSpeed, 2 processes) -> multi-scale CAMs -> threshold-sweep mIoU -> overlays -> "
+        "one comparison table. Completed stages are reused on a rerun.",
     )
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="run config for both modes (default launch/configs/demo_cpu.yaml)")
-    p.add_argument("--num-images", type=int, default=400, help="synthetic images in all (default 400; a quarter are the evaluation split)")
+    p.add_argument(
+        "--config", default=str(DEFAULT_CONFIG), help="run config for both modes (default launch/configs/demo_cpu.yaml)"
+    )
+    p.add_argument(
+        "--num-images",
+        type=int,
+        default=400,
+        help="synthetic images in all (default 400; a quarter are the evaluation split)",
+    )
     p.add_argument("--size", type=int, default=128, help="long side of the synthetic images in pixels (default 128)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and of both training runs (default 0)")
-    p.add_argument("--launcher", choices=("deepspeed", "torchrun", "python"), default="deepspeed",
-                   help="how training processes start (default deepspeed; python = one process)")
+    p.add_argument(
+        "--launcher",
+        choices=("deepspeed", "torchrun", "python"),
+        default="deepspeed",
+        help="how training processes start (default deepspeed; python = one process)",
+    )
     p.add_argument("--procs", type=int, default=2, help="training processes (default 2; ignored by --launcher python)")
     p.add_argument("--pictures", type=int, default=8, help="images in each overlay grid (default 8)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a config override for both training runs, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for both training runs, e.g. --set train.epochs=5 (repeatable)",
+    )
     p.add_argument("--fresh", action="store_true", help="delete --out first instead of reusing completed stages")
     return p
 

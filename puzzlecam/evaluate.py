@@ -41,15 +41,12 @@ import torch
 
 from puzzlecam import VOC_CLASSES
 from puzzlecam.camstore import CamStoreError, atomic_write_bytes, atomic_write_with, read_cam
+from puzzlecam.errors import EvaluationError
 
 NUM_LABELS = len(VOC_CLASSES) + 1  # background + 20 classes
 CLASS_NAMES = ("background",) + VOC_CLASSES
 IGNORE = 255
 DEFAULT_THRESHOLDS = "0.05:0.80:0.05"
-
-
-class EvaluationError(ValueError):
-    """Bad evaluation input (missing CAMs, shape mismatch, bad labels); names the image ids."""
 
 
 def parse_thresholds(spec: str) -> list[float]:
@@ -100,7 +97,9 @@ def confusion_sweep(cams, keys, gt, thresholds, num_labels: int = NUM_LABELS) ->
             f"and the mask, got shape {tuple(cams.shape)}"
         )
     if keys.numel() and (int(keys.min()) < 1 or int(keys.max()) >= num_labels):
-        raise EvaluationError(f"keys must be class indices 1..{num_labels - 1} (channel index + 1), got {keys.tolist()}")
+        raise EvaluationError(
+            f"keys must be class indices 1..{num_labels - 1} (channel index + 1), got {keys.tolist()}"
+        )
     if thr.numel() == 0:
         raise EvaluationError("no thresholds given")
     gt = gt.long()
@@ -144,7 +143,10 @@ def confusion_from_labels(pred, gt, num_labels: int = NUM_LABELS) -> tuple[torch
     _check_gt(gt, num_labels)
     bad = (pred >= num_labels) & (pred != IGNORE) | (pred < 0)
     if bool(bad.any()):
-        raise EvaluationError(f"label map holds values {sorted({int(v) for v in pred[bad].unique()[:10]})} outside 0..{num_labels - 1} and {IGNORE}")
+        raise EvaluationError(
+            f"label map holds values {sorted({int(v) for v in pred[bad].unique()[:10]})} "
+            f"outside 0..{num_labels - 1} and {IGNORE}"
+        )
     valid = gt != IGNORE
     g, p = gt[valid], pred[valid]
     decided = p != IGNORE
@@ -196,20 +198,38 @@ def iter_masks(shards: str, num_workers: int = 0) -> Iterator[tuple[str, np.ndar
         if bool(batch["has_mask"][0]):
             yield batch["id"][0], batch["mask"][0].numpy()
     if loader.skipped:
-        raise EvaluationError(f"{loader.skipped} samples of --shards {shards} could not be decoded (see the warnings); they cannot be scored")
+        raise EvaluationError(
+            f"{loader.skipped} samples of --shards {shards} could not be decoded (see the warnings); "
+            "they cannot be scored"
+        )
 
 
 def progress_bar(description: str, total: int | None, enabled: bool = True):
     """(rich Progress, task id): a bar on stderr, shown only on a terminal (logs stay clean)."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn()]
+    columns = [
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
     progress = Progress(*columns, console=Console(stderr=True), disable=not (enabled and sys.stderr.isatty()))
     return progress, progress.add_task(description, total=total)
 
 
-def sweep_cams(cam_dir: str | Path, masks: Iterable[tuple[str, np.ndarray]], thresholds: list[float], total: int | None = None):
+def sweep_cams(
+    cam_dir: str | Path, masks: Iterable[tuple[str, np.ndarray]], thresholds: list[float], total: int | None = None
+):
     """Sum the (T, 21, 21) confusions of every (id, mask); raises naming missing or bad CAMs."""
     total_conf = torch.zeros(len(thresholds), NUM_LABELS, NUM_LABELS, dtype=torch.long)
     missing: list[str] = []
@@ -231,7 +251,12 @@ def sweep_cams(cam_dir: str | Path, masks: Iterable[tuple[str, np.ndarray]], thr
                     f"{mask.shape[0]}x{mask.shape[1]} (CAMs from another data set or resolution?)"
                 )
             try:
-                total_conf += confusion_sweep(torch.from_numpy(record.hr_cam), torch.from_numpy(record.keys) + 1, torch.from_numpy(mask), thresholds)
+                total_conf += confusion_sweep(
+                    torch.from_numpy(record.hr_cam),
+                    torch.from_numpy(record.keys) + 1,
+                    torch.from_numpy(mask),
+                    thresholds,
+                )
             except EvaluationError as e:
                 raise EvaluationError(f"{image_id}: {e}") from None
             count += 1
@@ -258,7 +283,9 @@ def sweep_labels(label_dir: str | Path, masks: Iterable[tuple[str, np.ndarray]],
             try:
                 with Image.open(path) as im:
                     if im.mode not in ("P", "L"):
-                        raise EvaluationError(f"{image_id}: label map {path} has mode {im.mode}; expected a P or L PNG of indices")
+                        raise EvaluationError(
+                            f"{image_id}: label map {path} has mode {im.mode}; expected a P or L PNG of indices"
+                        )
                     pred = np.array(im)  # a writable copy for torch.from_numpy
             except EvaluationError:
                 raise
@@ -283,7 +310,21 @@ def _raise_missing(missing: list[str], what: str) -> None:
 
 def results_table(confusion: torch.Tensor, thresholds: list[float | None], undecided=None) -> pa.Table:
     """One row per (threshold, class): iou, fp_rate, fn_rate and the pixel counts."""
-    rows: dict[str, list] = {k: [] for k in ("threshold", "class_index", "class_name", "iou", "fp_rate", "fn_rate", "tp", "gt_pixels", "pred_pixels", "miou")}
+    rows: dict[str, list] = {
+        k: []
+        for k in (
+            "threshold",
+            "class_index",
+            "class_name",
+            "iou",
+            "fp_rate",
+            "fn_rate",
+            "tp",
+            "gt_pixels",
+            "pred_pixels",
+            "miou",
+        )
+    }
     means, ious = miou(confusion, undecided)
     fps, fns = error_rates(confusion, undecided)
     tp, gt_total, pred_total, _ = _rates(confusion, undecided)
@@ -299,11 +340,23 @@ def results_table(confusion: torch.Tensor, thresholds: list[float | None], undec
             rows["gt_pixels"].append(int(gt_total[i, c]))
             rows["pred_pixels"].append(int(pred_total[i, c]))
             rows["miou"].append(float(means[i]))
-    return pa.table(rows, schema=pa.schema([
-        ("threshold", pa.float64()), ("class_index", pa.int32()), ("class_name", pa.string()), ("iou", pa.float64()),
-        ("fp_rate", pa.float64()), ("fn_rate", pa.float64()), ("tp", pa.int64()), ("gt_pixels", pa.int64()),
-        ("pred_pixels", pa.int64()), ("miou", pa.float64()),
-    ]))
+    return pa.table(
+        rows,
+        schema=pa.schema(
+            [
+                ("threshold", pa.float64()),
+                ("class_index", pa.int32()),
+                ("class_name", pa.string()),
+                ("iou", pa.float64()),
+                ("fp_rate", pa.float64()),
+                ("fn_rate", pa.float64()),
+                ("tp", pa.int64()),
+                ("gt_pixels", pa.int64()),
+                ("pred_pixels", pa.int64()),
+                ("miou", pa.float64()),
+            ]
+        ),
+    )
 
 
 def summarize(confusion: torch.Tensor, thresholds: list[float | None], num_images: int, undecided=None) -> dict:
@@ -340,7 +393,7 @@ def print_report(summary: dict, console=None) -> None:
         sweep = Table(title="mIoU per threshold", caption=f"{summary['num_images']} images")
         sweep.add_column("threshold", justify="right")
         sweep.add_column("mIoU %", justify="right")
-        for t, m in zip(thresholds, summary["miou_per_threshold"]):
+        for t, m in zip(thresholds, summary["miou_per_threshold"], strict=True):
             mark = "bold green" if t == summary["best_threshold"] else None
             sweep.add_row(f"{t:.2f}", "nan" if m is None else f"{100 * m:.2f}", style=mark)
         console.print(sweep)
@@ -349,12 +402,20 @@ def print_report(summary: dict, console=None) -> None:
     per_class = Table(title=f"mIoU {'nan' if best is None else f'{100 * best:.2f}'} %{where}", min_width=48)
     for name in ("class", "IoU %", "FP %", "FN %"):
         per_class.add_column(name, justify="left" if name == "class" else "right")
-    fmt = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
+    fmt = lambda v: "-" if v is None else f"{100 * v:.2f}"
     for name in CLASS_NAMES:
-        per_class.add_row(name, fmt(summary["per_class_iou"][name]), fmt(summary["per_class_fp_rate"][name]), fmt(summary["per_class_fn_rate"][name]))
+        per_class.add_row(
+            name,
+            fmt(summary["per_class_iou"][name]),
+            fmt(summary["per_class_fp_rate"][name]),
+            fmt(summary["per_class_fn_rate"][name]),
+        )
     console.print(per_class)
     if "undecided_fraction" in summary:
-        console.print(f"undecided (255) pixels in the label maps: {100 * summary['undecided_fraction']:.2f} % of scored pixels (counted as misses)")
+        console.print(
+            f"undecided (255) pixels in the label maps: {100 * summary['undecided_fraction']:.2f} % "
+            "of scored pixels (counted as misses)"
+        )
 
 
 def write_results(out_dir: str | Path, table: pa.Table, summary: dict) -> None:
@@ -384,11 +445,30 @@ def build_parser() -> argparse.ArgumentParser:
         "Every image with a mask is scored; a missing CAM or label map is an error naming the ids.",
     )
     p.add_argument("--cams", type=Path, help="CAM store directory ({id}.npz) written by puzzlecam.infer (mode cams)")
-    p.add_argument("--shards", required=True, help="webdataset shard pattern holding the masks, e.g. 'data/voc/train-{000000..000002}.tar'")
-    p.add_argument("--mode", choices=("cams", "labels"), default="cams", help="cams: sweep thresholds over CAMs; labels: score PNG label maps (default: cams)")
-    p.add_argument("--labels", type=Path, help="directory of {id}.png label maps (mode labels): 0 background, 1..20 classes, 255 undecided")
-    p.add_argument("--thresholds", default=DEFAULT_THRESHOLDS, help=f"background thresholds: start:stop:step (stop included) or a comma list (default {DEFAULT_THRESHOLDS})")
-    p.add_argument("--out", type=Path, help="write eval.parquet (one row per threshold and class) and summary.json here")
+    p.add_argument(
+        "--shards",
+        required=True,
+        help="webdataset shard pattern holding the masks, e.g. 'data/voc/train-{000000..000002}.tar'",
+    )
+    p.add_argument(
+        "--mode",
+        choices=("cams", "labels"),
+        default="cams",
+        help="cams: sweep thresholds over CAMs; labels: score PNG label maps (default: cams)",
+    )
+    p.add_argument(
+        "--labels",
+        type=Path,
+        help="directory of {id}.png label maps (mode labels): 0 background, 1..20 classes, 255 undecided",
+    )
+    p.add_argument(
+        "--thresholds",
+        default=DEFAULT_THRESHOLDS,
+        help=f"background thresholds: start:stop:step (stop included) or a comma list (default {DEFAULT_THRESHOLDS})",
+    )
+    p.add_argument(
+        "--out", type=Path, help="write eval.parquet (one row per threshold and class) and summary.json here"
+    )
     p.add_argument("--num-workers", type=int, default=0, help="data loader workers decoding the shards (default 0)")
     return p
 
@@ -402,12 +482,16 @@ def main(argv: list[str] | None = None) -> int:
             if not args.cams.is_dir():
                 raise EvaluationError(f"--cams {args.cams}: no such directory")
             thresholds = parse_thresholds(args.thresholds)
-            conf, count = sweep_cams(args.cams, iter_masks(args.shards, args.num_workers), thresholds, _count_masks(args.shards))
+            conf, count = sweep_cams(
+                args.cams, iter_masks(args.shards, args.num_workers), thresholds, _count_masks(args.shards)
+            )
             undecided, row_thresholds = None, thresholds
         else:
             if args.labels is None or not args.labels.is_dir():
                 raise EvaluationError(f"--mode labels needs --labels DIR of PNG label maps (got {args.labels})")
-            conf, undecided, count = sweep_labels(args.labels, iter_masks(args.shards, args.num_workers), _count_masks(args.shards))
+            conf, undecided, count = sweep_labels(
+                args.labels, iter_masks(args.shards, args.num_workers), _count_masks(args.shards)
+            )
             row_thresholds = [None]
         if count == 0:
             raise EvaluationError(f"no sample with a mask in --shards {args.shards}")

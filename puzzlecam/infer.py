@@ -35,14 +35,11 @@ import torch.nn.functional as F
 from puzzlecam import ops
 from puzzlecam.camstore import CamStoreError, atomic_write_bytes, cam_path, is_complete, write_cam, write_index
 from puzzlecam.config import ConfigError, load_config
+from puzzlecam.errors import InferenceError
 from puzzlecam.evaluate import progress_bar
 from puzzlecam.puzzle import strided_size
 
 META_NAME = "infer.json"
-
-
-class InferenceError(ValueError):
-    """Bad inference input (weights, config, flags, output directory); the message names it."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,7 +104,9 @@ def normalize(images: torch.Tensor, size: tuple[int, int], mean: torch.Tensor, s
 
 
 @torch.no_grad()
-def infer_same_size(model, images: torch.Tensor, keys: list[torch.Tensor], scales, flip: bool, autocast, backend: str = "auto"):
+def infer_same_size(
+    model, images: torch.Tensor, keys: list[torch.Tensor], scales, flip: bool, autocast, backend: str = "auto"
+):
     """CAMs of images of one size: images uint8 (B, H, W, 3) on the model's device.
 
     Each scale runs the B images and (with ``flip``) their mirror images as one batch of 2B.
@@ -132,7 +131,9 @@ def infer_same_size(model, images: torch.Tensor, keys: list[torch.Tensor], scale
             maps[i].append(cams[i])
             if flip:
                 flipped[i].append(cams[b + i])
-    return [ops.multiscale_cam(maps[i], flipped[i] if flip else None, keys[i], (h, w), backend=backend) for i in range(b)]
+    return [
+        ops.multiscale_cam(maps[i], flipped[i] if flip else None, keys[i], (h, w), backend=backend) for i in range(b)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,17 +213,52 @@ def build_parser() -> argparse.ArgumentParser:
         "Run under torchrun to divide the images across processes; a rerun skips completed images.",
     )
     p.add_argument("--weights", type=Path, required=True, help="a trainer's model.safetensors (classifier state dict)")
-    p.add_argument("--config", type=Path, default=None, help="config.yaml describing the architecture (default: the one beside --weights)")
-    p.add_argument("--shards", required=True, help="webdataset shard pattern of the images, e.g. 'data/voc/train-{000000..000002}.tar'")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="config.yaml describing the architecture (default: the one beside --weights)",
+    )
+    p.add_argument(
+        "--shards",
+        required=True,
+        help="webdataset shard pattern of the images, e.g. 'data/voc/train-{000000..000002}.tar'",
+    )
     p.add_argument("--out", type=Path, required=True, help="output directory (the CAM store)")
-    p.add_argument("--scales", default=None, help="comma-separated scales (default: the config's infer.scales, 1.0,0.5,1.5,2.0)")
+    p.add_argument(
+        "--scales", default=None, help="comma-separated scales (default: the config's infer.scales, 1.0,0.5,1.5,2.0)"
+    )
     p.add_argument("--no-flip", action="store_true", help="skip the horizontally flipped passes")
-    p.add_argument("--batch-size", type=int, default=None, help="images batched together when they have the same size (default: infer.batch_size, 1); each image brings its flip")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available; under torchrun cuda:LOCAL_RANK)")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast dtype of the forward passes (default fp32); fusion is fp32")
-    p.add_argument("--backend", choices=ops.BACKENDS, default="auto", help="puzzlecam.ops backend of the multi-scale fusion (default auto)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="images batched together when they have the same size (default: infer.batch_size, 1); "
+        "each image brings its flip",
+    )
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda or cuda:N (default: cuda when available; under torchrun cuda:LOCAL_RANK)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="autocast dtype of the forward passes (default fp32); fusion is fp32",
+    )
+    p.add_argument(
+        "--backend",
+        choices=ops.BACKENDS,
+        default="auto",
+        help="puzzlecam.ops backend of the multi-scale fusion (default auto)",
+    )
     p.add_argument("--num-workers", type=int, default=2, help="data loader workers decoding the shards (default 2)")
-    p.add_argument("--overwrite", action="store_true", help="recompute every image even if its CAM file is complete (and allow other settings)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="recompute every image even if its CAM file is complete (and allow other settings)",
+    )
     return p
 
 
@@ -285,7 +321,9 @@ def run(args) -> dict:
         for items in groups.values():
             images = torch.stack([img for _, img, _ in items]).to(device, non_blocking=True)
             keys = [k.to(device) for _, _, k in items]
-            for (image_id, _, k), (cam, hr_cam) in zip(items, infer_same_size(model, images, keys, scales, flip, autocast, args.backend)):
+            for (image_id, _, k), (cam, hr_cam) in zip(
+                items, infer_same_size(model, images, keys, scales, flip, autocast, args.backend), strict=True
+            ):
                 write_cam(args.out, image_id, k.cpu().numpy(), cam.cpu().numpy(), hr_cam.cpu().numpy())
         n = len(pending)
         pending.clear()
@@ -304,7 +342,9 @@ def run(args) -> dict:
                 if keys.numel() == 0:  # nothing to localize: empty arrays, all background
                     h, w = image.shape[:2]
                     small = strided_size((h, w), 4)
-                    write_cam(args.out, image_id, keys.numpy(), torch.zeros(0, *small).numpy(), torch.zeros(0, h, w).numpy())
+                    write_cam(
+                        args.out, image_id, keys.numpy(), torch.zeros(0, *small).numpy(), torch.zeros(0, h, w).numpy()
+                    )
                     empty += 1
                     written += 1
                 else:
@@ -316,7 +356,13 @@ def run(args) -> dict:
 
     written, skipped, empty, corrupt = _sum_across_ranks([written, skipped, empty, loader.skipped], device)
     _barrier()
-    stats = {"written": written, "skipped_complete": skipped, "no_labels": empty, "corrupt_samples": corrupt, "samples": loader.num_samples}
+    stats = {
+        "written": written,
+        "skipped_complete": skipped,
+        "no_labels": empty,
+        "corrupt_samples": corrupt,
+        "samples": loader.num_samples,
+    }
     if rank == 0:
         index = write_index(args.out)
         meta.update(stats)

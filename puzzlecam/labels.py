@@ -26,15 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from puzzlecam.camstore import CamRecord, CamStoreError, atomic_write_bytes, list_ids, read_cam
-from puzzlecam.palette import VOC_PALETTE
+from puzzlecam.errors import LabelsError
+from puzzlecam.utils.labelmap import VOC_PALETTE
 
 IGNORE = 255
 CRF_GAUSSIAN = dict(sxy=3, compat=3)
 CRF_BILATERAL = dict(sxy=50, srgb=5, compat=10)
-
-
-class LabelsError(ValueError):
-    """Bad input for pseudo-label generation; names the image id or flag."""
 
 
 def predict_labels(hr_cam: np.ndarray, keys: np.ndarray, threshold: float) -> np.ndarray:
@@ -66,11 +63,15 @@ def _crf_module():
         import pydensecrf.densecrf as dcrf
         from pydensecrf.utils import unary_from_labels
     except ImportError:
-        raise LabelsError("--crf needs the optional dense CRF package: pip install .[crf]  (installs pydensecrf2)") from None
+        raise LabelsError(
+            "--crf needs the optional dense CRF package: pip install .[crf]  (installs pydensecrf2)"
+        ) from None
     return dcrf, unary_from_labels
 
 
-def crf_refine(image: np.ndarray, local: np.ndarray, num_labels: int, iters: int = 10, gt_prob: float = 0.7) -> np.ndarray:
+def crf_refine(
+    image: np.ndarray, local: np.ndarray, num_labels: int, iters: int = 10, gt_prob: float = 0.7
+) -> np.ndarray:
     """Dense-CRF refinement of a local label map (indices 0..num_labels-1) on the RGB ``image`` (H, W, 3)."""
     dcrf, unary_from_labels = _crf_module()
     h, w = local.shape
@@ -99,7 +100,10 @@ def make_label_map(
         local = local_labels(record.hr_cam, t)
         if image is not None:
             if tuple(image.shape[:2]) != record.size:
-                raise LabelsError(f"{record.id}: image is {image.shape[0]}x{image.shape[1]} but its CAM is {record.size[0]}x{record.size[1]}")
+                raise LabelsError(
+                    f"{record.id}: image is {image.shape[0]}x{image.shape[1]} "
+                    f"but its CAM is {record.size[0]}x{record.size[1]}"
+                )
             local = crf_refine(image, local, num_labels, crf_iters, crf_gt_prob)
         return local
 
@@ -151,16 +155,37 @@ def _shard_images(shards: str, num_workers: int, cam_dir: Path, missing: list[st
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m puzzlecam.labels",
-        description="Write palette-PNG pseudo-labels {id}.png (0 background, 1..20 classes, 255 uncertain) from a CAM store.",
+        description="Write palette-PNG pseudo-labels {id}.png (0 background, 1..20 classes, 255 uncertain) "
+        "from a CAM store.",
     )
     p.add_argument("--cams", type=Path, required=True, help="CAM store directory ({id}.npz) written by puzzlecam.infer")
-    p.add_argument("--threshold", type=float, required=True, help="background score: a pixel gets its best class only if that class's CAM > T")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        required=True,
+        help="background score: a pixel gets its best class only if that class's CAM > T",
+    )
     p.add_argument("--out", type=Path, required=True, help="output directory for {id}.png")
-    p.add_argument("--bg-threshold", type=float, default=None, help="optional lower threshold B < T: pixels background at T but a class at B become 255 (uncertain)")
-    p.add_argument("--crf", action="store_true", help="refine with a dense CRF (needs pip install .[crf] and --shards for the images)")
-    p.add_argument("--shards", default=None, help="shard pattern; required with --crf (the images); without --crf it restricts the output to these images")
+    p.add_argument(
+        "--bg-threshold",
+        type=float,
+        default=None,
+        help="optional lower threshold B < T: pixels background at T but a class at B become 255 (uncertain)",
+    )
+    p.add_argument(
+        "--crf",
+        action="store_true",
+        help="refine with a dense CRF (needs pip install .[crf] and --shards for the images)",
+    )
+    p.add_argument(
+        "--shards",
+        default=None,
+        help="shard pattern; required with --crf (the images); without --crf it restricts the output to these images",
+    )
     p.add_argument("--crf-iters", type=int, default=10, help="mean-field iterations of the CRF (default 10)")
-    p.add_argument("--crf-gt-prob", type=float, default=0.7, help="CRF unary: probability given to the argmax label (default 0.7)")
+    p.add_argument(
+        "--crf-gt-prob", type=float, default=0.7, help="CRF unary: probability given to the argmax label (default 0.7)"
+    )
     p.add_argument("--jobs", type=int, default=1, help="worker processes (the CRF is the slow part; default 1)")
     p.add_argument("--num-workers", type=int, default=0, help="data loader workers decoding the shards (default 0)")
     return p
@@ -180,7 +205,12 @@ def main(argv: list[str] | None = None) -> int:
         if not args.cams.is_dir():
             raise LabelsError(f"--cams {args.cams}: no such directory")
         args.out.mkdir(parents=True, exist_ok=True)
-        options = dict(threshold=args.threshold, bg_threshold=args.bg_threshold, crf_iters=args.crf_iters, crf_gt_prob=args.crf_gt_prob)
+        options = dict(
+            threshold=args.threshold,
+            bg_threshold=args.bg_threshold,
+            crf_iters=args.crf_iters,
+            crf_gt_prob=args.crf_gt_prob,
+        )
         missing: list[str] = []
         if args.shards is not None:
             items = _shard_images(args.shards, args.num_workers, args.cams, missing)

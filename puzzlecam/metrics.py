@@ -89,7 +89,15 @@ class Progress:
         if not enabled:
             return
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+        from rich.progress import (
+            Progress as RichProgress,
+        )
 
         console = Console(stderr=True)
         if not console.is_terminal:
@@ -114,7 +122,8 @@ class Progress:
     def describe(r: dict[str, Any]) -> str:
         return (
             f"step {r['step']} loss {r['loss']:.4f} cls {r['loss_cls']:.4f} pcls {r['loss_pcls']:.4f} "
-            f"re {r['loss_re']:.4f} alpha {r['alpha']:.3f} lr {r['lr']:.2e} gnorm {r.get('grad_norm', float('nan')):.3g} "
+            f"re {r['loss_re']:.4f} alpha {r['alpha']:.3f} lr {r['lr']:.2e} "
+            f"gnorm {r.get('grad_norm', float('nan')):.3g} "
             f"{r['images_per_s']:.1f} img/s "
             f"data-wait {r['data_wait_pct']:.0f}% skipped {r['skipped_samples']} bad-steps {r['skipped_steps']}"
         )

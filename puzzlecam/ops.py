@@ -34,7 +34,7 @@ EXT_OPS = frozenset({"reconstruction_loss", "puzzle_losses", "multiscale_cam"})
 _warned: set[str] = set()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernels_or_error():
     """(puzzlecam.kernels, None) or (None, why it cannot be imported)."""
     try:
@@ -77,14 +77,23 @@ def _why_not(op: str, backend: str, device: torch.device) -> str | None:
         if device.type not in ("cpu", "cuda"):
             return f"Triton kernels need CUDA tensors, got {device.type}"
         if device.type == "cpu" and not _interpreter_on():
-            return "Triton runs on CPU tensors only under the interpreter (set TRITON_INTERPRET=1 before triton is imported)"
+            return (
+                "Triton runs on CPU tensors only under the interpreter "
+                "(set TRITON_INTERPRET=1 before triton is imported)"
+            )
         kernels, err = _kernels_or_error()
         if err:
             return err
         if device.type == "cpu" and not kernels.INTERPRETED:
-            return "puzzlecam.kernels was imported before TRITON_INTERPRET=1 was set, so its kernels are compiled, not interpreted"
+            return (
+                "puzzlecam.kernels was imported before TRITON_INTERPRET=1 was set, "
+                "so its kernels are compiled, not interpreted"
+            )
         if device.type == "cuda" and kernels.INTERPRETED:
-            return "puzzlecam.kernels was imported with TRITON_INTERPRET=1 (interpreter only); unset it to run compiled kernels on CUDA"
+            return (
+                "puzzlecam.kernels was imported with TRITON_INTERPRET=1 (interpreter only); "
+                "unset it to run compiled kernels on CUDA"
+            )
         return None
     if op not in EXT_OPS:
         return f"{op} has no C++/CUDA extension implementation (backends: reference, triton)"
@@ -92,13 +101,19 @@ def _why_not(op: str, backend: str, device: torch.device) -> str | None:
         if device.type != "cpu":
             return f"the cpp backend runs on CPU tensors, got {device.type} tensors (use backend='cuda')"
         if not _ext_available("cpp"):
-            return "the C++ extension puzzlecam._C is not built (reinstall with a C++ compiler: pip install --no-build-isolation -e .)"
+            return (
+                "the C++ extension puzzlecam._C is not built "
+                "(reinstall with a C++ compiler: pip install --no-build-isolation -e .)"
+            )
         return None
     if backend == "cuda":
         if device.type != "cuda":
             return f"the cuda backend runs on CUDA tensors, got {device.type} tensors (use backend='cpp')"
         if not _ext_available("cuda"):
-            return "the CUDA extension is not built (reinstall with nvcc and a CUDA torch: pip install --no-build-isolation -e .)"
+            return (
+                "the CUDA extension is not built "
+                "(reinstall with nvcc and a CUDA torch: pip install --no-build-isolation -e .)"
+            )
         return None
     raise AssertionError(backend)
 
@@ -126,7 +141,11 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
         if key not in _warned:
             _warned.add(key)
             reasons = "; ".join(f"{c}: {_why_not(op, c, device)}" for c in served)
-            warnings.warn(f"puzzlecam.ops: using the pure-torch reference backend on {device.type} ({reasons})", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"puzzlecam.ops: using the pure-torch reference backend on {device.type} ({reasons})",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     return "reference"
 
 

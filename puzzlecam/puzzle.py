@@ -76,7 +76,9 @@ def alpha_at(step: float, total_steps: float, alpha_max: float = 4.0, schedule: 
     return float(min(alpha_max * step / (total_steps * schedule), alpha_max))
 
 
-def check_loss_args(cam: torch.Tensor, cam_tiles: torch.Tensor, labels: torch.Tensor, n: int, level: str, kind: str) -> None:
+def check_loss_args(
+    cam: torch.Tensor, cam_tiles: torch.Tensor, labels: torch.Tensor, n: int, level: str, kind: str
+) -> None:
     """Validate the arguments shared by every reconstruction-loss backend (clear ValueErrors)."""
     _check_pieces(n)
     if level not in LEVELS:
@@ -88,9 +90,7 @@ def check_loss_args(cam: torch.Tensor, cam_tiles: torch.Tensor, labels: torch.Te
     b, c, h, w = cam.shape
     nb, tc, th, tw = cam_tiles.shape
     if nb % (n * n):
-        raise ValueError(
-            f"cam_tiles batch {nb} (shape {tuple(cam_tiles.shape)}) is not a multiple of n*n={n * n}"
-        )
+        raise ValueError(f"cam_tiles batch {nb} (shape {tuple(cam_tiles.shape)}) is not a multiple of n*n={n * n}")
     merged_shape = (nb // (n * n), tc, th * n, tw * n)
     if merged_shape != (b, c, h, w):
         raise ValueError(
@@ -98,7 +98,9 @@ def check_loss_args(cam: torch.Tensor, cam_tiles: torch.Tensor, labels: torch.Te
             f"but cam has shape {tuple(cam.shape)}"
         )
     if tuple(labels.shape) != (b, c):
-        raise ValueError(f"labels must have shape (B, C)={(b, c)} to match cam {tuple(cam.shape)}, got {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must have shape (B, C)={(b, c)} to match cam {tuple(cam.shape)}, got {tuple(labels.shape)}"
+        )
 
 
 def reconstruction_loss(
@@ -240,7 +242,9 @@ def check_prepare_args(images: torch.Tensor, valid: torch.Tensor, n: int) -> Non
     """Validate the arguments shared by every prepare_inputs backend (clear errors)."""
     _check_pieces(n)
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
-        raise TypeError(f"prepare_inputs: images must be a uint8 tensor (B, H, W, 3), got {getattr(images, 'dtype', type(images))}")
+        raise TypeError(
+            f"prepare_inputs: images must be a uint8 tensor (B, H, W, 3), got {getattr(images, 'dtype', type(images))}"
+        )
     if images.dim() != 4 or images.shape[-1] != 3:
         raise ValueError(f"prepare_inputs: images must be (B, H, W, 3) RGB, got shape {tuple(images.shape)}")
     b, h, w, _ = images.shape
@@ -251,7 +255,9 @@ def check_prepare_args(images: torch.Tensor, valid: torch.Tensor, n: int) -> Non
             f"{' ' + str(valid.dtype) if isinstance(valid, torch.Tensor) else ''}"
         )
     if h % n or w % n:
-        raise ValueError(f"prepare_inputs: H and W must be divisible by n={n}, got images of shape {tuple(images.shape)}")
+        raise ValueError(
+            f"prepare_inputs: H and W must be divisible by n={n}, got images of shape {tuple(images.shape)}"
+        )
 
 
 def prepare_inputs(

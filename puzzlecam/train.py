@@ -24,21 +24,19 @@ from pathlib import Path
 
 import torch
 
+from puzzlecam.errors import TrainingError
+
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, load_config, save_config
-from .distributed import average_buffers, barrier, init_distributed, rng_state, seed_everything, set_rng_state
 from .metrics import MetricsLog, Progress
 from .train_step import PuzzleNet, alpha_for, forward_losses, poly_lr_factor
+from .utils.distributed import average_buffers, barrier, init_distributed, rng_state, seed_everything, set_rng_state
 
 _DS_FORBIDDEN = {
     "optimizer": "the optimizer is torch SGD built from the run config (optim.*)",
     "scheduler": "the learning-rate schedule is poly decay from the run config (optim.poly_power)",
     "gradient_clipping": "set optim.grad_clip in the run config",
 }
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on (too many bad steps, bad setup); the message says why."""
 
 
 def _precision_dtype(ds_config: dict) -> torch.dtype:
@@ -80,12 +78,14 @@ def build_deepspeed_config(cfg: Config, world_size: int, path: str) -> dict:
         if ds.get(key, {}).get("enabled", False):
             raise ConfigError(
                 f"DeepSpeed config {p}: '{key}.enabled' casts the whole model (BatchNorm statistics included) to "
-                "half precision; use \"torch_autocast\": {\"enabled\": true, \"dtype\": \"bfloat16\"|\"float16\"} "
+                'half precision; use "torch_autocast": {"enabled": true, "dtype": "bfloat16"|"float16"} '
                 "(launch/configs/ds_bf16.json, ds_fp16.json), which keeps weights, norms and losses in fp32"
             )
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage != 0:
-        raise ConfigError(f"DeepSpeed config {p}: zero_optimization.stage={stage} is not supported (use 0: plain data parallel)")
+        raise ConfigError(
+            f"DeepSpeed config {p}: zero_optimization.stage={stage} is not supported (use 0: plain data parallel)"
+        )
     expected = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -99,7 +99,9 @@ def build_deepspeed_config(cfg: Config, world_size: int, path: str) -> dict:
             )
         ds[key] = value
     if _precision_dtype(ds) == torch.float16 and not torch.cuda.is_available():
-        raise ConfigError(f"DeepSpeed config {p}: float16 autocast needs a CUDA GPU; use ds_bf16.json or ds_fp32.json on CPU")
+        raise ConfigError(
+            f"DeepSpeed config {p}: float16 autocast needs a CUDA GPU; use ds_bf16.json or ds_fp32.json on CPU"
+        )
     ds["gradient_clipping"] = 0.0  # the Trainer clips (optim.grad_clip) after the all-reduce
     ds.setdefault("steps_per_print", 10**9)
     ds.setdefault("zero_allow_untested_optimizer", True)
@@ -116,11 +118,13 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
-        self.dist = init_distributed()
+        self.dist = init_distributed(use_deepspeed=True)
         self.device = self.dist.device
         t = cfg.train
         if not cfg.data.train_shards:
-            raise ConfigError("data.train_shards is empty: give the training shards, e.g. data.train_shards='shards/train-*.tar'")
+            raise ConfigError(
+                "data.train_shards is empty: give the training shards, e.g. data.train_shards='shards/train-*.tar'"
+            )
         ds_config = build_deepspeed_config(cfg, self.dist.world_size, t.deepspeed_config)
         self.dtype = _precision_dtype(ds_config)
         self.channels_last = t.channels_last and self.device.type == "cuda"
@@ -138,7 +142,11 @@ class Trainer:
         self.classifier = classifier.to(self.device)
         groups = param_groups(self.classifier, cfg.optim.lr, cfg.optim.weight_decay, keep_empty=False)
         optimizer = torch.optim.SGD(
-            groups, lr=cfg.optim.lr, momentum=cfg.optim.momentum, nesterov=cfg.optim.nesterov, weight_decay=cfg.optim.weight_decay
+            groups,
+            lr=cfg.optim.lr,
+            momentum=cfg.optim.momentum,
+            nesterov=cfg.optim.nesterov,
+            weight_decay=cfg.optim.weight_decay,
         )
         net: torch.nn.Module = PuzzleNet(self.classifier)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=net, optimizer=optimizer, config=ds_config)
@@ -183,7 +191,11 @@ class Trainer:
         barrier()
         if resume_from is not None:
             self._load(resume_from)
-        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.step if resume_from else None) if self.dist.is_main else None
+        self.metrics = (
+            MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.step if resume_from else None)
+            if self.dist.is_main
+            else None
+        )
         self.resumed_from = resume_from
         self.fault = _FaultInjection.from_env(self.run_dir, self.dist.rank)
 
@@ -225,7 +237,9 @@ class Trainer:
             shutil.rmtree(tag_dir)
         barrier()
         self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client_state)
-        ckpt.save_trainer_state(tag_dir, self.dist.rank, {"rng": rng_state(), "loader": self.loader.state_dict(), "step": self.step})
+        ckpt.save_trainer_state(
+            tag_dir, self.dist.rank, {"rng": rng_state(), "loader": self.loader.state_dict(), "step": self.step}
+        )
         self.fault.maybe_fire(self.step, "save")  # test hook: die with the files written, before COMPLETE
         barrier()
         if self.dist.is_main:
@@ -305,7 +319,9 @@ class Trainer:
             parts = torch.stack([losses.total, losses.cls, losses.pcls, losses.re]).detach().float()
             finite = torch.isfinite(parts[0])
             # One all-reduce: the sum of every rank's losses and the count of non-finite ones.
-            vec = torch.cat([torch.where(finite, parts, torch.zeros_like(parts)), (~finite).float()[None]]).to(self.device)
+            vec = torch.cat([torch.where(finite, parts, torch.zeros_like(parts)), (~finite).float()[None]]).to(
+                self.device
+            )
             if torch.distributed.is_initialized() and self.dist.world_size > 1:
                 torch.distributed.all_reduce(vec)
             vec = vec.cpu().double()
@@ -353,18 +369,28 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 record = self.train_step()
-                if self.metrics is not None and (self.step % t.log_every == 0 or record["bad_step"] or self.step == self.total_steps):
+                if self.metrics is not None and (
+                    self.step % t.log_every == 0 or record["bad_step"] or self.step == self.total_steps
+                ):
                     self.metrics.write(record)
-                progress.update(self.step, record if self.step % t.log_every == 0 or self.step == self.total_steps else None)
+                progress.update(
+                    self.step, record if self.step % t.log_every == 0 or self.step == self.total_steps else None
+                )
                 if self.bad_streak >= t.max_bad_steps:
                     last = ckpt.latest_complete(self.ckpt_dir)
                     raise TrainingError(
-                        f"{self.bad_streak} optimizer steps in a row had a NaN/Inf loss (train.max_bad_steps={t.max_bad_steps}); "
+                        f"{self.bad_streak} optimizer steps in a row had a NaN/Inf loss "
+                        f"(train.max_bad_steps={t.max_bad_steps}); "
                         f"stopping at step {self.step}. Last good checkpoint: {last if last else 'none'}. "
                         "Lower optim.lr, enable optim.grad_clip or use ds_fp32.json."
                     )
                 # No checkpoint inside a run of bad steps: the last good one is what a resume needs.
-                if t.ckpt_every > 0 and self.step % t.ckpt_every == 0 and self.step < self.total_steps and self.bad_streak == 0:
+                if (
+                    t.ckpt_every > 0
+                    and self.step % t.ckpt_every == 0
+                    and self.step < self.total_steps
+                    and self.bad_streak == 0
+                ):
                     self.save()
                 self.fault.maybe_fire(self.step, "step")
             self.save()
@@ -383,13 +409,24 @@ class Trainer:
         out = self.run_dir / "model.safetensors"
         if self.dist.is_main:
             if len(set(digests)) != 1:
-                raise TrainingError(f"parameters differ between ranks at the end of training (digests {digests}): replicas went out of sync")
-            _write_json(self.run_dir / "summary.json", {
-                "steps": self.step, "world_size": self.dist.world_size, "skipped_steps": self.skipped_steps,
-                "param_digest_per_rank": digests, "resumed_from": str(self.resumed_from) if self.resumed_from else None,
-            })
-            state = {k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu()
-                     for k, v in self.classifier.state_dict().items()}
+                raise TrainingError(
+                    f"parameters differ between ranks at the end of training (digests {digests}): "
+                    "replicas went out of sync"
+                )
+            _write_json(
+                self.run_dir / "summary.json",
+                {
+                    "steps": self.step,
+                    "world_size": self.dist.world_size,
+                    "skipped_steps": self.skipped_steps,
+                    "param_digest_per_rank": digests,
+                    "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+                },
+            )
+            state = {
+                k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu()
+                for k, v in self.classifier.state_dict().items()
+            }
             tmp = out.with_suffix(".safetensors.tmp")
             save_file(state, str(tmp), metadata={"format": "pt", "step": str(self.step), "arch": self.cfg.model.arch})
             tmp.replace(out)
@@ -432,7 +469,7 @@ class _FaultInjection:
         self.step, self.phase, self.marker = step, phase, marker
 
     @classmethod
-    def from_env(cls, run_dir: Path, rank: int) -> "_FaultInjection":
+    def from_env(cls, run_dir: Path, rank: int) -> _FaultInjection:
         spec = os.environ.get("PUZZLECAM_FAULT_KILL", "")
         if not spec:
             return cls(None, "step", Path())
@@ -463,11 +500,24 @@ def build_parser() -> argparse.ArgumentParser:
         "data.train_shards='shards/train-*.tar' train.max_steps=100 train.seed=1 train.mode=baseline",
     )
     p.add_argument("--config", required=True, help="run config YAML (launch/configs/*.yaml)")
-    p.add_argument("--run-dir", default=None, help="output directory (default runs/{name}): config.yaml, metrics, checkpoints, model.safetensors")
-    p.add_argument("--resume", default="auto", help="auto: newest complete checkpoint of the run dir if any; none: start fresh; "
-                   "PATH: a checkpoint tag directory or a checkpoints/run directory")
-    p.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None,
-                   help="DeepSpeed JSON (precision); overrides train.deepspeed_config")
+    p.add_argument(
+        "--run-dir",
+        default=None,
+        help="output directory (default runs/{name}): config.yaml, metrics, checkpoints, model.safetensors",
+    )
+    p.add_argument(
+        "--resume",
+        default="auto",
+        help="auto: newest complete checkpoint of the run dir if any; none: start fresh; "
+        "PATH: a checkpoint tag directory or a checkpoints/run directory",
+    )
+    p.add_argument(
+        "--deepspeed_config",
+        "--deepspeed-config",
+        dest="deepspeed_config",
+        default=None,
+        help="DeepSpeed JSON (precision); overrides train.deepspeed_config",
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     return p

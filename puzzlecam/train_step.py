@@ -18,7 +18,9 @@ from . import ops, puzzle
 from .config import Config
 
 
-def prepare_inputs(images: torch.Tensor, valid: torch.Tensor, n: int, dtype: torch.dtype, channels_last: bool, backend: str):
+def prepare_inputs(
+    images: torch.Tensor, valid: torch.Tensor, n: int, dtype: torch.dtype, channels_last: bool, backend: str
+):
     """uint8 (B,H,W,3) on the device -> (normalized x (B,3,H,W), tiles (n*n*B,3,H/n,W/n))."""
     return ops.prepare_inputs(images, valid, n=n, dtype=dtype, channels_last=channels_last, backend=backend)
 
@@ -47,7 +49,9 @@ class StepLosses(NamedTuple):
     re: torch.Tensor
 
 
-def step_losses(cams: torch.Tensor, cams_tiles: torch.Tensor | None, labels: torch.Tensor, cfg: Config, alpha: float) -> StepLosses:
+def step_losses(
+    cams: torch.Tensor, cams_tiles: torch.Tensor | None, labels: torch.Tensor, cfg: Config, alpha: float
+) -> StepLosses:
     """L = L_cls + L_pcls + alpha * L_re (puzzle) or L_cls (baseline), all in fp32."""
     labels = labels.float()
     if cfg.train.mode == "baseline":
@@ -56,13 +60,28 @@ def step_losses(cams: torch.Tensor, cams_tiles: torch.Tensor | None, labels: tor
         return StepLosses(cls, cls, zero, zero)
     p = cfg.puzzle
     parts = ops.puzzle_losses(
-        cams, cams_tiles, labels, n=p.num_pieces, level=p.level, kind=p.kind, masking=p.masking, backend=cfg.train.ops_backend
+        cams,
+        cams_tiles,
+        labels,
+        n=p.num_pieces,
+        level=p.level,
+        kind=p.kind,
+        masking=p.masking,
+        backend=cfg.train.ops_backend,
     )
     total = parts.cls + parts.pcls + alpha * parts.re
     return StepLosses(total, parts.cls, parts.pcls, parts.re)
 
 
-def forward_losses(net: nn.Module, batch: dict, cfg: Config, alpha: float, device: torch.device, dtype: torch.dtype, channels_last: bool) -> StepLosses:
+def forward_losses(
+    net: nn.Module,
+    batch: dict,
+    cfg: Config,
+    alpha: float,
+    device: torch.device,
+    dtype: torch.dtype,
+    channels_last: bool,
+) -> StepLosses:
     """Move a loader batch to the device, prepare inputs, run the passes, return the losses."""
     images = batch["image"].to(device, non_blocking=True)
     valid = batch["valid"].to(device, non_blocking=True)

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from puzzlecam import VOC_CLASSES
 from puzzlecam.camstore import CamStoreError, atomic_write_bytes, read_cam
 from puzzlecam.labels import predict_labels
-from puzzlecam.palette import voc_colormap
+from puzzlecam.utils.labelmap import voc_colormap
 
 CAPTION_H = 14
 GAP = 2
@@ -68,7 +68,9 @@ def _hstack(panels: list[Image.Image]) -> Image.Image:
 
 
 def _vstack(rows: list[Image.Image]) -> Image.Image:
-    grid = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows) + GAP * (len(rows) - 1)), (255, 255, 255))
+    grid = Image.new(
+        "RGB", (max(r.width for r in rows), sum(r.height for r in rows) + GAP * (len(rows) - 1)), (255, 255, 255)
+    )
     y = 0
     for r in rows:
         grid.paste(r, (0, y))
@@ -76,12 +78,16 @@ def _vstack(rows: list[Image.Image]) -> Image.Image:
     return grid
 
 
-def overlay_row(image_id: str, image: np.ndarray, record, mask: np.ndarray | None, threshold: float, height: int = 160) -> Image.Image:
+def overlay_row(
+    image_id: str, image: np.ndarray, record, mask: np.ndarray | None, threshold: float, height: int = 160
+) -> Image.Image:
     """One image's panels side by side (see the module docstring)."""
     if tuple(image.shape[:2]) != record.size:
-        raise CamStoreError(f"{image_id}: image is {image.shape[0]}x{image.shape[1]} but its CAM is {record.size[0]}x{record.size[1]}")
+        raise CamStoreError(
+            f"{image_id}: image is {image.shape[0]}x{image.shape[1]} but its CAM is {record.size[0]}x{record.size[1]}"
+        )
     panels = [_panel(image, image_id, height)]
-    for k, cam in zip(record.keys, record.hr_cam):
+    for k, cam in zip(record.keys, record.hr_cam, strict=True):
         panels.append(_panel(heat_overlay(image, cam.astype(np.float32)), VOC_CLASSES[int(k)], height))
     pred = predict_labels(record.hr_cam, record.keys, threshold)
     panels.append(_panel(colorize(pred), f"pseudo-label t={threshold:.2f}", height, nearest=True))
@@ -101,14 +107,24 @@ def _png(im: Image.Image) -> bytes:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m puzzlecam.viz",
-        description="PNG overlays of CAMs: image | heat map per labelled class | pseudo-label | ground truth, one {id}.png per image and grid.png.",
+        description="PNG overlays of CAMs: image | heat map per labelled class | pseudo-label | ground truth, "
+        "one {id}.png per image and grid.png.",
     )
     p.add_argument("--cams", type=Path, required=True, help="CAM store directory ({id}.npz) written by puzzlecam.infer")
     p.add_argument("--shards", required=True, help="shard pattern holding the images (and masks)")
     p.add_argument("--out", type=Path, required=True, help="output directory for {id}.png and grid.png")
-    p.add_argument("--n", type=int, default=16, help="number of images: the first N of the shards that have a CAM (default 16)")
-    p.add_argument("--threshold", type=float, default=None, help="background threshold of the pseudo-label panel (default: best_threshold of --summary, else 0.20)")
-    p.add_argument("--summary", type=Path, default=None, help="summary.json of puzzlecam.evaluate: take its best threshold")
+    p.add_argument(
+        "--n", type=int, default=16, help="number of images: the first N of the shards that have a CAM (default 16)"
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="background threshold of the pseudo-label panel (default: best_threshold of --summary, else 0.20)",
+    )
+    p.add_argument(
+        "--summary", type=Path, default=None, help="summary.json of puzzlecam.evaluate: take its best threshold"
+    )
     p.add_argument("--height", type=int, default=160, help="panel height in pixels (default 160)")
     return p
 

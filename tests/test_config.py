@@ -18,8 +18,17 @@ def test_defaults_are_the_paper_recipe():
 
 
 def test_overrides_are_typed():
-    cfg = load_config(None, ["optim.lr=0.05", "train.mode=baseline", "puzzle.masking=false",
-                             "model.pretrained=/data/r50.pth", "infer.scales=[1.0, 0.5]", "name=123"])
+    cfg = load_config(
+        None,
+        [
+            "optim.lr=0.05",
+            "train.mode=baseline",
+            "puzzle.masking=false",
+            "model.pretrained=/data/r50.pth",
+            "infer.scales=[1.0, 0.5]",
+            "name=123",
+        ],
+    )
     assert cfg.optim.lr == 0.05 and cfg.train.mode == "baseline" and cfg.puzzle.masking is False
     assert cfg.model.pretrained == "/data/r50.pth" and cfg.infer.scales == (1.0, 0.5)
     assert cfg.name == "123"  # a str field keeps the text even when it looks like a number

@@ -27,8 +27,22 @@ SMALL = dict(crop_size=48, min_long_side=40, max_long_side=72)
 def synth(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
     assert data_main(["synth", "--out", str(root / "voc"), "--num-images", "30", "--size", "64", "--seed", "3"]) == 0
-    assert data_main(["shard", "--voc-root", str(root / "voc"), "--split", "trainval", "--out", str(root / "shards"),
-                      "--shard-size", "7"]) == 0
+    assert (
+        data_main(
+            [
+                "shard",
+                "--voc-root",
+                str(root / "voc"),
+                "--split",
+                "trainval",
+                "--out",
+                str(root / "shards"),
+                "--shard-size",
+                "7",
+            ]
+        )
+        == 0
+    )
     return root
 
 
@@ -48,9 +62,15 @@ def _same(a, b):
 
 
 def test_synth_deterministic_and_consistent(synth, tmp_path):
-    assert data_main(["synth", "--out", str(tmp_path / "again"), "--num-images", "30", "--size", "64", "--seed", "3"]) == 0
-    for sub in ("JPEGImages/synth_000007.jpg", "SegmentationClass/synth_000007.png", "Annotations/synth_000007.xml",
-                "ImageSets/Segmentation/val.txt"):
+    assert (
+        data_main(["synth", "--out", str(tmp_path / "again"), "--num-images", "30", "--size", "64", "--seed", "3"]) == 0
+    )
+    for sub in (
+        "JPEGImages/synth_000007.jpg",
+        "SegmentationClass/synth_000007.png",
+        "Annotations/synth_000007.xml",
+        "ImageSets/Segmentation/val.txt",
+    ):
         assert (tmp_path / "again" / sub).read_bytes() == (synth / "voc" / sub).read_bytes()
     for i in range(30):
         mask = np.array(Image.open(synth / "voc" / "SegmentationClass" / f"synth_{i:06d}.png"))
@@ -77,7 +97,7 @@ def test_train_batches_layout_and_augmentation(synth):
     assert b["valid"].dtype == torch.int64 and b["labels"].dtype == torch.float32 and b["labels"].shape == (4, 20)
     assert (b["labels"].sum(1) >= 1).all()
     for batch in batches:  # outside the valid region the canvas is zero
-        for img, (vh, vw) in zip(batch["image"], batch["valid"].tolist()):
+        for img, (vh, vw) in zip(batch["image"], batch["valid"].tolist(), strict=True):
             assert 1 <= vh <= 48 and 1 <= vw <= 48
             assert img[vh:].sum() == 0 and img[:, vw:].sum() == 0
     ids = [i for batch in batches for i in batch["id"]]
@@ -89,7 +109,7 @@ def test_train_batches_layout_and_augmentation(synth):
     # bicubic resize of the decoded JPEG at the top-left.
     exact = train_loader(shards, batch_size=2, seed=0, crop_size=80, min_long_side=70, max_long_side=70, hflip=False)
     batch = next(iter(exact))
-    for img, (vh, vw), image_id in zip(batch["image"], batch["valid"].tolist(), batch["id"]):
+    for img, (vh, vw), image_id in zip(batch["image"], batch["valid"].tolist(), batch["id"], strict=True):
         src = Image.open(synth / "voc" / "JPEGImages" / f"{image_id}.jpg").convert("RGB")
         w, h = src.size
         expected = np.asarray(src.resize((round(w * 70 / max(w, h)), round(h * 70 / max(w, h))), Image.BICUBIC))
@@ -102,7 +122,7 @@ def test_workers_do_not_change_batches_and_resume_is_exact(synth):
     ref = train_loader(shards, batch_size=3, seed=5, num_workers=0, **SMALL)
     full = _batches(ref) + _batches(ref)  # two epochs
     par = train_loader(shards, batch_size=3, seed=5, num_workers=2, **SMALL)
-    for a, b in zip(full, _batches(par) + _batches(par)):
+    for a, b in zip(full, _batches(par) + _batches(par), strict=True):
         _same(a, b)
     # Stop after 4 batches of epoch 1, resume in a new loader (other worker count): same remaining batches.
     run = train_loader(shards, batch_size=3, seed=5, num_workers=2, **SMALL)
@@ -116,7 +136,7 @@ def test_workers_do_not_change_batches_and_resume_is_exact(synth):
     resumed.load_state_dict(state)
     rest = _batches(resumed)
     assert len(rest) == len(ref) - 4 and resumed.epoch == 2
-    for a, b in zip(full[len(ref) + 4 :], rest):
+    for a, b in zip(full[len(ref) + 4 :], rest, strict=True):
         _same(a, b)
     # A checkpoint taken at the very end of an epoch resumes at the next epoch.
     end = train_loader(shards, batch_size=3, seed=5, **SMALL)
@@ -240,16 +260,18 @@ def _dist_worker(rank, world, port, shards, out_dir):
         ev = eval_loader(shards)
         eval_ids = [b["id"][0] for b in ev]
         dist.barrier()
-        Path(out_dir, f"{rank}.json").write_text(json.dumps({"steps": steps, "len": len(train), "train": train_ids,
-                                                            "eval": eval_ids}))
+        Path(out_dir, f"{rank}.json").write_text(
+            json.dumps({"steps": steps, "len": len(train), "train": train_ids, "eval": eval_ids})
+        )
     finally:
         dist.destroy_process_group()
 
 
 def test_two_gloo_ranks_disjoint_and_equal(synth, tmp_path):
     shards = str(synth / "shards" / "trainval-{000000..000004}.tar")  # 30 samples, 5 uneven shards
-    mp.start_processes(_dist_worker, args=(2, _free_port(), shards, str(tmp_path)), nprocs=2, join=True,
-                       start_method="spawn")
+    mp.start_processes(
+        _dist_worker, args=(2, _free_port(), shards, str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+    )
     r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2))
     assert r0["steps"] == r1["steps"] == r0["len"] == 15 // 2
     assert not set(r0["train"]) & set(r1["train"])
@@ -281,9 +303,32 @@ def test_bench_data_reports_both_pipelines(tmp_path):
     from puzzlecam.bench.data import main as bench_main
 
     out = tmp_path / "bench.json"
-    rc = bench_main(["--num-images", "8", "--image-size", "64", "--workers", "0", "--batch-size", "2", "--crop-size", "32",
-                     "--min-long-side", "32", "--max-long-side", "48", "--batches", "1", "--repeats", "1", "--warmup", "1",
-                     "--json", str(out)])
+    rc = bench_main(
+        [
+            "--num-images",
+            "8",
+            "--image-size",
+            "64",
+            "--workers",
+            "0",
+            "--batch-size",
+            "2",
+            "--crop-size",
+            "32",
+            "--min-long-side",
+            "32",
+            "--max-long-side",
+            "48",
+            "--batches",
+            "1",
+            "--repeats",
+            "1",
+            "--warmup",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     rows = json.loads(out.read_text())
     assert rc == 0 and [r["workers"] for r in rows] == [0]
     assert rows[0]["shards_images_per_s"] > 0 and rows[0]["folder_images_per_s"] > 0

@@ -64,13 +64,18 @@ def devkit(tmp_path_factory):
     (sbd / "img" / "2008_000003.jpg").write_bytes(jpeg)
     # a: real objects, plus a difficult 'bottle' and a person with parts; an unknown name is ignored
     (voc / "Annotations" / "2007_000001.xml").write_text(
-        _xml([(n, False) for n in names] + [("bottle", True), ("person", False), ("unicorn", False)], parts=("head", "hand"))
+        _xml(
+            [(n, False) for n in names] + [("bottle", True), ("person", False), ("unicorn", False)],
+            parts=("head", "hand"),
+        )
     )
     for image_id in ("2007_000002", "2008_000003", "2008_000004"):
         (voc / "Annotations" / f"{image_id}.xml").write_text(_xml([(n, False) for n in names]))
     _palette_png(voc_mask, voc / "SegmentationClass" / "2007_000001.png")
     _palette_png(voc_mask, voc / "SegmentationClass" / "2007_000002.png")
-    scipy.io.savemat(sbd / "cls" / "2008_000003.mat", {"GTcls": {"Segmentation": truth, "CategoriesPresent": np.array(present) + 1}})
+    scipy.io.savemat(
+        sbd / "cls" / "2008_000003.mat", {"GTcls": {"Segmentation": truth, "CategoriesPresent": np.array(present) + 1}}
+    )
     Image.fromarray(truth, mode="L").save(aug / "2008_000004.png")
     (voc / "ImageSets/Segmentation/train.txt").write_text("2007_000001\n")
     (voc / "ImageSets/Segmentation/val.txt").write_text("2007_000002\n")
@@ -94,7 +99,9 @@ def _shard(devkit, out, *extra):
 
 def test_train_aug_labels_masks_manifest(devkit, tmp_path, capsys):
     out = tmp_path / "shards"
-    rc = _shard(devkit, out, "--split", "train_aug", "--sbd-root", str(devkit["sbd"]), "--aug-masks", str(devkit["aug"]))
+    rc = _shard(
+        devkit, out, "--split", "train_aug", "--sbd-root", str(devkit["sbd"]), "--aug-masks", str(devkit["aug"])
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "wrote 3 images" in printed and "with masks: 3" in printed
@@ -109,7 +116,11 @@ def test_train_aug_labels_masks_manifest(devkit, tmp_path, capsys):
     assert meta == {"id": "2007_000001", "labels": expected, "height": 375, "width": 500}
     assert json.loads(members["2008_000003.json"])["labels"] == devkit["present"]
     # Masks: palette indices from VOC, GTcls.Segmentation from SBD, raw indices from SegmentationClassAug.
-    for image_id, truth in (("2007_000001", devkit["voc_mask"]), ("2008_000003", devkit["truth"]), ("2008_000004", devkit["truth"])):
+    for image_id, truth in (
+        ("2007_000001", devkit["voc_mask"]),
+        ("2008_000003", devkit["truth"]),
+        ("2008_000004", devkit["truth"]),
+    ):
         seg = Image.open(io.BytesIO(members[f"{image_id}.seg.png"]))
         assert seg.mode == "P"
         np.testing.assert_array_equal(np.array(seg), truth)
@@ -135,7 +146,10 @@ def test_deterministic_and_atomic_overwrite(devkit, tmp_path):
     assert _shard(devkit, a, "--split", "val") == 0
     rows = pq.read_table(a / "manifest.parquet").to_pylist()
     assert sorted((r["split"], r["id"]) for r in rows) == [
-        ("trainval", "2007_000001"), ("trainval", "2007_000002"), ("val", "2007_000002")]
+        ("trainval", "2007_000001"),
+        ("trainval", "2007_000002"),
+        ("val", "2007_000002"),
+    ]
 
 
 def test_bad_input_fail_and_skip(devkit, tmp_path, capsys):
@@ -144,7 +158,7 @@ def test_bad_input_fail_and_skip(devkit, tmp_path, capsys):
     import shutil
 
     shutil.copytree(voc, broken)
-    jpeg = (broken / "JPEGImages" / "2007_000002.jpg")
+    jpeg = broken / "JPEGImages" / "2007_000002.jpg"
     jpeg.write_bytes(jpeg.read_bytes()[:5000])  # truncated JPEG
     out = tmp_path / "out"
     rc = data_main(["shard", "--voc-root", str(broken), "--split", "trainval", "--out", str(out)])
@@ -178,4 +192,6 @@ def test_list_file_and_eval_loader_roundtrip(devkit, tmp_path):
     assert b["image"].shape == (1, 375, 500, 3) and b["mask"].shape == (1, 375, 500) and bool(b["has_mask"])
     np.testing.assert_array_equal(b["image"][0].numpy(), np.array(Image.open(REAL_JPEG).convert("RGB")))
     np.testing.assert_array_equal(b["mask"][0].numpy(), devkit["voc_mask"])
-    assert b["labels"][0].nonzero().flatten().tolist() == sorted(set(devkit["present"]) | {CLS["bottle"], CLS["person"]})
+    assert b["labels"][0].nonzero().flatten().tolist() == sorted(
+        set(devkit["present"]) | {CLS["bottle"], CLS["person"]}
+    )

@@ -7,7 +7,6 @@ threshold-sweep evaluation -> overlays -> the comparison table; then a rerun reu
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -18,15 +17,31 @@ pytestmark = pytest.mark.slow
 
 def test_demo_pipeline_tiny(tmp_path, capsys):
     out = tmp_path / "demo"
-    args = ["--out", str(out), "--num-images", "24", "--size", "64", "--pictures", "2",
-            "--set", "train.max_steps=2", "--set", "data.crop_size=64", "--set", "infer.scales=[1.0, 0.5]"]
+    args = [
+        "--out",
+        str(out),
+        "--num-images",
+        "24",
+        "--size",
+        "64",
+        "--pictures",
+        "2",
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "data.crop_size=64",
+        "--set",
+        "infer.scales=[1.0, 0.5]",
+    ]
     assert demo.main(args) == 0
     text = capsys.readouterr().out
     assert "Puzzle-CAM - baseline" in text
     for mode in demo.MODES:
         run = out / "runs" / mode
         summary = json.loads((run / "eval" / "summary.json").read_text())
-        assert summary["num_images"] == len((out / "voc" / "ImageSets" / "Segmentation" / "val.txt").read_text().split())
+        assert summary["num_images"] == len(
+            (out / "voc" / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
+        )
         assert 0.0 <= summary["best_miou"] <= 1.0
         assert (run / "model.safetensors").is_file() and (run / "viz" / "grid.png").is_file()
         assert f"train.mode={mode}" in (out / "logs" / f"train_{mode}.log").read_text()
@@ -41,10 +56,24 @@ def test_demo_pipeline_tiny(tmp_path, capsys):
 
 
 def test_demo_help_and_bad_batch(tmp_path):
-    help_text = subprocess.run([sys.executable, "-m", "puzzlecam.demo", "--help"], capture_output=True, text=True, check=True).stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "puzzlecam.demo", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for flag in ("--out", "--num-images", "--launcher", "--procs", "--set", "--fresh"):
         assert flag in help_text
     # 8 images per step cannot be split over 3 processes: a clear error before anything trains.
-    rc = demo.main(["--out", str(tmp_path / "d"), "--num-images", "8", "--size", "48", "--procs", "3",
-                    "--set", "train.global_batch_size=8"])
+    rc = demo.main(
+        [
+            "--out",
+            str(tmp_path / "d"),
+            "--num-images",
+            "8",
+            "--size",
+            "48",
+            "--procs",
+            "3",
+            "--set",
+            "train.global_batch_size=8",
+        ]
+    )
     assert rc == 1

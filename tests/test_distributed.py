@@ -14,11 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from test_train_support import (
     DEEPSPEED,
-    Launch,
     TORCHRUN,
+    Launch,
     deepspeed_launch,
     free_port,
     max_param_diff,
@@ -81,8 +80,23 @@ def test_two_nodes_under_torchrun_and_deepspeed_no_ssh(shards, single, tmp_path)
     # torchrun: two launchers (one per "node"), static rendezvous on 127.0.0.1.
     port = free_port()
     torchrun_nodes = [
-        Launch([TORCHRUN, "--nnodes", "2", "--node-rank", str(r), "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
-                "--master-port", str(port), *train_args(tr_run, over)], tmp_path / f"tr{r}.log")
+        Launch(
+            [
+                TORCHRUN,
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(r),
+                "--nproc-per-node",
+                "1",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+                *train_args(tr_run, over),
+            ],
+            tmp_path / f"tr{r}.log",
+        )
         for r in (0, 1)
     ]
     # deepspeed: a two-host hostfile, each launcher started by hand for its node (no ssh).
@@ -90,8 +104,22 @@ def test_two_nodes_under_torchrun_and_deepspeed_no_ssh(shards, single, tmp_path)
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
     port = free_port()
     deepspeed_nodes = [
-        Launch([DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(r), "--master_addr", "127.0.0.1",
-                "--master_port", str(port), *train_args(ds_run, over)], tmp_path / f"ds{r}.log")
+        Launch(
+            [
+                DEEPSPEED,
+                "--hostfile",
+                str(hostfile),
+                "--no_ssh",
+                "--node_rank",
+                str(r),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(port),
+                *train_args(ds_run, over),
+            ],
+            tmp_path / f"ds{r}.log",
+        )
         for r in (0, 1)
     ]
     run_all(torchrun_nodes + deepspeed_nodes)
@@ -103,8 +131,13 @@ def test_torchrun_restarts_a_killed_rank_from_the_last_checkpoint(shards, single
     # Rank 1 is SIGKILLed after step 3; torchrun (--max-restarts 1) restarts both workers, which
     # resume from the step-2 checkpoint and finish. Result: as if nothing had happened.
     run = tmp_path / "restart"
-    launch = torchrun_launch(run, two_rank_overrides(shards), tmp_path / "restart.log", extra=["--max-restarts", "1"],
-                             env={"PUZZLECAM_FAULT_KILL": "step=3,rank=1"})
+    launch = torchrun_launch(
+        run,
+        two_rank_overrides(shards),
+        tmp_path / "restart.log",
+        extra=["--max-restarts", "1"],
+        env={"PUZZLECAM_FAULT_KILL": "step=3,rank=1"},
+    )
     run_all([launch])
     assert (run / ".fault_fired_rank1").read_text() == "3"
     assert "resumed from" in launch.output()

@@ -11,13 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from test_infer import make_synth_shards
 
 from puzzlecam import evaluate
 from puzzlecam.camstore import write_cam
 from puzzlecam.data import eval_loader
 from puzzlecam.evaluate import EvaluationError, confusion_from_labels, confusion_sweep, miou, parse_thresholds
-
-from test_infer import make_synth_shards
 
 IGNORE = 255
 
@@ -28,7 +27,7 @@ def argmax_confusions(cams: np.ndarray, keys: np.ndarray, gt: np.ndarray, thresh
     for i, t in enumerate(thresholds):
         scores = np.concatenate([np.full((1,) + gt.shape, t, dtype=np.float64), cams.astype(np.float64)])
         pred = np.concatenate([[0], keys])[np.argmax(scores, axis=0)]
-        for g, p in zip(gt.ravel(), pred.ravel()):
+        for g, p in zip(gt.ravel(), pred.ravel(), strict=True):
             if g != IGNORE:
                 out[i, g, p] += 1
     return out
@@ -48,7 +47,9 @@ def test_sweep_matches_per_threshold_argmax(dtype):
         gt = rng.choice(np.concatenate([[0, IGNORE], keys, rng.integers(1, 21, 2)]), size=(h, w)).astype(np.uint8)
         got = confusion_sweep(torch.from_numpy(cams), torch.from_numpy(keys), torch.from_numpy(gt), thresholds)
         assert got.dtype == torch.int64 and got.shape == (len(thresholds), 21, 21)
-        np.testing.assert_array_equal(got.numpy(), argmax_confusions(cams, keys, gt, thresholds), err_msg=f"trial {trial}")
+        np.testing.assert_array_equal(
+            got.numpy(), argmax_confusions(cams, keys, gt, thresholds), err_msg=f"trial {trial}"
+        )
 
 
 def test_ties_by_hand():
@@ -105,7 +106,9 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(EvaluationError, match=r"values \[30\]"):
         confusion_sweep(torch.zeros(1, 2, 2), torch.tensor([1]), torch.tensor([[0, 30], [1, 255]]), [0.1])
     with pytest.raises(EvaluationError, match="nan"):
-        confusion_sweep(torch.full((1, 2, 2), float("nan")), torch.tensor([1]), torch.zeros(2, 2, dtype=torch.long), [0.1])
+        confusion_sweep(
+            torch.full((1, 2, 2), float("nan")), torch.tensor([1]), torch.zeros(2, 2, dtype=torch.long), [0.1]
+        )
     with pytest.raises(EvaluationError, match="label map shape"):
         confusion_from_labels(torch.zeros(2, 3), torch.zeros(3, 2))
 
@@ -120,7 +123,10 @@ def shards(tmp_path_factory):
 
 
 def samples(shards):
-    return [(b["id"][0], b["labels"][0].nonzero().flatten().numpy(), b["mask"][0].numpy()) for b in eval_loader(str(shards), rank=0, world_size=1)]
+    return [
+        (b["id"][0], b["labels"][0].nonzero().flatten().numpy(), b["mask"][0].numpy())
+        for b in eval_loader(str(shards), rank=0, world_size=1)
+    ]
 
 
 def write_noisy_cams(out, shards, seed=0):
@@ -129,7 +135,11 @@ def write_noisy_cams(out, shards, seed=0):
     expected = np.zeros((4, 21, 21), dtype=np.int64)
     thresholds = [0.2, 0.4, 0.6, 0.8]
     for image_id, keys, mask in samples(shards):
-        hr = np.stack([(mask == k + 1) * 0.6 + rng.random(mask.shape) * 0.5 for k in keys]) if len(keys) else np.zeros((0,) + mask.shape)
+        hr = (
+            np.stack([(mask == k + 1) * 0.6 + rng.random(mask.shape) * 0.5 for k in keys])
+            if len(keys)
+            else np.zeros((0,) + mask.shape)
+        )
         hr = (hr / np.maximum(hr.max(axis=(1, 2), keepdims=True), 1e-5)).astype(np.float16)
         write_cam(out, image_id, keys, hr[:, ::4, ::4], hr)
         expected += argmax_confusions(hr, keys + 1, mask, thresholds)
@@ -141,7 +151,10 @@ def test_cli_scores_every_image(shards, tmp_path, capsys):
     cams.mkdir()
     expected, thresholds = write_noisy_cams(cams, shards)
     out = tmp_path / "eval"
-    assert evaluate.main(["--cams", str(cams), "--shards", str(shards), "--thresholds", "0.2:0.8:0.2", "--out", str(out)]) == 0
+    assert (
+        evaluate.main(["--cams", str(cams), "--shards", str(shards), "--thresholds", "0.2:0.8:0.2", "--out", str(out)])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "mIoU per threshold" in printed and "aeroplane" in printed
     summary = json.loads((out / "summary.json").read_text())
@@ -154,7 +167,11 @@ def test_cli_scores_every_image(shards, tmp_path, capsys):
     table = pq.read_table(out / "eval.parquet").to_pylist()
     assert len(table) == len(thresholds) * 21
     row = next(r for r in table if r["threshold"] == 0.4 and r["class_name"] == "background")
-    assert row["tp"] == expected[1, 0, 0] and row["gt_pixels"] == expected[1, 0].sum() and row["pred_pixels"] == expected[1, :, 0].sum()
+    assert (
+        row["tp"] == expected[1, 0, 0]
+        and row["gt_pixels"] == expected[1, 0].sum()
+        and row["pred_pixels"] == expected[1, :, 0].sum()
+    )
 
 
 def test_cli_errors_name_the_images(shards, tmp_path, capsys):

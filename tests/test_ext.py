@@ -105,7 +105,7 @@ def test_reconstruction_loss_matches_reference(device, dtype, shape, level, kind
     want = run_loss(puzzle.reconstruction_loss, *inputs, **kw)
     assert got[0].dtype == got[1].dtype == torch.float32
     assert got[2].dtype == got[3].dtype == dtype
-    for name, g, r in zip(["re", "merged_logits", "grad cam", "grad cam_tiles"], got, want):
+    for name, g, r in zip(["re", "merged_logits", "grad cam", "grad cam_tiles"], got, want, strict=True):
         assert g.shape == r.shape, name
         assert_close(g, r, dtype if name.startswith("grad") else torch.float32, name)
 
@@ -123,7 +123,7 @@ def test_reconstruction_loss_of_matching_maps(device, level):
     want = run_loss(puzzle.reconstruction_loss, cam, tiles, labels, grad_re, grad_logits, level=level)
     assert got[0].item() == 0.0
     assert got[2].abs().max().item() == 0.0
-    for g, r in zip(got, want):
+    for g, r in zip(got, want, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-7)
 
 
@@ -139,7 +139,7 @@ def test_reconstruction_loss_tied_peaks_and_layouts(device):
     for level in ("feature", "cam"):
         got = run_loss(_ext.reconstruction_loss, cam, tiles, labels, grad_re, grad_logits, level=level)
         want = run_loss(puzzle.reconstruction_loss, cam, tiles, labels, grad_re, grad_logits, level=level)
-        for g, r in zip(got, want):
+        for g, r in zip(got, want, strict=True):
             torch.testing.assert_close(g, r, rtol=2e-5, atol=2e-6)
 
 
@@ -154,7 +154,7 @@ def test_reconstruction_loss_one_output_used(device):
             fn(c, t, labels, 2, "cam", "l1", True)[pick].sum().backward()
             # the reference leaves cam.grad None when only merged_logits is used: that is a zero gradient
             grads.append(tuple(torch.zeros_like(x) if x.grad is None else x.grad for x in (c, t)))
-        for g, r in zip(*grads):
+        for g, r in zip(*grads, strict=True):
             torch.testing.assert_close(g, r, rtol=2e-5, atol=1e-7)
 
 
@@ -194,9 +194,9 @@ def test_multiscale_cam_matches_reference(device, dtype, image_size, with_flip):
     keys = torch.tensor([14, 2, 14])  # unsorted, repeated
     got = _ext.multiscale_cam(maps, flipped, keys, image_size)
     want = puzzle.multiscale_cam(maps, flipped, keys, image_size)
-    for name, g, r in zip(["cam", "hr_cam"], got, want):
+    for name, g, r in zip(["cam", "hr_cam"], got, want, strict=True):
         assert g.dtype == torch.float32 and g.shape == r.shape, name
-        torch.testing.assert_close(g, r, rtol=1e-5, atol=2e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=2e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @needs_ext
@@ -206,7 +206,11 @@ def test_multiscale_cam_many_scales_and_no_keys(device):
     maps, flipped = fusion_inputs(40, 56, 5, [0.5 + 0.25 * i for i in range(10)], torch.float32, device, seed=7)
     maps = [m.transpose(1, 2).contiguous().transpose(1, 2) for m in maps]
     keys = torch.tensor([4, 0, 1])
-    for got, want in zip(_ext.multiscale_cam(maps, flipped, keys, (40, 56)), puzzle.multiscale_cam(maps, flipped, keys, (40, 56))):
+    for got, want in zip(
+        _ext.multiscale_cam(maps, flipped, keys, (40, 56)),
+        puzzle.multiscale_cam(maps, flipped, keys, (40, 56)),
+        strict=True,
+    ):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
     cam, hr = _ext.multiscale_cam(maps, flipped, torch.tensor([], dtype=torch.long), (40, 56))
     assert cam.shape == (0, 10, 14) and hr.shape == (0, 40, 56)
@@ -231,7 +235,11 @@ def test_reconstruction_loss_bad_inputs(device):
     cam, tiles, labels, _, _ = loss_inputs(2, 3, 8, 8, 2, torch.float32, device, seed=5)
     cases = [
         (ValueError, "got shape [3, 8, 8]", (cam[0], tiles, labels, 2, "feature", "l1", True)),
-        (ValueError, "cam_tiles [8, 3, 3, 4], n=2) but cam has shape [2, 3, 8, 8]", (cam, tiles[:, :, :3], labels, 2, "feature", "l1", True)),
+        (
+            ValueError,
+            "cam_tiles [8, 3, 3, 4], n=2) but cam has shape [2, 3, 8, 8]",
+            (cam, tiles[:, :, :3], labels, 2, "feature", "l1", True),
+        ),
         (ValueError, "not a multiple of n*n=4", (cam, tiles[:7], labels, 2, "feature", "l1", True)),
         (ValueError, "labels must have shape", (cam, tiles, labels[:, :2], 2, "feature", "l1", True)),
         (ValueError, "level must be", (cam, tiles, labels, 2, "pixel", "l1", True)),
@@ -256,7 +264,11 @@ def test_multiscale_cam_bad_inputs(device):
     keys = torch.tensor([1], device=device)
     cases = [
         (ValueError, "out of range", (maps, flipped, torch.tensor([4], device=device), [32, 48])),
-        (ValueError, "flipped map shape [4, 1, 1] differs from [4, 1, 2]", (maps, flipped[:1] + [flipped[1][..., :1]], keys, [32, 48])),
+        (
+            ValueError,
+            "flipped map shape [4, 1, 1] differs from [4, 1, 2]",
+            (maps, flipped[:1] + [flipped[1][..., :1]], keys, [32, 48]),
+        ),
         (ValueError, "(C, h, w)", ([maps[0][None]], [], keys, [32, 48])),
         (ValueError, "2 scale maps but 1 flipped", (maps, flipped[:1], keys, [32, 48])),
         (ValueError, "classes but scale 0 has", ([maps[0], maps[1][:3]], [], keys, [32, 48])),

@@ -33,18 +33,42 @@ SCALES = (1.0, 0.5, 1.5)
 
 def run_module(*args: str, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def make_synth_shards(root: Path, num_images: int = 8, size: int = 48, unlabeled: int = 1, shard_size: int = 3) -> Path:
     """Synthetic VOC set -> shards; the first ``unlabeled`` images lose their objects (no labels)."""
     voc = root / "voc"
-    r = run_module("puzzlecam.data", "synth", "--out", str(voc), "--num-images", str(num_images), "--size", str(size), "--seed", "3")
+    r = run_module(
+        "puzzlecam.data",
+        "synth",
+        "--out",
+        str(voc),
+        "--num-images",
+        str(num_images),
+        "--size",
+        str(size),
+        "--seed",
+        "3",
+    )
     assert r.returncode == 0, r.stderr
     for i in range(unlabeled):
         xml = voc / "Annotations" / f"synth_{i:06d}.xml"
         xml.write_text(re.sub(r"\s*<object>.*?</object>", "", xml.read_text(), flags=re.S))
-    r = run_module("puzzlecam.data", "shard", "--voc-root", str(voc), "--split", "trainval", "--out", str(root / "shards"), "--shard-size", str(shard_size))
+    r = run_module(
+        "puzzlecam.data",
+        "shard",
+        "--voc-root",
+        str(voc),
+        "--split",
+        "trainval",
+        "--out",
+        str(root / "shards"),
+        "--shard-size",
+        str(shard_size),
+    )
     assert r.returncode == 0, r.stderr
     return root / "shards"
 
@@ -72,8 +96,24 @@ def setup(tmp_path_factory):
     shards = make_synth_shards(root)
     weights = make_tiny_model(root / "run")
     out = root / "cams"
-    code = infer.main(["--weights", str(weights), "--shards", str(shards), "--out", str(out), "--scales", ",".join(map(str, SCALES)), "--batch-size", "3", "--num-workers", "0",
-                       "--device", "cpu"])  # compared with a CPU reference below; test_cuda_matches_cpu covers CUDA
+    code = infer.main(
+        [
+            "--weights",
+            str(weights),
+            "--shards",
+            str(shards),
+            "--out",
+            str(out),
+            "--scales",
+            ",".join(map(str, SCALES)),
+            "--batch-size",
+            "3",
+            "--num-workers",
+            "0",
+            "--device",
+            "cpu",
+        ]
+    )  # compared with a CPU reference below; test_cuda_matches_cpu covers CUDA
     assert code == 0
     return root, shards, weights, out
 
@@ -87,7 +127,11 @@ def reference_cams(model, image_u8: torch.Tensor, keys: torch.Tensor, scales, fl
     maps, flipped = [], []
     for s in scales:
         size = (round(h * s), round(w * s))
-        xs = x if size == (h, w) else F.interpolate(x, size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+        xs = (
+            x
+            if size == (h, w)
+            else F.interpolate(x, size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+        )
         xs = (xs - mean) / std
         with torch.no_grad():
             maps.append(model(xs)[1][0])
@@ -112,7 +156,10 @@ def test_every_image_written_with_reference_values(setup):
         assert rec.cam.dtype == np.float16 and rec.hr_cam.dtype == np.float16
         assert rec.hr_cam.shape == (len(keys), h, w)
         assert rec.cam.shape == (len(keys), (h - 1) // 4 + 1, (w - 1) // 4 + 1)
-        assert by_id[image_id]["keys"] == keys.tolist() and (by_id[image_id]["height"], by_id[image_id]["width"]) == (h, w)
+        assert by_id[image_id]["keys"] == keys.tolist() and (by_id[image_id]["height"], by_id[image_id]["width"]) == (
+            h,
+            w,
+        )
         if len(keys) == 0:
             unlabeled += 1
             continue
@@ -128,7 +175,24 @@ def test_every_image_written_with_reference_values(setup):
 def test_no_flip_single_scale_matches_reference(setup, tmp_path):
     root, shards, weights, _ = setup
     out = tmp_path / "cams"
-    assert infer.main(["--weights", str(weights), "--shards", str(shards), "--out", str(out), "--scales", "1.0", "--no-flip", "--num-workers", "0"]) == 0
+    assert (
+        infer.main(
+            [
+                "--weights",
+                str(weights),
+                "--shards",
+                str(shards),
+                "--out",
+                str(out),
+                "--scales",
+                "1.0",
+                "--no-flip",
+                "--num-workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     model, _ = infer.load_classifier(weights)
     batch = next(b for b in eval_loader(str(shards), rank=0, world_size=1) if b["labels"].sum() > 0)
     keys = batch["labels"][0].nonzero().flatten()
@@ -140,8 +204,20 @@ def test_no_flip_single_scale_matches_reference(setup, tmp_path):
 def test_rerun_skips_complete_and_redoes_missing_or_partial(setup, tmp_path):
     root, shards, weights, first = setup
     out = tmp_path / "cams"
-    args = ["--weights", str(weights), "--shards", str(shards), "--out", str(out), "--scales", ",".join(map(str, SCALES)), "--num-workers", "0",
-            "--device", "cpu"]  # bit-equal to the first (CPU) run below
+    args = [
+        "--weights",
+        str(weights),
+        "--shards",
+        str(shards),
+        "--out",
+        str(out),
+        "--scales",
+        ",".join(map(str, SCALES)),
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
+    ]  # bit-equal to the first (CPU) run below
     assert infer.main(args) == 0
     ids = manifest_ids(shards)
     (out / f"{ids[1]}.npz").unlink()
@@ -177,7 +253,12 @@ def test_weights_config_mismatch_and_missing_config(setup, tmp_path, capsys):
     other = tmp_path / "run"
     make_tiny_model(other, width=16)
     (other / "model.safetensors").write_bytes(weights.read_bytes())  # width-8 weights, width-16 config
-    assert infer.main(["--weights", str(other / "model.safetensors"), "--shards", str(shards), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        infer.main(
+            ["--weights", str(other / "model.safetensors"), "--shards", str(shards), "--out", str(tmp_path / "o")]
+        )
+        == 2
+    )
     assert "does not fit the model" in capsys.readouterr().err
     lonely = tmp_path / "lonely" / "model.safetensors"
     lonely.parent.mkdir()
@@ -187,22 +268,56 @@ def test_weights_config_mismatch_and_missing_config(setup, tmp_path, capsys):
     bad = tmp_path / "bad" / "model.safetensors"
     bad.parent.mkdir()
     bad.write_bytes(b"not safetensors")
-    assert infer.main(["--weights", str(bad), "--config", str(weights.parent / "config.yaml"), "--shards", str(shards), "--out", str(tmp_path / "o3")]) == 2
+    assert (
+        infer.main(
+            [
+                "--weights",
+                str(bad),
+                "--config",
+                str(weights.parent / "config.yaml"),
+                "--shards",
+                str(shards),
+                "--out",
+                str(tmp_path / "o3"),
+            ]
+        )
+        == 2
+    )
     assert "not a readable safetensors file" in capsys.readouterr().err
 
 
 def test_two_torchrun_ranks_write_each_image_once(setup, tmp_path):
-    from puzzlecam.distributed import free_port
+    from puzzlecam.utils.net import free_port
 
     root, shards, weights, first = setup
     out = tmp_path / "cams"
     torchrun = Path(sys.executable).parent / "torchrun"
     cmd = [
-        str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-        "-m", "puzzlecam.infer", "--weights", str(weights), "--shards", str(shards), "--out", str(out),
-        "--scales", ",".join(map(str, SCALES)), "--num-workers", "0", "--device", "cpu",
+        str(torchrun),
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(free_port()),
+        "-m",
+        "puzzlecam.infer",
+        "--weights",
+        str(weights),
+        "--shards",
+        str(shards),
+        "--out",
+        str(out),
+        "--scales",
+        ",".join(map(str, SCALES)),
+        "--num-workers",
+        "0",
+        "--device",
+        "cpu",
     ]
-    r = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180)
+    r = subprocess.run(
+        cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     ids = manifest_ids(shards)
     meta = json.loads((out / "infer.json").read_text())
@@ -210,16 +325,42 @@ def test_two_torchrun_ranks_write_each_image_once(setup, tmp_path):
     assert meta["written"] == len(ids) and meta["skipped_complete"] == 0
     assert sorted(r["id"] for r in read_index(out).to_pylist()) == ids
     for image_id in ids:
-        np.testing.assert_allclose(read_cam(out, image_id).hr_cam.astype(np.float32), read_cam(first, image_id).hr_cam.astype(np.float32), atol=2e-3)
+        np.testing.assert_allclose(
+            read_cam(out, image_id).hr_cam.astype(np.float32),
+            read_cam(first, image_id).hr_cam.astype(np.float32),
+            atol=2e-3,
+        )
 
 
 @pytest.mark.gpu
 def test_cuda_matches_cpu(setup, tmp_path):
     root, shards, weights, first = setup
     out = tmp_path / "cams"
-    assert infer.main(["--weights", str(weights), "--shards", str(shards), "--out", str(out), "--scales", ",".join(map(str, SCALES)), "--device", "cuda", "--num-workers", "0"]) == 0
+    assert (
+        infer.main(
+            [
+                "--weights",
+                str(weights),
+                "--shards",
+                str(shards),
+                "--out",
+                str(out),
+                "--scales",
+                ",".join(map(str, SCALES)),
+                "--device",
+                "cuda",
+                "--num-workers",
+                "0",
+            ]
+        )
+        == 0
+    )
     for image_id in manifest_ids(shards):
-        np.testing.assert_allclose(read_cam(out, image_id).hr_cam.astype(np.float32), read_cam(first, image_id).hr_cam.astype(np.float32), atol=5e-3)
+        np.testing.assert_allclose(
+            read_cam(out, image_id).hr_cam.astype(np.float32),
+            read_cam(first, image_id).hr_cam.astype(np.float32),
+            atol=5e-3,
+        )
 
 
 def test_end_to_end_chain(setup, tmp_path):
@@ -227,13 +368,57 @@ def test_end_to_end_chain(setup, tmp_path):
     from puzzlecam import evaluate, labels, viz
 
     root, shards, weights, cams = setup
-    assert evaluate.main(["--cams", str(cams), "--shards", str(shards), "--thresholds", "0.1:0.7:0.1", "--out", str(tmp_path / "eval")]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--cams",
+                str(cams),
+                "--shards",
+                str(shards),
+                "--thresholds",
+                "0.1:0.7:0.1",
+                "--out",
+                str(tmp_path / "eval"),
+            ]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["num_images"] == len(manifest_ids(shards))
     best = summary["best_threshold"]
     assert labels.main(["--cams", str(cams), "--threshold", str(best), "--out", str(tmp_path / "labels")]) == 0
-    assert evaluate.main(["--mode", "labels", "--labels", str(tmp_path / "labels"), "--shards", str(shards), "--out", str(tmp_path / "eval_labels")]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--mode",
+                "labels",
+                "--labels",
+                str(tmp_path / "labels"),
+                "--shards",
+                str(shards),
+                "--out",
+                str(tmp_path / "eval_labels"),
+            ]
+        )
+        == 0
+    )
     scored = json.loads((tmp_path / "eval_labels" / "summary.json").read_text())
     assert scored["best_miou"] == pytest.approx(summary["best_miou"], abs=1e-12)
-    assert viz.main(["--cams", str(cams), "--shards", str(shards), "--out", str(tmp_path / "viz"), "--n", "2", "--summary", str(tmp_path / "eval" / "summary.json")]) == 0
+    assert (
+        viz.main(
+            [
+                "--cams",
+                str(cams),
+                "--shards",
+                str(shards),
+                "--out",
+                str(tmp_path / "viz"),
+                "--n",
+                "2",
+                "--summary",
+                str(tmp_path / "eval" / "summary.json"),
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "viz" / "grid.png").is_file()

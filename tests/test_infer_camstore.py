@@ -47,8 +47,15 @@ def test_bad_files_are_errors_naming_the_id(tmp_path):
     np.savez(tmp_path / "lacking.npz", keys=np.array([1]), cam=cam)
     np.savez(tmp_path / "shapes.npz", keys=np.array([1, 2]), cam=cam, hr_cam=hr)
     np.savez(tmp_path / "pickled.npz", keys=np.array([object()], dtype=object), cam=cam, hr_cam=hr)
-    for image_id, words in [("truncated", "not an npz"), ("corrupt", "cannot read"), ("garbage", "not an npz"), ("lacking", "lacks arrays"),
-                            ("shapes", "expected (K, h, w)"), ("pickled", "cannot read"), ("absent", "no CAM file")]:
+    for image_id, words in [
+        ("truncated", "not an npz"),
+        ("corrupt", "cannot read"),
+        ("garbage", "not an npz"),
+        ("lacking", "lacks arrays"),
+        ("shapes", "expected (K, h, w)"),
+        ("pickled", "cannot read"),
+        ("absent", "no CAM file"),
+    ]:
         with pytest.raises(CamStoreError, match=image_id) as info:
             read_cam(tmp_path, image_id)
         assert words in str(info.value)

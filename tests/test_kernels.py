@@ -16,7 +16,7 @@ import zlib
 import pytest
 import torch
 
-from puzzlecam import ops, puzzle
+from puzzlecam import ops
 
 FULL_GRID = os.environ.get("PUZZLECAM_FULL_GRID", "0") == "1"
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -70,7 +70,14 @@ def loss_cases():
     """(n, B, C, th, tw, level, kind, masking, dtype_index, ties) tuples."""
     combos = list(itertools.product(("feature", "cam"), ("l1", "l2"), (True, False)))
     if FULL_GRID:  # every combination and dtype on six shapes (kept small: each variant compiles)
-        shapes = [(2, 8, 20, 16, 16), (2, 3, 21, 3, 5), (2, 1, 80, 32, 32), (3, 2, 1, 1, 1), (3, 5, 80, 4, 4), (3, 8, 21, 7, 3)]
+        shapes = [
+            (2, 8, 20, 16, 16),
+            (2, 3, 21, 3, 5),
+            (2, 1, 80, 32, 32),
+            (3, 2, 1, 1, 1),
+            (3, 5, 80, 4, 4),
+            (3, 8, 21, 7, 3),
+        ]
         return [
             (n, b, c, th, tw, level, kind, masking, d, k % 2 == 1)
             for k, (n, b, c, th, tw) in enumerate(shapes)
@@ -99,8 +106,22 @@ def run_loss(backend, cam, tiles, labels, n, level, kind, masking, g_loss, g_log
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", loss_cases(), ids=lambda c: "n{}-B{}-C{}-t{}x{}-{}-{}-{}-{}{}".format(
-    c[0], c[1], c[2], c[3], c[4], c[5], c[6], "mask" if c[7] else "nomask", DTYPE_NAMES[c[8]], "-ties" if c[9] else ""))
+@pytest.mark.parametrize(
+    "case",
+    loss_cases(),
+    ids=lambda c: "n{}-B{}-C{}-t{}x{}-{}-{}-{}-{}{}".format(
+        c[0],
+        c[1],
+        c[2],
+        c[3],
+        c[4],
+        c[5],
+        c[6],
+        "mask" if c[7] else "nomask",
+        DTYPE_NAMES[c[8]],
+        "-ties" if c[9] else "",
+    ),
+)
 def test_reconstruction_loss_matches_reference(device, case):
     n, b, c, th, tw, level, kind, masking, d, ties = case
     dtypes = dtypes_for(device)
@@ -115,7 +136,7 @@ def test_reconstruction_loss_matches_reference(device, case):
     g_logits = torch.randn(b, c, generator=gen).to(device)
     got = run_loss("triton", cam, tiles, labels, n, level, kind, masking, g_loss, g_logits)
     want = run_loss("reference", cam, tiles, labels, n, level, kind, masking, g_loss, g_logits)
-    for name, a, e in zip(("re_loss", "merged_logits", "grad cam", "grad cam_tiles"), got, want):
+    for name, a, e in zip(("re_loss", "merged_logits", "grad cam", "grad cam_tiles"), got, want, strict=True):
         assert_close(a, e, dtype, f"{name} ({case})")
 
 
@@ -139,7 +160,10 @@ def test_reconstruction_loss_large_maps_and_layouts(device, level):
     want = run_loss("reference", cam, tiles, labels, n, level, "l1", True, 1.0, g_logits)
     layouts = {
         "contiguous": (cam, tiles),
-        "channels_last": (cam.contiguous(memory_format=torch.channels_last), tiles.contiguous(memory_format=torch.channels_last)),
+        "channels_last": (
+            cam.contiguous(memory_format=torch.channels_last),
+            tiles.contiguous(memory_format=torch.channels_last),
+        ),
         "strided": (spread(cam), tiles.transpose(2, 3).contiguous().transpose(2, 3)),
     }
     for name, (cam_l, tiles_l) in layouts.items():
@@ -147,7 +171,12 @@ def test_reconstruction_loss_large_maps_and_layouts(device, level):
         tiles_in = tiles_l.detach().requires_grad_(True)
         loss, logits = ops.reconstruction_loss(cam_in, tiles_in, labels, n, level, "l1", True, backend="triton")
         (loss + (logits * g_logits).sum()).backward()
-        for what, a, e in zip(("re_loss", "merged_logits", "grad cam", "grad cam_tiles"), (loss, logits, cam_in.grad, tiles_in.grad), want):
+        for what, a, e in zip(
+            ("re_loss", "merged_logits", "grad cam", "grad cam_tiles"),
+            (loss, logits, cam_in.grad, tiles_in.grad),
+            want,
+            strict=True,
+        ):
             assert_close(a, e, torch.float32, f"{what} {name}")
 
 
@@ -164,7 +193,7 @@ def test_reconstruction_loss_sliced_inputs(device):
     for level in ("feature", "cam"):
         got = run_loss("triton", cam_view, tiles_view, labels, 2, level, "l1", True, 1.0, 0.5)
         want = run_loss("reference", cam_view, tiles_view, labels, 2, level, "l1", True, 1.0, 0.5)
-        for name, a, e in zip(("re_loss", "merged_logits", "grad cam", "grad cam_tiles"), got, want):
+        for name, a, e in zip(("re_loss", "merged_logits", "grad cam", "grad cam_tiles"), got, want, strict=True):
             assert_close(a, e, torch.float32, f"{name} ({level}, sliced)")
 
 
@@ -184,7 +213,7 @@ def test_reconstruction_loss_gradient_paths(device):
             loss, _ = ops.reconstruction_loss(cam_in, tiles_in, labels, n, level, "l2", False, backend=backend)
             loss.backward()
             grads.append((cam_in.grad, tiles_in.grad))
-        for a, e, what in zip(grads[0], grads[1], ("cam", "cam_tiles")):
+        for a, e, what in zip(grads[0], grads[1], ("cam", "cam_tiles"), strict=True):
             assert_close(a, e, torch.float32, f"{level} loss-only grad {what}")
         # Logits only, all-zero labels with masking: the loss is 0 and its gradient too.
         grads = []
@@ -196,8 +225,11 @@ def test_reconstruction_loss_gradient_paths(device):
             grads.append(tiles_in.grad)
         assert_close(grads[0], grads[1], torch.float32, f"{level} logits-only grad cam_tiles")
     # Deterministic: the same inputs give bitwise the same loss and gradients.
-    runs = [run_loss("triton", cam, tiles, torch.ones(b, c, device=device), n, "cam", "l1", True, 1.0, 1.0) for _ in range(2)]
-    for a, e in zip(*runs):
+    runs = [
+        run_loss("triton", cam, tiles, torch.ones(b, c, device=device), n, "cam", "l1", True, 1.0, 1.0)
+        for _ in range(2)
+    ]
+    for a, e in zip(*runs, strict=True):
         assert torch.equal(a, e)
 
 
@@ -233,18 +265,32 @@ def test_reconstruction_loss_bad_arguments(device):
 
 def tile_cases():
     if FULL_GRID:  # six shapes x every dtype x both memory formats
-        shapes = [(2, 1, 1, (1, 1)), (2, 8, 20, (16, 16)), (2, 4, 80, (32, 32)), (3, 3, 21, (3, 5)), (3, 8, 20, (5, 7)), (3, 1, 80, (1, 1))]
+        shapes = [
+            (2, 1, 1, (1, 1)),
+            (2, 8, 20, (16, 16)),
+            (2, 4, 80, (32, 32)),
+            (3, 3, 21, (3, 5)),
+            (3, 8, 20, (5, 7)),
+            (3, 1, 80, (1, 1)),
+        ]
         return [(n, b, c, t, d, cl) for (n, b, c, t) in shapes for d in (0, 1, 2) for cl in (False, True)]
     rng = random.Random(99)
     cases = []
     for k in range(6):
-        cases.append((2 + k % 2, rng.randint(1, 8), CHANNELS[k % 4], rng.choice(((1, 1), (3, 5), (4, 7))), k % 2, k in (2, 3)))
+        cases.append(
+            (2 + k % 2, rng.randint(1, 8), CHANNELS[k % 4], rng.choice(((1, 1), (3, 5), (4, 7))), k % 2, k in (2, 3))
+        )
     return cases
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", tile_cases(), ids=lambda c: "n{}-B{}-C{}-t{}x{}-{}{}".format(
-    c[0], c[1], c[2], c[3][0], c[3][1], DTYPE_NAMES[c[4]], "-cl" if c[5] else ""))
+@pytest.mark.parametrize(
+    "case",
+    tile_cases(),
+    ids=lambda c: "n{}-B{}-C{}-t{}x{}-{}{}".format(
+        c[0], c[1], c[2], c[3][0], c[3][1], DTYPE_NAMES[c[4]], "-cl" if c[5] else ""
+    ),
+)
 def test_tile_merge_match_reference(device, case):
     n, b, c, (th, tw), d, channels_last = case
     dtypes = dtypes_for(device)
@@ -263,7 +309,9 @@ def test_tile_merge_match_reference(device, case):
         t.backward(g)
         m = ops.merge(t.detach(), n, backend=backend)
         results[backend] = (t, x_in.grad, m)
-    for name, a, e in zip(("tile", "grad through tile (merge)", "merge"), results["triton"], results["reference"]):
+    for name, a, e in zip(
+        ("tile", "grad through tile (merge)", "merge"), results["triton"], results["reference"], strict=True
+    ):
         assert torch.equal(a, e), f"{name} differs from the reference ({case})"
     assert results["triton"][2].equal(x)
     if channels_last:
@@ -293,14 +341,24 @@ def test_tile_merge_bad_arguments(device):
 
 def prepare_cases():
     if FULL_GRID:  # six shapes x every dtype x both memory formats
-        shapes = [(2, 1, (6, 6)), (2, 8, (512, 512)), (2, 3, (96, 66)), (3, 2, (12, 30)), (3, 8, (96, 66)), (3, 1, (3, 3))]
+        shapes = [
+            (2, 1, (6, 6)),
+            (2, 8, (512, 512)),
+            (2, 3, (96, 66)),
+            (3, 2, (12, 30)),
+            (3, 8, (96, 66)),
+            (3, 1, (3, 3)),
+        ]
         return [(n, b, hw, d, cl) for (n, b, hw) in shapes for d in (0, 1, 2) for cl in (False, True)]
     return [(2, 3, (12, 30), 0, False), (3, 2, (15, 21), 1, True), (2, 5, (6, 10), 0, True), (3, 1, (9, 6), 1, False)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("case", prepare_cases(), ids=lambda c: "n{}-B{}-{}x{}-{}{}".format(
-    c[0], c[1], c[2][0], c[2][1], DTYPE_NAMES[c[3]], "-cl" if c[4] else ""))
+@pytest.mark.parametrize(
+    "case",
+    prepare_cases(),
+    ids=lambda c: "n{}-B{}-{}x{}-{}{}".format(c[0], c[1], c[2][0], c[2][1], DTYPE_NAMES[c[3]], "-cl" if c[4] else ""),
+)
 def test_prepare_inputs_matches_reference(device, case):
     n, b, (h, w), d, channels_last = case
     dtypes = dtypes_for(device)
@@ -313,17 +371,17 @@ def test_prepare_inputs_matches_reference(device, case):
     valid[0] = torch.tensor([h, w])  # one image fills its canvas
     got = ops.prepare_inputs(images, valid, n, dtype, channels_last, backend="triton")
     want = ops.prepare_inputs(images, valid, n, dtype, channels_last, backend="reference")
-    for name, a, e in zip(("x", "tiles"), got, want):
+    for name, a, e in zip(("x", "tiles"), got, want, strict=True):
         assert_close(a, e, dtype, f"{name} ({case})")
         # Same memory layout; the stride of a size-1 dim is arbitrary (torch itself varies it).
-        layout = lambda t: [st for st, sz in zip(t.stride(), t.shape) if sz > 1]  # noqa: E731
+        layout = lambda t: [st for st, sz in zip(t.stride(), t.shape, strict=True) if sz > 1]
         assert layout(a) == layout(e), f"{name}: strides {a.stride()} != {e.stride()} for shape {tuple(a.shape)}"
     # Strided (non-contiguous) images: a crop of a larger canvas.
     canvas = torch.randint(0, 256, (b, h + 3, w + 5, 3), dtype=torch.uint8, generator=gen).to(device)
     crop = canvas[:, 1 : h + 1, 2 : w + 2]
     got = ops.prepare_inputs(crop, valid, n, dtype, channels_last, backend="triton")
     want = ops.prepare_inputs(crop, valid, n, dtype, channels_last, backend="reference")
-    for name, a, e in zip(("x (strided images)", "tiles (strided images)"), got, want):
+    for name, a, e in zip(("x (strided images)", "tiles (strided images)"), got, want, strict=True):
         assert_close(a, e, dtype, f"{name} ({case})")
 
 

@@ -11,8 +11,21 @@ from puzzlecam.bench import kernels as bench
 
 def test_bench_kernels_cpu_smoke(tmp_path, capsys):
     out = tmp_path / "kernels.json"
-    rc = bench.main(["--device", "cpu", "--ops", "re_loss_cam,merge,multiscale_cam", "--repeats", "1", "--warmup", "0",
-                     "--no-compile", "--json", str(out)])
+    rc = bench.main(
+        [
+            "--device",
+            "cpu",
+            "--ops",
+            "re_loss_cam,merge,multiscale_cam",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--no-compile",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     payload = json.loads(out.read_text())
     assert payload["device_type"] == "cpu" and payload["versions"]["torch"] and payload["date"]

@@ -8,15 +8,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_evaluate import samples, write_noisy_cams
+from test_infer import make_synth_shards
 
 from puzzlecam import labels as labels_cli
 from puzzlecam.camstore import CamRecord, list_ids, read_cam, write_cam
 from puzzlecam.evaluate import confusion_from_labels, confusion_sweep
 from puzzlecam.labels import make_label_map, predict_labels
-from puzzlecam.palette import VOC_PALETTE
-
-from test_evaluate import samples, write_noisy_cams
-from test_infer import make_synth_shards
+from puzzlecam.utils.labelmap import VOC_PALETTE
 
 
 def test_predict_labels_ties_go_to_background_and_first_key():
@@ -57,7 +56,9 @@ def test_cli_writes_palette_pngs_consistent_with_evaluation(store, tmp_path):
         rec = read_cam(cams, image_id)
         # The label map scored as labels equals the CAM sweep at the same threshold.
         from_labels, undecided = confusion_from_labels(torch.from_numpy(pred), torch.from_numpy(masks[image_id]))
-        swept = confusion_sweep(torch.from_numpy(rec.hr_cam), torch.from_numpy(rec.keys) + 1, torch.from_numpy(masks[image_id]), [0.4])[0]
+        swept = confusion_sweep(
+            torch.from_numpy(rec.hr_cam), torch.from_numpy(rec.keys) + 1, torch.from_numpy(masks[image_id]), [0.4]
+        )[0]
         assert torch.equal(from_labels, swept) and int(undecided.sum()) == 0
 
 
@@ -65,9 +66,32 @@ def test_crf(store, tmp_path):
     pytest.importorskip("pydensecrf.densecrf")
     shards, cams = store
     out = tmp_path / "labels"
-    assert labels_cli.main(["--cams", str(cams), "--threshold", "0.5", "--bg-threshold", "0.3", "--crf", "--shards", str(shards), "--out", str(out), "--crf-iters", "3", "--jobs", "2"]) == 0
+    assert (
+        labels_cli.main(
+            [
+                "--cams",
+                str(cams),
+                "--threshold",
+                "0.5",
+                "--bg-threshold",
+                "0.3",
+                "--crf",
+                "--shards",
+                str(shards),
+                "--out",
+                str(out),
+                "--crf-iters",
+                "3",
+                "--jobs",
+                "2",
+            ]
+        )
+        == 0
+    )
     plain = tmp_path / "plain"
-    assert labels_cli.main(["--cams", str(cams), "--threshold", "0.5", "--bg-threshold", "0.3", "--out", str(plain)]) == 0
+    assert (
+        labels_cli.main(["--cams", str(cams), "--threshold", "0.5", "--bg-threshold", "0.3", "--out", str(plain)]) == 0
+    )
     changed = 0
     for image_id in list_ids(cams):
         rec = read_cam(cams, image_id)
@@ -83,11 +107,21 @@ def test_errors(store, tmp_path, monkeypatch, capsys):
     assert labels_cli.main(["--cams", str(cams), "--threshold", "0.5", "--crf", "--out", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err
     assert "--shards" in err or "pip install .[crf]" in err
-    assert labels_cli.main(["--cams", str(cams), "--threshold", "0.3", "--bg-threshold", "0.5", "--out", str(tmp_path / "b")]) == 2
+    assert (
+        labels_cli.main(
+            ["--cams", str(cams), "--threshold", "0.3", "--bg-threshold", "0.5", "--out", str(tmp_path / "b")]
+        )
+        == 2
+    )
     assert "must be below" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "pydensecrf", None)  # as if the extra were not installed
     monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
-    assert labels_cli.main(["--cams", str(cams), "--threshold", "0.5", "--crf", "--shards", str(shards), "--out", str(tmp_path / "c")]) == 2
+    assert (
+        labels_cli.main(
+            ["--cams", str(cams), "--threshold", "0.5", "--crf", "--shards", str(shards), "--out", str(tmp_path / "c")]
+        )
+        == 2
+    )
     assert "pip install .[crf]" in capsys.readouterr().err
     monkeypatch.undo()
     broken = tmp_path / "broken"

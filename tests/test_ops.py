@@ -87,7 +87,10 @@ def test_auto_on_cuda_picks_triton():
         ops.reconstruction_loss(*loss_inputs("cuda"), backend="cpp")
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"))]
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -95,12 +98,17 @@ def test_puzzle_losses_agree_on_every_available_backend(device):
     cam, tiles, labels = loss_inputs(device, c=4, seed=5)
     want = puzzle.puzzle_losses(cam, tiles, labels, 2, "cam", "l1", True)
     backends = ops.available_backends("puzzle_losses", device)
-    assert "reference" in backends and (device == "cpu" and not INTERPRETER or "triton" in backends)
+    assert "reference" in backends and ((device == "cpu" and not INTERPRETER) or "triton" in backends)
     for backend in backends:
         got = ops.puzzle_losses(cam, tiles, labels, 2, "cam", "l1", True, backend=backend)
         for name in ("cls", "pcls", "re"):
-            torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-7,
-                                       msg=lambda m: f"{backend} {name}: {m}")
+            torch.testing.assert_close(
+                getattr(got, name),
+                getattr(want, name),
+                rtol=1e-5,
+                atol=1e-7,
+                msg=lambda m, b=backend, n=name: f"{b} {n}: {m}",
+            )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -113,5 +121,5 @@ def test_multiscale_cam_agrees_on_every_available_backend(device):
     want = puzzle.multiscale_cam(maps, flipped, keys, size)
     for backend in ops.available_backends("multiscale_cam", device):
         got = ops.multiscale_cam(maps, flipped, keys, size, backend=backend)
-        for name, a, e in zip(("cam", "hr_cam"), got, want):
-            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6, msg=lambda m: f"{backend} {name}: {m}")
+        for name, a, e in zip(("cam", "hr_cam"), got, want, strict=True):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6, msg=lambda m, b=backend, n=name: f"{b} {n}: {m}")

@@ -36,7 +36,7 @@ def test_tile_is_piece_major():
         for j in range(n):
             p = i * n + j
             for bi in range(b):
-                want = x[bi, :, i * th:(i + 1) * th, j * tw:(j + 1) * tw]
+                want = x[bi, :, i * th : (i + 1) * th, j * tw : (j + 1) * tw]
                 assert torch.equal(t[p * b + bi], want)
 
 
@@ -78,7 +78,7 @@ def _cam_level_expected(kind, masking):
     d0 = [abs((a - EPS) / (4 + EPS) - m0) for a in (1.0, 2.0, 3.0, 4.0)]
     d1 = [0.0, 0.0, (2 - EPS) / (2 + EPS), 0.0]
     p = 1 if kind == "l1" else 2
-    total = sum(d ** p for d in d0) + (0.0 if masking else sum(d ** p for d in d1))
+    total = sum(d**p for d in d0) + (0.0 if masking else sum(d**p for d in d1))
     return total / 8
 
 

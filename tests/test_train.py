@@ -9,11 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from puzzlecam import checkpoint as ckpt
-from puzzlecam.config import ConfigError, load_config
-from puzzlecam.metrics import MetricsLog, read_jsonl
-from puzzlecam.train import build_deepspeed_config
 from test_train_support import (
     DEMO_CONFIG,
     ROOT,
@@ -26,6 +21,11 @@ from test_train_support import (
     tiny_shards,
     weights,
 )
+
+from puzzlecam import checkpoint as ckpt
+from puzzlecam.config import ConfigError, load_config
+from puzzlecam.metrics import MetricsLog, read_jsonl
+from puzzlecam.train import build_deepspeed_config
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
 LOSS_KEYS = ("step", "loss", "loss_cls", "loss_pcls", "loss_re", "alpha", "lr")
@@ -40,7 +40,10 @@ def shards(tmp_path_factory) -> Path:
 def test_sigkill_then_resume_equals_uninterrupted_run(shards, tmp_path):
     # 6 steps, micro-batch 2 x accumulation 2, checkpoints every 2 steps; run B is SIGKILLed
     # right after step 3 (the checkpoint of step 2 is the newest) and resumed with --resume auto.
-    over = tiny_overrides(shards, **{"train.max_steps": 6, "train.micro_batch_size": 2, "train.grad_accum_steps": 2, "model.norm": "train"})
+    over = tiny_overrides(
+        shards,
+        **{"train.max_steps": 6, "train.micro_batch_size": 2, "train.grad_accum_steps": 2, "model.norm": "train"},
+    )
     # Run C dies in the middle of the step-4 save (files written, no COMPLETE): the step-2
     # checkpoint must stay usable.
     a, b, c = tmp_path / "A", tmp_path / "B", tmp_path / "C"
@@ -65,7 +68,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(shards, tmp_path):
     for run in (b, c):
         mb = metrics(run)
         assert [r["step"] for r in ma] == [1, 2, 3, 4, 5, 6] == [r["step"] for r in mb]
-        for ra, rb in zip(ma, mb):
+        for ra, rb in zip(ma, mb, strict=True):
             for key in LOSS_KEYS:
                 assert ra[key] == rb[key], (run.name, key, ra, rb)
         assert max_param_diff(wa, weights(run), params_only=False) == 0.0
@@ -93,10 +96,24 @@ def test_sigkill_then_resume_equals_uninterrupted_run(shards, tmp_path):
 def test_baseline_mode_bad_losses_and_setup_errors(shards, tmp_path):
     base, bad, mismatch = tmp_path / "base", tmp_path / "bad", tmp_path / "mismatch"
     launches = [
-        python_launch(base, tiny_overrides(shards, **{"train.mode": "baseline", "train.max_steps": 2}), tmp_path / "base.log"),
+        python_launch(
+            base, tiny_overrides(shards, **{"train.mode": "baseline", "train.max_steps": 2}), tmp_path / "base.log"
+        ),
         # A huge learning rate makes every loss after the first step non-finite.
-        python_launch(bad, tiny_overrides(shards, **{"optim.lr": "1.0e+30", "optim.grad_clip": 0.0, "train.max_steps": 10,
-                                                     "train.ckpt_every": 1, "train.max_bad_steps": 3}), tmp_path / "bad.log"),
+        python_launch(
+            bad,
+            tiny_overrides(
+                shards,
+                **{
+                    "optim.lr": "1.0e+30",
+                    "optim.grad_clip": 0.0,
+                    "train.max_steps": 10,
+                    "train.ckpt_every": 1,
+                    "train.max_bad_steps": 3,
+                },
+            ),
+            tmp_path / "bad.log",
+        ),
         python_launch(mismatch, tiny_overrides(shards, **{"train.global_batch_size": 6}), tmp_path / "mismatch.log"),
     ]
     rc = run_all(launches, expect_ok=False)
@@ -104,8 +121,11 @@ def test_baseline_mode_bad_losses_and_setup_errors(shards, tmp_path):
     for r in metrics(base):
         assert r["loss"] == r["loss_cls"] and r["loss_pcls"] == 0.0 and r["loss_re"] == 0.0 and r["alpha"] == 0.0
     # --resume none in a used run dir: a fresh run; the old checkpoints are moved aside, not resumed.
-    again = python_launch(base, ["--resume", "none", *tiny_overrides(shards, **{"train.mode": "baseline", "train.max_steps": 1})],
-                          tmp_path / "again.log")
+    again = python_launch(
+        base,
+        ["--resume", "none", *tiny_overrides(shards, **{"train.mode": "baseline", "train.max_steps": 1})],
+        tmp_path / "again.log",
+    )
     run_all([again])
     assert [p.name for p in ckpt.complete_tags(base / "checkpoints")] == ["step00000001"]
     (aside,) = base.glob("checkpoints.replaced-*")
@@ -128,13 +148,21 @@ def test_cli_rejects_bad_override(tmp_path):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--config", DEMO_CONFIG, "train.mode=both"],
-                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "train.py"), "--config", DEMO_CONFIG, "train.mode=both"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert r.returncode == 2 and "train.mode" in r.stderr and "'puzzle'" in r.stderr
 
 
 def test_deepspeed_config_checks(tmp_path):
-    cfg = load_config(DEMO_CONFIG, ["train.global_batch_size=8", "train.micro_batch_size=2", "train.grad_accum_steps=2", "optim.grad_clip=3.0"])
+    cfg = load_config(
+        DEMO_CONFIG,
+        ["train.global_batch_size=8", "train.micro_batch_size=2", "train.grad_accum_steps=2", "optim.grad_clip=3.0"],
+    )
     ds = build_deepspeed_config(cfg, 2, str(ROOT / "launch" / "configs" / "ds_fp32.json"))
     assert ds["train_batch_size"] == 8 and ds["train_micro_batch_size_per_gpu"] == 2
     assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.0  # the Trainer clips
@@ -199,8 +227,16 @@ def test_gpu_mixed_precision_run(shards, tmp_path, ds_json):
     # One process on the GPU: autocast precision from the DeepSpeed JSON, fp32 weights and norms,
     # channels_last, fused ops; the exported weights are fp32 and the losses finite.
     run = tmp_path / "gpu"
-    over = tiny_overrides(shards, **{"train.deepspeed_config": str(ROOT / "launch" / "configs" / ds_json), "train.channels_last": True,
-                                     "model.norm": "train", "data.crop_size": 64, "data.max_long_side": 64})
+    over = tiny_overrides(
+        shards,
+        **{
+            "train.deepspeed_config": str(ROOT / "launch" / "configs" / ds_json),
+            "train.channels_last": True,
+            "model.norm": "train",
+            "data.crop_size": 64,
+            "data.max_long_side": 64,
+        },
+    )
     run_all([python_launch(run, over, tmp_path / "gpu.log")])
     assert all(r["loss"] is not None and r["loss"] > 0 for r in metrics(run))
     assert all(v.dtype == torch.float32 for v in weights(run).values() if v.is_floating_point())
@@ -215,7 +251,9 @@ def test_shipped_configs_are_consistent(name):
         assert cfg.train.global_batch_size == 32 and cfg.train.epochs == 15 and cfg.optim.lr == 0.1
         assert cfg.train.mode == name.rsplit("_", 1)[1]
         # The 4-GPU command line in the config's header gives the same global batch.
-        four = load_config(ROOT / "launch" / "configs" / f"{name}.yaml", ["train.micro_batch_size=8", "train.grad_accum_steps=1"])
+        four = load_config(
+            ROOT / "launch" / "configs" / f"{name}.yaml", ["train.micro_batch_size=8", "train.grad_accum_steps=1"]
+        )
         assert build_deepspeed_config(four, 4, str(ROOT / four.train.deepspeed_config))["train_batch_size"] == 32
 
 

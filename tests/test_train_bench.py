@@ -10,7 +10,23 @@ from puzzlecam.bench.train import main
 
 def _run(tmp_path, *extra):
     out = tmp_path / "bench.json"
-    rc = main(["--steps", "1", "--warmup", "1", "--width", "8", "--image-size", "64", "--batch-size", "2", "--json", str(out), *extra])
+    rc = main(
+        [
+            "--steps",
+            "1",
+            "--warmup",
+            "1",
+            "--width",
+            "8",
+            "--image-size",
+            "64",
+            "--batch-size",
+            "2",
+            "--json",
+            str(out),
+            *extra,
+        ]
+    )
     assert rc == 0
     return json.loads(out.read_text())
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from puzzlecam.distributed import free_port  # noqa: F401  (re-exported for the tests)
+from puzzlecam.utils.net import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -35,7 +35,20 @@ def tiny_shards(base: Path) -> Path:
         return _SHARDS["tiny"]
     voc, out = base / "voc", base / "shards"
     for cmd in (
-        [PYTHON, "-m", "puzzlecam.data", "synth", "--out", str(voc), "--num-images", "24", "--size", "48", "--seed", "0"],
+        [
+            PYTHON,
+            "-m",
+            "puzzlecam.data",
+            "synth",
+            "--out",
+            str(voc),
+            "--num-images",
+            "24",
+            "--size",
+            "48",
+            "--seed",
+            "0",
+        ],
         [PYTHON, "-m", "puzzlecam.data", "shard", "--voc-root", str(voc), "--split", "trainval", "--out", str(out)],
     ):
         subprocess.run(cmd, check=True, capture_output=True, timeout=120, cwd=ROOT)
@@ -86,7 +99,9 @@ class Launch:
     def __init__(self, cmd: list[str], log: Path, env: dict | None = None):
         self.cmd, self.log = cmd, log
         self._out = open(log, "w")
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(env), stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=_env(env), stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def kill(self) -> None:
         try:
@@ -117,7 +132,7 @@ def run_all(launches: list[Launch], timeout: float = 240, expect_ok: bool = True
         for launch in launches:
             launch.kill()
     if expect_ok:
-        for launch, rc in zip(launches, codes):
+        for launch, rc in zip(launches, codes, strict=True):
             assert rc == 0, f"exit {rc}: {' '.join(launch.cmd)}\n{launch.output()[-6000:]}"
     return codes
 
@@ -126,14 +141,36 @@ def python_launch(run_dir: Path, overrides: list[str], log: Path, env: dict | No
     return Launch([PYTHON, *train_args(run_dir, overrides)], log, env)
 
 
-def deepspeed_launch(run_dir: Path, overrides: list[str], log: Path, nprocs: int = 2, env: dict | None = None) -> Launch:
-    cmd = [DEEPSPEED, "--num_gpus", str(nprocs), "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *train_args(run_dir, overrides)]
+def deepspeed_launch(
+    run_dir: Path, overrides: list[str], log: Path, nprocs: int = 2, env: dict | None = None
+) -> Launch:
+    cmd = [
+        DEEPSPEED,
+        "--num_gpus",
+        str(nprocs),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        *train_args(run_dir, overrides),
+    ]
     return Launch(cmd, log, env)
 
 
-def torchrun_launch(run_dir: Path, overrides: list[str], log: Path, nprocs: int = 2, extra: list[str] = (), env: dict | None = None) -> Launch:
-    cmd = [TORCHRUN, "--nproc-per-node", str(nprocs), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
-           *extra, *train_args(run_dir, overrides)]
+def torchrun_launch(
+    run_dir: Path, overrides: list[str], log: Path, nprocs: int = 2, extra: list[str] = (), env: dict | None = None
+) -> Launch:
+    cmd = [
+        TORCHRUN,
+        "--nproc-per-node",
+        str(nprocs),
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{free_port()}",
+        *extra,
+        *train_args(run_dir, overrides),
+    ]
     return Launch(cmd, log, env)
 
 

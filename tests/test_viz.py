@@ -7,13 +7,12 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from test_evaluate import samples, write_noisy_cams
+from test_infer import make_synth_shards
 
 from puzzlecam import viz
 from puzzlecam.camstore import read_cam
-from puzzlecam.palette import voc_colormap
-
-from test_evaluate import samples, write_noisy_cams
-from test_infer import make_synth_shards
+from puzzlecam.utils.labelmap import voc_colormap
 
 
 def test_jet():
@@ -38,7 +37,25 @@ def test_cli_rows_and_grid(shards, tmp_path):
     summary.write_text(json.dumps({"best_threshold": 0.35}))
     out = tmp_path / "viz"
     height = 40
-    assert viz.main(["--cams", str(cams), "--shards", str(shards), "--out", str(out), "--n", "3", "--height", str(height), "--summary", str(summary)]) == 0
+    assert (
+        viz.main(
+            [
+                "--cams",
+                str(cams),
+                "--shards",
+                str(shards),
+                "--out",
+                str(out),
+                "--n",
+                "3",
+                "--height",
+                str(height),
+                "--summary",
+                str(summary),
+            ]
+        )
+        == 0
+    )
     first = samples(shards)[:3]
     assert sorted(p.name for p in out.glob("*.png")) == sorted([f"{i}.png" for i, _, _ in first] + ["grid.png"])
     widths = []
@@ -63,7 +80,21 @@ def test_cli_errors(shards, tmp_path, capsys):
     empty.mkdir()
     assert viz.main(["--cams", str(empty), "--shards", str(shards), "--out", str(tmp_path / "v")]) == 2
     assert "has a CAM" in capsys.readouterr().err
-    assert viz.main(["--cams", str(empty), "--shards", str(shards), "--out", str(tmp_path / "v"), "--summary", str(tmp_path / "none.json")]) == 2
+    assert (
+        viz.main(
+            [
+                "--cams",
+                str(empty),
+                "--shards",
+                str(shards),
+                "--out",
+                str(tmp_path / "v"),
+                "--summary",
+                str(tmp_path / "none.json"),
+            ]
+        )
+        == 2
+    )
     assert "best_threshold" in capsys.readouterr().err
 
 
@@ -71,4 +102,6 @@ def test_cli_errors(shards, tmp_path, capsys):
 def test_heat_overlay_blends(value):
     image = np.full((2, 2, 3), 100, np.uint8)
     out = viz.heat_overlay(image, np.full((2, 2), value), alpha=0.5)
-    np.testing.assert_array_equal(out, np.round(0.5 * 100 + 0.5 * viz.jet(np.full((2, 2), value)).astype(float)).astype(np.uint8))
+    np.testing.assert_array_equal(
+        out, np.round(0.5 * 100 + 0.5 * viz.jet(np.full((2, 2), value)).astype(float)).astype(np.uint8)
+    )

@@ -63,8 +63,9 @@ def _endless(loader):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m puzzlecam.bench data", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m puzzlecam.bench data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--voc-root", help="a VOCdevkit/VOC2012 folder (default: a generated synthetic set)")
     p.add_argument("--split", default="train", help="ImageSets/Segmentation list to read (default train)")
     p.add_argument("--shards", help="shards of that split (default: written from --voc-root into a temp folder)")
@@ -76,7 +77,12 @@ def main(argv=None) -> int:
     p.add_argument("--min-long-side", type=int, default=320, help="rescale range, low end (default 320)")
     p.add_argument("--max-long-side", type=int, default=640, help="rescale range, high end (default 640)")
     p.add_argument("--batches", type=int, default=8, help="timed batches per measurement (default 8)")
-    p.add_argument("--repeats", type=int, default=3, help="measurements per pipeline, alternating; the median is reported (default 3)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="measurements per pipeline, alternating; the median is reported (default 3)",
+    )
     p.add_argument("--warmup", type=int, default=3, help="untimed batches first (worker start-up; default 3)")
     p.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
@@ -93,7 +99,9 @@ def main(argv=None) -> int:
         if shards is None:
             from puzzlecam.data.shard import shard_dataset
 
-            if shard_dataset(voc, out=Path(tmp) / "shards", split=args.split, shard_size=100, console=Console(quiet=True)):
+            if shard_dataset(
+                voc, out=Path(tmp) / "shards", split=args.split, shard_size=100, console=Console(quiet=True)
+            ):
                 console.print(f"[red]error:[/red] could not shard {voc} (split {args.split})")
                 return 1
             shards = str(Path(tmp) / "shards" / f"{args.split}-*.tar")
@@ -105,27 +113,38 @@ def main(argv=None) -> int:
         results = []
         for k in workers:
             shard_loader = train_loader(shards, batch_size=args.batch_size, seed=0, num_workers=k, **aug)
-            folder = DataLoader(FolderDataset(voc, ids, args.crop_size, args.min_long_side, args.max_long_side),
-                                batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=k,
-                                persistent_workers=k > 0)
+            folder = DataLoader(
+                FolderDataset(voc, ids, args.crop_size, args.min_long_side, args.max_long_side),
+                batch_size=args.batch_size,
+                shuffle=True,
+                drop_last=True,
+                num_workers=k,
+                persistent_workers=k > 0,
+            )
             runs = {"shards": (_endless(shard_loader), []), "folder": (_endless(folder), [])}
-            for name, (it, _) in runs.items():
+            for it, _ in runs.values():
                 for _ in range(args.warmup):
                     next(it)
             # Alternate the two pipelines and keep the median: the machine's load drifts over time.
             for _ in range(args.repeats):
-                for name, (it, rates) in runs.items():
+                for it, rates in runs.values():
                     rates.append(_rate(it, args.batches, args.batch_size))
             results.append({"workers": k, **{f"{n}_images_per_s": float(np.median(r)) for n, (_, r) in runs.items()}})
             del shard_loader, folder, runs
 
-    table = Table(title=f"training pipeline, batch {args.batch_size}, crop {args.crop_size}, "
-                        f"median of {args.repeats} x {args.batches} batches")
+    table = Table(
+        title=f"training pipeline, batch {args.batch_size}, crop {args.crop_size}, "
+        f"median of {args.repeats} x {args.batches} batches"
+    )
     for col in ("workers", "shards img/s", "folder img/s", "shards / folder"):
         table.add_column(col, justify="right")
     for r in results:
-        table.add_row(str(r["workers"]), f"{r['shards_images_per_s']:.1f}", f"{r['folder_images_per_s']:.1f}",
-                      f"{r['shards_images_per_s'] / r['folder_images_per_s']:.2f}x")
+        table.add_row(
+            str(r["workers"]),
+            f"{r['shards_images_per_s']:.1f}",
+            f"{r['folder_images_per_s']:.1f}",
+            f"{r['shards_images_per_s'] / r['folder_images_per_s']:.2f}x",
+        )
     console.print(table)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=2))

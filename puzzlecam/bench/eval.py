@@ -45,7 +45,9 @@ def loop_confusions(images, thresholds: list[float]) -> np.ndarray:
             stacked = np.concatenate([np.full((1,) + cams.shape[1:], t, dtype=np.float64), cams.astype(np.float64)])
             pred = np.concatenate([[0], keys])[stacked.argmax(0)]
             valid = mask != IGNORE
-            out[i] += np.bincount(mask[valid].astype(np.int64) * NUM_LABELS + pred[valid], minlength=NUM_LABELS * NUM_LABELS).reshape(NUM_LABELS, NUM_LABELS)
+            out[i] += np.bincount(
+                mask[valid].astype(np.int64) * NUM_LABELS + pred[valid], minlength=NUM_LABELS * NUM_LABELS
+            ).reshape(NUM_LABELS, NUM_LABELS)
     return out
 
 
@@ -70,9 +72,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=32, help="number of random images (default 32)")
     p.add_argument("--height", type=int, default=375, help="image height (default 375, a typical VOC image)")
     p.add_argument("--width", type=int, default=500, help="image width (default 500)")
-    p.add_argument("--thresholds", default=DEFAULT_THRESHOLDS, help=f"threshold sweep (default {DEFAULT_THRESHOLDS}: 16 thresholds)")
+    p.add_argument(
+        "--thresholds",
+        default=DEFAULT_THRESHOLDS,
+        help=f"threshold sweep (default {DEFAULT_THRESHOLDS}: 16 thresholds)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per side; the best is reported (default 3)")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads of the sweep (default 1: the numpy loop is single-threaded too; 0 = torch's choice)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads of the sweep (default 1: the numpy loop is single-threaded too; "
+        "0 = torch's choice)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
@@ -104,11 +116,16 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"eval: {args.images} images {args.height}x{args.width}, {len(thresholds)} thresholds (confusions identical)")
+    table = Table(
+        title=f"eval: {args.images} images {args.height}x{args.width}, "
+        f"{len(thresholds)} thresholds (confusions identical)"
+    )
     table.add_column("method")
     table.add_column("images/s (all thresholds)", justify="right")
     table.add_column("ms/image", justify="right")
-    table.add_row("per-threshold loop (reference)", f"{figures['loop_images_per_s']:.1f}", f"{1000 * loop_s / args.images:.1f}")
+    table.add_row(
+        "per-threshold loop (reference)", f"{figures['loop_images_per_s']:.1f}", f"{1000 * loop_s / args.images:.1f}"
+    )
     table.add_row("one-pass sweep", f"{figures['sweep_images_per_s']:.1f}", f"{1000 * sweep_s / args.images:.1f}")
     Console().print(table)
     print(f"speedup: {figures['speedup']:.1f}x")

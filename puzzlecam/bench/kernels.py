@@ -81,9 +81,13 @@ def _loss_case(op, shape, device, dtype, level, backends):
     fns = {}
     for name in backends:
         if name == "compile":
-            fns[name] = torch.compile(functools.partial(puzzle.reconstruction_loss, n=n, level=level, kind="l1", masking=True))
+            fns[name] = torch.compile(
+                functools.partial(puzzle.reconstruction_loss, n=n, level=level, kind="l1", masking=True)
+            )
         else:
-            fns[name] = functools.partial(ops.reconstruction_loss, n=n, level=level, kind="l1", masking=True, backend=_ops_name(name))
+            fns[name] = functools.partial(
+                ops.reconstruction_loss, n=n, level=level, kind="l1", masking=True, backend=_ops_name(name)
+            )
     # Ideal traffic of the fused design: forward reads cam and tiles; backward reads both again
     # and writes both gradients.
     return Case(op, shape, (cam, tiles, labels), (0, 1), 2 * elem, 6 * elem, fns)
@@ -172,9 +176,7 @@ def _as_tuple(out):
 
 def _leaf_inputs(case: Case):
     """Fresh leaves for the differentiable inputs (the others are passed as they are)."""
-    return tuple(
-        x.detach().requires_grad_(True) if i in case.grad_inputs else x for i, x in enumerate(case.inputs)
-    )
+    return tuple(x.detach().requires_grad_(True) if i in case.grad_inputs else x for i, x in enumerate(case.inputs))
 
 
 def _upstream(outs, seed=0):
@@ -194,7 +196,7 @@ def _run(fn, case: Case, backward: bool, upstream=None):
 
 def _compare(got, want, dtype) -> str:
     tol = TOLERANCE[dtype]
-    for k, (a, e) in enumerate(zip(got, want)):
+    for k, (a, e) in enumerate(zip(got, want, strict=True)):
         a, e = a.detach().float(), e.detach().float()
         if a.shape != e.shape:
             return f"output {k}: shape {tuple(a.shape)} != {tuple(e.shape)}"
@@ -278,14 +280,14 @@ def bench_case(case: Case, dtype, device, timer: Timer, repeats: int, warmup: in
             continue
         # The forward as training runs it: differentiable inputs require grad (one compiled graph).
         fwd_inputs = _leaf_inputs(case)
-        res.fwd_ms = timer.median_ms(lambda: fn(*fwd_inputs), repeats, warmup)
+        res.fwd_ms = timer.median_ms(lambda fn=fn, xs=fwd_inputs: fn(*xs), repeats, warmup)
         main_ms, main_bytes = res.fwd_ms, case.fwd_bytes
         if differentiable:
-            res.fwd_bwd_ms = timer.median_ms(lambda: _run(fn, case, True, upstream), repeats, warmup)
+            res.fwd_bwd_ms = timer.median_ms(lambda fn=fn: _run(fn, case, True, upstream), repeats, warmup)
             main_ms, main_bytes = res.fwd_bwd_ms, case.fwd_bwd_bytes
-            res.peak_mib = peak_mib(lambda: _run(fn, case, True, upstream), device)
+            res.peak_mib = peak_mib(lambda fn=fn: _run(fn, case, True, upstream), device)
         else:
-            res.peak_mib = peak_mib(lambda: fn(*case.inputs), device)
+            res.peak_mib = peak_mib(lambda fn=fn: fn(*case.inputs), device)
         res.gbps = main_bytes / (main_ms * 1e-3) / 1e9
         res.pct_copy = 100 * res.gbps / copy_gbps
     eager = next((r for r in results if r.backend == "eager" and r.check == "ok"), None)
@@ -326,8 +328,18 @@ def print_table(results: list[Result], title: str) -> None:
         table.add_column(col, justify="left" if col in ("op", "shape", "backend", "check") else "right")
     for r in results:
         check = r.check if r.check == "ok" else f"[red]{r.check}[/red] {r.note}"
-        table.add_row(r.op, r.shape, r.backend, check, _fmt(r.fwd_ms, ".4f"), _fmt(r.fwd_bwd_ms, ".4f"),
-                      _fmt(r.speedup, ".2f"), _fmt(r.gbps, ".1f"), _fmt(r.pct_copy, ".0f"), _fmt(r.peak_mib, ".1f"))
+        table.add_row(
+            r.op,
+            r.shape,
+            r.backend,
+            check,
+            _fmt(r.fwd_ms, ".4f"),
+            _fmt(r.fwd_bwd_ms, ".4f"),
+            _fmt(r.speedup, ".2f"),
+            _fmt(r.gbps, ".1f"),
+            _fmt(r.pct_copy, ".0f"),
+            _fmt(r.peak_mib, ".1f"),
+        )
     Console(width=max(150, Console().width)).print(table)
 
 
@@ -352,19 +364,41 @@ def _write_json(path: Path, payload: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m puzzlecam.bench kernels", description=__doc__.split("\n\n")[0])
-    p.add_argument("--json", type=Path, default=None, help="also write the figures (with device, versions, date) to this JSON file")
-    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="where to run (default: cuda when available, else cpu)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="dtype of the maps and prepared images (default fp32)")
+    p.add_argument(
+        "--json", type=Path, default=None, help="also write the figures (with device, versions, date) to this JSON file"
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "cuda", "cpu"),
+        default="auto",
+        help="where to run (default: cuda when available, else cpu)",
+    )
+    p.add_argument(
+        "--dtype", choices=tuple(DTYPES), default="fp32", help="dtype of the maps and prepared images (default fp32)"
+    )
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated ops to run (default: all of {','.join(OPS)})")
-    p.add_argument("--shapes", default=None, help="comma-separated shapes: paper,large (default: both on GPU, paper on CPU)")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls per measurement; the median is reported (default 50 on GPU, 5 on CPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed calls before each measurement (default 10 on GPU, 1 on CPU)")
-    p.add_argument("--no-compile", action="store_true", help="leave out torch.compile(reference) (its compilation is slow on CPU)")
+    p.add_argument(
+        "--shapes", default=None, help="comma-separated shapes: paper,large (default: both on GPU, paper on CPU)"
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed calls per measurement; the median is reported (default 50 on GPU, 5 on CPU)",
+    )
+    p.add_argument(
+        "--warmup", type=int, default=None, help="untimed calls before each measurement (default 10 on GPU, 1 on CPU)"
+    )
+    p.add_argument(
+        "--no-compile", action="store_true", help="leave out torch.compile(reference) (its compilation is slow on CPU)"
+    )
     args = p.parse_args(argv)
 
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU is visible")
-    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    device = torch.device(
+        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
     dtype = DTYPES[args.dtype]
     on_gpu = device.type == "cuda"
     op_names = [o.strip() for o in args.ops.split(",") if o.strip()]
@@ -377,11 +411,18 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--shapes: unknown shape {s!r} (choose from {', '.join(SHAPES)})")
     repeats = args.repeats or (50 if on_gpu else 5)
     warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 1)
-    device_name = torch.cuda.get_device_name(device) if on_gpu else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    device_name = (
+        torch.cuda.get_device_name(device)
+        if on_gpu
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    )
     if not on_gpu:
         why = "--device cpu" if torch.cuda.is_available() else "no CUDA GPU"
-        print(f"{why}: benchmarking the CPU backends only (reference, torch.compile if it works, cpp); "
-              "Triton runs on CPU only through its interpreter, which is not timed.", file=sys.stderr)
+        print(
+            f"{why}: benchmarking the CPU backends only (reference, torch.compile if it works, cpp); "
+            "Triton runs on CPU only through its interpreter, which is not timed.",
+            file=sys.stderr,
+        )
 
     timer = Timer(device)
     copy_gbps = copy_bandwidth_gbps(device, timer, repeats)
@@ -401,20 +442,24 @@ def main(argv: list[str] | None = None) -> int:
             results += bench_case(case, dtype, device, timer, repeats, warmup, copy_gbps)
             progress.advance(task)
 
-    title = f"puzzlecam kernels on {device_name}, {args.dtype}; copy bandwidth {copy_gbps:.0f} GB/s; median of {repeats}"
+    title = (
+        f"puzzlecam kernels on {device_name}, {args.dtype}; copy bandwidth {copy_gbps:.0f} GB/s; median of {repeats}"
+    )
     print_table(results, title)
-    print("x eager: speedup over the eager reference (fwd+bwd where there is a backward); GB/s: ideal bytes of "
-          "the fused design / time; % copy: of the measured copy bandwidth; peak MiB: above the inputs (GPU only).")
+    print(
+        "x eager: speedup over the eager reference (fwd+bwd where there is a backward); GB/s: ideal bytes of "
+        "the fused design / time; % copy: of the measured copy bandwidth; peak MiB: above the inputs (GPU only)."
+    )
     if args.json:
         payload = {
             "device": device_name,
             "device_type": device.type,
             "versions": _versions(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "dtype": args.dtype,
             "repeats": repeats,
             "copy_bandwidth_gbps": copy_gbps,
-            "shapes": {s: dict(zip(("B", "C", "map", "n", "image"), SHAPES[s])) for s in shapes},
+            "shapes": {s: dict(zip(("B", "C", "map", "n", "image"), SHAPES[s], strict=True)) for s in shapes},
             "results": [asdict(r) for r in results],
         }
         _write_json(args.json, payload)

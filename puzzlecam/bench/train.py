@@ -101,7 +101,9 @@ def run_mode(mode: str, args, device: torch.device, batches: list[dict]) -> dict
     if fast and device.type == "cuda":
         extra["fused"] = True
     try:
-        opt = torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=0.9, nesterov=True, weight_decay=cfg.optim.weight_decay, **extra)
+        opt = torch.optim.SGD(
+            groups, lr=cfg.optim.lr, momentum=0.9, nesterov=True, weight_decay=cfg.optim.weight_decay, **extra
+        )
     except (TypeError, RuntimeError):  # torch without fused SGD
         opt = torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=0.9, nesterov=True, weight_decay=cfg.optim.weight_decay)
     net: torch.nn.Module = PuzzleNet(classifier)
@@ -143,8 +145,11 @@ def run_mode(mode: str, args, device: torch.device, batches: list[dict]) -> dict
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m puzzlecam.bench train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m puzzlecam.bench train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cpu")
     p.add_argument("--arch", default=None, help="backbone (default: resnet50 on GPU, resnet18 on CPU)")
     p.add_argument("--width", type=int, default=None, help="stem width (default: 64 on GPU, 16 on CPU)")
@@ -154,16 +159,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; 10 with --compile)")
     p.add_argument("--modes", default="reference,fast", help="comma-separated modes to run (default reference,fast)")
     p.add_argument("--compile", action="store_true", help="fast mode: torch.compile the network")
-    p.add_argument("--fast-dtype", choices=("auto", "bf16", "fp32"), default="auto", help="fast mode precision (auto: bf16 on GPU, fp32 on CPU)")
+    p.add_argument(
+        "--fast-dtype",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="fast mode precision (auto: bf16 on GPU, fp32 on CPU)",
+    )
     p.add_argument("--channels-last-cpu", action="store_true", help="fast mode on CPU: use channels_last too")
-    p.add_argument("--reference-tf32", action="store_true", help="reference mode on GPU: allow TF32 (default off: true fp32)")
+    p.add_argument(
+        "--reference-tf32", action="store_true", help="reference mode on GPU: allow TF32 (default off: true fp32)"
+    )
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     gpu = device.type == "cuda"
     args.arch = args.arch or ("resnet50" if gpu else "resnet18")
     args.width = args.width or (64 if gpu else 16)
@@ -176,12 +192,17 @@ def main(argv=None) -> int:
         print(f"error: --modes: unknown mode(s) {sorted(unknown)}; choose from reference, fast", file=sys.stderr)
         return 2
     if args.image_size % 32:
-        print(f"error: --image-size must be a multiple of 32 (2x2 tiles at output stride 16), got {args.image_size}", file=sys.stderr)
+        print(
+            f"error: --image-size must be a multiple of 32 (2x2 tiles at output stride 16), got {args.image_size}",
+            file=sys.stderr,
+        )
         return 2
     batches = make_batches(4, args.batch_size, args.image_size, device, seed=0)
     name = torch.cuda.get_device_name(device) if gpu else platform.processor() or platform.machine()
-    print(f"Puzzle-CAM train step: {args.arch} width {args.width}, {args.batch_size} x {args.image_size}px, "
-          f"{args.steps} timed steps after {args.warmup} warm-up, on {device} ({name}), torch {torch.__version__}")
+    print(
+        f"Puzzle-CAM train step: {args.arch} width {args.width}, {args.batch_size} x {args.image_size}px, "
+        f"{args.steps} timed steps after {args.warmup} warm-up, on {device} ({name}), torch {torch.__version__}"
+    )
     results = [run_mode(m, args, device, batches) for m in modes]
     from rich.console import Console
     from rich.table import Table
@@ -191,16 +212,37 @@ def main(argv=None) -> int:
         table.add_column(col)
     for r in results:
         peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "n/a"
-        table.add_row(r["mode"], f"{r['images_per_s']:.1f}", f"{r['step_ms']:.1f}", peak, r["dtype"], str(r["channels_last"]),
-                      r["ops_backend"], str(r["compile"]))
+        table.add_row(
+            r["mode"],
+            f"{r['images_per_s']:.1f}",
+            f"{r['step_ms']:.1f}",
+            peak,
+            r["dtype"],
+            str(r["channels_last"]),
+            r["ops_backend"],
+            str(r["compile"]),
+        )
     Console(width=max(Console().width, 110)).print(table)
     by = {r["mode"]: r for r in results}
     if "reference" in by and "fast" in by:
         print(f"fast / reference: {by['fast']['images_per_s'] / by['reference']['images_per_s']:.2f}x images/s")
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": str(device), "device_name": name, "torch": torch.__version__,
-                                               "arch": args.arch, "width": args.width, "image_size": args.image_size,
-                                               "batch_size": args.batch_size, "results": results}, indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "device": str(device),
+                    "device_name": name,
+                    "torch": torch.__version__,
+                    "arch": args.arch,
+                    "width": args.width,
+                    "image_size": args.image_size,
+                    "batch_size": args.batch_size,
+                    "results": results,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return 0
 
 

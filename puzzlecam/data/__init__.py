@@ -8,4 +8,4 @@ from puzzlecam.data.shards import ShardError
 # on the device (ops.prepare_inputs).
 from puzzlecam.puzzle import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["train_loader", "eval_loader", "TrainLoader", "EvalLoader", "ShardError", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "EvalLoader", "ShardError", "TrainLoader", "eval_loader", "train_loader"]

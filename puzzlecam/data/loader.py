@@ -105,8 +105,21 @@ def _seed_check(seed: int) -> int:
 class _TrainBatches(Dataset):
     """Item (epoch, k) = batch k of that epoch for one rank, decoded and augmented."""
 
-    def __init__(self, reader, refs, *, rank, world_size, batch_size, crop_size, seed, min_long_side,
-                 max_long_side, hflip, shuffle_buffer):
+    def __init__(
+        self,
+        reader,
+        refs,
+        *,
+        rank,
+        world_size,
+        batch_size,
+        crop_size,
+        seed,
+        min_long_side,
+        max_long_side,
+        hflip,
+        shuffle_buffer,
+    ):
         self.reader, self.refs = reader, refs
         self.shard_of = np.array([r.shard for r in refs], dtype=np.int64)
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
@@ -153,12 +166,18 @@ class _TrainBatches(Dataset):
                     _warn_corrupt(self.reader, ref, e)
             else:
                 raise ShardError(f"rank {self.rank}: no decodable sample among its {self.per_rank} samples")
-            _, valid[b] = augment(sample.image, rng, self.crop_size, self.min_long_side, self.max_long_side,
-                                  self.hflip, out=images[b])
+            _, valid[b] = augment(
+                sample.image, rng, self.crop_size, self.min_long_side, self.max_long_side, self.hflip, out=images[b]
+            )
             labels[b, sample.labels] = 1.0
             ids.append(sample.key)
-        return {"image": torch.from_numpy(images), "valid": torch.from_numpy(valid),
-                "labels": torch.from_numpy(labels), "id": ids, "skipped": skipped}
+        return {
+            "image": torch.from_numpy(images),
+            "valid": torch.from_numpy(valid),
+            "labels": torch.from_numpy(labels),
+            "id": ids,
+            "skipped": skipped,
+        }
 
 
 class _BatchIndices:
@@ -185,9 +204,22 @@ class TrainLoader:
     the corrupt samples this rank has skipped so far (restored by ``load_state_dict``).
     """
 
-    def __init__(self, shards, *, batch_size, crop_size, seed, num_workers=0, min_long_side=320,
-                 max_long_side=640, hflip=True, shuffle_buffer=0, rank=None, world_size=None,
-                 pin_memory=None):
+    def __init__(
+        self,
+        shards,
+        *,
+        batch_size,
+        crop_size,
+        seed,
+        num_workers=0,
+        min_long_side=320,
+        max_long_side=640,
+        hflip=True,
+        shuffle_buffer=0,
+        rank=None,
+        world_size=None,
+        pin_memory=None,
+    ):
         if batch_size < 1 or crop_size < 1:
             raise ValueError(f"batch_size ({batch_size}) and crop_size ({crop_size}) must be positive")
         if not 1 <= min_long_side <= max_long_side:
@@ -199,20 +231,35 @@ class TrainLoader:
         reader, refs = _open(shards)
         self.num_samples = len(refs)
         self._data = _TrainBatches(
-            reader, refs, rank=self.rank, world_size=self.world_size, batch_size=batch_size,
-            crop_size=crop_size, seed=self.seed, min_long_side=min_long_side,
-            max_long_side=max_long_side, hflip=hflip, shuffle_buffer=shuffle_buffer)
+            reader,
+            refs,
+            rank=self.rank,
+            world_size=self.world_size,
+            batch_size=batch_size,
+            crop_size=crop_size,
+            seed=self.seed,
+            min_long_side=min_long_side,
+            max_long_side=max_long_side,
+            hflip=hflip,
+            shuffle_buffer=shuffle_buffer,
+        )
         if len(self._data) == 0:
             raise ShardError(
                 f"{self.num_samples} samples over {self.world_size} rank(s) give {self._data.per_rank} per rank, "
-                f"fewer than batch_size={batch_size}: no full batch")
+                f"fewer than batch_size={batch_size}: no full batch"
+            )
         self._fingerprint = hashlib.sha1("\n".join(r.key for r in refs).encode()).hexdigest()
         self._indices = _BatchIndices()
         self._loader = DataLoader(
-            self._data, batch_size=None, sampler=self._indices, num_workers=num_workers,
-            collate_fn=_identity, persistent_workers=num_workers > 0,
+            self._data,
+            batch_size=None,
+            sampler=self._indices,
+            num_workers=num_workers,
+            collate_fn=_identity,
+            persistent_workers=num_workers > 0,
             pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-            multiprocessing_context="fork" if num_workers > 0 and "fork" in _start_methods() else None)
+            multiprocessing_context="fork" if num_workers > 0 and "fork" in _start_methods() else None,
+        )
         self.epoch, self.batches_done, self.skipped = 0, 0, 0
 
     def __len__(self) -> int:
@@ -232,17 +279,30 @@ class TrainLoader:
         self.epoch, self.batches_done = int(epoch), 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches_done": self.batches_done, "skipped": self.skipped,
-                "seed": self.seed, "world_size": self.world_size, "batch_size": self.batch_size,
-                "num_samples": self.num_samples, "fingerprint": self._fingerprint}
+        return {
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "skipped": self.skipped,
+            "seed": self.seed,
+            "world_size": self.world_size,
+            "batch_size": self.batch_size,
+            "num_samples": self.num_samples,
+            "fingerprint": self._fingerprint,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "world_size", "batch_size", "num_samples", "fingerprint"):
             mine = self.state_dict()[key]
             if state.get(key) != mine:
-                raise ValueError(f"loader state: {key} is {state.get(key)!r} in the checkpoint but {mine!r} now; "
-                                 "exact resume needs the same shards, seed, batch size and world size")
-        self.epoch, self.batches_done, self.skipped = int(state["epoch"]), int(state["batches_done"]), int(state["skipped"])
+                raise ValueError(
+                    f"loader state: {key} is {state.get(key)!r} in the checkpoint but {mine!r} now; "
+                    "exact resume needs the same shards, seed, batch size and world size"
+                )
+        self.epoch, self.batches_done, self.skipped = (
+            int(state["epoch"]),
+            int(state["batches_done"]),
+            int(state["skipped"]),
+        )
 
 
 def _start_methods():
@@ -251,12 +311,36 @@ def _start_methods():
     return multiprocessing.get_all_start_methods()
 
 
-def train_loader(shards, *, batch_size, crop_size, seed, num_workers=0, min_long_side=320, max_long_side=640,
-                 hflip=True, shuffle_buffer=0, rank=None, world_size=None, pin_memory=None) -> TrainLoader:
+def train_loader(
+    shards,
+    *,
+    batch_size,
+    crop_size,
+    seed,
+    num_workers=0,
+    min_long_side=320,
+    max_long_side=640,
+    hflip=True,
+    shuffle_buffer=0,
+    rank=None,
+    world_size=None,
+    pin_memory=None,
+) -> TrainLoader:
     """Training batches from shards (a brace/glob pattern, a directory or a list); see :class:`TrainLoader`."""
-    return TrainLoader(shards, batch_size=batch_size, crop_size=crop_size, seed=seed, num_workers=num_workers,
-                       min_long_side=min_long_side, max_long_side=max_long_side, hflip=hflip,
-                       shuffle_buffer=shuffle_buffer, rank=rank, world_size=world_size, pin_memory=pin_memory)
+    return TrainLoader(
+        shards,
+        batch_size=batch_size,
+        crop_size=crop_size,
+        seed=seed,
+        num_workers=num_workers,
+        min_long_side=min_long_side,
+        max_long_side=max_long_side,
+        hflip=hflip,
+        shuffle_buffer=shuffle_buffer,
+        rank=rank,
+        world_size=world_size,
+        pin_memory=pin_memory,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,8 +366,14 @@ class _EvalSamples(Dataset):
         labels[0, s.labels] = 1.0
         has_mask = s.mask is not None
         mask = torch.from_numpy(s.mask) if has_mask else torch.full((h, w), IGNORE_INDEX, dtype=torch.uint8)
-        return {"image": torch.from_numpy(np.ascontiguousarray(s.image))[None], "valid": torch.tensor([[h, w]]),
-                "labels": labels, "id": [s.key], "mask": mask[None], "has_mask": torch.tensor([has_mask])}
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(s.image))[None],
+            "valid": torch.tensor([[h, w]]),
+            "labels": labels,
+            "id": [s.key],
+            "mask": mask[None],
+            "has_mask": torch.tensor([has_mask]),
+        }
 
 
 class EvalLoader:
@@ -296,8 +386,13 @@ class EvalLoader:
         self.skipped = 0
         self._data = _EvalSamples(reader, refs[self.rank :: self.world_size])
         self._loader = DataLoader(
-            self._data, batch_size=None, shuffle=False, num_workers=num_workers, collate_fn=_identity,
-            pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory)
+            self._data,
+            batch_size=None,
+            shuffle=False,
+            num_workers=num_workers,
+            collate_fn=_identity,
+            pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        )
 
     def __len__(self) -> int:
         """Samples of this rank (corrupt ones are skipped, so an epoch can yield fewer)."""
@@ -316,4 +411,4 @@ def eval_loader(shards, *, num_workers=0, rank=None, world_size=None, pin_memory
     return EvalLoader(shards, num_workers=num_workers, rank=rank, world_size=world_size, pin_memory=pin_memory)
 
 
-__all__ = ["TrainLoader", "EvalLoader", "train_loader", "eval_loader", "epoch_order"]
+__all__ = ["EvalLoader", "TrainLoader", "epoch_order", "eval_loader", "train_loader"]

@@ -44,10 +44,17 @@ SPLITS = ("train", "val", "trainval", "train_aug", "test")
 # Named splits whose every image must have a mask; --list and test may have images without one.
 MASKED_SPLITS = ("train", "val", "trainval", "train_aug")
 MANIFEST = "manifest.parquet"
-MANIFEST_SCHEMA = pa.schema([
-    ("id", pa.string()), ("split", pa.string()), ("shard", pa.string()), ("height", pa.int32()),
-    ("width", pa.int32()), ("labels", pa.list_(pa.int8())), ("has_mask", pa.bool_()),
-])
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("split", pa.string()),
+        ("shard", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("labels", pa.list_(pa.int8())),
+        ("has_mask", pa.bool_()),
+    ]
+)
 
 
 @dataclass
@@ -81,7 +88,9 @@ def _check_paths(src: VocSources, ids: list[str], split: str, need_xml: bool, ne
         if need_xml and not xml.is_file():
             bad.append(Problem(image_id, xml, "Annotations XML missing"))
         if need_mask and mask is None:
-            where = "SegmentationClass" + (", SegmentationClassAug" if src.aug else "") + (", SBD cls" if src.sbd else "")
+            where = (
+                "SegmentationClass" + (", SegmentationClassAug" if src.aug else "") + (", SBD cls" if src.sbd else "")
+            )
             bad.append(Problem(image_id, None, f"no mask in {where} (split {split!r} needs one)"))
         problems += bad
         if not bad:
@@ -142,8 +151,19 @@ def _write_manifest(out: Path, split: str, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def shard_dataset(voc_root, *, out, split=None, list_file=None, sbd_root=None, aug_masks=None,
-                  shard_size=1000, overwrite=False, on_error="fail", console: Console | None = None) -> int:
+def shard_dataset(
+    voc_root,
+    *,
+    out,
+    split=None,
+    list_file=None,
+    sbd_root=None,
+    aug_masks=None,
+    shard_size=1000,
+    overwrite=False,
+    on_error="fail",
+    console: Console | None = None,
+) -> int:
     """Write the shards; returns a process exit status (0 ok, 1 bad input or refused output)."""
     console = console or Console(stderr=True)
     out = Path(out)
@@ -160,8 +180,11 @@ def shard_dataset(voc_root, *, out, split=None, list_file=None, sbd_root=None, a
         console.print(f"[red]error:[/red] {e}", highlight=False)
         return 1
     if not re.fullmatch(r"[A-Za-z0-9_]+", split):
-        console.print(f"[red]error:[/red] split name {split!r} may hold only letters, digits and '_' "
-                      "(it names the shards); pass --split NAME", highlight=False)
+        console.print(
+            f"[red]error:[/red] split name {split!r} may hold only letters, digits and '_' "
+            "(it names the shards); pass --split NAME",
+            highlight=False,
+        )
         return 1
     if not ids:
         console.print(f"[red]error:[/red] split {split!r} lists no image ids", highlight=False)
@@ -169,16 +192,21 @@ def shard_dataset(voc_root, *, out, split=None, list_file=None, sbd_root=None, a
     out.mkdir(parents=True, exist_ok=True)
     existing = _existing_output(out, split)
     if existing and not overwrite:
-        console.print(f"[red]error:[/red] {out} already holds output for split {split!r}: "
-                      f"{', '.join(existing[:4])}{' ...' if len(existing) > 4 else ''}; pass --overwrite to replace it",
-                      highlight=False)
+        console.print(
+            f"[red]error:[/red] {out} already holds output for split {split!r}: "
+            f"{', '.join(existing[:4])}{' ...' if len(existing) > 4 else ''}; pass --overwrite to replace it",
+            highlight=False,
+        )
         return 1
 
     need_mask = list_file is None and split in MASKED_SPLITS
     plans, problems = _check_paths(src, ids, split, need_xml=split != "test", need_mask=need_mask)
     if problems and on_error == "fail":
-        console.print(f"[red]error:[/red] {len(problems)} missing input file(s); nothing was written "
-                      "(--on-error skip leaves these images out):", highlight=False)
+        console.print(
+            f"[red]error:[/red] {len(problems)} missing input file(s); nothing was written "
+            "(--on-error skip leaves these images out):",
+            highlight=False,
+        )
         _report_problems(console, problems)
         return 1
 
@@ -196,8 +224,17 @@ def shard_dataset(voc_root, *, out, split=None, list_file=None, sbd_root=None, a
                     progress.advance(task)
                     continue
                 shard = writer.add(image_id, members)
-                rows.append({"id": image_id, "split": split, "shard": shard, "height": meta["height"],
-                             "width": meta["width"], "labels": meta["labels"], "has_mask": "seg.png" in members})
+                rows.append(
+                    {
+                        "id": image_id,
+                        "split": split,
+                        "shard": shard,
+                        "height": meta["height"],
+                        "width": meta["width"],
+                        "labels": meta["labels"],
+                        "has_mask": "seg.png" in members,
+                    }
+                )
                 progress.advance(task)
         if problems and on_error == "fail":
             writer.abort()
@@ -236,8 +273,11 @@ def _print_summary(console, out, split, rows, shards, problems) -> None:
         right = [VOC_CLASSES[i + half], str(counts[i + half])] if i + half < len(VOC_CLASSES) else ["", ""]
         table.add_row(VOC_CLASSES[i], str(counts[i]), *right)
     console.print(table)
-    console.print(f"images: {len(rows)}   with masks: {sum(r['has_mask'] for r in rows)}   "
-                  f"without labels: {sum(not r['labels'] for r in rows)}", highlight=False)
+    console.print(
+        f"images: {len(rows)}   with masks: {sum(r['has_mask'] for r in rows)}   "
+        f"without labels: {sum(not r['labels'] for r in rows)}",
+        highlight=False,
+    )
     if problems:
         console.print(f"[yellow]skipped {len(problems)} image(s) with bad input:[/yellow]", highlight=False)
         _report_problems(console, problems)

@@ -26,18 +26,11 @@ from PIL import Image
 
 from puzzlecam import NUM_CLASSES
 from puzzlecam.data.voc import IGNORE_INDEX
+from puzzlecam.errors import CorruptSample, ShardError
 
 DECODED_KEYS = ("jpg", "json", "seg.png")
 # Largest member that is read (a hostile header could claim anything up to the file size).
 MAX_MEMBER_BYTES = 64 << 20
-
-
-class ShardError(ValueError):
-    """Shards that cannot be used at all (none matched, missing, unreadable); raised before training."""
-
-
-class CorruptSample(Exception):
-    """One sample that cannot be decoded; loaders skip and count it."""
 
 
 def resolve_shards(shards: str | os.PathLike | list) -> list[Path]:

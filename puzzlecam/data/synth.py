@@ -42,8 +42,12 @@ COLOUR_PAIRS = (
 
 def class_style(c: int) -> dict:
     """The fixed look of class index c (0..19): every (pattern, colour pair) combination is unique."""
-    return {"shape": SHAPES[c % len(SHAPES)], "hue": (c * 0.61803) % 1.0,
-            "pattern": PATTERNS[c % len(PATTERNS)], "colours": COLOUR_PAIRS[c // len(PATTERNS)]}
+    return {
+        "shape": SHAPES[c % len(SHAPES)],
+        "hue": (c * 0.61803) % 1.0,
+        "pattern": PATTERNS[c % len(PATTERNS)],
+        "colours": COLOUR_PAIRS[c // len(PATTERNS)],
+    }
 
 
 def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
@@ -143,14 +147,16 @@ def make_scene(seed: int, index: int, size: int, classes: list[int]):
     img = _background(rng, h, w)
     label = np.zeros((h, w), dtype=np.uint8)
     boxes, part_boxes, objects = [], [], []
-    for n in range(int(rng.integers(1, 4))):
+    for _ in range(int(rng.integers(1, 4))):
         for _ in range(30):
             oh = int(rng.uniform(0.3, 0.6) * min(h, w) * rng.uniform(0.8, 1.2))
             ow = int(rng.uniform(0.3, 0.6) * min(h, w) * rng.uniform(0.8, 1.2))
             oh, ow = max(12, min(oh, h)), max(12, min(ow, w))
             y0, x0 = int(rng.integers(0, h - oh + 1)), int(rng.integers(0, w - ow + 1))
             box = (y0, x0, y0 + oh, x0 + ow)
-            if all(_boxes_overlap(box, b) <= 0.25 for b in boxes) and all(_boxes_overlap(box, p) == 0 for p in part_boxes):
+            if all(_boxes_overlap(box, b) <= 0.25 for b in boxes) and all(
+                _boxes_overlap(box, p) == 0 for p in part_boxes
+            ):
                 break
         else:
             continue
@@ -226,8 +232,17 @@ def annotation_xml(image_id: str, h: int, w: int, objects) -> bytes:
     return ET.tostring(root, encoding="utf-8") + b"\n"
 
 
-def synthesize(out, *, num_images: int, size: int, seed: int, classes=DEFAULT_CLASSES, val_fraction: float = 0.25,
-               overwrite: bool = False, console: Console | None = None) -> int:
+def synthesize(
+    out,
+    *,
+    num_images: int,
+    size: int,
+    seed: int,
+    classes=DEFAULT_CLASSES,
+    val_fraction: float = 0.25,
+    overwrite: bool = False,
+    console: Console | None = None,
+) -> int:
     """Write ``out``/{JPEGImages, Annotations, SegmentationClass, ImageSets/Segmentation}; 0 on success."""
     console = console or Console(stderr=True)
     out = Path(out)
@@ -270,6 +285,9 @@ def synthesize(out, *, num_images: int, size: int, seed: int, classes=DEFAULT_CL
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    console.print(f"wrote {num_images} images ({len(lists['train'])} train, {len(lists['val'])} val) of "
-                  f"{len(class_ids)} classes ({', '.join(VOC_CLASSES[c] for c in class_ids)}) to {out}", highlight=False)
+    console.print(
+        f"wrote {num_images} images ({len(lists['train'])} train, {len(lists['val'])} val) of "
+        f"{len(class_ids)} classes ({', '.join(VOC_CLASSES[c] for c in class_ids)}) to {out}",
+        highlight=False,
+    )
     return 0

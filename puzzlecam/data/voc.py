@@ -20,13 +20,10 @@ import numpy as np
 from PIL import Image
 
 from puzzlecam import VOC_CLASSES
+from puzzlecam.errors import DataError
 
 CLASS_INDEX = {name: i for i, name in enumerate(VOC_CLASSES)}
 IGNORE_INDEX = 255
-
-
-class DataError(Exception):
-    """A missing or unreadable input file; the message names the image id and the path."""
 
 
 def voc_palette() -> list[int]:

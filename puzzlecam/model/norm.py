@@ -53,8 +53,14 @@ class BatchNorm2d(nn.BatchNorm2d):
         native_mixed = x.is_cuda and x.dtype in _HALF_DTYPES
         inp = x if native_mixed else x.to(stats_dtype)
         out = F.batch_norm(
-            inp, self.running_mean, self.running_var, weight, bias,
-            training=training, momentum=self.momentum, eps=self.eps,
+            inp,
+            self.running_mean,
+            self.running_var,
+            weight,
+            bias,
+            training=training,
+            momentum=self.momentum,
+            eps=self.eps,
         )
         return out.to(x.dtype)
 

@@ -15,13 +15,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from puzzlecam.errors import PretrainedMismatchError
+
 IGNORED_PREFIXES = ("fc.",)
 _OPTIONAL_SUFFIX = ".num_batches_tracked"
 _MAX_LISTED = 20
-
-
-class PretrainedMismatchError(ValueError):
-    """A pretrained file whose keys or shapes do not fit the backbone."""
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -101,7 +101,7 @@ class ResNet(nn.Module):
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         strides = (1, 2, 2, 1 if output_stride == 16 else 2)
         cin = width
-        for i, (n, stride) in enumerate(zip(blocks, strides)):
+        for i, (n, stride) in enumerate(zip(blocks, strides, strict=True)):
             planes = width * 2**i
             cout = planes * block.expansion
             downsample = None

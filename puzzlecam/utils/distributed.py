@@ -1,21 +1,23 @@
-"""Process-group setup, seeding and small collectives for the trainer.
+"""Process-group setup, seeding and small collectives: the one place every command starts its group.
 
 One code path serves every launcher: ``deepspeed``, ``torchrun`` and plain ``python`` all describe
 the process through the environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT);
-a plain ``python`` run gets a one-process group on a free loopback port. CPU runs use gloo, CUDA
-runs nccl.
+a plain ``python`` run gets a one-process group on a free loopback port (or none, when the caller
+asks for none). CPU runs use gloo, CUDA runs nccl.
 """
 
 from __future__ import annotations
 
 import os
 import random
-import socket
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from puzzlecam.errors import UsageError
+from puzzlecam.utils.net import free_port
 
 
 @dataclass(frozen=True)
@@ -30,13 +32,6 @@ class DistInfo:
         return self.rank == 0
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
     if raw is None or raw == "":
@@ -44,7 +39,7 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise RuntimeError(f"environment variable {name} must be an integer, got {raw!r}") from None
+        raise UsageError(f"environment variable {name} must be an integer, got {raw!r}") from None
 
 
 def avoid_deepspeed_cpu_builds() -> None:
@@ -63,9 +58,35 @@ def avoid_deepspeed_cpu_builds() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def init_distributed(use_deepspeed: bool = True) -> DistInfo:
-    """Join (or create) the process group described by the environment; returns this process's place."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+def _device_for(spec: torch.device | str | None, local_rank: int) -> torch.device:
+    """``None``: cuda:LOCAL_RANK when CUDA is available, else cpu; a bare ``cuda``: cuda:LOCAL_RANK."""
+    if spec is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {spec}: CUDA is not available on this machine (use cpu)")
+        if device.index is None:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    return device
+
+
+def init_distributed(
+    device: torch.device | str | None = None, *, use_deepspeed: bool = False, single_process_group: bool = True
+) -> DistInfo:
+    """Join (or create) the process group described by the environment; returns this process's place.
+
+    ``device``: where this process computes (default: cuda:LOCAL_RANK when CUDA is available, else
+    cpu); it decides the backend (nccl for CUDA, gloo for cpu). ``use_deepspeed``: start the group
+    through DeepSpeed (the trainer). ``single_process_group=False``: a process that no launcher
+    started (no RANK / WORLD_SIZE) gets no group at all and works alone (inference).
+    """
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if not launched and not single_process_group:
+        return DistInfo(rank=0, world_size=1, local_rank=0, device=_device_for(device, 0))
+    if not launched:
         # Plain `python launch/train.py`: a one-process group, so that every code path is the same.
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
@@ -75,13 +96,10 @@ def init_distributed(use_deepspeed: bool = True) -> DistInfo:
     rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    device = _device_for(device, local_rank)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        device = torch.device("cpu")
-        backend = "gloo"
+    backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         restart = _env_int("TORCHELASTIC_RESTART_COUNT", 0)
         if restart > 0:
@@ -90,11 +108,18 @@ def init_distributed(use_deepspeed: bool = True) -> DistInfo:
             # attempt its own key namespace.
             agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
             store = dist.TCPStore(
-                os.environ["MASTER_ADDR"], _env_int("MASTER_PORT", 29500), world_size,
-                is_master=rank == 0 and not agent_store, wait_for_workers=False,
+                os.environ["MASTER_ADDR"],
+                _env_int("MASTER_PORT", 29500),
+                world_size,
+                is_master=rank == 0 and not agent_store,
+                wait_for_workers=False,
             )
-            dist.init_process_group(backend=backend, store=dist.PrefixStore(f"puzzlecam_attempt{restart}", store),
-                                    rank=rank, world_size=world_size)
+            dist.init_process_group(
+                backend=backend,
+                store=dist.PrefixStore(f"puzzlecam_attempt{restart}", store),
+                rank=rank,
+                world_size=world_size,
+            )
         if use_deepspeed:
             import deepspeed
 
@@ -106,15 +131,32 @@ def init_distributed(use_deepspeed: bool = True) -> DistInfo:
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
 
 
+def shutdown() -> None:
+    """Leave the process group, if this process joined one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over all ranks in place (a no-op alone); gloo needs CPU tensors, nccl CUDA ones."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def sum_across_ranks(values: list[int]) -> list[int]:
+    """Integer counters summed over all ranks (every rank gets the totals)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return list(values)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor(values, dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return [int(v) for v in t.tolist()]
 
 
 def average_buffers(module: torch.nn.Module) -> None:
@@ -164,7 +206,9 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     random.setstate(_to_tuple(state["python"]))
     n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,55 @@
+"""The wrapper every command runs through: one way to parse, log, fail and exit.
+
+``sys.exit(run_command(build_parser(), run, argv))``:
+
+* adds ``--log-level`` to the parser and sets up logging (:mod:`puzzlecam.utils.log`);
+* bad usage: argparse exits 2 with its usage line; a :class:`~puzzlecam.errors.UsageError` (a bad
+  flag value, config key or input file) prints ``error: ...`` and exits 2;
+* a failed run (:class:`~puzzlecam.errors.RunError`, or an OS error such as a full disk) prints
+  ``error: ...`` and exits 1; Ctrl-C exits 130;
+* anything else is a bug: its traceback is shown (exit 1);
+* the process group, if the command started one, is left on the way out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable
+
+from puzzlecam.errors import PuzzleCamError
+from puzzlecam.utils.log import add_log_level_argument, setup_logging
+
+log = logging.getLogger("puzzlecam.cli")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _has_option(parser: argparse.ArgumentParser, option: str) -> bool:
+    return any(option in action.option_strings for action in parser._actions)
+
+
+def run_command(
+    parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int | None], argv: list[str] | None = None
+) -> int:
+    """Parse ``argv``, call ``run(args)`` and turn its outcome into an exit status (see the module doc)."""
+    if not _has_option(parser, "--log-level"):
+        add_log_level_argument(parser)
+    args = parser.parse_args(argv)
+    try:
+        setup_logging(args.log_level)
+        status = run(args)
+        return EXIT_OK if status is None else int(status)
+    except PuzzleCamError as e:
+        log.error("%s", e)
+        return e.exit_code
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return EXIT_INTERRUPTED
+    except OSError as e:  # a full disk, a permission, a vanished file: the message names the path
+        log.error("%s", e)
+        return EXIT_FAILED
+    finally:
+        from puzzlecam.utils.distributed import shutdown
+
+        shutdown()
