@@ -350,10 +350,10 @@ def test_param_groups_cover_every_parameter_once():
     model = build_model(ModelConfig(arch="resnet50", width=8, num_classes=20))
     groups = param_groups(model, lr=0.1, weight_decay=1e-4)
     by_name = {g["name"]: g for g in groups}
-    assert [g["name"] for g in groups] == ["pretrained_weights", "pretrained_bias_norm", "new_weights", "new_bias"]
+    assert [g["name"] for g in groups] == ["pretrained_weights", "pretrained_bias", "new_weights", "new_bias"]
     expected = {
         "pretrained_weights": (0.1, 1e-4, 1.0),
-        "pretrained_bias_norm": (0.2, 0.0, 2.0),
+        "pretrained_bias": (0.2, 0.0, 2.0),
         "new_weights": (1.0, 1e-4, 10.0),
         "new_bias": (2.0, 0.0, 20.0),
     }
@@ -368,21 +368,31 @@ def test_param_groups_cover_every_parameter_once():
 
     names = {id(p): n for n, p in model.named_parameters()}
     group_of = {names[id(p)]: g["name"] for g in groups for p in g["params"]}
+    # The original code's rule: "weight" in the name -> x1 with decay, norm weights included.
     assert group_of["backbone.conv1.weight"] == "pretrained_weights"
     assert group_of["backbone.layer4.0.downsample.0.weight"] == "pretrained_weights"
-    assert group_of["backbone.bn1.weight"] == "pretrained_bias_norm"
-    assert group_of["backbone.layer3.1.bn2.bias"] == "pretrained_bias_norm"
-    assert group_of["backbone.layer4.0.downsample.1.weight"] == "pretrained_bias_norm"
+    assert group_of["backbone.bn1.weight"] == "pretrained_weights"
+    assert group_of["backbone.layer4.0.downsample.1.weight"] == "pretrained_weights"
+    assert group_of["backbone.bn1.bias"] == "pretrained_bias"
+    assert group_of["backbone.layer3.1.bn2.bias"] == "pretrained_bias"
     assert group_of["classifier.weight"] == "new_weights"
     assert by_name["new_bias"]["params"] == []  # the classifier has no bias
-    # Every conv weight of the backbone, and nothing else, is a decayed pretrained weight.
+    # Conv and norm weights of the backbone are the decayed pretrained weights; norm biases are the rest.
     n_convs = sum(1 for m in model.backbone.modules() if isinstance(m, nn.Conv2d))
-    assert len(by_name["pretrained_weights"]["params"]) == n_convs
-    n_norm_params = sum(2 for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d))
-    assert len(by_name["pretrained_bias_norm"]["params"]) == n_norm_params
+    n_norms = sum(1 for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d))
+    assert len(by_name["pretrained_weights"]["params"]) == n_convs + n_norms
+    assert len(by_name["pretrained_bias"]["params"]) == n_norms
 
     compact = param_groups(model, lr=0.1, weight_decay=1e-4, keep_empty=False)
-    assert [g["name"] for g in compact] == ["pretrained_weights", "pretrained_bias_norm", "new_weights"]
+    assert [g["name"] for g in compact] == ["pretrained_weights", "pretrained_bias", "new_weights"]
+
+
+def test_param_groups_put_a_new_bias_in_the_x20_group():
+    model = build_model(ModelConfig(arch="resnet18", width=8, num_classes=3))
+    model.classifier.bias = nn.Parameter(torch.zeros(3))
+    groups = {g["name"]: g for g in param_groups(model, lr=1.0, weight_decay=1e-4)}
+    assert [id(p) for p in groups["new_bias"]["params"]] == [id(model.classifier.bias)]
+    assert groups["new_bias"]["lr"] == 20.0 and groups["new_bias"]["weight_decay"] == 0.0
 
 
 def test_param_groups_drive_an_optimizer_step():

@@ -42,43 +42,37 @@ def build_model(cfg: ModelConfig) -> Classifier:
     return Classifier(backbone, cfg.num_classes)
 
 
-# name -> (lr multiplier, uses weight decay); design.md §3.
+# name -> (lr multiplier, uses weight decay); docs/model.md, "Parameter groups".
 GROUPS = {
     "pretrained_weights": (1.0, True),
-    "pretrained_bias_norm": (2.0, False),
+    "pretrained_bias": (2.0, False),
     "new_weights": (10.0, True),
     "new_bias": (20.0, False),
 }
 
 
-_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.LayerNorm)
-
-
-def _group_name(module: nn.Module, pname: str, pretrained: bool) -> str:
+def _group_name(param_name: str, pretrained: bool) -> str:
+    # The original code's rule (get_parameter_groups): by the substring "weight" in the parameter's name,
+    # so norm weights go with the conv weights (x1, weight decay) and only biases get x2 without decay.
+    is_weight = "weight" in param_name
     if pretrained:
-        is_norm = isinstance(module, _NORMS)
-        return "pretrained_bias_norm" if is_norm or pname == "bias" else "pretrained_weights"
-    return "new_bias" if pname == "bias" else "new_weights"
+        return "pretrained_weights" if is_weight else "pretrained_bias"
+    return "new_weights" if is_weight else "new_bias"
 
 
 def param_groups(model: Classifier, lr: float, weight_decay: float, keep_empty: bool = True) -> list[dict]:
-    """The four optimizer groups of design.md §3, each parameter in exactly one.
+    """The four optimizer groups of the original code, each parameter in exactly one.
 
-    Backbone ("pretrained") conv weights: lr x1 with weight decay; backbone biases and all norm
-    parameters: lr x2 without; new (classifier) weights: lr x10 with; new biases: lr x20 without.
-    Each dict has params, lr, weight_decay, name and lr_scale (the multiplier, for schedulers).
-    The bias-free classifier leaves ``new_bias`` empty; ``keep_empty=False`` drops empty groups.
+    Backbone ("pretrained") parameters whose name contains "weight" (conv AND norm weights): lr x1 with
+    weight decay; every other backbone parameter (biases, norm biases): lr x2 without; new (classifier)
+    weights: lr x10 with; new biases: lr x20 without. Each dict has params, lr, weight_decay, name and
+    lr_scale (the multiplier, for schedulers). The bias-free classifier leaves ``new_bias`` empty;
+    ``keep_empty=False`` drops empty groups.
     """
-    backbone = model.backbone
-    pretrained_ids = {id(p) for p in backbone.parameters()}
+    pretrained_ids = {id(p) for p in model.backbone.parameters()}
     buckets: dict[str, list[nn.Parameter]] = {name: [] for name in GROUPS}
-    seen: set[int] = set()
-    for module in model.modules():
-        for pname, p in module.named_parameters(recurse=False):
-            if id(p) in seen:  # shared parameters count once
-                continue
-            seen.add(id(p))
-            buckets[_group_name(module, pname, id(p) in pretrained_ids)].append(p)
+    for name, p in model.named_parameters():  # shared parameters are listed once
+        buckets[_group_name(name, id(p) in pretrained_ids)].append(p)
     groups = []
     for name, (scale, decays) in GROUPS.items():
         if not buckets[name] and not keep_empty:
