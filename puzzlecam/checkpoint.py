@@ -14,12 +14,14 @@ complete tags and removes everything older (and any incomplete leftovers).
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
 
 import torch
+
+from puzzlecam.errors import UsageError
+from puzzlecam.utils.files import atomic_write, atomic_write_text
 
 COMPLETE = "COMPLETE"
 _TAG = re.compile(r"^step(\d{8})$")
@@ -58,12 +60,7 @@ def latest_complete(ckpt_dir: Path) -> Path | None:
 
 def mark_complete(tag_dir: Path, step: int) -> None:
     """Atomically mark a tag as fully written (rank 0, after a barrier)."""
-    tmp = Path(tag_dir) / (COMPLETE + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(f"{step}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(Path(tag_dir) / COMPLETE)
+    atomic_write_text(Path(tag_dir) / COMPLETE, f"{step}\n")
 
 
 def prune(ckpt_dir: Path, keep_last: int) -> list[Path]:
@@ -88,17 +85,18 @@ def prune(ckpt_dir: Path, keep_last: int) -> list[Path]:
 
 def resolve_resume(resume: str, ckpt_dir: Path) -> Path | None:
     """``auto`` -> newest complete tag in ckpt_dir or None; ``none`` -> None; else a tag or a
-    checkpoints directory (its newest complete tag). Raises FileNotFoundError with the path."""
+    checkpoints directory (its newest complete tag). A path that gives no complete checkpoint is a
+    UsageError naming ``--resume`` and the path."""
     if resume == "none":
         return None
     if resume == "auto":
         return latest_complete(ckpt_dir)
     p = Path(resume)
     if not p.exists():
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint or directory")
+        raise UsageError(f"--resume {resume}: no such checkpoint or directory")
     if step_of(p.name) is not None:
         if not is_complete(p):
-            raise FileNotFoundError(
+            raise UsageError(
                 f"--resume {resume}: checkpoint is incomplete (no {COMPLETE} marker; its save did not finish)"
             )
         return p
@@ -106,21 +104,18 @@ def resolve_resume(resume: str, ckpt_dir: Path) -> Path | None:
         tag = latest_complete(candidate)
         if tag is not None:
             return tag
-    raise FileNotFoundError(f"--resume {resume}: no complete checkpoint (step########/{COMPLETE}) found there")
+    raise UsageError(f"--resume {resume}: no complete checkpoint (step########/{COMPLETE}) found there")
 
 
 def save_trainer_state(tag_dir: Path, rank: int, state: dict) -> None:
-    path = trainer_state_path(tag_dir, rank)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    atomic_write(trainer_state_path(tag_dir, rank), lambda f: torch.save(state, f))
 
 
 def load_trainer_state(tag_dir: Path, rank: int) -> dict:
+    """This rank's trainer state; a missing file refuses the resume (a UsageError naming it)."""
     path = trainer_state_path(tag_dir, rank)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise UsageError(
             f"{path} is missing: the checkpoint {tag_dir} was written by fewer ranks than this run has "
             "(resuming with a different world size is not supported)"
         )

@@ -1,13 +1,15 @@
-"""Training metrics: ``metrics.jsonl`` while running, ``metrics.parquet`` at the end, a progress line.
+"""Training metrics: ``metrics.jsonl`` while running, ``metrics.parquet`` at the end, one line per step.
 
 Only rank 0 writes. Each line of metrics.jsonl is one JSON object for one logged optimizer step.
 On resume the lines for steps after the checkpoint are dropped (they are trained again), so the
-file always describes one consistent run.
+file always describes one consistent run. :func:`show_step` puts a step's record in the progress
+bar on a terminal, and logs it as one line elsewhere (files, CI).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -15,6 +17,11 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from puzzlecam.utils.files import atomic_write, atomic_write_text
+from puzzlecam.utils.progress import ProgressBar
+
+log = logging.getLogger(__name__)
 
 
 def _clean(v: Any) -> Any:
@@ -40,11 +47,7 @@ class MetricsLog:
         if not self.path.exists():
             return
         kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        with open(tmp, "w") as f:
-            for r in kept:
-                f.write(json.dumps(r) + "\n")
-        tmp.replace(self.path)
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict[str, Any]) -> None:
         self._f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
@@ -59,10 +62,7 @@ class MetricsLog:
         out = Path(path) if path is not None else self.path.with_suffix(".parquet")
         rows = read_jsonl(self.path)
         table = pa.Table.from_pylist(rows) if rows else pa.table({"step": pa.array([], pa.int64())})
-        tmp = out.with_suffix(".parquet.tmp")
-        pq.write_table(table, tmp)
-        tmp.replace(out)
-        return out
+        return atomic_write(out, lambda f: pq.write_table(table, f))
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -80,64 +80,21 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-class Progress:
-    """Rank 0's live progress line (rich), or plain log lines when output is not a terminal."""
+def describe(r: dict[str, Any]) -> str:
+    """One step's record as the line the trainer shows (users grep it: keep its words)."""
+    return (
+        f"step {r['step']} loss {r['loss']:.4f} cls {r['loss_cls']:.4f} pcls {r['loss_pcls']:.4f} "
+        f"re {r['loss_re']:.4f} alpha {r['alpha']:.3f} lr {r['lr']:.2e} "
+        f"gnorm {r.get('grad_norm', float('nan')):.3g} "
+        f"{r['images_per_s']:.1f} img/s "
+        f"data-wait {r['data_wait_pct']:.0f}% skipped {r['skipped_samples']} bad-steps {r['skipped_steps']}"
+    )
 
-    def __init__(self, total_steps: int, start_step: int, enabled: bool):
-        self.enabled = enabled
-        self._progress = None
-        if not enabled:
-            return
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-        from rich.progress import (
-            Progress as RichProgress,
-        )
 
-        console = Console(stderr=True)
-        if not console.is_terminal:
-            # Logs (files, CI): one unwrapped line per logged step.
-            self._console = Console(stderr=True, width=400, soft_wrap=True)
-            return
-        from rich.table import Column
-
-        self._progress = RichProgress(
-            BarColumn(bar_width=20),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            # The stats wrap onto a second line in narrow terminals instead of being cut off.
-            TextColumn("{task.fields[info]}", table_column=Column(no_wrap=False, overflow="fold", ratio=1)),
-            console=console,
-            expand=True,
-        )
-        self._task = self._progress.add_task("train", total=total_steps, completed=start_step, info="")
-        self._progress.start()
-
-    @staticmethod
-    def describe(r: dict[str, Any]) -> str:
-        return (
-            f"step {r['step']} loss {r['loss']:.4f} cls {r['loss_cls']:.4f} pcls {r['loss_pcls']:.4f} "
-            f"re {r['loss_re']:.4f} alpha {r['alpha']:.3f} lr {r['lr']:.2e} "
-            f"gnorm {r.get('grad_norm', float('nan')):.3g} "
-            f"{r['images_per_s']:.1f} img/s "
-            f"data-wait {r['data_wait_pct']:.0f}% skipped {r['skipped_samples']} bad-steps {r['skipped_steps']}"
-        )
-
-    def update(self, step: int, record: dict[str, Any] | None = None) -> None:
-        if not self.enabled:
-            return
-        if self._progress is None:
-            if record is not None:
-                self._console.print(self.describe(record), highlight=False)
-            return
-        fields = {"info": self.describe(record)} if record is not None else {}
-        self._progress.update(self._task, completed=step, **fields)
-
-    def close(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()
+def show_step(bar: ProgressBar, step: int, record: dict[str, Any] | None) -> None:
+    """Move the bar to ``step``; a record (a logged step) goes into the bar's text when it is drawn,
+    else into the log as one line."""
+    if bar.live:
+        bar.update(step, info=describe(record) if record is not None else None)
+    elif record is not None:
+        log.info("%s", describe(record))

@@ -11,11 +11,15 @@
    the run;
 3. poly learning-rate decay per parameter group, explicit clipping of the all-reduced gradients
    (``optim.grad_clip``; the norm is logged), SGD.
+
+The method and its losses: docs/method.md; the run directory, checkpoints, exit status and logging:
+docs/training.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -24,13 +28,18 @@ from pathlib import Path
 
 import torch
 
-from puzzlecam.errors import TrainingError
+from puzzlecam.errors import ConfigError, TrainingError, UsageError
 
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, load_config, save_config
-from .metrics import MetricsLog, Progress
+from .config import Config, load_config, save_config
+from .metrics import MetricsLog, show_step
 from .train_step import PuzzleNet, alpha_for, forward_losses, poly_lr_factor
+from .utils.cli import run_command
 from .utils.distributed import average_buffers, barrier, init_distributed, rng_state, seed_everything, set_rng_state
+from .utils.files import atomic_write_bytes, atomic_write_json
+from .utils.progress import ProgressBar
+
+log = logging.getLogger(__name__)
 
 _DS_FORBIDDEN = {
     "optimizer": "the optimizer is torch SGD built from the run config (optim.*)",
@@ -110,14 +119,17 @@ def build_deepspeed_config(cfg: Config, world_size: int, path: str) -> dict:
 
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, resume: str = "auto"):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        # A bad --resume fails before anything is started or built.
+        resume_from = ckpt.resolve_resume(resume, self.ckpt_dir)
+
         import deepspeed
 
         from . import data as pdata
         from .model import build_model, param_groups
 
-        self.cfg = cfg
-        self.run_dir = Path(run_dir)
-        self.ckpt_dir = self.run_dir / "checkpoints"
         self.dist = init_distributed(use_deepspeed=True)
         self.device = self.dist.device
         t = cfg.train
@@ -179,7 +191,6 @@ class Trainer:
         self.bad_streak = 0
         self._batches = None
 
-        resume_from = ckpt.resolve_resume(resume, self.ckpt_dir)
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -187,7 +198,7 @@ class Trainer:
                 # A fresh start must not leave older checkpoints for a later `--resume auto` to pick up.
                 aside = self.run_dir / f"checkpoints.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
                 self.ckpt_dir.rename(aside)
-                print(f"--resume none: moved the existing checkpoints to {aside}", file=sys.stderr)
+                log.warning("--resume none: moved the existing checkpoints to %s", aside)
         barrier()
         if resume_from is not None:
             self._load(resume_from)
@@ -255,7 +266,7 @@ class Trainer:
         if load_path is None:
             raise TrainingError(f"DeepSpeed could not load the checkpoint {tag_dir}")
         if client.get("world_size", self.dist.world_size) != self.dist.world_size:
-            raise TrainingError(
+            raise UsageError(
                 f"checkpoint {tag_dir} was written with world size {client['world_size']}, this run has "
                 f"{self.dist.world_size}: resuming with a different world size is not supported"
             )
@@ -365,44 +376,42 @@ class Trainer:
     def fit(self) -> Path | None:
         """Train to ``total_steps``; returns the exported weights' path (rank 0) or None."""
         t = self.cfg.train
-        progress = Progress(self.total_steps, self.step, enabled=self.dist.is_main)
         try:
-            while self.step < self.total_steps:
-                record = self.train_step()
-                if self.metrics is not None and (
-                    self.step % t.log_every == 0 or record["bad_step"] or self.step == self.total_steps
-                ):
-                    self.metrics.write(record)
-                progress.update(
-                    self.step, record if self.step % t.log_every == 0 or self.step == self.total_steps else None
-                )
-                if self.bad_streak >= t.max_bad_steps:
-                    last = ckpt.latest_complete(self.ckpt_dir)
-                    raise TrainingError(
-                        f"{self.bad_streak} optimizer steps in a row had a NaN/Inf loss "
-                        f"(train.max_bad_steps={t.max_bad_steps}); "
-                        f"stopping at step {self.step}. Last good checkpoint: {last if last else 'none'}. "
-                        "Lower optim.lr, enable optim.grad_clip or use ds_fp32.json."
-                    )
-                # No checkpoint inside a run of bad steps: the last good one is what a resume needs.
-                if (
-                    t.ckpt_every > 0
-                    and self.step % t.ckpt_every == 0
-                    and self.step < self.total_steps
-                    and self.bad_streak == 0
-                ):
-                    self.save()
-                self.fault.maybe_fire(self.step, "step")
+            with ProgressBar(
+                "train", self.total_steps, completed=self.step, enabled=self.dist.is_main, info=True
+            ) as bar:
+                while self.step < self.total_steps:
+                    record = self.train_step()
+                    shown = self.step % t.log_every == 0 or self.step == self.total_steps
+                    if self.metrics is not None and (shown or record["bad_step"]):
+                        self.metrics.write(record)
+                    show_step(bar, self.step, record if shown else None)
+                    if self.bad_streak >= t.max_bad_steps:
+                        last = ckpt.latest_complete(self.ckpt_dir)
+                        raise TrainingError(
+                            f"{self.bad_streak} optimizer steps in a row had a NaN/Inf loss "
+                            f"(train.max_bad_steps={t.max_bad_steps}); "
+                            f"stopping at step {self.step}. Last good checkpoint: {last if last else 'none'}. "
+                            "Lower optim.lr, enable optim.grad_clip or use ds_fp32.json."
+                        )
+                    # No checkpoint inside a run of bad steps: the last good one is what a resume needs.
+                    if (
+                        t.ckpt_every > 0
+                        and self.step % t.ckpt_every == 0
+                        and self.step < self.total_steps
+                        and self.bad_streak == 0
+                    ):
+                        self.save()
+                    self.fault.maybe_fire(self.step, "step")
             self.save()
             return self.export()
         finally:
-            progress.close()
             if self.metrics is not None:
                 self.metrics.close()
 
     def export(self) -> Path | None:
         """Consolidated fp32 classifier weights -> ``model.safetensors``; metrics -> Parquet."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         average_buffers(self.classifier)
         digests = replica_digests(self.classifier)
@@ -413,7 +422,7 @@ class Trainer:
                     f"parameters differ between ranks at the end of training (digests {digests}): "
                     "replicas went out of sync"
                 )
-            _write_json(
+            atomic_write_json(
                 self.run_dir / "summary.json",
                 {
                     "steps": self.step,
@@ -427,9 +436,8 @@ class Trainer:
                 k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu()
                 for k, v in self.classifier.state_dict().items()
             }
-            tmp = out.with_suffix(".safetensors.tmp")
-            save_file(state, str(tmp), metadata={"format": "pt", "step": str(self.step), "arch": self.cfg.model.arch})
-            tmp.replace(out)
+            metadata = {"format": "pt", "step": str(self.step), "arch": self.cfg.model.arch}
+            atomic_write_bytes(out, save(state, metadata=metadata))
             self.metrics.export_parquet()
         barrier()
         return out if self.dist.is_main else None
@@ -449,14 +457,6 @@ def replica_digests(module: torch.nn.Module) -> list[str]:
     out: list = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(out, mine)
     return out
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    import json
-
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
 
 
 class _FaultInjection:
@@ -523,32 +523,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> None:
     overrides = list(args.overrides)
     if args.deepspeed_config:
         overrides.append(f"train.deepspeed_config={args.deepspeed_config}")
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, overrides)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
-    try:
-        trainer = Trainer(cfg, run_dir, resume=args.resume)
-        if trainer.dist.is_main and trainer.resumed_from is not None:
-            print(f"resumed from {trainer.resumed_from} at step {trainer.step}", file=sys.stderr)
-        out = trainer.fit()
-    except (ConfigError, TrainingError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    trainer = Trainer(cfg, run_dir, resume=args.resume)
+    if trainer.resumed_from is not None:
+        log.info("resumed from %s at step %d", trainer.resumed_from, trainer.step)
+    out = trainer.fit()
     if out is not None:
-        print(f"done: {trainer.step} steps; weights {out}", file=sys.stderr)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    return 0
+        log.info("done: %d steps; weights %s", trainer.step, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

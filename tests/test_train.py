@@ -1,5 +1,8 @@
 """Trainer tests: exact resume after SIGKILL, run-directory contents, baseline mode, bad-loss
-handling, config/launch errors, checkpoint bookkeeping (CPU, fp32, real DeepSpeed, real shards)."""
+handling, config/launch errors, checkpoint bookkeeping (CPU, fp32, real DeepSpeed, real shards).
+
+The tests that launch training processes are marked slow (`make test-fast` leaves them out).
+"""
 
 from __future__ import annotations
 
@@ -23,9 +26,14 @@ from test_train_support import (
 )
 
 from puzzlecam import checkpoint as ckpt
-from puzzlecam.config import ConfigError, load_config
-from puzzlecam.metrics import MetricsLog, read_jsonl
+from puzzlecam.config import load_config
+from puzzlecam.errors import ConfigError, UsageError
+from puzzlecam.metrics import MetricsLog, read_jsonl, show_step
 from puzzlecam.train import build_deepspeed_config
+from puzzlecam.train import main as train_main
+from puzzlecam.utils.files import is_temporary
+from puzzlecam.utils.log import setup_logging
+from puzzlecam.utils.progress import ProgressBar
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
 LOSS_KEYS = ("step", "loss", "loss_cls", "loss_pcls", "loss_re", "alpha", "lr")
@@ -36,6 +44,7 @@ def shards(tmp_path_factory) -> Path:
     return tiny_shards(tmp_path_factory.mktemp("data"))
 
 
+@pytest.mark.slow
 @needs_deepspeed
 def test_sigkill_then_resume_equals_uninterrupted_run(shards, tmp_path):
     # 6 steps, micro-batch 2 x accumulation 2, checkpoints every 2 steps; run B is SIGKILLed
@@ -92,6 +101,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(shards, tmp_path):
     assert summary(a)["steps"] == 6 and summary(b)["resumed_from"].endswith("step00000002")
 
 
+@pytest.mark.slow
 @needs_deepspeed
 def test_baseline_mode_bad_losses_and_setup_errors(shards, tmp_path):
     base, bad, mismatch = tmp_path / "base", tmp_path / "bad", tmp_path / "mismatch"
@@ -140,22 +150,19 @@ def test_baseline_mode_bad_losses_and_setup_errors(shards, tmp_path):
     assert records[-1]["skipped_steps"] == 3
     assert [p.name for p in ckpt.complete_tags(bad / "checkpoints")] == ["step00000001"]
 
-    assert rc[2] == 1
+    assert rc[2] == 2  # a config that contradicts itself: bad usage
     assert "train.global_batch_size=6" in launches[2].output() and "world size (1) = 4" in launches[2].output()
 
 
-def test_cli_rejects_bad_override(tmp_path):
-    import subprocess
-    import sys
-
-    r = subprocess.run(
-        [sys.executable, str(ROOT / "launch" / "train.py"), "--config", DEMO_CONFIG, "train.mode=both"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-    )
-    assert r.returncode == 2 and "train.mode" in r.stderr and "'puzzle'" in r.stderr
+def test_cli_rejects_bad_override_and_resume_path(tmp_path, capsys):
+    assert train_main(["--config", DEMO_CONFIG, "train.mode=both"]) == 2
+    err = capsys.readouterr().err
+    assert "train.mode" in err and "'puzzle'" in err
+    # A --resume path without a checkpoint: exit 2 naming the flag, before any process group starts.
+    missing = tmp_path / "nope"
+    assert train_main(["--config", DEMO_CONFIG, "--run-dir", str(tmp_path / "run"), "--resume", str(missing)]) == 2
+    assert f"error: --resume {missing}: no such checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_deepspeed_config_checks(tmp_path):
@@ -193,15 +200,23 @@ def test_checkpoint_bookkeeping(tmp_path):
     assert ckpt.resolve_resume("auto", d).name == "step00000006"
     assert ckpt.resolve_resume("none", d) is None
     assert ckpt.resolve_resume(str(tmp_path), d).name == "step00000006"
-    with pytest.raises(FileNotFoundError, match="incomplete"):
+    with pytest.raises(UsageError, match="--resume .*incomplete"):
         ckpt.resolve_resume(str(d / "step00000008"), d)
-    with pytest.raises(FileNotFoundError, match="no such"):
+    with pytest.raises(UsageError, match="--resume .*no such"):
         ckpt.resolve_resume(str(tmp_path / "nope"), d)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError, match="--resume .*no complete checkpoint"):
+        ckpt.resolve_resume(str(tmp_path / "empty"), d)
     ckpt.prune(d, keep_last=2)
     # The newest incomplete tag may be a save in progress: kept; older ones go.
     assert sorted(p.name for p in d.iterdir()) == ["step00000004", "step00000006", "step00000008"]
-    with pytest.raises(FileNotFoundError, match="different world size"):
+    with pytest.raises(UsageError, match="trainer_rank001.pt is missing.*different world size"):
         ckpt.load_trainer_state(d / "step00000006", rank=1)
+    # Trainer state and COMPLETE are written atomically: no temporaries left beside them.
+    ckpt.save_trainer_state(d / "step00000006", 0, {"step": 6, "rng": torch.arange(3)})
+    assert ckpt.load_trainer_state(d / "step00000006", 0)["step"] == 6
+    assert (d / "step00000006" / ckpt.COMPLETE).read_text() == "6\n"
+    assert not [p for p in d.rglob("*") if is_temporary(p)]
 
 
 def test_metrics_log_truncates_on_resume(tmp_path):
@@ -218,8 +233,41 @@ def test_metrics_log_truncates_on_resume(tmp_path):
     rows = read_jsonl(path)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[2]["loss"] is None and rows[4]["loss"] == 50.0
     assert json.loads(path.read_text().splitlines()[0]) == {"step": 1, "loss": 1.0}
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(log.export_parquet()).column("step").to_pylist() == [1, 2, 3, 4, 5]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl", "metrics.parquet"]
 
 
+def test_step_record_is_logged_where_no_bar_is_drawn(capsys):
+    # Off a terminal (logs, CI) the bar is not drawn: a logged step's record is one log line.
+    setup_logging("info", rank=0)
+    record = {
+        "step": 7,
+        "loss": 0.5,
+        "loss_cls": 0.25,
+        "loss_pcls": 0.125,
+        "loss_re": 0.125,
+        "alpha": 1.0,
+        "lr": 0.01,
+        "grad_norm": 2.0,
+        "images_per_s": 12.0,
+        "data_wait_pct": 3.0,
+        "skipped_samples": 0,
+        "skipped_steps": 1,
+    }
+    with ProgressBar("train", 10, enabled=False, info=True) as bar:
+        assert not bar.live
+        show_step(bar, 6, None)
+        show_step(bar, 7, record)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        "step 7 loss 0.5000 cls 0.2500 pcls 0.1250 re 0.1250 alpha 1.000 lr 1.00e-02 gnorm 2 12.0 img/s "
+        "data-wait 3% skipped 0 bad-steps 1"
+    ]
+
+
+@pytest.mark.slow
 @needs_deepspeed
 @pytest.mark.gpu
 @pytest.mark.parametrize("ds_json", ["ds_bf16.json", "ds_fp16.json", "ds_fp32.json"])
