@@ -6,6 +6,8 @@ threshold-sweep evaluation on the evaluation split, writes overlays, and prints 
 
 Every stage runs the same commands a user would run (shown before each stage), and every stage is
 reused when its output is already complete, so a rerun is quick and an interrupted demo resumes.
+The stage headers, each stage's own output (streamed live) and the final table are the command's
+output (stdout); see docs/demo.md.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -24,20 +25,16 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from puzzlecam.config import ConfigError, load_config
-from puzzlecam.errors import DemoError
+from puzzlecam.config import load_config
+from puzzlecam.errors import DemoError, UsageError
+from puzzlecam.utils.cli import run_command
+from puzzlecam.utils.net import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "launch" / "configs" / "demo_cpu.yaml"
 MODES = ("baseline", "puzzle")
 
 console = Console(width=max(110, shutil.get_terminal_size((110, 24)).columns))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _bin(name: str) -> str:
@@ -94,7 +91,7 @@ def _train_command(launcher: str, procs: int, config: Path, run_dir: Path, overr
             "--master_addr",
             "127.0.0.1",
             "--master_port",
-            str(_free_port()),
+            str(free_port()),
             *entry,
         ]
     if launcher == "torchrun":
@@ -105,7 +102,7 @@ def _train_command(launcher: str, procs: int, config: Path, run_dir: Path, overr
             "--rdzv-backend",
             "c10d",
             "--rdzv-endpoint",
-            f"127.0.0.1:{_free_port()}",
+            f"127.0.0.1:{free_port()}",
             *entry,
         ]
     return [sys.executable, *entry]
@@ -122,9 +119,9 @@ def run_demo(args: argparse.Namespace) -> dict[str, dict]:
     cfg = load_config(args.config, args.set)
     per_proc = cfg.train.global_batch_size // (args.procs * cfg.train.grad_accum_steps)
     if per_proc * args.procs * cfg.train.grad_accum_steps != cfg.train.global_batch_size:
-        raise DemoError(
-            f"train.global_batch_size={cfg.train.global_batch_size} is not divisible by --procs {args.procs} "
-            f"x train.grad_accum_steps {cfg.train.grad_accum_steps}"
+        raise UsageError(
+            f"--procs {args.procs}: train.global_batch_size={cfg.train.global_batch_size} is not divisible by "
+            f"--procs {args.procs} x train.grad_accum_steps {cfg.train.grad_accum_steps}"
         )
     if not (voc / "ImageSets" / "Segmentation" / "val.txt").exists():
         _run(
@@ -293,25 +290,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> None:
     if args.launcher == "python":
         args.procs = 1
     if args.procs < 1:
-        console.print("[red]--procs must be at least 1[/]")
-        return 2
+        raise UsageError(f"--procs must be at least 1, got {args.procs}")
     out = Path(args.out).resolve()
     if args.fresh and out.exists():
         shutil.rmtree(out)
     start = time.monotonic()
-    try:
-        results = run_demo(args)
-    except (DemoError, ConfigError) as e:
-        console.print(f"[red]demo failed:[/] {e}")
-        return 1
+    results = run_demo(args)
     print_table(results, out)
     console.print(f"demo finished in {time.monotonic() - start:.0f} s")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

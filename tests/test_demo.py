@@ -2,6 +2,7 @@
 
 synthetic data -> shards -> baseline and Puzzle-CAM training (2 CPU processes) -> multi-scale CAMs ->
 threshold-sweep evaluation -> overlays -> the comparison table; then a rerun reuses every stage.
+The pipeline run is slow (`make test-fast` leaves it out); the flag checks are quick.
 """
 
 import json
@@ -12,9 +13,8 @@ import pytest
 
 from puzzlecam import demo
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_demo_pipeline_tiny(tmp_path, capsys):
     out = tmp_path / "demo"
     args = [
@@ -55,13 +55,13 @@ def test_demo_pipeline_tiny(tmp_path, capsys):
     assert (out / "runs" / "puzzle" / "model.safetensors").stat().st_mtime_ns == stamp
 
 
-def test_demo_help_and_bad_batch(tmp_path):
+def test_demo_help_and_bad_procs(tmp_path, capsys):
     help_text = subprocess.run(
         [sys.executable, "-m", "puzzlecam.demo", "--help"], capture_output=True, text=True, check=True
     ).stdout
     for flag in ("--out", "--num-images", "--launcher", "--procs", "--set", "--fresh"):
         assert flag in help_text
-    # 8 images per step cannot be split over 3 processes: a clear error before anything trains.
+    # 8 images per step cannot be split over 3 processes: a usage error naming --procs before anything runs.
     rc = demo.main(
         [
             "--out",
@@ -76,4 +76,7 @@ def test_demo_help_and_bad_batch(tmp_path):
             "train.global_batch_size=8",
         ]
     )
-    assert rc == 1
+    assert rc == 2
+    assert "--procs 3" in capsys.readouterr().err and not (tmp_path / "d").exists()
+    assert demo.main(["--out", str(tmp_path / "d"), "--procs", "0"]) == 2
+    assert "--procs must be at least 1" in capsys.readouterr().err
