@@ -1,4 +1,5 @@
-"""`python -m puzzlecam.bench kernels` runs on CPU, checks every backend and writes its JSON."""
+"""`python -m puzzlecam.bench kernels` runs on CPU, checks every backend and writes its JSON; the
+`python -m puzzlecam.bench` dispatcher hands a subcommand its own flags."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import pytest
 
 from puzzlecam.bench import kernels as bench
+from puzzlecam.bench.__main__ import main as bench_main
 
 
 def test_bench_kernels_cpu_smoke(tmp_path, capsys):
@@ -42,7 +44,19 @@ def test_bench_kernels_cpu_smoke(tmp_path, capsys):
 
 
 def test_bench_kernels_rejects_unknown_op(capsys):
+    assert bench.main(["--ops", "softmax"]) == 2
+    assert "error: --ops: unknown op 'softmax'" in capsys.readouterr().err
+
+
+def test_bench_dispatch(capsys):
     with pytest.raises(SystemExit) as exc:
-        bench.main(["--ops", "softmax"])
+        bench_main(["kernels", "--help"])
+    assert exc.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "python -m puzzlecam.bench kernels" in help_text and "--ops" in help_text and "--log-level" in help_text
+    assert bench_main([]) == 0 and "kernels" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        bench_main(["softmax"])
     assert exc.value.code == 2
-    assert "unknown op 'softmax'" in capsys.readouterr().err
+    assert bench_main(["kernels", "--shapes", "huge"]) == 2
+    assert "error: --shapes: unknown shape 'huge'" in capsys.readouterr().err

@@ -40,9 +40,12 @@ def test_bench_train_cpu_reports_both_modes(tmp_path):
         assert r["images_per_s"] > 0 and r["step_ms"] > 0 and torch.isfinite(torch.tensor(r["final_loss"]))
 
 
-def test_bench_train_rejects_bad_arguments():
+def test_bench_train_rejects_bad_arguments(capsys):
     assert main(["--modes", "slow"]) == 2
     assert main(["--image-size", "100", "--device", "cpu"]) == 2
+    assert main(["--device", "tpu"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --modes" in err and "error: --image-size" in err and "error: --device tpu" in err
 
 
 @pytest.mark.gpu

@@ -1,5 +1,10 @@
-"""Dispatch ``python -m puzzlecam.bench SUBCOMMAND ...`` to ``puzzlecam.bench.SUBCOMMAND.main``."""
+"""Dispatch ``python -m puzzlecam.bench SUBCOMMAND ...`` to ``puzzlecam.bench.SUBCOMMAND.main``.
 
+Each subcommand's ``main`` runs through :func:`puzzlecam.utils.cli.run_command` (its own flags,
+``--log-level`` among them, and exit status); only the chosen module is imported.
+"""
+
+import argparse
 import importlib
 import sys
 
@@ -11,18 +16,29 @@ SUBCOMMANDS = {
 }
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m puzzlecam.bench",
+        usage="python -m puzzlecam.bench {" + ",".join(SUBCOMMANDS) + "} [--help] [options]",
+        description="benchmarks:\n" + "\n".join(f"  {name:8s} {what}" for name, what in SUBCOMMANDS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("benchmark", choices=SUBCOMMANDS, metavar="BENCHMARK", help="one of the benchmarks above")
+    p.add_argument(
+        "options", nargs=argparse.REMAINDER, help="the benchmark's own options (python -m puzzlecam.bench NAME --help)"
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
-        print("usage: python -m puzzlecam.bench {" + ",".join(SUBCOMMANDS) + "} [--help] [options]\n")
-        for name, what in SUBCOMMANDS.items():
-            print(f"  {name:8s} {what}")
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"\nerror: unknown benchmark {argv[0]!r}", file=sys.stderr)
-            return 2
+    if not argv:
+        parser.print_help()
         return 0
-    module = importlib.import_module(f"puzzlecam.bench.{argv[0]}")
-    return int(module.main(argv[1:]) or 0)
+    args = parser.parse_args(argv)
+    module = importlib.import_module(f"puzzlecam.bench.{args.benchmark}")
+    return module.main(args.options)
 
 
 if __name__ == "__main__":

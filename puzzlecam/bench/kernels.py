@@ -16,8 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import json
-import os
+import logging
 import platform
 import statistics
 import sys
@@ -27,8 +26,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.table import Table
 
 from puzzlecam import ops, puzzle
+from puzzlecam.errors import RunError, UsageError
+from puzzlecam.utils.cli import run_command
+from puzzlecam.utils.files import atomic_write_json
+from puzzlecam.utils.progress import ProgressBar
+
+log = logging.getLogger(__name__)
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -82,11 +89,11 @@ def _loss_case(op, shape, device, dtype, level, backends):
     for name in backends:
         if name == "compile":
             fns[name] = torch.compile(
-                functools.partial(puzzle.reconstruction_loss, n=n, level=level, kind="l1", masking=True)
+                functools.partial(puzzle.reconstruction_loss, n=n, level=level, kind="l1", reduction="masking")
             )
         else:
             fns[name] = functools.partial(
-                ops.reconstruction_loss, n=n, level=level, kind="l1", masking=True, backend=_ops_name(name)
+                ops.reconstruction_loss, n=n, level=level, kind="l1", reduction="masking", backend=_ops_name(name)
             )
     # Ideal traffic of the fused design: forward reads cam and tiles; backward reads both again
     # and writes both gradients.
@@ -316,13 +323,6 @@ def _fmt(v, spec):
 
 
 def print_table(results: list[Result], title: str) -> None:
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:  # rich is a dependency, but keep the bench usable without it
-        for r in results:
-            print(asdict(r))
-        return
     table = Table(title=title)
     for col in ("op", "shape", "backend", "check", "fwd ms", "fwd+bwd ms", "x eager", "GB/s", "% copy", "peak MiB"):
         table.add_column(col, justify="left" if col in ("op", "shape", "backend", "check") else "right")
@@ -355,14 +355,7 @@ def _versions() -> dict:
     return out
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m puzzlecam.bench kernels", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--json", type=Path, default=None, help="also write the figures (with device, versions, date) to this JSON file"
@@ -392,10 +385,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--no-compile", action="store_true", help="leave out torch.compile(reference) (its compilation is slow on CPU)"
     )
-    args = p.parse_args(argv)
+    return p
 
+
+def run(args: argparse.Namespace) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA GPU is visible")
+        raise UsageError("--device cuda: no CUDA GPU is visible")
     device = torch.device(
         "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     )
@@ -404,11 +399,11 @@ def main(argv: list[str] | None = None) -> int:
     op_names = [o.strip() for o in args.ops.split(",") if o.strip()]
     for o in op_names:
         if o not in OPS:
-            p.error(f"--ops: unknown op {o!r} (choose from {', '.join(OPS)})")
+            raise UsageError(f"--ops: unknown op {o!r} (choose from {', '.join(OPS)})")
     shapes = [s.strip() for s in (args.shapes or ("paper,large" if on_gpu else "paper")).split(",") if s.strip()]
     for s in shapes:
         if s not in SHAPES:
-            p.error(f"--shapes: unknown shape {s!r} (choose from {', '.join(SHAPES)})")
+            raise UsageError(f"--shapes: unknown shape {s!r} (choose from {', '.join(SHAPES)})")
     repeats = args.repeats or (50 if on_gpu else 5)
     warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 1)
     device_name = (
@@ -418,29 +413,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not on_gpu:
         why = "--device cpu" if torch.cuda.is_available() else "no CUDA GPU"
-        print(
-            f"{why}: benchmarking the CPU backends only (reference, torch.compile if it works, cpp); "
+        log.info(
+            "%s: benchmarking the CPU backends only (reference, torch.compile if it works, cpp); "
             "Triton runs on CPU only through its interpreter, which is not timed.",
-            file=sys.stderr,
+            why,
         )
 
     timer = Timer(device)
     copy_gbps = copy_bandwidth_gbps(device, timer, repeats)
     results: list[Result] = []
     cases = [(o, s) for s in shapes for o in op_names]
-    from rich.progress import Progress
-
-    with warnings.catch_warnings(), Progress(transient=True) as progress:
+    with warnings.catch_warnings(), ProgressBar("benchmarking", len(cases), transient=True) as bar:
         warnings.simplefilter("ignore", RuntimeWarning)  # ops' reference-fallback warning
-        task = progress.add_task("benchmarking", total=len(cases))
         for op, shape in cases:
-            progress.update(task, description=f"{op} @ {shape}")
+            bar.update(description=f"{op} @ {shape}")
             # Each case compiles its own reference afresh: compiled partials share one code object,
             # which would otherwise run into dynamo's recompile limit.
             torch._dynamo.reset()
             case = _make_case(op, shape, device, dtype, _backends_for(op, device, not args.no_compile))
             results += bench_case(case, dtype, device, timer, repeats, warmup, copy_gbps)
-            progress.advance(task)
+            bar.advance()
 
     title = (
         f"puzzlecam kernels on {device_name}, {args.dtype}; copy bandwidth {copy_gbps:.0f} GB/s; median of {repeats}"
@@ -462,13 +454,15 @@ def main(argv: list[str] | None = None) -> int:
             "shapes": {s: dict(zip(("B", "C", "map", "n", "image"), SHAPES[s], strict=True)) for s in shapes},
             "results": [asdict(r) for r in results],
         }
-        _write_json(args.json, payload)
-        print(f"wrote {args.json}")
+        atomic_write_json(args.json, payload)
+        log.info("wrote %s", args.json)
     failed = [r for r in results if r.check not in ("ok",) and not (r.backend == "compile" and r.check == "error")]
     if failed:
-        print(f"{len(failed)} backend(s) failed their check against the reference", file=sys.stderr)
-        return 1
-    return 0
+        raise RunError(f"{len(failed)} backend(s) failed their check against the reference (see the table)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

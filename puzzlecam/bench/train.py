@@ -18,7 +18,7 @@ Data loading is left out of both (see ``python -m puzzlecam.bench data``). DeepS
 from __future__ import annotations
 
 import argparse
-import json
+import logging
 import platform
 import statistics
 import sys
@@ -26,10 +26,17 @@ import time
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.table import Table
 
 from puzzlecam.config import Config, ModelConfig
+from puzzlecam.errors import UsageError
 from puzzlecam.model import build_model, param_groups
 from puzzlecam.train_step import PuzzleNet, forward_losses
+from puzzlecam.utils.cli import run_command
+from puzzlecam.utils.files import atomic_write_json
+
+log = logging.getLogger(__name__)
 
 
 def _reset_peak(device: torch.device) -> None:
@@ -173,13 +180,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    device = torch.device(
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if args.device == "auto" else args.device)
-    )
+def _device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise UsageError(f"--device {spec}: expected auto, cuda, cuda:N or cpu") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {spec}: no CUDA GPU is visible")
+    return device
+
+
+def run(args: argparse.Namespace) -> None:
+    device = _device(args.device)
     gpu = device.type == "cuda"
     args.arch = args.arch or ("resnet50" if gpu else "resnet18")
     args.width = args.width or (64 if gpu else 16)
@@ -189,14 +203,13 @@ def main(argv=None) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = set(modes) - {"reference", "fast"}
     if unknown:
-        print(f"error: --modes: unknown mode(s) {sorted(unknown)}; choose from reference, fast", file=sys.stderr)
-        return 2
+        raise UsageError(f"--modes: unknown mode(s) {sorted(unknown)}; choose from reference, fast")
     if args.image_size % 32:
-        print(
-            f"error: --image-size must be a multiple of 32 (2x2 tiles at output stride 16), got {args.image_size}",
-            file=sys.stderr,
+        raise UsageError(
+            f"--image-size must be a multiple of 32 (2x2 tiles at output stride 16), got {args.image_size}"
         )
-        return 2
+    if args.steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {args.steps}")
     batches = make_batches(4, args.batch_size, args.image_size, device, seed=0)
     name = torch.cuda.get_device_name(device) if gpu else platform.processor() or platform.machine()
     print(
@@ -204,8 +217,6 @@ def main(argv=None) -> int:
         f"{args.steps} timed steps after {args.warmup} warm-up, on {device} ({name}), torch {torch.__version__}"
     )
     results = [run_mode(m, args, device, batches) for m in modes]
-    from rich.console import Console
-    from rich.table import Table
 
     table = Table(title="full training step (forward x2, losses, backward, SGD)")
     for col in ("mode", "images/s", "step ms", "peak MiB", "dtype", "channels_last", "ops", "compile"):
@@ -227,23 +238,24 @@ def main(argv=None) -> int:
     if "reference" in by and "fast" in by:
         print(f"fast / reference: {by['fast']['images_per_s'] / by['reference']['images_per_s']:.2f}x images/s")
     if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "device": str(device),
-                    "device_name": name,
-                    "torch": torch.__version__,
-                    "arch": args.arch,
-                    "width": args.width,
-                    "image_size": args.image_size,
-                    "batch_size": args.batch_size,
-                    "results": results,
-                },
-                indent=2,
-            )
-            + "\n"
+        atomic_write_json(
+            args.json,
+            {
+                "device": str(device),
+                "device_name": name,
+                "torch": torch.__version__,
+                "arch": args.arch,
+                "width": args.width,
+                "image_size": args.image_size,
+                "batch_size": args.batch_size,
+                "results": results,
+            },
         )
-    return 0
+        log.info("wrote %s", args.json)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":
