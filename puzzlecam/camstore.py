@@ -1,4 +1,4 @@
-"""The CAM store: one ``{id}.npz`` per image plus ``index.parquet`` (design.md §5).
+"""The CAM store: one ``{id}.npz`` per image plus ``index.parquet`` (docs/inference.md, "The CAM store").
 
 Each ``{id}.npz`` is written by ``numpy.savez`` (no pickle) and holds three plain arrays:
 
@@ -10,14 +10,14 @@ Each ``{id}.npz`` is written by ``numpy.savez`` (no pickle) and holds three plai
 An image without labelled classes has K = 0: ``keys`` is empty and ``cam``/``hr_cam`` have zero
 channels but keep their spatial size, so (H, W) is always known from ``hr_cam``.
 
-Files are written under a temporary name and renamed, so a file named ``{id}.npz`` is complete;
-readers still verify it (``read_cam``) and raise :class:`CamStoreError` naming the id.
+Files are written atomically (:mod:`puzzlecam.utils.files`: a temporary ``.{id}.npz.tmp-{pid}``
+renamed into place), so a file named ``{id}.npz`` is complete; readers still verify it
+(``read_cam``) and raise :class:`CamStoreError` naming the id.
 ``index.parquet`` (id, height, width, keys, num_keys) is rebuilt from the npz files present.
 """
 
 from __future__ import annotations
 
-import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from puzzlecam.errors import CamStoreError
+from puzzlecam.utils.files import atomic_write
 
 INDEX_NAME = "index.parquet"
 CAM_SUFFIX = ".npz"
@@ -56,20 +57,6 @@ def cam_path(directory: str | Path, image_id: str) -> Path:
     return Path(directory) / f"{check_id(image_id)}{CAM_SUFFIX}"
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(fileobj)`` on a temporary file beside ``path``, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_cam(directory: str | Path, image_id: str, keys, cam, hr_cam) -> Path:
     """Write one image's CAMs atomically as float16 (keys as int64). Returns the file's path."""
     keys = np.asarray(keys, dtype=np.int64).reshape(-1)
@@ -80,7 +67,7 @@ def write_cam(directory: str | Path, image_id: str, keys, cam, hr_cam) -> Path:
             f"{image_id}: cam {cam.shape} and hr_cam {hr_cam.shape} must be (K, h, w) with K = {len(keys)} keys"
         )
     path = cam_path(directory, image_id)
-    _atomic_write(path, lambda f: np.savez(f, keys=keys, cam=cam, hr_cam=hr_cam))
+    atomic_write(path, lambda f: np.savez(f, keys=keys, cam=cam, hr_cam=hr_cam))
     return path
 
 
@@ -121,7 +108,10 @@ def is_complete(directory: str | Path, image_id: str) -> bool:
 
 
 def list_ids(directory: str | Path) -> list[str]:
-    """Ids of the ``{id}.npz`` files in ``directory``, sorted (temporary files are not listed)."""
+    """Ids of the ``{id}.npz`` files in ``directory``, sorted.
+
+    Dot files are not listed: temporary files (``.{id}.npz.tmp-{pid}``) and anything hidden.
+    """
     d = Path(directory)
     if not d.is_dir():
         raise CamStoreError(f"CAM directory {d} does not exist")
@@ -167,7 +157,7 @@ def write_index(directory: str | Path) -> Path:
         }
     )
     out = d / INDEX_NAME
-    _atomic_write(out, lambda f: pq.write_table(table, f))
+    atomic_write(out, lambda f: pq.write_table(table, f))
     return out
 
 
@@ -176,13 +166,3 @@ def read_index(directory: str | Path) -> pa.Table:
     if not path.is_file():
         raise CamStoreError(f"no {INDEX_NAME} in {directory} (run puzzlecam.infer to completion first)")
     return pq.read_table(path)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename (PNGs, JSON, ...)."""
-    _atomic_write(Path(path), lambda f: f.write(data))
-
-
-def atomic_write_with(path: str | Path, write) -> None:
-    """Public form of the temporary-file-and-rename writer: ``write(fileobj)`` fills the file."""
-    _atomic_write(Path(path), write)

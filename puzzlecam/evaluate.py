@@ -1,4 +1,4 @@
-"""CAM evaluation: the threshold-sweep mIoU of design.md §4, every threshold in one pass.
+"""CAM evaluation: the threshold-sweep mIoU (docs/inference.md), every threshold in one pass.
 
 Semantics (the reference evaluation):
 
@@ -28,7 +28,7 @@ they add to T of their ground-truth class and to no P, i.e. as misses).
 from __future__ import annotations
 
 import argparse
-import json
+import logging
 import math
 import sys
 from collections.abc import Iterable, Iterator
@@ -40,12 +40,17 @@ import pyarrow.parquet as pq
 import torch
 
 from puzzlecam import VOC_CLASSES
-from puzzlecam.camstore import CamStoreError, atomic_write_bytes, atomic_write_with, read_cam
+from puzzlecam.camstore import CamStoreError, read_cam
 from puzzlecam.errors import EvaluationError
+from puzzlecam.utils.cli import run_command
+from puzzlecam.utils.files import atomic_write, atomic_write_json
+from puzzlecam.utils.labelmap import IGNORE_INDEX, decode_label_png
+from puzzlecam.utils.progress import ProgressBar
+
+log = logging.getLogger(__name__)
 
 NUM_LABELS = len(VOC_CLASSES) + 1  # background + 20 classes
 CLASS_NAMES = ("background",) + VOC_CLASSES
-IGNORE = 255
 DEFAULT_THRESHOLDS = "0.05:0.80:0.05"
 
 
@@ -71,10 +76,10 @@ def parse_thresholds(spec: str) -> list[float]:
 
 
 def _check_gt(gt: torch.Tensor, num_labels: int) -> None:
-    bad = (gt >= num_labels) & (gt != IGNORE) | (gt < 0)
+    bad = (gt >= num_labels) & (gt != IGNORE_INDEX) | (gt < 0)
     if bool(bad.any()):
         values = sorted({int(v) for v in gt[bad].unique()[:10]})
-        raise EvaluationError(f"ground truth holds values {values} outside 0..{num_labels - 1} and {IGNORE}")
+        raise EvaluationError(f"ground truth holds values {values} outside 0..{num_labels - 1} and {IGNORE_INDEX}")
 
 
 def confusion_sweep(cams, keys, gt, thresholds, num_labels: int = NUM_LABELS) -> torch.Tensor:
@@ -107,7 +112,7 @@ def confusion_sweep(cams, keys, gt, thresholds, num_labels: int = NUM_LABELS) ->
     num_t = thr.numel()
     # Ignored pixels go to an extra ground-truth row that is dropped at the end: cheaper than
     # boolean indexing every array.
-    g = torch.where(gt == IGNORE, num_labels, gt).reshape(-1)
+    g = torch.where(gt == IGNORE_INDEX, num_labels, gt).reshape(-1)
     rows = num_labels + 1
     sorted_thr, order = thr.sort()
     if keys.numel() == 0:
@@ -141,15 +146,15 @@ def confusion_from_labels(pred, gt, num_labels: int = NUM_LABELS) -> tuple[torch
     if pred.shape != gt.shape:
         raise EvaluationError(f"label map shape {tuple(pred.shape)} differs from the mask's {tuple(gt.shape)}")
     _check_gt(gt, num_labels)
-    bad = (pred >= num_labels) & (pred != IGNORE) | (pred < 0)
+    bad = (pred >= num_labels) & (pred != IGNORE_INDEX) | (pred < 0)
     if bool(bad.any()):
         raise EvaluationError(
             f"label map holds values {sorted({int(v) for v in pred[bad].unique()[:10]})} "
-            f"outside 0..{num_labels - 1} and {IGNORE}"
+            f"outside 0..{num_labels - 1} and {IGNORE_INDEX}"
         )
-    valid = gt != IGNORE
+    valid = gt != IGNORE_INDEX
     g, p = gt[valid], pred[valid]
-    decided = p != IGNORE
+    decided = p != IGNORE_INDEX
     conf = torch.bincount(g[decided] * num_labels + p[decided], minlength=num_labels * num_labels)
     undecided = torch.bincount(g[~decided], minlength=num_labels)
     return conf.reshape(num_labels, num_labels), undecided
@@ -204,29 +209,6 @@ def iter_masks(shards: str, num_workers: int = 0) -> Iterator[tuple[str, np.ndar
         )
 
 
-def progress_bar(description: str, total: int | None, enabled: bool = True):
-    """(rich Progress, task id): a bar on stderr, shown only on a terminal (logs stay clean)."""
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = [
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    ]
-    progress = Progress(*columns, console=Console(stderr=True), disable=not (enabled and sys.stderr.isatty()))
-    return progress, progress.add_task(description, total=total)
-
-
 def sweep_cams(
     cam_dir: str | Path, masks: Iterable[tuple[str, np.ndarray]], thresholds: list[float], total: int | None = None
 ):
@@ -234,10 +216,9 @@ def sweep_cams(
     total_conf = torch.zeros(len(thresholds), NUM_LABELS, NUM_LABELS, dtype=torch.long)
     missing: list[str] = []
     count = 0
-    progress, task = progress_bar("evaluate CAMs", total)
-    with progress:
+    with ProgressBar("evaluate CAMs", total) as progress:
         for image_id, mask in masks:
-            progress.advance(task)
+            progress.advance()
             try:
                 record = read_cam(cam_dir, image_id)
             except CamStoreError as e:
@@ -266,30 +247,22 @@ def sweep_cams(
 
 def sweep_labels(label_dir: str | Path, masks: Iterable[tuple[str, np.ndarray]], total: int | None = None):
     """Sum the confusions (1, 21, 21) and undecided counts of PNG label maps ``{id}.png``."""
-    from PIL import Image
-
     conf = torch.zeros(1, NUM_LABELS, NUM_LABELS, dtype=torch.long)
     undecided = torch.zeros(NUM_LABELS, dtype=torch.long)
     missing: list[str] = []
     count = 0
-    progress, task = progress_bar("evaluate labels", total)
-    with progress:
+    with ProgressBar("evaluate labels", total) as progress:
         for image_id, mask in masks:
-            progress.advance(task)
+            progress.advance()
             path = Path(label_dir, f"{image_id}.png")
             if not path.is_file():
                 missing.append(image_id)
                 continue
             try:
-                with Image.open(path) as im:
-                    if im.mode not in ("P", "L"):
-                        raise EvaluationError(
-                            f"{image_id}: label map {path} has mode {im.mode}; expected a P or L PNG of indices"
-                        )
-                    pred = np.array(im)  # a writable copy for torch.from_numpy
-            except EvaluationError:
-                raise
-            except Exception as e:
+                pred = decode_label_png(path.read_bytes())
+            except ValueError as e:  # another format or mode (RGB, ...): the message says which
+                raise EvaluationError(f"{image_id}: {path}: {e}") from None
+            except Exception as e:  # not an image, a truncated file, ...
                 raise EvaluationError(f"{image_id}: cannot read label map {path}: {type(e).__name__}: {e}") from None
             try:
                 c, u = confusion_from_labels(torch.from_numpy(pred), torch.from_numpy(mask))
@@ -419,10 +392,10 @@ def print_report(summary: dict, console=None) -> None:
 
 
 def write_results(out_dir: str | Path, table: pa.Table, summary: dict) -> None:
+    """``eval.parquet`` and ``summary.json`` in ``out_dir`` (created if needed), each written atomically."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_with(out / "eval.parquet", lambda f: pq.write_table(table, f))
-    atomic_write_bytes(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    atomic_write(out / "eval.parquet", lambda f: pq.write_table(table, f))
+    atomic_write_json(out / "summary.json", summary)
 
 
 def _count_masks(shards: str) -> int | None:
@@ -473,38 +446,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.mode == "cams":
-            if args.cams is None:
-                raise EvaluationError("--mode cams needs --cams DIR")
-            if not args.cams.is_dir():
-                raise EvaluationError(f"--cams {args.cams}: no such directory")
-            thresholds = parse_thresholds(args.thresholds)
-            conf, count = sweep_cams(
-                args.cams, iter_masks(args.shards, args.num_workers), thresholds, _count_masks(args.shards)
-            )
-            undecided, row_thresholds = None, thresholds
-        else:
-            if args.labels is None or not args.labels.is_dir():
-                raise EvaluationError(f"--mode labels needs --labels DIR of PNG label maps (got {args.labels})")
-            conf, undecided, count = sweep_labels(
-                args.labels, iter_masks(args.shards, args.num_workers), _count_masks(args.shards)
-            )
-            row_thresholds = [None]
-        if count == 0:
-            raise EvaluationError(f"no sample with a mask in --shards {args.shards}")
-    except (EvaluationError, CamStoreError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def run(args) -> None:
+    if args.num_workers < 0:
+        raise EvaluationError(f"--num-workers must be 0 or more, got {args.num_workers}")
+    if args.mode == "cams":
+        if args.cams is None:
+            raise EvaluationError("--mode cams needs --cams DIR")
+        if not args.cams.is_dir():
+            raise EvaluationError(f"--cams {args.cams}: no such directory")
+        thresholds = parse_thresholds(args.thresholds)
+        conf, count = sweep_cams(
+            args.cams, iter_masks(args.shards, args.num_workers), thresholds, _count_masks(args.shards)
+        )
+        undecided, row_thresholds = None, thresholds
+    else:
+        if args.labels is None or not args.labels.is_dir():
+            raise EvaluationError(f"--mode labels needs --labels DIR of PNG label maps (got {args.labels})")
+        conf, undecided, count = sweep_labels(
+            args.labels, iter_masks(args.shards, args.num_workers), _count_masks(args.shards)
+        )
+        row_thresholds = [None]
+    if count == 0:
+        raise EvaluationError(f"no sample with a mask in --shards {args.shards}")
     summary = summarize(conf, row_thresholds, count, undecided)
     summary["mode"] = args.mode
     print_report(summary)
     if args.out is not None:
         write_results(args.out, results_table(conf, row_thresholds, undecided), summary)
-        print(f"wrote {args.out / 'eval.parquet'} and {args.out / 'summary.json'}")
-    return 0
+        log.info("wrote %s and %s", args.out / "eval.parquet", args.out / "summary.json")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

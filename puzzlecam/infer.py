@@ -1,4 +1,4 @@
-"""Multi-scale + flip CAM inference into a CAM store (design.md §4, docs/inference.md).
+"""Multi-scale + flip CAM inference into a CAM store (docs/inference.md).
 
 ``python -m puzzlecam.infer --weights RUN/model.safetensors --shards PATTERN --out DIR``
 
@@ -14,7 +14,7 @@
   puzzlecam.camstore) and, at the end, ``index.parquet`` (rank 0, after a barrier, from the files
   present) and ``infer.json`` (the settings). Images without labelled classes get empty arrays.
 * Under torchrun the images are divided across ranks (each written by exactly one). A rerun skips
-  images whose file loads completely; files are written under temporary names and renamed.
+  images whose file loads completely; files are written atomically (puzzlecam.utils.files).
 """
 
 from __future__ import annotations
@@ -23,21 +23,26 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from puzzlecam import ops
-from puzzlecam.camstore import CamStoreError, atomic_write_bytes, cam_path, is_complete, write_cam, write_index
+from puzzlecam.camstore import cam_path, is_complete, write_cam, write_index
 from puzzlecam.config import ConfigError, load_config
 from puzzlecam.errors import InferenceError
-from puzzlecam.evaluate import progress_bar
 from puzzlecam.puzzle import strided_size
+from puzzlecam.utils.cli import run_command
+from puzzlecam.utils.distributed import barrier, init_distributed, sum_across_ranks
+from puzzlecam.utils.files import atomic_write_json, remove_stale_temporaries
+from puzzlecam.utils.progress import ProgressBar
+
+log = logging.getLogger(__name__)
 
 META_NAME = "infer.json"
 
@@ -137,29 +142,7 @@ def infer_same_size(
 
 
 # ---------------------------------------------------------------------------------------------
-# Process group and bookkeeping
-
-
-def _init_distributed(device_kind: str) -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _sum_across_ranks(values: list[int], device: torch.device) -> list[int]:
-    if not dist.is_initialized():
-        return values
-    t = torch.tensor(values, dtype=torch.long, device=device if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t)
-    return [int(v) for v in t.tolist()]
+# Bookkeeping
 
 
 def _file_digest(path: Path) -> str:
@@ -185,11 +168,6 @@ def _check_meta(out: Path, meta: dict, overwrite: bool) -> None:
             f"--out {out} already holds CAMs made with other {', '.join(differs)} (see {path}); "
             "use another --out or pass --overwrite to recompute every image"
         )
-
-
-def _remove_stale_temporaries(out: Path) -> None:
-    for p in out.glob(".*.tmp*"):  # left by a crashed run; never a complete file
-        p.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,26 +240,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _device(spec: str | None) -> torch.device:
-    if spec is None:
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    device = torch.device(spec)
+def check_flags(args) -> None:
+    """Refuse bad flag values before any work, naming the flag."""
+    if args.batch_size is not None and args.batch_size < 1:
+        raise InferenceError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.num_workers < 0:
+        raise InferenceError(f"--num-workers must be 0 or more, got {args.num_workers}")
+    if args.device is None:
+        return
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise InferenceError(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise InferenceError(f"--device {spec}: CUDA is not available")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return device
+        raise InferenceError(f"--device {args.device}: CUDA is not available on this machine (use cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InferenceError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
-def run(args) -> dict:
+def run(args) -> None:
     from puzzlecam.data import eval_loader
 
-    device = _device(args.device)
-    rank, world = _init_distributed(device.type)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    check_flags(args)
+    # A bare `cuda` becomes cuda:LOCAL_RANK; without a launcher there is no process group.
+    dist_info = init_distributed(args.device, single_process_group=False)
+    rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if device.type == "cpu" and local_world > 1:  # share the cores instead of oversubscribing them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
@@ -290,7 +275,9 @@ def run(args) -> dict:
     flip = cfg.infer.flip and not args.no_flip
     batch_size = args.batch_size if args.batch_size is not None else cfg.infer.batch_size
     if batch_size < 1:
-        raise InferenceError(f"--batch-size must be at least 1, got {batch_size}")
+        raise InferenceError(
+            f"infer.batch_size of the config must be at least 1, got {batch_size} (or pass --batch-size)"
+        )
     meta = {
         "weights": str(args.weights),
         "weights_sha256": _file_digest(args.weights),
@@ -303,10 +290,10 @@ def run(args) -> dict:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     _check_meta(args.out, meta, args.overwrite)
-    _barrier()  # every rank has checked the old metadata before rank 0 touches the directory
+    barrier()  # every rank has checked the old metadata before rank 0 touches the directory
     if rank == 0:
-        _remove_stale_temporaries(args.out)
-    _barrier()
+        remove_stale_temporaries(args.out)  # left by a crashed run; never a complete file
+    barrier()
 
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
     autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
@@ -329,8 +316,7 @@ def run(args) -> dict:
         pending.clear()
         return n
 
-    progress, task = progress_bar(f"CAMs (rank 0 of {world})", len(loader), enabled=rank == 0)
-    with progress:
+    with ProgressBar(f"CAMs (rank 0 of {world})", len(loader), enabled=rank == 0) as progress:
         for batch in loader:
             image_id = batch["id"][0]
             cam_path(args.out, image_id)  # rejects ids that cannot be file names
@@ -351,11 +337,11 @@ def run(args) -> dict:
                     pending.append((image_id, image, keys))
                     if len(pending) >= batch_size:
                         written += flush()
-            progress.advance(task)
+            progress.advance()
         written += flush()
 
-    written, skipped, empty, corrupt = _sum_across_ranks([written, skipped, empty, loader.skipped], device)
-    _barrier()
+    written, skipped, empty, corrupt = sum_across_ranks([written, skipped, empty, loader.skipped])
+    barrier()
     stats = {
         "written": written,
         "skipped_complete": skipped,
@@ -366,26 +352,22 @@ def run(args) -> dict:
     if rank == 0:
         index = write_index(args.out)
         meta.update(stats)
-        atomic_write_bytes(args.out / META_NAME, (json.dumps(meta, indent=2) + "\n").encode())
-        print(
-            f"CAMs: {written} written ({empty} without labelled classes), {skipped} already complete, "
-            f"{corrupt} corrupt samples skipped, {world} process(es); index {index}"
+        atomic_write_json(args.out / META_NAME, meta)
+        log.info(
+            "CAMs: %d written (%d without labelled classes), %d already complete, %d corrupt samples skipped, "
+            "%d process(es); index %s",
+            written,
+            empty,
+            skipped,
+            corrupt,
+            world,
+            index,
         )
-    _barrier()
-    return stats
+    barrier()
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (InferenceError, CamStoreError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ compat 10), ``--crf-iters`` mean-field steps; with ``--bg-threshold`` both maps 
 from __future__ import annotations
 
 import argparse
-import io
+import logging
 import multiprocessing
 import sys
 from collections.abc import Iterator
@@ -25,11 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
-from puzzlecam.camstore import CamRecord, CamStoreError, atomic_write_bytes, list_ids, read_cam
+from puzzlecam.camstore import CamRecord, list_ids, read_cam
 from puzzlecam.errors import LabelsError
-from puzzlecam.utils.labelmap import VOC_PALETTE
+from puzzlecam.utils.cli import run_command
+from puzzlecam.utils.files import atomic_write_bytes
+from puzzlecam.utils.labelmap import IGNORE_INDEX, encode_label_png
+from puzzlecam.utils.progress import ProgressBar
 
-IGNORE = 255
+log = logging.getLogger(__name__)
+
 CRF_GAUSSIAN = dict(sxy=3, compat=3)
 CRF_BILATERAL = dict(sxy=50, srgb=5, compat=10)
 
@@ -111,28 +115,16 @@ def make_label_map(
     labels = to_class_indices(fg, record.keys)
     if bg_threshold is not None:
         bg = at(bg_threshold)
-        labels[(fg == 0) & (bg != 0)] = IGNORE
+        labels[(fg == 0) & (bg != 0)] = IGNORE_INDEX
     return labels
-
-
-def png_bytes(labels: np.ndarray) -> bytes:
-    """A palette ("P") PNG of the label map with the VOC palette."""
-    from PIL import Image
-
-    im = Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint8))
-    im.putpalette(VOC_PALETTE)  # turns the "L" image into "P" with these colours
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _job(args) -> str:
     cam_dir, out_dir, image_id, image, options = args
-    try:
-        record = read_cam(cam_dir, image_id)
-    except CamStoreError as e:
-        raise LabelsError(str(e)) from None
-    atomic_write_bytes(Path(out_dir, f"{image_id}.png"), png_bytes(make_label_map(record, image=image, **options)))
+    record = read_cam(cam_dir, image_id)
+    atomic_write_bytes(
+        Path(out_dir, f"{image_id}.png"), encode_label_png(make_label_map(record, image=image, **options))
+    )
     return image_id
 
 
@@ -191,59 +183,67 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from puzzlecam.evaluate import progress_bar
+def check_flags(args) -> None:
+    """Refuse bad flag values before any work, naming the flag."""
+    if args.bg_threshold is not None and not args.bg_threshold < args.threshold:
+        raise LabelsError(f"--bg-threshold {args.bg_threshold} must be below --threshold {args.threshold}")
+    if args.jobs < 1:
+        raise LabelsError(f"--jobs must be at least 1, got {args.jobs}")
+    if args.num_workers < 0:
+        raise LabelsError(f"--num-workers must be 0 or more, got {args.num_workers}")
+    if args.crf_iters < 0:
+        raise LabelsError(f"--crf-iters must be 0 or more, got {args.crf_iters}")
+    if not 0 < args.crf_gt_prob < 1:
+        raise LabelsError(f"--crf-gt-prob must be between 0 and 1 (exclusive), got {args.crf_gt_prob}")
 
-    args = build_parser().parse_args(argv)
-    try:
-        if args.bg_threshold is not None and not args.bg_threshold < args.threshold:
-            raise LabelsError(f"--bg-threshold {args.bg_threshold} must be below --threshold {args.threshold}")
-        if args.crf:
-            _crf_module()
-            if args.shards is None:
-                raise LabelsError("--crf needs --shards PATTERN: the CRF works on the RGB images")
-        if not args.cams.is_dir():
-            raise LabelsError(f"--cams {args.cams}: no such directory")
-        args.out.mkdir(parents=True, exist_ok=True)
-        options = dict(
-            threshold=args.threshold,
-            bg_threshold=args.bg_threshold,
-            crf_iters=args.crf_iters,
-            crf_gt_prob=args.crf_gt_prob,
-        )
-        missing: list[str] = []
-        if args.shards is not None:
-            items = _shard_images(args.shards, args.num_workers, args.cams, missing)
-            if not args.crf:
-                items = ((image_id, None) for image_id, _ in items)
-            total = None
-        else:
-            ids = list_ids(args.cams)
-            items = ((image_id, None) for image_id in ids)
-            total = len(ids)
-        jobs = _jobs(args, items, options)
-        written = 0
-        progress, task = progress_bar("pseudo-labels", total)
-        with progress:
-            if args.jobs > 1:
-                # spawn: forking a process that holds torch / OpenMP threads can hang the children.
-                with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-                    for _ in pool.map(_job, jobs, chunksize=4):
-                        written += 1
-                        progress.advance(task)
-            else:
-                for job in jobs:
-                    _job(job)
+
+def run(args) -> None:
+    check_flags(args)
+    if args.crf:
+        _crf_module()
+        if args.shards is None:
+            raise LabelsError("--crf needs --shards PATTERN: the CRF works on the RGB images")
+    if not args.cams.is_dir():
+        raise LabelsError(f"--cams {args.cams}: no such directory")
+    args.out.mkdir(parents=True, exist_ok=True)
+    options = dict(
+        threshold=args.threshold,
+        bg_threshold=args.bg_threshold,
+        crf_iters=args.crf_iters,
+        crf_gt_prob=args.crf_gt_prob,
+    )
+    missing: list[str] = []
+    if args.shards is not None:
+        items = _shard_images(args.shards, args.num_workers, args.cams, missing)
+        if not args.crf:
+            items = ((image_id, None) for image_id, _ in items)
+        total = None
+    else:
+        ids = list_ids(args.cams)
+        items = ((image_id, None) for image_id in ids)
+        total = len(ids)
+    jobs = _jobs(args, items, options)
+    written = 0
+    with ProgressBar("pseudo-labels", total) as progress:
+        if args.jobs > 1:
+            # spawn: forking a process that holds torch / OpenMP threads can hang the children.
+            with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                for _ in pool.map(_job, jobs, chunksize=4):
                     written += 1
-                    progress.advance(task)
-        if missing:
-            shown = ", ".join(missing[:20]) + (f", ... ({len(missing)} in all)" if len(missing) > 20 else "")
-            raise LabelsError(f"{len(missing)} images in --shards have no CAM in {args.cams}: {shown}")
-    except (LabelsError, CamStoreError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {written} label maps to {args.out}")
-    return 0
+                    progress.advance()
+        else:
+            for job in jobs:
+                _job(job)
+                written += 1
+                progress.advance()
+    if missing:
+        shown = ", ".join(missing[:20]) + (f", ... ({len(missing)} in all)" if len(missing) > 20 else "")
+        raise LabelsError(f"{len(missing)} images in --shards have no CAM in {args.cams}: {shown}")
+    log.info("wrote %d label maps to %s", written, args.out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ small numpy jet; Pillow draws the captions.
 from __future__ import annotations
 
 import argparse
-import io
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -19,9 +19,14 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from puzzlecam import VOC_CLASSES
-from puzzlecam.camstore import CamStoreError, atomic_write_bytes, read_cam
+from puzzlecam.camstore import CamStoreError, read_cam
+from puzzlecam.errors import UsageError
 from puzzlecam.labels import predict_labels
+from puzzlecam.utils.cli import run_command
+from puzzlecam.utils.files import atomic_write
 from puzzlecam.utils.labelmap import voc_colormap
+
+log = logging.getLogger(__name__)
 
 CAPTION_H = 14
 GAP = 2
@@ -98,10 +103,8 @@ def overlay_row(
     return _hstack(panels)
 
 
-def _png(im: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
+def write_png(path: Path, im: Image.Image) -> None:
+    atomic_write(path, lambda f: im.save(f, format="PNG"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,44 +132,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def _threshold(args) -> float:
+    """--threshold, else the best threshold of --summary, else 0.20."""
+    if args.threshold is not None:
+        return args.threshold
+    if args.summary is None:
+        return 0.20
+    try:
+        return float(json.loads(args.summary.read_text())["best_threshold"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--summary {args.summary}: cannot read best_threshold ({e})") from None
+
+
+def run(args) -> None:
     from puzzlecam.data import eval_loader
 
-    args = build_parser().parse_args(argv)
-    threshold = args.threshold
-    if threshold is None and args.summary is not None:
-        try:
-            threshold = float(json.loads(args.summary.read_text())["best_threshold"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            print(f"error: --summary {args.summary}: cannot read best_threshold ({e})", file=sys.stderr)
-            return 2
-    threshold = 0.20 if threshold is None else threshold
     if args.n < 1:
-        print("error: --n must be at least 1", file=sys.stderr)
-        return 2
+        raise UsageError(f"--n must be at least 1, got {args.n}")
+    if args.height < 1:
+        raise UsageError(f"--height must be at least 1 pixel, got {args.height}")
+    threshold = _threshold(args)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    try:
-        for batch in eval_loader(args.shards, num_workers=0, rank=0, world_size=1):
-            image_id = batch["id"][0]
-            if not Path(args.cams, f"{image_id}.npz").is_file():
-                continue
-            record = read_cam(args.cams, image_id)
-            mask = np.asarray(batch["mask"][0]) if bool(batch["has_mask"][0]) else None
-            row = overlay_row(image_id, np.asarray(batch["image"][0]), record, mask, threshold, args.height)
-            atomic_write_bytes(args.out / f"{image_id}.png", _png(row))
-            rows.append(row)
-            if len(rows) == args.n:
-                break
-    except CamStoreError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    for batch in eval_loader(args.shards, num_workers=0, rank=0, world_size=1):
+        image_id = batch["id"][0]
+        if not Path(args.cams, f"{image_id}.npz").is_file():
+            continue
+        record = read_cam(args.cams, image_id)
+        mask = np.asarray(batch["mask"][0]) if bool(batch["has_mask"][0]) else None
+        row = overlay_row(image_id, np.asarray(batch["image"][0]), record, mask, threshold, args.height)
+        write_png(args.out / f"{image_id}.png", row)
+        rows.append(row)
+        if len(rows) == args.n:
+            break
     if not rows:
-        print(f"error: no image of --shards {args.shards} has a CAM in {args.cams}", file=sys.stderr)
-        return 2
-    atomic_write_bytes(args.out / "grid.png", _png(_vstack(rows)))
-    print(f"wrote {len(rows)} overlays and {args.out / 'grid.png'}")
-    return 0
+        raise UsageError(f"no image of --shards {args.shards} has a CAM in --cams {args.cams}")
+    write_png(args.out / "grid.png", _vstack(rows))
+    log.info("wrote %d overlays and %s", len(rows), args.out / "grid.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,7 @@ from puzzlecam import evaluate
 from puzzlecam.camstore import write_cam
 from puzzlecam.data import eval_loader
 from puzzlecam.evaluate import EvaluationError, confusion_from_labels, confusion_sweep, miou, parse_thresholds
-
-IGNORE = 255
+from puzzlecam.utils.labelmap import IGNORE_INDEX
 
 
 def argmax_confusions(cams: np.ndarray, keys: np.ndarray, gt: np.ndarray, thresholds) -> np.ndarray:
@@ -28,7 +27,7 @@ def argmax_confusions(cams: np.ndarray, keys: np.ndarray, gt: np.ndarray, thresh
         scores = np.concatenate([np.full((1,) + gt.shape, t, dtype=np.float64), cams.astype(np.float64)])
         pred = np.concatenate([[0], keys])[np.argmax(scores, axis=0)]
         for g, p in zip(gt.ravel(), pred.ravel(), strict=True):
-            if g != IGNORE:
+            if g != IGNORE_INDEX:
                 out[i, g, p] += 1
     return out
 
@@ -44,7 +43,7 @@ def test_sweep_matches_per_threshold_argmax(dtype):
         k = int(rng.integers(0, 5))
         keys = rng.choice(np.arange(1, 21), size=k, replace=False)
         cams = (rng.integers(0, 9, size=(k, h, w)) / 8).astype(dtype)
-        gt = rng.choice(np.concatenate([[0, IGNORE], keys, rng.integers(1, 21, 2)]), size=(h, w)).astype(np.uint8)
+        gt = rng.choice(np.concatenate([[0, IGNORE_INDEX], keys, rng.integers(1, 21, 2)]), size=(h, w)).astype(np.uint8)
         got = confusion_sweep(torch.from_numpy(cams), torch.from_numpy(keys), torch.from_numpy(gt), thresholds)
         assert got.dtype == torch.int64 and got.shape == (len(thresholds), 21, 21)
         np.testing.assert_array_equal(
@@ -55,7 +54,7 @@ def test_sweep_matches_per_threshold_argmax(dtype):
 def test_ties_by_hand():
     cams = torch.tensor([[[0.25, 0.5, 0.5, 0.0]], [[0.0, 0.5, 0.25, 0.75]]])  # (K=2, 1, 4)
     keys = torch.tensor([3, 9])
-    gt = torch.tensor([[3, 9, 3, IGNORE]])
+    gt = torch.tensor([[3, 9, 3, IGNORE_INDEX]])
     conf = confusion_sweep(cams, keys, gt, [0.25])[0]
     # pixel 0: 0.25 == t -> background; pixel 1: 0.5 tie between classes -> first key (3);
     # pixel 2: class 3 at 0.5 > 0.25; pixel 3: ignored.
@@ -67,7 +66,7 @@ def test_ties_by_hand():
 
 
 def test_no_keys_is_all_background():
-    gt = torch.tensor([[0, 5], [IGNORE, 5]])
+    gt = torch.tensor([[0, 5], [IGNORE_INDEX, 5]])
     conf = confusion_sweep(torch.zeros(0, 2, 2), torch.zeros(0, dtype=torch.long), gt, [0.1, 0.2])
     assert conf[:, 0, 0].tolist() == [1, 1] and conf[:, 5, 0].tolist() == [2, 2] and int(conf.sum()) == 6
 
@@ -201,6 +200,7 @@ def test_cli_errors_name_the_images(shards, tmp_path, capsys):
 
 
 def _png(labels: np.ndarray) -> bytes:
+    """An index ("L") PNG, not a palette one: --mode labels reads both."""
     buf = io.BytesIO()
     Image.fromarray(labels.astype(np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
@@ -215,7 +215,7 @@ def test_labels_mode(shards, tmp_path):
     for image_id, _, mask in samples(shards):
         pred = mask.copy()
         pred[rng.random(mask.shape) < 0.2] = 0
-        pred[rng.random(mask.shape) < 0.1] = IGNORE
+        pred[rng.random(mask.shape) < 0.1] = IGNORE_INDEX
         (labels / f"{image_id}.png").write_bytes(_png(pred))
         c, u = confusion_from_labels(torch.from_numpy(pred), torch.from_numpy(mask))
         conf += c

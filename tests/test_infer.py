@@ -223,7 +223,7 @@ def test_rerun_skips_complete_and_redoes_missing_or_partial(setup, tmp_path):
     (out / f"{ids[1]}.npz").unlink()
     partial = out / f"{ids[2]}.npz"
     partial.write_bytes(partial.read_bytes()[:100])  # a crash mid-write of a non-atomic writer
-    stale = out / f".{ids[3]}.npz.tmp999"
+    stale = out / f".{ids[3]}.npz.tmp-999"  # the temporary name of puzzlecam.utils.files, by a dead process
     stale.write_bytes(b"half")
     kept = out / f"{ids[4]}.npz"
     kept_stamp = kept.stat().st_mtime_ns

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from puzzlecam.camstore import CamStoreError, is_complete, list_ids, read_cam, read_index, write_cam, write_index
+from puzzlecam.utils.files import remove_stale_temporaries, temporary_path
 
 
 def _random_cam(rng, k, h, w):
@@ -68,3 +69,15 @@ def test_ids_that_are_not_file_names_and_inconsistent_writes(tmp_path):
     with pytest.raises(CamStoreError, match="K = 2"):
         write_cam(tmp_path, "x", [1, 2], np.zeros((1, 2, 2)), np.zeros((1, 5, 5)))
     assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_temporary_files_are_not_cams(tmp_path):
+    rng = np.random.default_rng(2)
+    write_cam(tmp_path, "kept", [1], *_random_cam(rng, 1, 5, 5))
+    stale = temporary_path(tmp_path / "dead.npz")  # a writer killed mid-file
+    stale.write_bytes(b"half")
+    assert list_ids(tmp_path) == ["kept"]
+    write_index(tmp_path)
+    assert [r["id"] for r in read_index(tmp_path).to_pylist()] == ["kept"]
+    assert remove_stale_temporaries(tmp_path) == [stale]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.parquet", "kept.npz"]

@@ -15,7 +15,7 @@ from puzzlecam import labels as labels_cli
 from puzzlecam.camstore import CamRecord, list_ids, read_cam, write_cam
 from puzzlecam.evaluate import confusion_from_labels, confusion_sweep
 from puzzlecam.labels import make_label_map, predict_labels
-from puzzlecam.utils.labelmap import VOC_PALETTE
+from puzzlecam.utils.labelmap import VOC_PALETTE, encode_label_png
 
 
 def test_predict_labels_ties_go_to_background_and_first_key():
@@ -54,6 +54,7 @@ def test_cli_writes_palette_pngs_consistent_with_evaluation(store, tmp_path):
             assert im.mode == "P" and im.getpalette()[: len(VOC_PALETTE)] == VOC_PALETTE
             pred = np.array(im)
         rec = read_cam(cams, image_id)
+        assert (out / f"{image_id}.png").read_bytes() == encode_label_png(predict_labels(rec.hr_cam, rec.keys, 0.4))
         # The label map scored as labels equals the CAM sweep at the same threshold.
         from_labels, undecided = confusion_from_labels(torch.from_numpy(pred), torch.from_numpy(masks[image_id]))
         swept = confusion_sweep(

@@ -11,7 +11,7 @@ default (like for like; on a busy machine torch's thread pool also measures the 
 from __future__ import annotations
 
 import argparse
-import json
+import logging
 import platform
 import sys
 import time
@@ -20,7 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from puzzlecam.evaluate import DEFAULT_THRESHOLDS, IGNORE, NUM_LABELS, confusion_sweep, miou, parse_thresholds
+from puzzlecam.errors import RunError, UsageError
+from puzzlecam.evaluate import DEFAULT_THRESHOLDS, NUM_LABELS, confusion_sweep, miou, parse_thresholds
+from puzzlecam.utils.cli import run_command
+from puzzlecam.utils.files import atomic_write_json
+from puzzlecam.utils.labelmap import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
 
 
 def make_images(count: int, height: int, width: int, seed: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -32,7 +38,7 @@ def make_images(count: int, height: int, width: int, seed: int) -> list[tuple[np
         keys = rng.choice(np.arange(1, NUM_LABELS), k, replace=False)
         cams = rng.random((k, height, width), dtype=np.float32).astype(np.float16)
         mask = rng.choice(np.concatenate([[0], keys]), (height, width)).astype(np.uint8)
-        mask[rng.random((height, width)) < 0.05] = IGNORE
+        mask[rng.random((height, width)) < 0.05] = IGNORE_INDEX
         images.append((cams, keys, mask))
     return images
 
@@ -44,7 +50,7 @@ def loop_confusions(images, thresholds: list[float]) -> np.ndarray:
         for cams, keys, mask in images:
             stacked = np.concatenate([np.full((1,) + cams.shape[1:], t, dtype=np.float64), cams.astype(np.float64)])
             pred = np.concatenate([[0], keys])[stacked.argmax(0)]
-            valid = mask != IGNORE
+            valid = mask != IGNORE_INDEX
             out[i] += np.bincount(
                 mask[valid].astype(np.int64) * NUM_LABELS + pred[valid], minlength=NUM_LABELS * NUM_LABELS
             ).reshape(NUM_LABELS, NUM_LABELS)
@@ -67,7 +73,7 @@ def _time(fn, repeats: int) -> tuple[float, np.ndarray]:
     return best, result
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m puzzlecam.bench eval", description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=32, help="number of random images (default 32)")
     p.add_argument("--height", type=int, default=375, help="image height (default 375, a typical VOC image)")
@@ -87,7 +93,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
-    args = p.parse_args(argv)
+    return p
+
+
+def run(args) -> None:
+    for flag, value in (("--images", args.images), ("--height", args.height), ("--width", args.width)):
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
+    if args.repeats < 1:
+        raise UsageError(f"--repeats must be at least 1, got {args.repeats}")
+    if args.threads < 0:
+        raise UsageError(f"--threads must be 0 (torch's choice) or more, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     thresholds = parse_thresholds(args.thresholds)
@@ -96,8 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     loop_s, loop_conf = _time(lambda: loop_confusions(images, thresholds), args.repeats)
     sweep_s, sweep_conf = _time(lambda: sweep_confusions(images, thresholds), args.repeats)
     if not np.array_equal(loop_conf, sweep_conf):
-        print("error: the sweep's confusion matrices differ from the per-threshold loop's", file=sys.stderr)
-        return 1
+        raise RunError("the sweep's confusion matrices differ from the per-threshold loop's")
     best_miou = float(torch.nan_to_num(miou(torch.from_numpy(sweep_conf))[0], nan=-1).max())
 
     figures = {
@@ -130,9 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     Console().print(table)
     print(f"speedup: {figures['speedup']:.1f}x")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
-    return 0
+        atomic_write_json(args.json, figures)
+        log.info("wrote %s", args.json)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":
