@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 import torch
 
 from puzzlecam import VOC_CLASSES
-from puzzlecam.camstore import CamStoreError, read_cam
+from puzzlecam.camstore import CamStoreError, cam_path, read_cam
 from puzzlecam.errors import EvaluationError
 from puzzlecam.utils.cli import run_command
 from puzzlecam.utils.files import atomic_write, atomic_write_json
@@ -222,7 +222,7 @@ def sweep_cams(
             try:
                 record = read_cam(cam_dir, image_id)
             except CamStoreError as e:
-                if not Path(cam_dir, f"{image_id}.npz").exists():
+                if not cam_path(cam_dir, image_id).exists():
                     missing.append(image_id)
                     continue
                 raise EvaluationError(str(e)) from None

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from puzzlecam.camstore import CamRecord, list_ids, read_cam
+from puzzlecam.camstore import CamRecord, cam_path, list_ids, read_cam
 from puzzlecam.errors import LabelsError
 from puzzlecam.utils.cli import run_command
 from puzzlecam.utils.files import atomic_write_bytes
@@ -138,7 +138,7 @@ def _shard_images(shards: str, num_workers: int, cam_dir: Path, missing: list[st
 
     for batch in eval_loader(shards, num_workers=num_workers, rank=0, world_size=1):
         image_id = batch["id"][0]
-        if not Path(cam_dir, f"{image_id}.npz").is_file():
+        if not cam_path(cam_dir, image_id).is_file():
             missing.append(image_id)
             continue
         yield image_id, np.asarray(batch["image"][0])

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from puzzlecam import VOC_CLASSES
-from puzzlecam.camstore import CamStoreError, read_cam
+from puzzlecam.camstore import CamStoreError, cam_path, read_cam
 from puzzlecam.errors import UsageError
 from puzzlecam.labels import predict_labels
 from puzzlecam.utils.cli import run_command
@@ -156,7 +156,7 @@ def run(args) -> None:
     rows = []
     for batch in eval_loader(args.shards, num_workers=0, rank=0, world_size=1):
         image_id = batch["id"][0]
-        if not Path(args.cams, f"{image_id}.npz").is_file():
+        if not cam_path(args.cams, image_id).is_file():
             continue
         record = read_cam(args.cams, image_id)
         mask = np.asarray(batch["mask"][0]) if bool(batch["has_mask"][0]) else None
