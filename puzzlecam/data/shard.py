@@ -1,48 +1,44 @@
 """``python -m puzzlecam.data shard``: VOC (+ SBD, + SegmentationClassAug) -> tar shards + manifest.
 
-Per sample (design.md §5): ``jpg`` = the original JPEG's bytes (never re-encoded), ``json`` = {id,
+Per sample (docs/data.md): ``jpg`` = the original JPEG's bytes (never re-encoded), ``json`` = {id,
 labels (class indices from the Annotations XML), height, width}, ``seg.png`` = the mask as a P-mode
 PNG with the VOC palette (pixel values = class indices, 255 void) where the image has one.
 
 Two passes: every input path is checked first (a missing file fails before any work), then every
 image is decoded and checked while the shards are written under temporary names. With
-``--on-error fail`` any problem removes the temporaries and nothing final is written; with ``skip``
-bad images are left out and counted. The shards and ``manifest.parquet`` are renamed into place
-at the end; the manifest keeps the rows of other splits written to the same directory.
+``--on-error fail`` any problem removes the temporaries, nothing final is written and a
+:class:`~puzzlecam.errors.DataError` lists the problems; with ``skip`` bad images are left out, each
+logged as a warning. The shards and ``manifest.parquet`` are renamed into place at the end; the
+manifest keeps the rows of other splits written to the same directory.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
+import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
-from puzzlecam import VOC_CLASSES
 from puzzlecam.data.shards import ShardWriter
-from puzzlecam.data.voc import (
-    DataError,
-    VocSources,
-    check_mask_values,
-    encode_mask_png,
-    parse_annotation,
-    read_id_list,
-    read_mask,
-)
+from puzzlecam.data.voc import VocSources, check_mask_values, parse_annotation, read_id_list, read_mask
+from puzzlecam.errors import DataError, UsageError
+from puzzlecam.utils.files import atomic_write
+from puzzlecam.utils.labelmap import encode_label_png
+from puzzlecam.utils.progress import ProgressBar
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "trainval", "train_aug", "test")
 # Named splits whose every image must have a mask; --list and test may have images without one.
 MASKED_SPLITS = ("train", "val", "trainval", "train_aug")
+ON_ERROR = ("fail", "skip")
 MANIFEST = "manifest.parquet"
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -55,10 +51,14 @@ MANIFEST_SCHEMA = pa.schema(
         ("has_mask", pa.bool_()),
     ]
 )
+# Problems listed in an error message; the rest are counted.
+LISTED_PROBLEMS = 20
 
 
 @dataclass
 class Problem:
+    """One bad input of one image: its id, the file (when there is one) and what is wrong."""
+
     image_id: str
     path: Path | None
     what: str
@@ -119,7 +119,7 @@ def _read_sample(image_id: str, jpeg: Path, xml: Path | None, mask_path: Path | 
             if mask.shape != (height, width):
                 raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]}, image is {width}x{height}")
             check_mask_values(mask)
-            members["seg.png"] = encode_mask_png(mask)
+            members["seg.png"] = encode_label_png(mask)
         meta = {"id": image_id, "labels": labels, "height": height, "width": width}
         members["json"] = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
         return members, meta
@@ -132,11 +132,12 @@ class _SampleFailed(Exception):
         self.problem = problem
 
 
-def _report_problems(console: Console, problems: list[Problem], limit: int = 20) -> None:
-    for p in problems[:limit]:
-        console.print(f"  [red]{p}[/red]", highlight=False)
-    if len(problems) > limit:
-        console.print(f"  ... and {len(problems) - limit} more")
+def _listing(problems: list[Problem]) -> str:
+    """The first :data:`LISTED_PROBLEMS` problems, one per line, and a count of the rest."""
+    lines = [f"  {p}" for p in problems[:LISTED_PROBLEMS]]
+    if len(problems) > LISTED_PROBLEMS:
+        lines.append(f"  ... and {len(problems) - LISTED_PROBLEMS} more")
+    return "\n".join(lines)
 
 
 def _write_manifest(out: Path, split: str, rows: list[dict]) -> None:
@@ -146,105 +147,119 @@ def _write_manifest(out: Path, split: str, rows: list[dict]) -> None:
         old = pq.read_table(path).cast(MANIFEST_SCHEMA)
         keep = old.filter(pc.not_equal(old.column("split"), split))
         table = pa.concat_tables([keep, table])
-    tmp = out / f".{MANIFEST}.tmp-{os.getpid()}"
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: pq.write_table(table, f))
+
+
+@dataclass
+class ShardResult:
+    """What :func:`shard_dataset` wrote: the split's shards, its manifest rows and the images it left out."""
+
+    out: Path
+    split: str
+    shards: list[Path]
+    rows: list[dict]
+    skipped: list[Problem] = field(default_factory=list)
+
+
+def _select_ids(src: VocSources, voc_root, split: str | None, list_file) -> tuple[str, list[str]]:
+    """(split name, sorted unique ids) from ``--list`` or a named ``--split``."""
+    if list_file is not None:
+        list_file = Path(list_file)
+        if not list_file.is_file():
+            raise DataError(f"--list {list_file}: no such file")
+        split = split or list_file.stem
+        if not re.fullmatch(r"[A-Za-z0-9_]+", split):
+            raise UsageError(
+                f"split name {split!r} may hold only letters, digits and '_' (it names the shards); pass --split NAME"
+            )
+        ids = sorted(set(read_id_list(list_file)))
+        if not ids:
+            raise DataError(f"--list {list_file} holds no image ids")
+        return split, ids
+    if split is None:
+        raise UsageError("give --split NAME or --list FILE")
+    if split not in SPLITS:
+        raise UsageError(f"--split {split!r} is not one of {', '.join(SPLITS)} (--list FILE shards any id list)")
+    ids = src.split_ids(split)
+    if not ids:
+        raise DataError(f"--split {split!r}: the id lists of --voc-root {voc_root} hold no image ids")
+    return split, ids
 
 
 def shard_dataset(
     voc_root,
     *,
     out,
-    split=None,
+    split: str | None = None,
     list_file=None,
     sbd_root=None,
     aug_masks=None,
-    shard_size=1000,
-    overwrite=False,
-    on_error="fail",
-    console: Console | None = None,
-) -> int:
-    """Write the shards; returns a process exit status (0 ok, 1 bad input or refused output)."""
-    console = console or Console(stderr=True)
+    shard_size: int = 1000,
+    overwrite: bool = False,
+    on_error: str = "fail",
+) -> ShardResult:
+    """Write the shards of one split and its manifest rows into ``out``; returns what was written.
+
+    Bad flags, input or refused output raise :class:`~puzzlecam.errors.UsageError` (a
+    :class:`~puzzlecam.errors.DataError` for input files) before anything final is written.
+    """
+    if shard_size < 1:
+        raise UsageError(f"--shard-size must be >= 1, got {shard_size}")
+    if on_error not in ON_ERROR:
+        raise UsageError(f"--on-error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
     out = Path(out)
-    try:
-        src = VocSources(voc_root, sbd_root, aug_masks)
-        if list_file is not None:
-            ids = sorted(set(read_id_list(Path(list_file))))
-            split = split or Path(list_file).stem
-        elif split is not None:
-            ids = src.split_ids(split)
-        else:
-            raise DataError("give --split or --list")
-    except (DataError, OSError) as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
-        return 1
-    if not re.fullmatch(r"[A-Za-z0-9_]+", split):
-        console.print(
-            f"[red]error:[/red] split name {split!r} may hold only letters, digits and '_' "
-            "(it names the shards); pass --split NAME",
-            highlight=False,
-        )
-        return 1
-    if not ids:
-        console.print(f"[red]error:[/red] split {split!r} lists no image ids", highlight=False)
-        return 1
+    src = VocSources(voc_root, sbd_root, aug_masks)
+    split, ids = _select_ids(src, voc_root, split, list_file)
     out.mkdir(parents=True, exist_ok=True)
     existing = _existing_output(out, split)
     if existing and not overwrite:
-        console.print(
-            f"[red]error:[/red] {out} already holds output for split {split!r}: "
-            f"{', '.join(existing[:4])}{' ...' if len(existing) > 4 else ''}; pass --overwrite to replace it",
-            highlight=False,
+        raise UsageError(
+            f"--out {out} already holds output for split {split!r}: "
+            f"{', '.join(existing[:4])}{' ...' if len(existing) > 4 else ''}; pass --overwrite to replace it"
         )
-        return 1
 
     need_mask = list_file is None and split in MASKED_SPLITS
     plans, problems = _check_paths(src, ids, split, need_xml=split != "test", need_mask=need_mask)
     if problems and on_error == "fail":
-        console.print(
-            f"[red]error:[/red] {len(problems)} missing input file(s); nothing was written "
-            "(--on-error skip leaves these images out):",
-            highlight=False,
+        raise DataError(
+            f"{len(problems)} missing input file(s); nothing was written (--on-error skip leaves these images out):\n"
+            + _listing(problems)
         )
-        _report_problems(console, problems)
-        return 1
+    for problem in problems:
+        log.warning("skipping %s", problem)
 
     writer = ShardWriter(out, split, shard_size)
     rows = []
     try:
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-        with Progress(*columns, console=console, transient=True) as progress:
-            task = progress.add_task(f"sharding {split}", total=len(plans))
+        with ProgressBar(f"sharding {split}", total=len(plans), transient=True) as bar:
             for image_id, jpeg, xml, mask in plans:
                 try:
                     members, meta = _read_sample(image_id, jpeg, xml, mask)
                 except _SampleFailed as e:
                     problems.append(e.problem)
-                    progress.advance(task)
-                    continue
-                shard = writer.add(image_id, members)
-                rows.append(
-                    {
-                        "id": image_id,
-                        "split": split,
-                        "shard": shard,
-                        "height": meta["height"],
-                        "width": meta["width"],
-                        "labels": meta["labels"],
-                        "has_mask": "seg.png" in members,
-                    }
-                )
-                progress.advance(task)
+                    if on_error == "skip":
+                        log.warning("skipping %s", e.problem)
+                else:
+                    shard = writer.add(image_id, members)
+                    rows.append(
+                        {
+                            "id": image_id,
+                            "split": split,
+                            "shard": shard,
+                            "height": meta["height"],
+                            "width": meta["width"],
+                            "labels": meta["labels"],
+                            "has_mask": "seg.png" in members,
+                        }
+                    )
+                bar.advance()
         if problems and on_error == "fail":
-            writer.abort()
-            console.print(f"[red]error:[/red] {len(problems)} bad input file(s); nothing was written:", highlight=False)
-            _report_problems(console, problems)
-            return 1
+            raise DataError(
+                f"{len(problems)} bad input file(s); nothing was written (--on-error skip leaves these images out):\n"
+                + _listing(problems)
+            )
         if not rows:
-            writer.abort()
-            console.print(f"[red]error:[/red] no image of split {split!r} could be read", highlight=False)
-            return 1
+            raise DataError(f"no image of split {split!r} could be read:\n" + _listing(problems))
         shards = writer.commit()
     except BaseException:
         writer.abort()
@@ -254,30 +269,6 @@ def shard_dataset(
         if stale.name not in keep:
             stale.unlink()
     _write_manifest(out, split, rows)
-    _print_summary(console, out, split, rows, shards, problems)
-    return 0
-
-
-def _print_summary(console, out, split, rows, shards, problems) -> None:
-    counts = [0] * len(VOC_CLASSES)
-    for r in rows:
-        for c in r["labels"]:
-            counts[c] += 1
-    console.print(f"{split}: wrote {len(rows)} images in {len(shards)} shard(s) to {out}", highlight=False)
-    table = Table(show_edge=False)
-    for _ in range(2):
-        table.add_column("class")
-        table.add_column("images", justify="right")
-    half = (len(VOC_CLASSES) + 1) // 2
-    for i in range(half):
-        right = [VOC_CLASSES[i + half], str(counts[i + half])] if i + half < len(VOC_CLASSES) else ["", ""]
-        table.add_row(VOC_CLASSES[i], str(counts[i]), *right)
-    console.print(table)
-    console.print(
-        f"images: {len(rows)}   with masks: {sum(r['has_mask'] for r in rows)}   "
-        f"without labels: {sum(not r['labels'] for r in rows)}",
-        highlight=False,
-    )
     if problems:
-        console.print(f"[yellow]skipped {len(problems)} image(s) with bad input:[/yellow]", highlight=False)
-        _report_problems(console, problems)
+        log.warning("skipped %d image(s) with bad input (listed above)", len(problems))
+    return ShardResult(out=out, split=split, shards=shards, rows=rows, skipped=problems)

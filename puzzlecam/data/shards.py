@@ -25,8 +25,10 @@ from braceexpand import braceexpand
 from PIL import Image
 
 from puzzlecam import NUM_CLASSES
-from puzzlecam.data.voc import IGNORE_INDEX
+from puzzlecam.data.voc import check_mask_values
 from puzzlecam.errors import CorruptSample, ShardError
+from puzzlecam.utils.files import commit_temporary, temporary_path
+from puzzlecam.utils.labelmap import decode_label_png
 
 DECODED_KEYS = ("jpg", "json", "seg.png")
 # Largest member that is read (a hostile header could claim anything up to the file size).
@@ -194,14 +196,10 @@ def decode_sample(reader: ShardReader, ref: SampleRef, with_mask: bool) -> Sampl
             image = np.array(img.convert("RGB"))
         mask = None
         if with_mask and "seg.png" in ref.members:
-            with Image.open(io.BytesIO(reader.read(ref.shard, *ref.members["seg.png"]))) as m:
-                if m.format != "PNG" or m.mode not in ("P", "L"):
-                    raise CorruptSample(f"seg.png is {m.format} mode {m.mode}; expected a P/L PNG")
-                mask = np.array(m, dtype=np.uint8)
+            mask = decode_label_png(reader.read(ref.shard, *ref.members["seg.png"]))
             if mask.shape != image.shape[:2]:
                 raise CorruptSample(f"mask {mask.shape} does not match image {image.shape[:2]}")
-            if (mask > NUM_CLASSES)[mask != IGNORE_INDEX].any():
-                raise CorruptSample("mask holds values outside 0..20 and 255")
+            check_mask_values(mask)
     except CorruptSample:
         raise
     except Exception as e:  # PIL / json / zlib errors of a damaged member
@@ -225,11 +223,16 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
 
 
 class ShardWriter:
-    """Writes ``{split}-{index:06d}.tar`` under temporary names; :meth:`commit` renames them all."""
+    """Writes ``{split}-{index:06d}.tar`` under temporary names; :meth:`commit` renames them all.
+
+    The temporaries are :func:`puzzlecam.utils.files.temporary_path` names (``.NAME.tmp-PID``), so
+    shard globs never pick them up; :meth:`abort` removes them.
+    """
 
     def __init__(self, out_dir: Path, split: str, shard_size: int):
         self.out_dir, self.split, self.shard_size = Path(out_dir), split, shard_size
         self.written: list[tuple[Path, Path]] = []  # (temporary, final)
+        self._file: io.BufferedWriter | None = None
         self._tar: tarfile.TarFile | None = None
         self._count = 0
 
@@ -241,9 +244,10 @@ class ShardWriter:
         if self._tar is None or self._count == self.shard_size:
             self._close_current()
             final = self.out_dir / self.shard_name(len(self.written))
-            tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+            tmp = temporary_path(final)
             self.written.append((tmp, final))
-            self._tar = tarfile.open(tmp, mode="w", format=tarfile.USTAR_FORMAT)
+            self._file = open(tmp, "wb")  # closed by _close_current
+            self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
             self._count = 0
         for ext in sorted(members):
             data = members[ext]
@@ -251,18 +255,28 @@ class ShardWriter:
         self._count += 1
         return self.written[-1][1].name
 
-    def _close_current(self) -> None:
+    def _close_current(self, *, sync: bool = True) -> None:
         if self._tar is not None:
-            self._tar.close()
+            self._tar.close()  # writes the end-of-archive blocks; the file stays open
             self._tar = None
+        if self._file is not None:
+            try:
+                if sync:  # on disk before the rename, as utils.files.atomic_write does
+                    self._file.flush()
+                    os.fsync(self._file.fileno())
+            finally:
+                self._file.close()
+                self._file = None
 
     def commit(self) -> list[Path]:
+        """Finish the last shard and rename every temporary into place; returns the final paths."""
         self._close_current()
-        for tmp, final in self.written:
-            os.replace(tmp, final)
-        return [final for _, final in self.written]
+        return [commit_temporary(tmp, final) for tmp, final in self.written]
 
     def abort(self) -> None:
-        self._close_current()
-        for tmp, _ in self.written:
-            tmp.unlink(missing_ok=True)
+        """Remove every temporary written so far (nothing final has been touched)."""
+        try:
+            self._close_current(sync=False)
+        finally:
+            for tmp, _ in self.written:
+                tmp.unlink(missing_ok=True)

@@ -9,24 +9,27 @@ Backgrounds are gradients with noise and clutter (including grey pattern decoys)
 objects per image; objects never cover an earlier object's part. Masks hold the exact object pixels
 with a thin 255 (void) band on every boundary, as VOC's do.
 
-Image i depends only on (seed, i): the output is deterministic for a seed.
+Image i depends only on (seed, i): the output is deterministic for a seed. The folder is written
+under a temporary name beside ``out`` and renamed at the end, so ``out`` is complete or absent.
 """
 
 from __future__ import annotations
 
 import io
-import os
 import shutil
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from puzzlecam import VOC_CLASSES
-from puzzlecam.data.voc import CLASS_INDEX, IGNORE_INDEX, encode_mask_png
+from puzzlecam.data.voc import CLASS_INDEX
+from puzzlecam.errors import UsageError
+from puzzlecam.utils.files import commit_temporary, temporary_path
+from puzzlecam.utils.labelmap import IGNORE_INDEX, encode_label_png
+from puzzlecam.utils.progress import ProgressBar
 
 DEFAULT_CLASSES = ("aeroplane", "bird", "boat", "car", "cat", "dog", "person", "train")
 SHAPES = ("ellipse", "rectangle", "triangle", "diamond", "hexagon", "rounded")
@@ -232,6 +235,29 @@ def annotation_xml(image_id: str, h: int, w: int, objects) -> bytes:
     return ET.tostring(root, encoding="utf-8") + b"\n"
 
 
+@dataclass
+class SynthResult:
+    """What :func:`synthesize` wrote: the folder and the ids of each ImageSets/Segmentation list."""
+
+    out: Path
+    classes: list[int]
+    splits: dict[str, list[str]]
+
+
+def _check_arguments(classes, num_images: int, size: int, val_fraction: float) -> None:
+    bad = [c for c in classes if c not in CLASS_INDEX]
+    if bad:
+        raise UsageError(f"--classes: unknown class(es) {bad}; choose from {', '.join(VOC_CLASSES)}")
+    if not classes:
+        raise UsageError("--classes: give at least one class")
+    if num_images < 1:
+        raise UsageError(f"--num-images must be >= 1, got {num_images}")
+    if size < 32:
+        raise UsageError(f"--size must be >= 32, got {size}")
+    if not 0 <= val_fraction < 1:
+        raise UsageError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+
+
 def synthesize(
     out,
     *,
@@ -241,53 +267,40 @@ def synthesize(
     classes=DEFAULT_CLASSES,
     val_fraction: float = 0.25,
     overwrite: bool = False,
-    console: Console | None = None,
-) -> int:
-    """Write ``out``/{JPEGImages, Annotations, SegmentationClass, ImageSets/Segmentation}; 0 on success."""
-    console = console or Console(stderr=True)
+) -> SynthResult:
+    """Write ``out``/{JPEGImages, Annotations, SegmentationClass, ImageSets/Segmentation}; returns what it wrote.
+
+    Bad arguments or an existing ``out`` without ``overwrite`` raise :class:`~puzzlecam.errors.UsageError`.
+    """
+    _check_arguments(classes, num_images, size, val_fraction)
     out = Path(out)
-    bad = [c for c in classes if c not in CLASS_INDEX]
-    if bad:
-        console.print(f"[red]error:[/red] --classes: unknown class(es) {bad}; choose from {', '.join(VOC_CLASSES)}")
-        return 1
-    if num_images < 1 or size < 32 or not 0 <= val_fraction < 1:
-        console.print("[red]error:[/red] need --num-images >= 1, --size >= 32 and 0 <= --val-fraction < 1")
-        return 1
     if out.exists() and not overwrite:
-        console.print(f"[red]error:[/red] {out} exists; pass --overwrite to replace it", highlight=False)
-        return 1
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        raise UsageError(f"--out {out} exists; pass --overwrite to replace it")
+    tmp = temporary_path(out)
     shutil.rmtree(tmp, ignore_errors=True)
     dirs = {k: tmp / k for k in ("JPEGImages", "Annotations", "SegmentationClass", "ImageSets/Segmentation")}
-    for d in dirs.values():
-        d.mkdir(parents=True)
     class_ids = sorted(CLASS_INDEX[c] for c in set(classes))
     ids = [f"synth_{i:06d}" for i in range(num_images)]
     try:
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-        with Progress(*columns, console=console, transient=True) as progress:
-            task = progress.add_task("synthesizing", total=num_images)
+        for d in dirs.values():
+            d.mkdir(parents=True)
+        with ProgressBar("synthesizing", total=num_images, transient=True) as bar:
             for i, image_id in enumerate(ids):
                 rgb, mask, objects = make_scene(seed, i, size, class_ids)
                 buf = io.BytesIO()
                 Image.fromarray(rgb).save(buf, format="JPEG", quality=90)
                 (dirs["JPEGImages"] / f"{image_id}.jpg").write_bytes(buf.getvalue())
                 (dirs["Annotations"] / f"{image_id}.xml").write_bytes(annotation_xml(image_id, *rgb.shape[:2], objects))
-                (dirs["SegmentationClass"] / f"{image_id}.png").write_bytes(encode_mask_png(mask))
-                progress.advance(task)
+                (dirs["SegmentationClass"] / f"{image_id}.png").write_bytes(encode_label_png(mask))
+                bar.advance()
         n_val = int(round(num_images * val_fraction))
-        lists = {"train": ids[: num_images - n_val], "val": ids[num_images - n_val :], "trainval": ids}
-        for name, members in lists.items():
+        splits = {"train": ids[: num_images - n_val], "val": ids[num_images - n_val :], "trainval": ids}
+        for name, members in splits.items():
             (dirs["ImageSets/Segmentation"] / f"{name}.txt").write_text("".join(f"{m}\n" for m in members))
         if out.exists():
             shutil.rmtree(out)
-        os.replace(tmp, out)
+        commit_temporary(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    console.print(
-        f"wrote {num_images} images ({len(lists['train'])} train, {len(lists['val'])} val) of "
-        f"{len(class_ids)} classes ({', '.join(VOC_CLASSES[c] for c in class_ids)}) to {out}",
-        highlight=False,
-    )
-    return 0
+    return SynthResult(out=out, classes=class_ids, splits=splits)

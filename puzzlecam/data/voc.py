@@ -1,70 +1,36 @@
 """PASCAL VOC 2012 / SBD on disk: id lists, image labels from the Annotations XML, masks.
 
-Layouts (design.md §5)::
+Layouts (docs/data.md)::
 
     VOCdevkit/VOC2012/{JPEGImages, Annotations, SegmentationClass, ImageSets/Segmentation/*.txt}
     benchmark_RELEASE/dataset/{img, cls/*.mat, train.txt, val.txt}
     SegmentationClassAug/*.png   (single-channel PNGs of raw class indices)
 
 Masks are arrays of class indices (0 background, 1..20 classes, 255 void), read without any colour
-conversion: a palette PNG's pixel values are its indices.
+conversion: a palette PNG's pixel values are its indices (:mod:`puzzlecam.utils.labelmap`).
 """
 
 from __future__ import annotations
 
-import io
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from puzzlecam import VOC_CLASSES
 from puzzlecam.errors import DataError
+from puzzlecam.utils.labelmap import IGNORE_INDEX, decode_label_png
 
 CLASS_INDEX = {name: i for i, name in enumerate(VOC_CLASSES)}
-IGNORE_INDEX = 255
-
-
-def voc_palette() -> list[int]:
-    """The standard 256-entry VOC colour map (bit-interleaved), flat [r, g, b, r, g, b, ...]."""
-    palette = []
-    for i in range(256):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
-
-
-_PALETTE = voc_palette()
-
-
-def encode_mask_png(mask: np.ndarray) -> bytes:
-    """A (H, W) uint8 index mask as a P-mode PNG with the VOC palette (deterministic bytes)."""
-    img = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8), mode="P")
-    img.putpalette(_PALETTE)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=False, compress_level=6)
-    return buf.getvalue()
-
-
-def decode_mask_png(data: bytes) -> np.ndarray:
-    """Class indices of a P-mode (palette) or L-mode PNG, as (H, W) uint8; other modes are an error."""
-    img = Image.open(io.BytesIO(data))
-    if img.mode not in ("P", "L"):
-        raise ValueError(f"mask PNG has mode {img.mode!r}; expected a palette ('P') or index ('L') image")
-    return np.array(img, dtype=np.uint8)
 
 
 def check_mask_values(mask: np.ndarray) -> None:
-    bad = np.setdiff1d(np.unique(mask), np.r_[np.arange(len(VOC_CLASSES) + 1), IGNORE_INDEX])
+    """A ValueError unless every value is a VOC class index (0..20) or the ignore index."""
+    bad = mask[(mask > len(VOC_CLASSES)) & (mask != IGNORE_INDEX)]
     if bad.size:
-        raise ValueError(f"mask holds values {bad.tolist()[:8]}; expected 0..{len(VOC_CLASSES)} or {IGNORE_INDEX}")
+        raise ValueError(
+            f"mask holds values {np.unique(bad).tolist()[:8]}; expected 0..{len(VOC_CLASSES)} or {IGNORE_INDEX}"
+        )
 
 
 def parse_annotation(data: bytes) -> list[int]:
@@ -165,4 +131,4 @@ class VocSources:
 def read_mask(path: Path) -> np.ndarray:
     if path.suffix == ".mat":
         return read_sbd_mat(path)
-    return decode_mask_png(path.read_bytes())
+    return decode_label_png(path.read_bytes())
