@@ -58,10 +58,16 @@ class PuzzleConfig:
     num_pieces: int = 2
     level: Literal["feature", "cam"] = "feature"
     kind: Literal["l1", "l2"] = "l1"
-    masking: bool = True
+    # How L_re is reduced (the original's re_loss_option): "masking" = mean over all B*C*h*w of the error
+    # times the label; "selection" = per image, the mean over its labelled classes' maps, then the batch
+    # mean; "none" = the plain mean. The fused kernels implement masking and none.
+    re_reduction: Literal["masking", "selection", "none"] = "masking"
     alpha_max: float = 4.0
     # Fraction of training over which alpha ramps linearly from 0 to alpha_max.
     alpha_schedule: float = 0.5
+    # Weight of the original's optional "conf" term: the Shannon entropy of sigmoid(tile logits)
+    # (-sum_c v log(v + 1e-5), averaged over the n*n*B tiles); 0 = off. The original adds it with weight 1.
+    conf_weight: float = 0.0
 
 
 @dataclass
@@ -230,7 +236,27 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     """Build and validate a :class:`Config` from a (possibly partial) nested dict."""
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping at the top level, got {type(data).__name__}")
-    return _from_dict(Config, data)
+    return _from_dict(Config, _upgrade_legacy_keys(data))
+
+
+def _upgrade_legacy_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """Read configs written before a key was renamed (the config.yaml of an earlier run, say).
+
+    ``puzzle.masking: true | false`` became ``puzzle.re_reduction: masking | none``.
+    """
+    puzzle = data.get("puzzle")
+    if not isinstance(puzzle, dict) or "masking" not in puzzle:
+        return data
+    if "re_reduction" in puzzle:
+        raise ConfigError(
+            "config keys 'puzzle.masking' (the old name) and 'puzzle.re_reduction' are both set: keep re_reduction"
+        )
+    masking = puzzle["masking"]
+    if not isinstance(masking, bool):
+        raise ConfigError(f"config key 'puzzle.masking' must be bool (it is now puzzle.re_reduction), got {masking!r}")
+    upgraded = {k: v for k, v in puzzle.items() if k != "masking"}
+    upgraded["re_reduction"] = "masking" if masking else "none"
+    return {**data, "puzzle": upgraded}
 
 
 def parse_override(item: str) -> tuple[str, Any]:

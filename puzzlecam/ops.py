@@ -1,4 +1,4 @@
-"""Backend dispatch of the puzzle ops (design.md §6): the only entry point the trainer calls.
+"""Backend dispatch of the puzzle ops (docs/kernels.md): the only entry point the trainer calls.
 
 Every function has the signature of its :mod:`puzzlecam.puzzle` reference plus ``backend``:
 
@@ -11,7 +11,9 @@ Every function has the signature of its :mod:`puzzlecam.puzzle` reference plus `
   kernel), the C++ extension for CPU tensors, and the reference where neither is available, with
   one warning. ``auto`` never picks Triton for CPU tensors.
 
-A backend asked for by name that cannot serve the call raises a RuntimeError that says why.
+A backend asked for by name that cannot serve the call raises a RuntimeError that says why. An
+option that only the reference implements (``reduction="selection"``, float64 maps) makes any
+backend fall back to the reference, with one warning per backend and option.
 """
 
 from __future__ import annotations
@@ -137,16 +139,18 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
         if _why_not(op, cand, device) is None:
             return cand
     if served:  # a fast backend exists for this op but cannot run here: say so, once
-        key = f"{device.type}:{','.join(served)}"
-        if key not in _warned:
-            _warned.add(key)
-            reasons = "; ".join(f"{c}: {_why_not(op, c, device)}" for c in served)
-            warnings.warn(
-                f"puzzlecam.ops: using the pure-torch reference backend on {device.type} ({reasons})",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        reasons = "; ".join(f"{c}: {_why_not(op, c, device)}" for c in served)
+        _warn_once(
+            f"{device.type}:{','.join(served)}",
+            f"puzzlecam.ops: using the pure-torch reference backend on {device.type} ({reasons})",
+        )
     return "reference"
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def available_backends(op: str, device: torch.device | str) -> list[str]:
@@ -173,6 +177,15 @@ def merge(t: torch.Tensor, n: int = 2, backend: str = "auto") -> torch.Tensor:
     return puzzle.merge(t, n)
 
 
+def _reference_only_option(reduction: str, *maps: torch.Tensor) -> str | None:
+    """The option of a loss call that only the reference implements, or None."""
+    if reduction == "selection":
+        return "re_reduction 'selection'"
+    if any(t.dtype == torch.float64 for t in maps):
+        return "float64 maps"
+    return None
+
+
 def reconstruction_loss(
     cam: torch.Tensor,
     cam_tiles: torch.Tensor,
@@ -180,17 +193,26 @@ def reconstruction_loss(
     n: int = 2,
     level: str = "feature",
     kind: str = "l1",
-    masking: bool = True,
+    reduction: str = "masking",
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(re_loss fp32 scalar, merged_logits fp32 (B, C)); see :func:`puzzlecam.puzzle.reconstruction_loss`."""
+    """(re_loss scalar, merged_logits (B, C)), fp32 (float64 for float64 maps); see
+    :func:`puzzlecam.puzzle.reconstruction_loss`. The kernels implement reductions masking and none."""
+    puzzle.check_loss_args(cam, cam_tiles, labels, n, level, kind, reduction)
     chosen = resolve_backend("reconstruction_loss", backend, cam.device)
+    lacking = _reference_only_option(reduction, cam, cam_tiles)
+    if chosen != "reference" and lacking is not None:
+        _warn_once(
+            f"{chosen}:{lacking}",
+            f"puzzlecam.ops: the {chosen} backend has no {lacking}; reconstruction_loss uses the pure-torch reference",
+        )
+        chosen = "reference"
+    masking = reduction == "masking"
     if chosen == "triton":
         return _kernels().reconstruction_loss(cam, cam_tiles, labels, n, level, kind, masking)
     if chosen in ("cpp", "cuda"):
-        puzzle.check_loss_args(cam, cam_tiles, labels, n, level, kind)
         return _ext_module().reconstruction_loss(cam, cam_tiles, labels, n, level, kind, masking)
-    return puzzle.reconstruction_loss(cam, cam_tiles, labels, n, level, kind, masking)
+    return puzzle.reconstruction_loss(cam, cam_tiles, labels, n, level, kind, reduction)
 
 
 def puzzle_losses(
@@ -200,16 +222,13 @@ def puzzle_losses(
     n: int = 2,
     level: str = "feature",
     kind: str = "l1",
-    masking: bool = True,
+    reduction: str = "masking",
+    with_conf: bool = False,
     backend: str = "auto",
 ) -> PuzzleLosses:
-    """The three Puzzle-CAM terms (cls, pcls, re); see :func:`puzzlecam.puzzle.puzzle_losses`."""
-    re, merged_logits = reconstruction_loss(cam, cam_tiles, labels, n, level, kind, masking, backend=backend)
-    return PuzzleLosses(
-        cls=puzzle.classification_loss(puzzle.gap(cam), labels),
-        pcls=puzzle.classification_loss(merged_logits, labels),
-        re=re,
-    )
+    """The Puzzle-CAM terms (cls, pcls, re, conf); see :func:`puzzlecam.puzzle.puzzle_losses`."""
+    re, merged_logits = reconstruction_loss(cam, cam_tiles, labels, n, level, kind, reduction, backend=backend)
+    return puzzle.combine_losses(cam, cam_tiles, labels, re, merged_logits, with_conf)
 
 
 def prepare_inputs(

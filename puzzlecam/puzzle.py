@@ -1,16 +1,20 @@
 """Reference Puzzle-CAM math in pure torch: the oracle every kernel is tested against.
 
-Semantics (design.md §3):
+Semantics (docs/method.md):
 
 * ``tile(x, n)``: (B, C, H, W) -> (n*n*B, C, H/n, W/n); piece p = i*n + j (row i, column j) of
   image b lands at batch index p*B + b ("piece-major").
 * ``merge(t, n)``: the exact inverse of ``tile``.
 * ``make_cam(a)`` = relu(a - eps) / (max_hw relu(a) + eps), per (b, c).
-* ``reconstruction_loss``: mean over all B*C*h*w elements of |A - merge(A_tiles)| (or its square),
-  optionally masked by the image labels, at level "feature" (raw maps) or "cam" (make_cam of both).
-* ``puzzle_losses``: the three terms cls, pcls, re.
+* ``reconstruction_loss``: |A - merge(A_tiles)| (or its square) at level "feature" (raw maps) or
+  "cam" (make_cam of both), reduced as the original code's ``re_loss_option``: "masking" (the mean
+  over all B*C*h*w elements of the error times the label), "selection" (per image, the mean over its
+  labelled classes' maps; then the mean over the batch) or "none" (the plain mean).
+* ``shannon_entropy_loss``: the original's optional "conf" term on the tiles' logits.
+* ``puzzle_losses``: the terms cls, pcls, re and conf.
 
-All losses are computed in fp32 whatever the input dtype.
+Losses are computed in float64 when the maps are float64 (for gradcheck and as an exact oracle), and
+in fp32 for fp32, bf16 and fp16 maps.
 """
 
 from __future__ import annotations
@@ -22,7 +26,14 @@ import torch.nn.functional as F
 
 LEVELS = ("feature", "cam")
 KINDS = ("l1", "l2")
+RE_REDUCTIONS = ("masking", "selection", "none")
 CAM_EPS = 1e-5
+ENTROPY_EPS = 1e-5
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 when any input is float64, else float32 (half-precision inputs are computed in fp32)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _check_pieces(n: int) -> None:
@@ -77,7 +88,13 @@ def alpha_at(step: float, total_steps: float, alpha_max: float = 4.0, schedule: 
 
 
 def check_loss_args(
-    cam: torch.Tensor, cam_tiles: torch.Tensor, labels: torch.Tensor, n: int, level: str, kind: str
+    cam: torch.Tensor,
+    cam_tiles: torch.Tensor,
+    labels: torch.Tensor,
+    n: int,
+    level: str,
+    kind: str,
+    reduction: str = "masking",
 ) -> None:
     """Validate the arguments shared by every reconstruction-loss backend (clear ValueErrors)."""
     _check_pieces(n)
@@ -85,6 +102,8 @@ def check_loss_args(
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not isinstance(reduction, str) or reduction not in RE_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {RE_REDUCTIONS}, got {reduction!r}")
     _check_4d("cam", cam)
     _check_4d("cam_tiles", cam_tiles)
     b, c, h, w = cam.shape
@@ -110,42 +129,77 @@ def reconstruction_loss(
     n: int = 2,
     level: str = "feature",
     kind: str = "l1",
-    masking: bool = True,
+    reduction: str = "masking",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """L_re and the merged map's GAP logits, both fp32.
+    """L_re and the merged map's GAP logits.
 
-    Returns ``(re_loss, merged_logits)`` with ``re_loss`` a scalar (mean over all B*C*h*w elements,
-    masked ones included) and ``merged_logits`` = GAP(merge(cam_tiles)) of shape (B, C).
+    Returns ``(re_loss, merged_logits)`` with ``re_loss`` a scalar and ``merged_logits`` =
+    GAP(merge(cam_tiles)) of shape (B, C), both in :func:`compute_dtype`. ``reduction``:
+
+    * "masking": mean over all B*C*h*w elements of err * label (masked ones count in the divisor);
+    * "selection": per image, the mean of err over the maps of its labelled classes (label != 0),
+      then the mean over the B images; an image without labels adds 0 (the original divides 0 by 0);
+    * "none": mean of err over all elements.
     """
-    check_loss_args(cam, cam_tiles, labels, n, level, kind)
-    full = cam.float()
-    merged = merge(cam_tiles, n).float()
+    check_loss_args(cam, cam_tiles, labels, n, level, kind, reduction)
+    dtype = compute_dtype(cam, cam_tiles)
+    full = cam.to(dtype)
+    merged = merge(cam_tiles, n).to(dtype)
     merged_logits = merged.mean(dim=(2, 3))
     if level == "cam":
         full, merged = make_cam(full), make_cam(merged)
     diff = full - merged
     err = diff.abs() if kind == "l1" else diff * diff
-    if masking:
-        err = err * labels.to(err.dtype)[:, :, None, None]
-    return err.mean(), merged_logits
+    if reduction == "none":
+        return err.mean(), merged_logits
+    if reduction == "masking":
+        return (err * labels.to(dtype)[:, :, None, None]).mean(), merged_logits
+    selected = (labels != 0).to(dtype)
+    per_image_sum = (err * selected[:, :, None, None]).sum(dim=(1, 2, 3))
+    per_image_count = selected.sum(dim=1) * (err.shape[2] * err.shape[3])
+    return (per_image_sum / per_image_count.clamp_min(1)).mean(), merged_logits
 
 
 def gap(cam: torch.Tensor) -> torch.Tensor:
-    """Global average pooling of class maps (B, C, h, w) -> logits (B, C), in fp32."""
-    return cam.float().mean(dim=(2, 3))
+    """Global average pooling of class maps (B, C, h, w) -> logits (B, C), in :func:`compute_dtype`."""
+    return cam.to(compute_dtype(cam)).mean(dim=(2, 3))
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Multi-label soft margin loss averaged over the batch (fp32)."""
+    """Multi-label soft margin loss averaged over the batch (fp32, float64 for float64 logits)."""
     if logits.shape != labels.shape:
         raise ValueError(f"labels must have the shape of the logits {tuple(logits.shape)}, got {tuple(labels.shape)}")
-    return F.multilabel_soft_margin_loss(logits.float(), labels.float())
+    dtype = compute_dtype(logits)
+    return F.multilabel_soft_margin_loss(logits.to(dtype), labels.to(dtype))
+
+
+def shannon_entropy_loss(logits: torch.Tensor, eps: float = ENTROPY_EPS) -> torch.Tensor:
+    """-sum_c v log(v + eps) with v = sigmoid(logits), averaged over the rows (the original's conf loss)."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be 2-D (N, C), got shape {tuple(logits.shape)}")
+    v = torch.sigmoid(logits.to(compute_dtype(logits)))
+    return -(v * torch.log(v + eps)).sum(dim=1).mean()
 
 
 class PuzzleLosses(NamedTuple):
     cls: torch.Tensor
     pcls: torch.Tensor
     re: torch.Tensor
+    conf: torch.Tensor  # 0 unless asked for
+
+
+def combine_losses(
+    cam: torch.Tensor,
+    cam_tiles: torch.Tensor,
+    labels: torch.Tensor,
+    re: torch.Tensor,
+    merged_logits: torch.Tensor,
+    with_conf: bool,
+) -> PuzzleLosses:
+    """The four terms from a reconstruction loss and its merged logits (shared by every backend)."""
+    cls = classification_loss(gap(cam), labels)
+    conf = shannon_entropy_loss(gap(cam_tiles)) if with_conf else torch.zeros((), dtype=cls.dtype, device=cls.device)
+    return PuzzleLosses(cls=cls, pcls=classification_loss(merged_logits, labels), re=re, conf=conf)
 
 
 def puzzle_losses(
@@ -155,19 +209,17 @@ def puzzle_losses(
     n: int = 2,
     level: str = "feature",
     kind: str = "l1",
-    masking: bool = True,
+    reduction: str = "masking",
+    with_conf: bool = False,
 ) -> PuzzleLosses:
-    """The three Puzzle-CAM terms: L_cls on GAP(cam), L_pcls on GAP(merged tiles), L_re."""
-    re, merged_logits = reconstruction_loss(cam, cam_tiles, labels, n=n, level=level, kind=kind, masking=masking)
-    return PuzzleLosses(
-        cls=classification_loss(gap(cam), labels),
-        pcls=classification_loss(merged_logits, labels),
-        re=re,
-    )
+    """The Puzzle-CAM terms: L_cls on GAP(cam), L_pcls on GAP(merged tiles), L_re, and (``with_conf``)
+    the Shannon-entropy loss of the tiles' logits GAP(cam_tiles) (a zero scalar otherwise)."""
+    re, merged_logits = reconstruction_loss(cam, cam_tiles, labels, n=n, level=level, kind=kind, reduction=reduction)
+    return combine_losses(cam, cam_tiles, labels, re, merged_logits, with_conf)
 
 
 # ---------------------------------------------------------------------------------------------
-# Inference fusion (design.md §4)
+# Inference fusion (docs/inference.md)
 
 
 def strided_size(size: tuple[int, int], stride: int) -> tuple[int, int]:
@@ -232,7 +284,7 @@ def multiscale_cam(
 
 
 # ---------------------------------------------------------------------------------------------
-# Input preparation (contracts.md: ops.prepare_inputs)
+# Input preparation (docs/data.md: the batch layout; docs/kernels.md: ops.prepare_inputs)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

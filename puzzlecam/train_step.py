@@ -2,7 +2,7 @@
 
 Nothing here imports DeepSpeed: the benchmark runs where DeepSpeed is not installed.
 
-Step (design.md §3): uint8 batch -> normalized images x and their tiles (on the device) ->
+Step (docs/method.md): uint8 batch -> normalized images x and their tiles (on the device) ->
 A = f(x), A_tiles = f(tile(x)) -> L = L_cls + L_pcls + alpha(t) * L_re. ``baseline`` mode is the
 paper's comparison point: L = L_cls, no tile pass.
 """
@@ -47,17 +47,18 @@ class StepLosses(NamedTuple):
     cls: torch.Tensor
     pcls: torch.Tensor
     re: torch.Tensor
+    conf: torch.Tensor  # the Shannon-entropy term (0 unless puzzle.conf_weight > 0)
 
 
 def step_losses(
     cams: torch.Tensor, cams_tiles: torch.Tensor | None, labels: torch.Tensor, cfg: Config, alpha: float
 ) -> StepLosses:
-    """L = L_cls + L_pcls + alpha * L_re (puzzle) or L_cls (baseline), all in fp32."""
+    """L = L_cls + L_pcls + alpha * L_re + conf_weight * L_conf (puzzle) or L_cls (baseline), all in fp32."""
     labels = labels.float()
     if cfg.train.mode == "baseline":
         cls = puzzle.classification_loss(puzzle.gap(cams), labels)
         zero = torch.zeros((), device=cls.device)
-        return StepLosses(cls, cls, zero, zero)
+        return StepLosses(cls, cls, zero, zero, zero)
     p = cfg.puzzle
     parts = ops.puzzle_losses(
         cams,
@@ -66,11 +67,14 @@ def step_losses(
         n=p.num_pieces,
         level=p.level,
         kind=p.kind,
-        masking=p.masking,
+        reduction=p.re_reduction,
+        with_conf=p.conf_weight > 0,
         backend=cfg.train.ops_backend,
     )
     total = parts.cls + parts.pcls + alpha * parts.re
-    return StepLosses(total, parts.cls, parts.pcls, parts.re)
+    if p.conf_weight > 0:
+        total = total + p.conf_weight * parts.conf
+    return StepLosses(total, parts.cls, parts.pcls, parts.re, parts.conf)
 
 
 def forward_losses(

@@ -23,13 +23,15 @@ def test_overrides_are_typed():
         [
             "optim.lr=0.05",
             "train.mode=baseline",
-            "puzzle.masking=false",
+            "puzzle.re_reduction=selection",
+            "puzzle.conf_weight=1",
             "model.pretrained=/data/r50.pth",
             "infer.scales=[1.0, 0.5]",
             "name=123",
         ],
     )
-    assert cfg.optim.lr == 0.05 and cfg.train.mode == "baseline" and cfg.puzzle.masking is False
+    assert cfg.optim.lr == 0.05 and cfg.train.mode == "baseline"
+    assert cfg.puzzle.re_reduction == "selection" and cfg.puzzle.conf_weight == 1.0
     assert cfg.model.pretrained == "/data/r50.pth" and cfg.infer.scales == (1.0, 0.5)
     assert cfg.name == "123"  # a str field keeps the text even when it looks like a number
     assert load_config(None, ["optim.lr=1"]).optim.lr == 1.0  # ints widen to float
@@ -44,6 +46,7 @@ def test_overrides_are_typed():
         ("train.epochs=1.5", r"'train.epochs' must be int, got 1.5"),
         ("train.epochs=true", r"'train.epochs' must be int, got True"),
         ("puzzle.masking=3", r"'puzzle.masking' must be bool"),
+        ("puzzle.re_reduction=mask", r"'puzzle.re_reduction' must be one of 'masking', 'selection', 'none'"),
         ("model.output_stride=8", r"'model.output_stride' must be one of 16, 32, got 8"),
         ("optim.lr", r"must look like section.key=value"),
         ("optim.lr.x=1", r"'optim.lr' is not a section"),
@@ -52,6 +55,17 @@ def test_overrides_are_typed():
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_the_old_masking_key_still_reads(tmp_path):
+    # Run directories written before the rename hold puzzle.masking in their config.yaml.
+    assert load_config(None, ["puzzle.masking=false"]).puzzle.re_reduction == "none"
+    old = tmp_path / "config.yaml"
+    old.write_text("puzzle:\n  masking: true\n  level: cam\n")
+    cfg = load_config(old)
+    assert cfg.puzzle.re_reduction == "masking" and cfg.puzzle.level == "cam"
+    with pytest.raises(ConfigError, match=r"'puzzle.masking' .* and 'puzzle.re_reduction' are both set"):
+        load_config(old, ["puzzle.re_reduction=none"])
 
 
 def test_bad_file_names_the_file(tmp_path):

@@ -100,9 +100,9 @@ def run_loss(fn, cam, tiles, labels, grad_re, grad_logits, **kw):
 def test_reconstruction_loss_matches_reference(device, dtype, shape, level, kind, masking):
     b, c, h, w, n = shape
     inputs = loss_inputs(b, c, h, w, n, dtype, device, seed=zlib.crc32(repr((shape, level, kind, masking)).encode()))
-    kw = dict(n=n, level=level, kind=kind, masking=masking)
-    got = run_loss(_ext.reconstruction_loss, *inputs, **kw)
-    want = run_loss(puzzle.reconstruction_loss, *inputs, **kw)
+    kw = dict(n=n, level=level, kind=kind)
+    got = run_loss(_ext.reconstruction_loss, *inputs, masking=masking, **kw)
+    want = run_loss(puzzle.reconstruction_loss, *inputs, reduction="masking" if masking else "none", **kw)
     assert got[0].dtype == got[1].dtype == torch.float32
     assert got[2].dtype == got[3].dtype == dtype
     for name, g, r in zip(["re", "merged_logits", "grad cam", "grad cam_tiles"], got, want, strict=True):
@@ -149,9 +149,9 @@ def test_reconstruction_loss_one_output_used(device):
     cam, tiles, labels, _, _ = loss_inputs(2, 3, 8, 8, 2, torch.float32, device, seed=3)
     for pick in (0, 1):
         grads = []
-        for fn in (_ext.reconstruction_loss, puzzle.reconstruction_loss):
+        for fn, reduction in ((_ext.reconstruction_loss, True), (puzzle.reconstruction_loss, "masking")):
             c, t = cam.clone().requires_grad_(True), tiles.clone().requires_grad_(True)
-            fn(c, t, labels, 2, "cam", "l1", True)[pick].sum().backward()
+            fn(c, t, labels, 2, "cam", "l1", reduction)[pick].sum().backward()
             # the reference leaves cam.grad None when only merged_logits is used: that is a zero gradient
             grads.append(tuple(torch.zeros_like(x) if x.grad is None else x.grad for x in (c, t)))
         for g, r in zip(*grads, strict=True):

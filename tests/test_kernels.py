@@ -99,7 +99,8 @@ def loss_cases():
 def run_loss(backend, cam, tiles, labels, n, level, kind, masking, g_loss, g_logits):
     cam = cam.detach().requires_grad_(True)  # detach keeps the strides of views
     tiles = tiles.detach().requires_grad_(True)
-    loss, logits = ops.reconstruction_loss(cam, tiles, labels, n, level, kind, masking, backend=backend)
+    reduction = "masking" if masking else "none"
+    loss, logits = ops.reconstruction_loss(cam, tiles, labels, n, level, kind, reduction, backend=backend)
     objective = loss * g_loss + (logits * g_logits).sum()
     objective.backward()
     return loss, logits, cam.grad, tiles.grad
@@ -169,7 +170,7 @@ def test_reconstruction_loss_large_maps_and_layouts(device, level):
     for name, (cam_l, tiles_l) in layouts.items():
         cam_in = cam_l.detach().requires_grad_(True)
         tiles_in = tiles_l.detach().requires_grad_(True)
-        loss, logits = ops.reconstruction_loss(cam_in, tiles_in, labels, n, level, "l1", True, backend="triton")
+        loss, logits = ops.reconstruction_loss(cam_in, tiles_in, labels, n, level, "l1", "masking", backend="triton")
         (loss + (logits * g_logits).sum()).backward()
         for what, a, e in zip(
             ("re_loss", "merged_logits", "grad cam", "grad cam_tiles"),
@@ -210,7 +211,7 @@ def test_reconstruction_loss_gradient_paths(device):
         grads = []
         for backend in ("triton", "reference"):
             cam_in, tiles_in = cam.clone().requires_grad_(True), tiles.clone().requires_grad_(True)
-            loss, _ = ops.reconstruction_loss(cam_in, tiles_in, labels, n, level, "l2", False, backend=backend)
+            loss, _ = ops.reconstruction_loss(cam_in, tiles_in, labels, n, level, "l2", "none", backend=backend)
             loss.backward()
             grads.append((cam_in.grad, tiles_in.grad))
         for a, e, what in zip(grads[0], grads[1], ("cam", "cam_tiles"), strict=True):
@@ -219,7 +220,7 @@ def test_reconstruction_loss_gradient_paths(device):
         grads = []
         for backend in ("triton", "reference"):
             tiles_in = tiles.clone().requires_grad_(True)
-            loss, logits = ops.reconstruction_loss(cam, tiles_in, labels, n, level, "l1", True, backend=backend)
+            loss, logits = ops.reconstruction_loss(cam, tiles_in, labels, n, level, "l1", "masking", backend=backend)
             assert loss.item() == 0.0
             logits.sum().backward()
             grads.append(tiles_in.grad)

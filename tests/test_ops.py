@@ -96,11 +96,11 @@ DEVICES = [
 @pytest.mark.parametrize("device", DEVICES)
 def test_puzzle_losses_agree_on_every_available_backend(device):
     cam, tiles, labels = loss_inputs(device, c=4, seed=5)
-    want = puzzle.puzzle_losses(cam, tiles, labels, 2, "cam", "l1", True)
+    want = puzzle.puzzle_losses(cam, tiles, labels, 2, "cam", "l1", "masking")
     backends = ops.available_backends("puzzle_losses", device)
     assert "reference" in backends and ((device == "cpu" and not INTERPRETER) or "triton" in backends)
     for backend in backends:
-        got = ops.puzzle_losses(cam, tiles, labels, 2, "cam", "l1", True, backend=backend)
+        got = ops.puzzle_losses(cam, tiles, labels, 2, "cam", "l1", "masking", backend=backend)
         for name in ("cls", "pcls", "re"):
             torch.testing.assert_close(
                 getattr(got, name),
@@ -123,3 +123,44 @@ def test_multiscale_cam_agrees_on_every_available_backend(device):
         got = ops.multiscale_cam(maps, flipped, keys, size, backend=backend)
         for name, a, e in zip(("cam", "hr_cam"), got, want, strict=True):
             torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6, msg=lambda m, b=backend, n=name: f"{b} {n}: {m}")
+
+
+@pytest.mark.parametrize(
+    "option,reduction,dtype",
+    [("re_reduction 'selection'", "selection", torch.float32), ("float64 maps", "masking", torch.float64)],
+)
+def test_reference_only_options_fall_back_with_one_warning(monkeypatch, option, reduction, dtype):
+    """A backend without an option (selection, float64) serves it from the reference, saying so once."""
+    monkeypatch.setattr(ops, "_warned", set())
+    cam, tiles, labels = loss_inputs(dtype=dtype)
+    want = puzzle.puzzle_losses(cam, tiles, labels, level="cam", reduction=reduction, with_conf=True)
+    backends = [b for b in ops.available_backends("reconstruction_loss", "cpu") if b != "reference"]
+    for backend in ["auto", *backends]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                got = ops.puzzle_losses(
+                    cam, tiles, labels, level="cam", reduction=reduction, with_conf=True, backend=backend
+                )
+        for name, a, e in zip(got._fields, got, want, strict=True):
+            assert a.dtype == e.dtype and torch.equal(a, e), f"{backend} {name}"
+        resolved = ops.resolve_backend("reconstruction_loss", backend, cam.device)
+        fallback = [str(w.message) for w in caught if option in str(w.message)]
+        if resolved == "reference":
+            assert fallback == []
+        elif backend == "auto" or resolved == backend:
+            # One warning per backend and option over both calls (auto warns under the backend it resolved to).
+            assert len(fallback) <= 1 and all(resolved in m for m in fallback)
+    warned = {key.split(":", 1)[0] for key in ops._warned if option in key}
+    assert warned == set(backends), (warned, backends)
+
+
+def test_kernel_reductions_agree_with_the_reference_on_every_backend():
+    cam, tiles, labels = loss_inputs(seed=5)
+    for reduction in ("masking", "none"):
+        want = puzzle.reconstruction_loss(cam, tiles, labels, level="feature", kind="l2", reduction=reduction)
+        for backend in ops.available_backends("reconstruction_loss", "cpu"):
+            got = ops.reconstruction_loss(
+                cam, tiles, labels, level="feature", kind="l2", reduction=reduction, backend=backend
+            )
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=lambda m, b=backend: f"{b}: {m}")

@@ -4,6 +4,7 @@ The loss values below are worked out by hand on a 1 x 2 x 2 x 2 example, not by 
 """
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -73,72 +74,155 @@ def _sig(v):
 # level "feature": |A - M| class 0 = 0,1,2,3 (sum 6), class 1 = 0,1,2,0 (sum 3); squares 14 and 5.
 # level "cam": make_cam(A) class 0 = (a - eps)/(4 + eps), class 1 = [0, 0, (2-eps)/(2+eps), 0];
 # make_cam(M) class 0 = (1 - eps)/(1 + eps) everywhere, class 1 = 0.
-def _cam_level_expected(kind, masking):
+def _cam_level_sums(kind):
+    """(sum of class 0's errors, sum of class 1's errors) at level cam."""
     m0 = (1 - EPS) / (1 + EPS)
     d0 = [abs((a - EPS) / (4 + EPS) - m0) for a in (1.0, 2.0, 3.0, 4.0)]
     d1 = [0.0, 0.0, (2 - EPS) / (2 + EPS), 0.0]
     p = 1 if kind == "l1" else 2
-    total = sum(d**p for d in d0) + (0.0 if masking else sum(d**p for d in d1))
-    return total / 8
+    return sum(d**p for d in d0), sum(d**p for d in d1)
 
 
-EXPECTED_RE = {
-    ("feature", "l1", True): 6 / 8,
-    ("feature", "l1", False): 9 / 8,
-    ("feature", "l2", True): 14 / 8,
-    ("feature", "l2", False): 19 / 8,
-    ("cam", "l1", True): _cam_level_expected("l1", True),
-    ("cam", "l1", False): _cam_level_expected("l1", False),
-    ("cam", "l2", True): _cam_level_expected("l2", True),
-    ("cam", "l2", False): _cam_level_expected("l2", False),
-}
+SUMS = {("feature", "l1"): (6.0, 3.0), ("feature", "l2"): (14.0, 5.0)}
+SUMS.update({("cam", kind): _cam_level_sums(kind) for kind in ("l1", "l2")})
+# The label is (1, 0) and B = 1: masking divides class 0's sum by all 8 elements, selection by class 0's 4,
+# none divides both classes' sums by 8.
+EXPECTED_RE = {}
+for (level, kind), (s0, s1) in SUMS.items():
+    EXPECTED_RE[(level, kind, "masking")] = s0 / 8
+    EXPECTED_RE[(level, kind, "selection")] = s0 / 4
+    EXPECTED_RE[(level, kind, "none")] = (s0 + s1) / 8
 
 
-def test_cam_level_expected_is_close_to_the_rounded_hand_values():
+def test_cam_level_sums_are_close_to_the_rounded_hand_values():
     # Sanity of the formulas above: with eps -> 0 the differences are 0.75, 0.5, 0.25, 0 (+1).
-    assert _cam_level_expected("l1", True) == pytest.approx(1.5 / 8, abs=1e-4)
-    assert _cam_level_expected("l1", False) == pytest.approx(2.5 / 8, abs=1e-4)
-    assert _cam_level_expected("l2", True) == pytest.approx(0.875 / 8, abs=1e-4)
-    assert _cam_level_expected("l2", False) == pytest.approx(1.875 / 8, abs=1e-4)
+    assert _cam_level_sums("l1") == pytest.approx((1.5, 1.0), abs=1e-4)
+    assert _cam_level_sums("l2") == pytest.approx((0.875, 1.0), abs=1e-4)
 
 
-@pytest.mark.parametrize("level,kind,masking", sorted(EXPECTED_RE))
-def test_reconstruction_loss_hand_example(level, kind, masking):
+@pytest.mark.parametrize("level,kind,reduction", sorted(EXPECTED_RE))
+def test_reconstruction_loss_hand_example(level, kind, reduction):
     cam, tiles, labels = _example()
-    re, merged_logits = puzzle.reconstruction_loss(cam, tiles, labels, n=2, level=level, kind=kind, masking=masking)
+    re, merged_logits = puzzle.reconstruction_loss(cam, tiles, labels, n=2, level=level, kind=kind, reduction=reduction)
     assert re.dtype == torch.float32 and re.dim() == 0
-    assert re.item() == pytest.approx(EXPECTED_RE[(level, kind, masking)], rel=1e-6, abs=1e-7)
+    assert re.item() == pytest.approx(EXPECTED_RE[(level, kind, reduction)], rel=1e-6, abs=1e-7)
     assert torch.allclose(merged_logits, torch.tensor([[1.0, 0.0]]))
 
 
-@pytest.mark.parametrize("level,kind,masking", sorted(EXPECTED_RE))
-def test_puzzle_losses_hand_example(level, kind, masking):
+@pytest.mark.parametrize("level,kind,reduction", sorted(EXPECTED_RE))
+def test_puzzle_losses_hand_example(level, kind, reduction):
     cam, tiles, labels = _example()
-    losses = puzzle.puzzle_losses(cam, tiles, labels, n=2, level=level, kind=kind, masking=masking)
+    losses = puzzle.puzzle_losses(cam, tiles, labels, n=2, level=level, kind=kind, reduction=reduction)
     # GAP(A) = (2.5, 0.25); GAP(M) = (1, 0); label (1, 0); MLSM averages over the C=2 classes.
     want_cls = -(math.log(_sig(2.5)) + math.log(1 - _sig(0.25))) / 2
     want_pcls = -(math.log(_sig(1.0)) + math.log(1 - _sig(0.0))) / 2
     assert losses.cls.item() == pytest.approx(want_cls, rel=1e-6)
     assert losses.pcls.item() == pytest.approx(want_pcls, rel=1e-6)
-    assert losses.re.item() == pytest.approx(EXPECTED_RE[(level, kind, masking)], rel=1e-6, abs=1e-7)
+    assert losses.re.item() == pytest.approx(EXPECTED_RE[(level, kind, reduction)], rel=1e-6, abs=1e-7)
+    assert losses.conf.item() == 0.0  # not asked for
+
+
+def test_selection_averages_per_image_and_counts_an_unlabelled_image_as_zero():
+    # Two images; the first is the hand example (label (1, 0)), the second has no label at all and
+    # a large error everywhere: selection = (6/4 + 0) / 2 at level feature, l1.
+    cam, tiles, labels = _example()
+    cam2 = torch.cat([cam, torch.full_like(cam, 9.0)])
+    tiles2 = torch.zeros(8, 2, 1, 1)
+    tiles2[0::2] = tiles  # piece-major: piece p of image b at index p*B + b
+    labels2 = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    re, _ = puzzle.reconstruction_loss(cam2, tiles2, labels2, reduction="selection")
+    assert re.item() == pytest.approx((6 / 4 + 0) / 2, rel=1e-6)
+    # Two labelled classes: the mean over both maps of the image.
+    re_both, _ = puzzle.reconstruction_loss(cam, tiles, torch.tensor([[1.0, 1.0]]), reduction="selection")
+    assert re_both.item() == pytest.approx((6 + 3) / 8, rel=1e-6)
+
+
+def test_shannon_entropy_loss_hand_example():
+    # The tiles' logits GAP(tiles) are (1, 0) for each of the 4 tiles: v = (sigmoid(1), 1/2).
+    cam, tiles, labels = _example()
+    v1 = _sig(1.0)
+    want = -(v1 * math.log(v1 + EPS) + 0.5 * math.log(0.5 + EPS))
+    losses = puzzle.puzzle_losses(cam, tiles, labels, with_conf=True)
+    assert losses.conf.item() == pytest.approx(want, rel=1e-6)
+    rows = torch.tensor([[0.0, 100.0], [-100.0, 2.0]])  # rows are averaged; sigmoid(100) = 1, sigmoid(-100) = 0
+    row0 = -(0.5 * math.log(0.5 + EPS) + 1.0 * math.log(1.0 + EPS))
+    row1 = -(_sig(2.0) * math.log(_sig(2.0) + EPS))
+    want_rows = (row0 + row1) / 2
+    assert puzzle.shannon_entropy_loss(rows).item() == pytest.approx(want_rows, rel=1e-5)
 
 
 @pytest.mark.parametrize("level", ["feature", "cam"])
 @pytest.mark.parametrize("kind", ["l1", "l2"])
-@pytest.mark.parametrize("masking", [True, False])
-def test_gradients_reach_both_inputs(level, kind, masking):
+@pytest.mark.parametrize("reduction", puzzle.RE_REDUCTIONS)
+def test_gradients_reach_both_inputs(level, kind, reduction):
     b, c, n = 2, 3, 2
     cam = torch.randn(b, c, 4, 6, requires_grad=True)
     tiles = torch.randn(n * n * b, c, 2, 3, requires_grad=True)
     labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
-    losses = puzzle.puzzle_losses(cam, tiles, labels, n=n, level=level, kind=kind, masking=masking)
+    losses = puzzle.puzzle_losses(cam, tiles, labels, n=n, level=level, kind=kind, reduction=reduction)
     gc, gt = torch.autograd.grad(losses.re, (cam, tiles))
     assert gc.abs().sum() > 0 and gt.abs().sum() > 0
     assert torch.isfinite(gc).all() and torch.isfinite(gt).all()
-    if masking:  # masked-out classes get no reconstruction gradient
+    if reduction != "none":  # unlabelled classes get no reconstruction gradient
         assert gc[0, 1].abs().sum() == 0
     _, gt_p = torch.autograd.grad(losses.pcls, (cam, tiles), allow_unused=True, materialize_grads=True)
     assert gt_p.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# float64: the reference computes in float64 for float64 maps, so its gradients can be checked
+# against finite differences. Random inputs keep every |d|, relu and max away from its kink.
+
+
+def _float64_inputs(seed, b=2, c=3, n=2, th=2, tw=3):
+    gen = torch.Generator().manual_seed(seed)
+    cam = torch.randn(b, c, n * th, n * tw, generator=gen, dtype=torch.float64, requires_grad=True)
+    tiles = torch.randn(n * n * b, c, th, tw, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]], dtype=torch.float64)[:b, :c]
+    return cam, tiles, labels
+
+
+@pytest.mark.parametrize("level", ["feature", "cam"])
+@pytest.mark.parametrize("kind", ["l1", "l2"])
+@pytest.mark.parametrize("reduction", puzzle.RE_REDUCTIONS)
+def test_reconstruction_loss_gradcheck(level, kind, reduction):
+    cam, tiles, labels = _float64_inputs(seed=zlib.crc32(f"{level}{kind}{reduction}".encode()))
+
+    def fn(a, t):
+        return puzzle.reconstruction_loss(a, t, labels, n=2, level=level, kind=kind, reduction=reduction)
+
+    assert torch.autograd.gradcheck(fn, (cam, tiles))
+
+
+def test_puzzle_losses_and_entropy_gradcheck():
+    cam, tiles, labels = _float64_inputs(seed=3)
+
+    def fn(a, t):
+        return tuple(puzzle.puzzle_losses(a, t, labels, level="cam", reduction="selection", with_conf=True))
+
+    assert torch.autograd.gradcheck(fn, (cam, tiles))
+    logits = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(puzzle.shannon_entropy_loss, (logits,))
+    targets = torch.tensor([[1.0, 0.0, 1.0, 0.0]] * 5, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda z: puzzle.classification_loss(z, targets), (logits,))
+
+
+def test_make_cam_gradcheck():
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    assert torch.autograd.gradcheck(puzzle.make_cam, (x,))
+
+
+def test_float64_maps_give_float64_losses_and_others_fp32():
+    cam, tiles, labels = _float64_inputs(seed=1)
+    losses = puzzle.puzzle_losses(cam, tiles, labels, with_conf=True)
+    assert all(t.dtype == torch.float64 for t in losses)
+    # The float64 loss is not a rounded fp32 value: it differs from the fp32 computation.
+    fp32 = puzzle.puzzle_losses(cam.float(), tiles.float(), labels.float(), with_conf=True)
+    assert all(t.dtype == torch.float32 for t in fp32)
+    assert losses.re.item() == pytest.approx(fp32.re.item(), rel=1e-5)
+    for dtype in (torch.bfloat16, torch.float16):
+        half = puzzle.puzzle_losses(cam.to(dtype), tiles.to(dtype), labels.to(dtype), with_conf=True)
+        assert all(t.dtype == torch.float32 for t in half)
 
 
 def test_loss_is_fp32_for_half_inputs():
@@ -181,6 +265,8 @@ def test_loss_argument_errors_name_shapes():
         puzzle.reconstruction_loss(cam, torch.zeros(8, 3, 2, 2), torch.zeros(2, 3), level="pixel")
     with pytest.raises(ValueError, match="kind must be one of"):
         puzzle.reconstruction_loss(cam, torch.zeros(8, 3, 2, 2), torch.zeros(2, 3), kind="l3")
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        puzzle.reconstruction_loss(cam, torch.zeros(8, 3, 2, 2), torch.zeros(2, 3), reduction=True)
 
 
 def test_multiscale_cam_flip_and_keys():
