@@ -246,25 +246,14 @@ def check_flags(args) -> None:
         raise InferenceError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.num_workers < 0:
         raise InferenceError(f"--num-workers must be 0 or more, got {args.num_workers}")
-    if args.device is None:
-        return
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        raise InferenceError(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InferenceError(f"--device {args.device}: CUDA is not available on this machine (use cpu)")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise InferenceError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def run(args) -> None:
     from puzzlecam.data import eval_loader
 
     check_flags(args)
-    # A bare `cuda` becomes cuda:LOCAL_RANK; without a launcher there is no process group.
+    # A bare `cuda` becomes cuda:LOCAL_RANK (a bad --device is refused there); without a launcher there is
+    # no process group.
     dist_info = init_distributed(args.device, single_process_group=False)
     rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))

@@ -15,22 +15,14 @@ from rich.table import Table
 
 from puzzlecam import VOC_CLASSES
 from puzzlecam.utils.cli import run_command
-from puzzlecam.utils.log import add_log_level_argument
 
 if TYPE_CHECKING:  # the commands import their modules (pyarrow, PIL) only when they run
     from puzzlecam.data.shard import ShardResult
     from puzzlecam.data.synth import SynthResult
 
 
-def _add_log_level(subparser: argparse.ArgumentParser) -> None:
-    """``--log-level`` after the subcommand too; unset unless given there, so one before it still counts."""
-    add_log_level_argument(subparser)
-    next(a for a in subparser._actions if a.dest == "log_level").default = argparse.SUPPRESS
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m puzzlecam.data", description=__doc__)
-    add_log_level_argument(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="{shard,synth}")
 
     s = sub.add_parser(
@@ -72,7 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="missing/unreadable JPEG, XML or mask: 'fail' (default) writes nothing and exits 2; "
         "'skip' leaves the image out with a warning",
     )
-    _add_log_level(s)
 
     g = sub.add_parser(
         "synth",
@@ -94,7 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--val-fraction", type=float, default=0.25, help="fraction of images listed in val.txt (default 0.25)"
     )
     g.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
-    _add_log_level(g)
     return p
 
 

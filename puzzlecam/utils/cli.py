@@ -2,7 +2,7 @@
 
 ``sys.exit(run_command(build_parser(), run, argv))``:
 
-* adds ``--log-level`` to the parser and sets up logging (:mod:`puzzlecam.utils.log`);
+* adds ``--log-level`` to the parser (and to every subcommand) and sets up logging (:mod:`puzzlecam.utils.log`);
 * bad usage: argparse exits 2 with its usage line; a :class:`~puzzlecam.errors.UsageError` (a bad
   flag value, config key or input file) prints ``error: ...`` and exits 2;
 * a failed run (:class:`~puzzlecam.errors.RunError`, or an OS error such as a full disk) prints
@@ -29,12 +29,22 @@ def _has_option(parser: argparse.ArgumentParser, option: str) -> bool:
     return any(option in action.option_strings for action in parser._actions)
 
 
+def _add_log_level(parser: argparse.ArgumentParser) -> None:
+    """``--log-level`` on the parser and after every subcommand (``cmd sub --log-level debug``)."""
+    if not _has_option(parser, "--log-level"):
+        add_log_level_argument(parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                if not _has_option(sub, "--log-level"):
+                    add_log_level_argument(sub, default=argparse.SUPPRESS)
+
+
 def run_command(
     parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int | None], argv: list[str] | None = None
 ) -> int:
     """Parse ``argv``, call ``run(args)`` and turn its outcome into an exit status (see the module doc)."""
-    if not _has_option(parser, "--log-level"):
-        add_log_level_argument(parser)
+    _add_log_level(parser)
     args = parser.parse_args(argv)
     try:
         setup_logging(args.log_level)

@@ -58,34 +58,50 @@ def avoid_deepspeed_cpu_builds() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def _device_for(spec: torch.device | str | None, local_rank: int) -> torch.device:
-    """``None``: cuda:LOCAL_RANK when CUDA is available, else cpu; a bare ``cuda``: cuda:LOCAL_RANK."""
+def _device_for(spec: torch.device | str | None, local_rank: int, flag: str) -> torch.device:
+    """``None``: cuda:LOCAL_RANK when CUDA is available, else cpu; a bare ``cuda``: cuda:LOCAL_RANK.
+
+    A spec that is not cpu, cuda or cuda:N of this machine is a UsageError naming ``flag``.
+    """
     if spec is None:
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank % torch.cuda.device_count())
         return torch.device("cpu")
-    device = torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UsageError(f"{flag} {spec!r}: expected cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError(f"device {spec}: CUDA is not available on this machine (use cpu)")
+            raise UsageError(f"{flag} {spec}: CUDA is not available on this machine (use cpu)")
+        count = torch.cuda.device_count()
         if device.index is None:
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+            device = torch.device("cuda", local_rank % count)
+        elif device.index >= count:
+            raise UsageError(f"{flag} {spec}: this machine has {count} CUDA device(s)")
     return device
 
 
 def init_distributed(
-    device: torch.device | str | None = None, *, use_deepspeed: bool = False, single_process_group: bool = True
+    device: torch.device | str | None = None,
+    *,
+    use_deepspeed: bool = False,
+    single_process_group: bool = True,
+    device_flag: str = "--device",
 ) -> DistInfo:
     """Join (or create) the process group described by the environment; returns this process's place.
 
     ``device``: where this process computes (default: cuda:LOCAL_RANK when CUDA is available, else
     cpu); it decides the backend (nccl for CUDA, gloo for cpu). ``use_deepspeed``: start the group
     through DeepSpeed (the trainer). ``single_process_group=False``: a process that no launcher
-    started (no RANK / WORLD_SIZE) gets no group at all and works alone (inference).
+    started (no RANK / WORLD_SIZE) gets no group at all and works alone (inference). A bad ``device``
+    is a UsageError naming ``device_flag``.
     """
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if not launched and not single_process_group:
-        return DistInfo(rank=0, world_size=1, local_rank=0, device=_device_for(device, 0))
+        return DistInfo(rank=0, world_size=1, local_rank=0, device=_device_for(device, 0, device_flag))
     if not launched:
         # Plain `python launch/train.py`: a one-process group, so that every code path is the same.
         os.environ.setdefault("RANK", "0")
@@ -96,7 +112,7 @@ def init_distributed(
     rank = _env_int("RANK", 0)
     world_size = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)
-    device = _device_for(device, local_rank)
+    device = _device_for(device, local_rank, device_flag)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"

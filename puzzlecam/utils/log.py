@@ -90,12 +90,13 @@ def setup_logging(level: str | int | None = None, rank: int | None = None) -> lo
     return logger
 
 
-def add_log_level_argument(parser) -> None:
-    """The ``--log-level`` flag every command takes."""
+def add_log_level_argument(parser, default=None) -> None:
+    """The ``--log-level`` flag every command takes (``default=argparse.SUPPRESS`` on a subcommand's
+    parser, so that a value given before the subcommand is not overwritten)."""
     parser.add_argument(
         "--log-level",
         choices=LEVELS,
-        default=None,
+        default=default,
         help=f"messages shown: debug, info (default; ${LEVEL_ENV} sets another), warning or error. "
         f"Ranks other than 0 show warnings and errors only (${ALL_RANKS_ENV}=1 shows every rank's)",
     )
