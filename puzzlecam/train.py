@@ -376,36 +376,35 @@ class Trainer:
     def fit(self) -> Path | None:
         """Train to ``total_steps``; returns the exported weights' path (rank 0) or None."""
         t = self.cfg.train
+        bar = ProgressBar("train", self.total_steps, completed=self.step, enabled=self.dist.is_main, info=True)
         try:
-            with ProgressBar(
-                "train", self.total_steps, completed=self.step, enabled=self.dist.is_main, info=True
-            ) as bar:
-                while self.step < self.total_steps:
-                    record = self.train_step()
-                    shown = self.step % t.log_every == 0 or self.step == self.total_steps
-                    if self.metrics is not None and (shown or record["bad_step"]):
-                        self.metrics.write(record)
-                    show_step(bar, self.step, record if shown else None)
-                    if self.bad_streak >= t.max_bad_steps:
-                        last = ckpt.latest_complete(self.ckpt_dir)
-                        raise TrainingError(
-                            f"{self.bad_streak} optimizer steps in a row had a NaN/Inf loss "
-                            f"(train.max_bad_steps={t.max_bad_steps}); "
-                            f"stopping at step {self.step}. Last good checkpoint: {last if last else 'none'}. "
-                            "Lower optim.lr, enable optim.grad_clip or use ds_fp32.json."
-                        )
-                    # No checkpoint inside a run of bad steps: the last good one is what a resume needs.
-                    if (
-                        t.ckpt_every > 0
-                        and self.step % t.ckpt_every == 0
-                        and self.step < self.total_steps
-                        and self.bad_streak == 0
-                    ):
-                        self.save()
-                    self.fault.maybe_fire(self.step, "step")
+            while self.step < self.total_steps:
+                record = self.train_step()
+                shown = self.step % t.log_every == 0 or self.step == self.total_steps
+                if self.metrics is not None and (shown or record["bad_step"]):
+                    self.metrics.write(record)
+                show_step(bar, self.step, record if shown else None)
+                if self.bad_streak >= t.max_bad_steps:
+                    last = ckpt.latest_complete(self.ckpt_dir)
+                    raise TrainingError(
+                        f"{self.bad_streak} optimizer steps in a row had a NaN/Inf loss "
+                        f"(train.max_bad_steps={t.max_bad_steps}); "
+                        f"stopping at step {self.step}. Last good checkpoint: {last if last else 'none'}. "
+                        "Lower optim.lr, enable optim.grad_clip or use ds_fp32.json."
+                    )
+                # No checkpoint inside a run of bad steps: the last good one is what a resume needs.
+                if (
+                    t.ckpt_every > 0
+                    and self.step % t.ckpt_every == 0
+                    and self.step < self.total_steps
+                    and self.bad_streak == 0
+                ):
+                    self.save()
+                self.fault.maybe_fire(self.step, "step")
             self.save()
             return self.export()
         finally:
+            bar.close()
             if self.metrics is not None:
                 self.metrics.close()
 
