@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from puzzlecam.bench import kernels as bench
 from puzzlecam.bench.__main__ import main as bench_main
@@ -46,6 +47,9 @@ def test_bench_kernels_cpu_smoke(tmp_path, capsys):
 def test_bench_kernels_rejects_unknown_op(capsys):
     assert bench.main(["--ops", "softmax"]) == 2
     assert "error: --ops: unknown op 'softmax'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert bench.main(["--device", "cuda"]) == 2
+        assert "error: --device cuda: CUDA is not available" in capsys.readouterr().err
 
 
 def test_bench_dispatch(capsys):

@@ -45,7 +45,7 @@ def test_bench_train_rejects_bad_arguments(capsys):
     assert main(["--image-size", "100", "--device", "cpu"]) == 2
     assert main(["--device", "tpu"]) == 2
     err = capsys.readouterr().err
-    assert "error: --modes" in err and "error: --image-size" in err and "error: --device tpu" in err
+    assert "error: --modes" in err and "error: --image-size" in err and "error: --device 'tpu'" in err
 
 
 @pytest.mark.gpu

@@ -32,6 +32,7 @@ from rich.table import Table
 from puzzlecam import ops, puzzle
 from puzzlecam.errors import RunError, UsageError
 from puzzlecam.utils.cli import run_command
+from puzzlecam.utils.distributed import init_distributed
 from puzzlecam.utils.files import atomic_write_json
 from puzzlecam.utils.progress import ProgressBar
 
@@ -389,11 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA GPU is visible")
-    device = torch.device(
-        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
-    )
+    # One process, no group (unless a launcher started it); --device cuda without a GPU is a usage error.
+    device = init_distributed(None if args.device == "auto" else args.device, single_process_group=False).device
     dtype = DTYPES[args.dtype]
     on_gpu = device.type == "cuda"
     op_names = [o.strip() for o in args.ops.split(",") if o.strip()]

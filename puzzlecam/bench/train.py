@@ -34,6 +34,7 @@ from puzzlecam.errors import UsageError
 from puzzlecam.model import build_model, param_groups
 from puzzlecam.train_step import PuzzleNet, forward_losses
 from puzzlecam.utils.cli import run_command
+from puzzlecam.utils.distributed import init_distributed
 from puzzlecam.utils.files import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -180,20 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:
-        raise UsageError(f"--device {spec}: expected auto, cuda, cuda:N or cpu") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {spec}: no CUDA GPU is visible")
-    return device
-
-
 def run(args: argparse.Namespace) -> None:
-    device = _device(args.device)
+    # One process, no group (unless a launcher started it); a bad --device is a usage error.
+    device = init_distributed(None if args.device == "auto" else args.device, single_process_group=False).device
     gpu = device.type == "cuda"
     args.arch = args.arch or ("resnet50" if gpu else "resnet18")
     args.width = args.width or (64 if gpu else 16)
