@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -18,17 +17,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from puzzlecam.utils.files import atomic_write, atomic_write_text
+from puzzlecam.utils.files import atomic_write, atomic_write_text, json_safe
 from puzzlecam.utils.progress import ProgressBar
 
 log = logging.getLogger(__name__)
-
-
-def _clean(v: Any) -> Any:
-    # JSON has no NaN/Inf: write them as null (the step was skipped and is counted anyway).
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
 
 
 class MetricsLog:
@@ -50,7 +42,7 @@ class MetricsLog:
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps({k: _clean(v) for k, v in record.items()}) + "\n")
+        self._f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
         self._f.flush()
         os.fsync(self._f.fileno())
 
@@ -84,7 +76,7 @@ def describe(r: dict[str, Any]) -> str:
     """One step's record as the line the trainer shows (users grep it: keep its words)."""
     return (
         f"step {r['step']} loss {r['loss']:.4f} cls {r['loss_cls']:.4f} pcls {r['loss_pcls']:.4f} "
-        f"re {r['loss_re']:.4f} alpha {r['alpha']:.3f} lr {r['lr']:.2e} "
+        f"re {r['loss_re']:.4f} conf {r['loss_conf']:.4f} alpha {r['alpha']:.3f} lr {r['lr']:.2e} "
         f"gnorm {r.get('grad_norm', float('nan')):.3g} "
         f"{r['images_per_s']:.1f} img/s "
         f"data-wait {r['data_wait_pct']:.0f}% skipped {r['skipped_samples']} bad-steps {r['skipped_steps']}"

@@ -317,7 +317,7 @@ class Trainer:
         start = time.perf_counter()
         lr = self._set_lr()
         alpha = alpha_for(self.step, self.total_steps, self.cfg)
-        sums = torch.zeros(5, dtype=torch.float64)
+        sums = None  # per StepLosses field, then the count of non-finite losses
         data_wait = 0.0
         bad = False
         self.engine.train()
@@ -327,7 +327,7 @@ class Trainer:
             batch = self._next_batch()
             data_wait += time.perf_counter() - tw
             losses = forward_losses(self.engine, batch, self.cfg, alpha, self.device, self.dtype, self.channels_last)
-            parts = torch.stack([losses.total, losses.cls, losses.pcls, losses.re]).detach().float()
+            parts = torch.stack(list(losses)).detach().float()  # total first, then every named term
             finite = torch.isfinite(parts[0])
             # One all-reduce: the sum of every rank's losses and the count of non-finite ones.
             vec = torch.cat([torch.where(finite, parts, torch.zeros_like(parts)), (~finite).float()[None]]).to(
@@ -336,10 +336,10 @@ class Trainer:
             if torch.distributed.is_initialized() and self.dist.world_size > 1:
                 torch.distributed.all_reduce(vec)
             vec = vec.cpu().double()
-            bad = bad or bool(vec[4] > 0)
+            bad = bad or bool(vec[-1] > 0)
             if not bad:
                 self.engine.backward(losses.total)  # at the last micro-batch DeepSpeed all-reduces the gradients
-            sums += vec
+            sums = vec if sums is None else sums + vec
             if micro == t.grad_accum_steps - 1:
                 if bad:
                     self._drop_grads()
@@ -354,14 +354,12 @@ class Trainer:
         else:
             self.bad_streak = 0
         elapsed = time.perf_counter() - start
-        mean = (sums[:4] / n).tolist() if not bad else [float("nan")] * 4
+        names = ["loss"] + [f"loss_{name}" for name in losses._fields[1:]]  # loss, loss_cls, ..., loss_conf
+        mean = (sums[:-1] / n).tolist() if not bad else [float("nan")] * len(names)
         return {
             "step": self.step,
             "epoch": self.loader.epoch,
-            "loss": mean[0],
-            "loss_cls": mean[1],
-            "loss_pcls": mean[2],
-            "loss_re": mean[3],
+            **dict(zip(names, mean, strict=True)),
             "alpha": alpha,
             "lr": lr,
             "images_per_s": t.global_batch_size / max(elapsed, 1e-9),

@@ -36,7 +36,7 @@ from puzzlecam.utils.log import setup_logging
 from puzzlecam.utils.progress import ProgressBar
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
-LOSS_KEYS = ("step", "loss", "loss_cls", "loss_pcls", "loss_re", "alpha", "lr")
+LOSS_KEYS = ("step", "loss", "loss_cls", "loss_pcls", "loss_re", "loss_conf", "alpha", "lr")
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,13 @@ def test_sigkill_then_resume_equals_uninterrupted_run(shards, tmp_path):
     # right after step 3 (the checkpoint of step 2 is the newest) and resumed with --resume auto.
     over = tiny_overrides(
         shards,
-        **{"train.max_steps": 6, "train.micro_batch_size": 2, "train.grad_accum_steps": 2, "model.norm": "train"},
+        **{
+            "train.max_steps": 6,
+            "train.micro_batch_size": 2,
+            "train.grad_accum_steps": 2,
+            "model.norm": "train",
+            "puzzle.conf_weight": 0.5,  # the original's optional entropy term goes through the whole trainer
+        },
     )
     # Run C dies in the middle of the step-4 save (files written, no COMPLETE): the step-2
     # checkpoint must stay usable.
@@ -88,6 +94,7 @@ def test_sigkill_then_resume_equals_uninterrupted_run(shards, tmp_path):
     assert cfg.train.max_steps == 6 and cfg.data.train_shards.startswith(str(shards))
     assert all(isinstance(ma[0][k], (int, float)) for k in LOSS_KEYS)
     assert ma[0]["alpha"] == 0.0 and ma[-1]["alpha"] == cfg.puzzle.alpha_max
+    assert cfg.puzzle.conf_weight == 0.5 and all(r["loss_conf"] > 0 for r in ma)
     assert ma[0]["lr"] == pytest.approx(cfg.optim.lr) and ma[-1]["lr"] < ma[0]["lr"]
     import pyarrow.parquet as pq
 
@@ -248,6 +255,7 @@ def test_step_record_is_logged_where_no_bar_is_drawn(capsys):
         "loss_cls": 0.25,
         "loss_pcls": 0.125,
         "loss_re": 0.125,
+        "loss_conf": 0.0,
         "alpha": 1.0,
         "lr": 0.01,
         "grad_norm": 2.0,
@@ -262,7 +270,7 @@ def test_step_record_is_logged_where_no_bar_is_drawn(capsys):
         show_step(bar, 7, record)
     lines = capsys.readouterr().err.splitlines()
     assert lines == [
-        "step 7 loss 0.5000 cls 0.2500 pcls 0.1250 re 0.1250 alpha 1.000 lr 1.00e-02 gnorm 2 12.0 img/s "
+        "step 7 loss 0.5000 cls 0.2500 pcls 0.1250 re 0.1250 conf 0.0000 alpha 1.000 lr 1.00e-02 gnorm 2 12.0 img/s "
         "data-wait 3% skipped 0 bad-steps 1"
     ]
 
