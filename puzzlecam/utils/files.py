@@ -10,6 +10,7 @@ and :func:`remove_stale_temporaries` can clear those left by a killed process.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -78,9 +79,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN / Inf float replaced by None: JSON has no such numbers (they become null)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """``obj`` as indented JSON with a final newline (NaN/Inf are refused: JSON has none)."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
+    """``obj`` as indented JSON with a final newline; NaN / Inf are written as null (:func:`json_safe`)."""
+    return atomic_write_text(path, json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n")
 
 
 def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
