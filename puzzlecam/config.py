@@ -20,6 +20,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from puzzlecam.errors import ConfigError
+from puzzlecam.utils.files import atomic_write_text
 
 _FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
@@ -338,8 +339,4 @@ def dump_config(cfg: Config) -> str:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML, atomically."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(dump_config(cfg))
-    tmp.replace(p)
+    atomic_write_text(path, dump_config(cfg))

@@ -4,7 +4,6 @@ import io
 import json
 import os
 import pickle
-import socket
 import tarfile
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from puzzlecam import NUM_CLASSES
 from puzzlecam.data import ShardError, eval_loader, train_loader
 from puzzlecam.data.__main__ import main as data_main
 from puzzlecam.data.synth import make_scene
+from puzzlecam.utils.net import free_port
 
 SMALL = dict(crop_size=48, min_long_side=40, max_long_side=72)
 
@@ -240,12 +240,6 @@ def test_corrupt_and_hostile_shards_are_skipped_and_never_unpickled(synth, tmp_p
     assert not marker.exists()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _dist_worker(rank, world, port, shards, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -270,7 +264,7 @@ def _dist_worker(rank, world, port, shards, out_dir):
 def test_two_gloo_ranks_disjoint_and_equal(synth, tmp_path):
     shards = str(synth / "shards" / "trainval-{000000..000004}.tar")  # 30 samples, 5 uneven shards
     mp.start_processes(
-        _dist_worker, args=(2, _free_port(), shards, str(tmp_path)), nprocs=2, join=True, start_method="spawn"
+        _dist_worker, args=(2, free_port(), shards, str(tmp_path)), nprocs=2, join=True, start_method="spawn"
     )
     r0, r1 = (json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2))
     assert r0["steps"] == r1["steps"] == r0["len"] == 15 // 2
