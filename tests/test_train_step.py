@@ -18,6 +18,7 @@ def _maps(seed=0, b=2, c=4, n=2):
     return cams, tiles, labels
 
 
+@pytest.mark.filterwarnings("ignore:puzzlecam.ops. the cpp backend has no re_reduction")  # tested in test_ops
 @pytest.mark.parametrize("reduction", puzzle.RE_REDUCTIONS)
 @pytest.mark.parametrize("conf_weight", [0.0, 0.5])
 def test_total_is_cls_pcls_alpha_re_and_weighted_conf(reduction, conf_weight):

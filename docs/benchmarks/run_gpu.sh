@@ -53,7 +53,7 @@ rc=0
 if [ "$what" = "tests" ] || [ "$what" = "all" ]; then
   echo "== kernel tests (compiled, full grid)"
   PUZZLECAM_FULL_GRID=1 "$PY" -m pytest "$REPO/tests/test_kernels.py" "$REPO/tests/test_ops.py" \
-    -c "$REPO/pytest.ini" --rootdir "$REPO" -q -rs --durations=15 --junitxml="$OUT/kernel_tests.xml" ${PYTEST_ARGS:-} \
+    -c "$REPO/pyproject.toml" --rootdir "$REPO" -q -rs --durations=15 --junitxml="$OUT/kernel_tests.xml" ${PYTEST_ARGS:-} \
     2>&1 | tee "$OUT/kernel_tests.log"
   test_rc=${PIPESTATUS[0]}
   [ "$test_rc" -ne 0 ] && rc=$test_rc
