@@ -80,6 +80,10 @@ class DemoError(RunError, RuntimeError):
     """A stage of the demo or pipeline that failed; names the stage and its log."""
 
 
+class DiskError(RunError, OSError):
+    """A write that failed because the disk is full, over quota or read-only; names the device and path."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Internal control flow
 

@@ -13,6 +13,7 @@ import pytest
 from puzzlecam.errors import (
     CamStoreError,
     ConfigError,
+    DiskError,
     PuzzleCamError,
     RunError,
     TrainingError,
@@ -46,7 +47,7 @@ def test_a_failed_write_keeps_the_old_file_and_removes_its_temporary(tmp_path):
         f.write(b"partial")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(DiskError, match=r"no space left on .* while writing .*out.bin"):
         files.atomic_write(target, fail_half_way)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
@@ -122,7 +123,8 @@ def _parser():
         (UsageError("--what 'x': expected ok"), 2, "error: --what 'x': expected ok"),
         (ConfigError("unknown config key 'a.b'"), 2, "error: unknown config key 'a.b'"),
         (TrainingError("diverged"), 1, "error: diverged"),
-        (OSError(28, "No space left on device", "/runs/x"), 1, "No space left on device: '/runs/x'"),
+        (OSError(28, "No space left on device", "/runs/x"), 1, "error: no space left on "),
+        (OSError(13, "Permission denied", "/runs/x"), 1, "error: [Errno 13] Permission denied: '/runs/x'"),
         (KeyboardInterrupt(), 130, "error: interrupted"),
     ],
 )
@@ -220,3 +222,33 @@ def test_an_unlaunched_process_without_a_group_works_alone(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     info = init_distributed("cpu", single_process_group=False)
     assert (info.rank, info.world_size, info.device.type, info.is_main) == (0, 1, "cpu", True)
+
+
+def test_a_full_disk_is_one_message_and_leaves_nothing(small_disk):
+    target = small_disk.path / "out.bin"
+    files.atomic_write_bytes(target, b"old")
+    with pytest.raises(DiskError, match=r"no space left on tmpfs \(mounted at .*disk\) while writing .*out.bin"):
+        files.atomic_write_bytes(target, b"x" * (4 << 20))
+    assert target.read_bytes() == b"old" and sorted(p.name for p in small_disk.path.iterdir()) == ["out.bin"]
+    small_disk.make_read_only()
+    with pytest.raises(DiskError, match=r"read-only file system tmpfs .*out.bin"):
+        files.atomic_write_json(target, {"a": 1})
+    assert target.read_bytes() == b"old"
+
+
+def test_run_command_reports_a_full_disk_in_one_line(small_disk, capsys):
+    small_disk.fill()
+
+    def run(args):
+        files.atomic_write_bytes(small_disk.path / "summary.json", b"x" * 65536)
+
+    def raw_write(args):  # a write outside the atomic writers: the errno is all there is
+        with open(small_disk.path / "log.txt", "wb") as f:
+            f.write(b"x" * 65536)
+            f.flush()
+
+    assert run_command(_parser(), run, []) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no space left on tmpfs") and "summary.json" in err[0], err
+    assert run_command(_parser(), raw_write, []) == 1
+    assert capsys.readouterr().err.strip().splitlines() == ["error: [Errno 28] No space left on device"]

@@ -18,6 +18,7 @@ import logging
 from collections.abc import Callable
 
 from puzzlecam.errors import PuzzleCamError
+from puzzlecam.utils.files import disk_problem
 from puzzlecam.utils.log import add_log_level_argument, setup_logging
 
 log = logging.getLogger("puzzlecam.cli")
@@ -57,7 +58,8 @@ def run_command(
         log.error("interrupted")
         return EXIT_INTERRUPTED
     except OSError as e:  # a full disk, a permission, a vanished file: the message names the path
-        log.error("%s", e)
+        problem = disk_problem(e.filename, e) if e.filename else None
+        log.error("%s", problem or e)
         return EXIT_FAILED
     finally:
         from puzzlecam.utils.distributed import shutdown
