@@ -1,15 +1,17 @@
 """Every setting in one typed place.
 
 A run's configuration is a tree of dataclasses (:class:`Config`). It is read from YAML files
-(``launch/configs/*.yaml``), then dotted command-line overrides (``train.lr=0.05``) are applied.
-An unknown key or a value of the wrong type is rejected with a :class:`ConfigError` naming the
-dotted key and what was expected. :func:`save_config` writes the resolved config; reading it back
+(``launch/configs/*.yaml``), then dotted command-line overrides (``optim.lr=0.05``) are applied.
+An unknown key (with the real keys it may have meant), a value of the wrong type or out of its range
+(:func:`validate`, also across keys) is rejected with a :class:`ConfigError` naming the dotted key and
+what was expected. :func:`save_config` writes the resolved config; reading it back
 with :func:`load_config` gives an identical object.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import types
 import typing
@@ -21,6 +23,8 @@ import yaml
 
 from puzzlecam.errors import ConfigError
 from puzzlecam.utils.files import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 _FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
@@ -42,7 +46,6 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train_shards: str = ""
-    eval_shards: str = ""
     crop_size: int = 512
     # Rescale so that the long side is uniform in [min_long_side, max_long_side] (bicubic).
     min_long_side: int = 320
@@ -52,6 +55,9 @@ class DataConfig:
     # 0 = exact full shuffle per epoch; N > 0 = shards in seeded order, shuffled in windows of N
     # samples (for slow-seek storage).
     shuffle_buffer: int = 0
+    # Stop the run when more than this fraction of an epoch's samples could not be decoded (each is
+    # skipped, logged and counted); the error names the shards with the most.
+    max_corrupt_fraction: float = 0.01
 
 
 @dataclass
@@ -105,8 +111,6 @@ class TrainConfig:
     keep_last: int = 3
     # Stop after this many consecutive non-finite losses (each skipped and counted).
     max_bad_steps: int = 5
-    # Images per second are reported; samples per epoch are needed for the step count.
-    epoch_size: int = 0
 
 
 @dataclass
@@ -205,10 +209,32 @@ def _from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in hints:
-            raise ConfigError(f"unknown config key '{key}'; expected one of: {', '.join(names)}")
+            hint = _did_you_mean(key)
+            raise ConfigError(f"unknown config key '{key}'{hint}; expected one of: {', '.join(names)}")
         kwargs[k] = _coerce(v, hints[k], key)
     obj = cls(**kwargs)
     return obj
+
+
+def _all_keys(cls: Any = None, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of the schema (``optim.lr``, ``train.max_steps``, ...)."""
+    cls = Config if cls is None else cls
+    keys = []
+    for name, tp in typing.get_type_hints(cls).items():
+        dotted = f"{prefix}{name}"
+        keys += _all_keys(tp, dotted + ".") if dataclasses.is_dataclass(tp) else [dotted]
+    return keys
+
+
+def _did_you_mean(key: str) -> str:
+    """`` (did you mean 'optim.lr'?)`` for a key with the same or a similar leaf elsewhere, else ``""``."""
+    import difflib
+
+    leaf = key.rsplit(".", 1)[-1]
+    known = _all_keys()
+    same_leaf = [k for k in known if k.rsplit(".", 1)[-1] == leaf]
+    close = same_leaf or difflib.get_close_matches(key, known, n=3, cutoff=0.75)
+    return f" (did you mean {' or '.join(repr(k) for k in close)}?)" if close else ""
 
 
 def _to_plain(obj: Any) -> Any:
@@ -237,7 +263,9 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     """Build and validate a :class:`Config` from a (possibly partial) nested dict."""
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping at the top level, got {type(data).__name__}")
-    return _from_dict(Config, _upgrade_legacy_keys(data))
+    cfg = _from_dict(Config, _upgrade_legacy_keys(data))
+    validate(cfg)
+    return cfg
 
 
 def _upgrade_legacy_keys(data: dict[str, Any]) -> dict[str, Any]:
@@ -261,9 +289,9 @@ def _upgrade_legacy_keys(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """``"train.lr=0.05"`` -> ``("train.lr", 0.05)``; the value is parsed as YAML."""
+    """``"optim.lr=0.05"`` -> ``("optim.lr", 0.05)``; the value is parsed as YAML."""
     if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. train.lr=0.05)")
+        raise ConfigError(f"override {item!r} must look like section.key=value (e.g. optim.lr=0.05)")
     key, raw = item.split("=", 1)
     key = key.strip()
     if not key:
@@ -324,13 +352,94 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping at the top level, got {type(loaded).__name__}")
-        data = loaded
+        data = _drop_unused_keys(loaded, p)
     data = apply_overrides(data, overrides or [])
     try:
         return config_from_dict(data)
     except ConfigError as e:
         where = f" (in {path})" if path is not None else ""
         raise ConfigError(f"{e}{where}") from None
+
+
+_DROPPED_KEYS = (("data", "eval_shards"), ("train", "epoch_size"))
+
+
+def _drop_unused_keys(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    """A config file written before ``data.eval_shards`` / ``train.epoch_size`` went (they were read by
+    nothing) still loads; the keys are dropped with a warning. As overrides they are unknown keys."""
+    out = dict(data)
+    for section, key in _DROPPED_KEYS:
+        if isinstance(out.get(section), dict) and key in out[section]:
+            out[section] = {k: v for k, v in out[section].items() if k != key}
+            log.warning("config file %s: ignoring '%s.%s' (no longer a setting: nothing read it)", path, section, key)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranges and cross-field checks
+
+# dotted key -> (check, what is expected); every key whose type alone does not bound it.
+_RANGES: dict[str, tuple[Any, str]] = {
+    "model.width": (lambda v: v >= 1, "at least 1"),
+    "model.num_classes": (lambda v: v >= 1, "at least 1"),
+    "data.crop_size": (lambda v: v >= 1, "at least 1 (pixels)"),
+    "data.min_long_side": (lambda v: v >= 1, "at least 1 (pixels)"),
+    "data.max_long_side": (lambda v: v >= 1, "at least 1 (pixels)"),
+    "data.num_workers": (lambda v: v >= 0, "0 or more"),
+    "data.shuffle_buffer": (lambda v: v >= 0, "0 or more"),
+    "data.max_corrupt_fraction": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
+    "puzzle.num_pieces": (lambda v: v >= 1, "at least 1 (pieces per side)"),
+    "puzzle.alpha_max": (lambda v: v >= 0, "0 or more"),
+    "puzzle.alpha_schedule": (lambda v: v >= 0, "0 or more (a fraction of training; 0 = constant alpha)"),
+    "puzzle.conf_weight": (lambda v: v >= 0, "0 or more (0 = off)"),
+    "optim.lr": (lambda v: v > 0, "positive"),
+    "optim.momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "optim.weight_decay": (lambda v: v >= 0, "0 or more"),
+    "optim.poly_power": (lambda v: v >= 0, "0 or more"),
+    "optim.grad_clip": (lambda v: v >= 0, "0 or more (0 = no clipping)"),
+    "train.epochs": (lambda v: v >= 0, "0 or more"),
+    "train.max_steps": (lambda v: v >= 0, "0 or more (0 = train.epochs decides)"),
+    "train.global_batch_size": (lambda v: v >= 1, "at least 1"),
+    "train.micro_batch_size": (lambda v: v >= 1, "at least 1"),
+    "train.grad_accum_steps": (lambda v: v >= 1, "at least 1"),
+    "train.log_every": (lambda v: v >= 1, "at least 1 (optimizer steps)"),
+    "train.ckpt_every": (lambda v: v >= 0, "0 or more (0 = only at the end)"),
+    "train.keep_last": (lambda v: v >= 1, "at least 1"),
+    "train.max_bad_steps": (lambda v: v >= 1, "at least 1"),
+    "infer.batch_size": (lambda v: v >= 1, "at least 1"),
+    "infer.scales": (lambda v: len(v) >= 1 and all(s > 0 for s in v), "one or more positive scales"),
+}
+
+
+def _value(cfg: Config, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(cfg: Config) -> None:
+    """Range and cross-field checks; a ConfigError names the key(s), the value(s) and what is expected."""
+    for key, (ok, expected) in _RANGES.items():
+        value = _value(cfg, key)
+        if not ok(value):
+            raise ConfigError(f"config key '{key}' must be {expected}, got {value!r}")
+    d, t = cfg.data, cfg.train
+    if d.min_long_side > d.max_long_side:
+        raise ConfigError(
+            f"config key 'data.min_long_side' ({d.min_long_side}) must not exceed 'data.max_long_side' "
+            f"({d.max_long_side}): the long side is drawn from [min_long_side, max_long_side]"
+        )
+    n = cfg.puzzle.num_pieces
+    if t.mode == "puzzle" and d.crop_size % n:
+        raise ConfigError(
+            f"config key 'data.crop_size' ({d.crop_size}) must be divisible by 'puzzle.num_pieces' ({n}): "
+            "the crop is cut into n x n tiles"
+        )
+    if t.epochs == 0 and t.max_steps == 0:
+        raise ConfigError(
+            "config keys 'train.epochs' and 'train.max_steps' are both 0: set one of them (no step to train)"
+        )
 
 
 def dump_config(cfg: Config) -> str:

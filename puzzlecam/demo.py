@@ -156,7 +156,6 @@ def run_demo(args: argparse.Namespace) -> dict[str, dict]:
         run = out / "runs" / mode
         overrides = [
             f"data.train_shards={train_pattern}",
-            f"data.eval_shards={val_pattern}",
             f"train.mode={mode}",
             f"train.seed={args.seed}",
             f"train.micro_batch_size={per_proc}",

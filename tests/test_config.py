@@ -1,5 +1,6 @@
 """The typed config: YAML files, dotted overrides, strict validation, exact round trip."""
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,12 @@ def test_overrides_are_typed():
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("optim.lrate=0.1", r"unknown config key 'optim.lrate'; expected one of: lr, momentum"),
+        (
+            "optim.lrate=0.1",
+            r"unknown config key 'optim.lrate' \(did you mean 'optim.lr'\?\); expected one of: lr, momentum",
+        ),
+        ("train.lr=0.05", r"unknown config key 'train.lr' \(did you mean 'optim.lr'\?\)"),
+        ("data.eval_shards=x", r"unknown config key 'data.eval_shards'"),
         ("optimizer.lr=0.1", r"unknown config key 'optimizer'"),
         ("puzzle.level=pixel", r"'puzzle.level' must be one of 'feature', 'cam', got 'pixel'"),
         ("train.epochs=1.5", r"'train.epochs' must be int, got 1.5"),
@@ -66,6 +72,52 @@ def test_the_old_masking_key_still_reads(tmp_path):
     assert cfg.puzzle.re_reduction == "masking" and cfg.puzzle.level == "cam"
     with pytest.raises(ConfigError, match=r"'puzzle.masking' .* and 'puzzle.re_reduction' are both set"):
         load_config(old, ["puzzle.re_reduction=none"])
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.epochs=-1", r"'train.epochs' must be 0 or more, got -1"),
+        ("train.log_every=0", r"'train.log_every' must be at least 1"),
+        ("train.max_bad_steps=0", r"'train.max_bad_steps' must be at least 1"),
+        ("puzzle.num_pieces=0", r"'puzzle.num_pieces' must be at least 1"),
+        ("model.num_classes=0", r"'model.num_classes' must be at least 1"),
+        ("data.crop_size=0", r"'data.crop_size' must be at least 1"),
+        ("train.micro_batch_size=-4", r"'train.micro_batch_size' must be at least 1, got -4"),
+        ("train.global_batch_size=0", r"'train.global_batch_size' must be at least 1"),
+        ("optim.lr=0", r"'optim.lr' must be positive, got 0.0"),
+        ("optim.lr=-0.1", r"'optim.lr' must be positive"),
+        ("optim.momentum=1.0", r"'optim.momentum' must be in \[0, 1\)"),
+        ("data.max_corrupt_fraction=2", r"'data.max_corrupt_fraction' must be a fraction in \[0, 1\]"),
+        ("infer.scales=[1.0, 0]", r"'infer.scales' must be one or more positive scales"),
+        ("data.min_long_side=700", r"'data.min_long_side' \(700\) must not exceed 'data.max_long_side' \(640\)"),
+        ("data.crop_size=511", r"'data.crop_size' \(511\) must be divisible by 'puzzle.num_pieces' \(2\)"),
+        ("train.epochs=0", r"'train.epochs' and 'train.max_steps' are both 0"),
+    ],
+)
+def test_values_out_of_range_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_range_edges_that_are_allowed():
+    cfg = load_config(None, ["train.epochs=0", "train.max_steps=5", "train.ckpt_every=0", "optim.grad_clip=0"])
+    assert cfg.train.max_steps == 5
+    # Baseline mode cuts no tiles: an odd crop is fine there.
+    assert load_config(None, ["train.mode=baseline", "data.crop_size=511"]).data.crop_size == 511
+
+
+def test_keys_that_went_are_dropped_from_old_files_with_a_warning(tmp_path, caplog):
+    old = tmp_path / "config.yaml"
+    old.write_text("data:\n  eval_shards: x/val-*.tar\n  crop_size: 64\ntrain:\n  epoch_size: 10\n")
+    logger = logging.getLogger("puzzlecam.config")
+    logger.addHandler(caplog.handler)  # the puzzlecam logger may not propagate (a command set it up)
+    try:
+        cfg = load_config(old)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert cfg.data.crop_size == 64
+    assert "ignoring 'data.eval_shards'" in caplog.text and "ignoring 'train.epoch_size'" in caplog.text
 
 
 def test_bad_file_names_the_file(tmp_path):
