@@ -8,8 +8,9 @@ Two passes: every input path is checked first (a missing file fails before any w
 image is decoded and checked while the shards are written under temporary names. With
 ``--on-error fail`` any problem removes the temporaries, nothing final is written and a
 :class:`~puzzlecam.errors.DataError` lists the problems; with ``skip`` bad images are left out, each
-logged as a warning. The shards and ``manifest.parquet`` are renamed into place at the end; the
-manifest keeps the rows of other splits written to the same directory.
+logged as a warning. The shards and ``manifest.parquet`` are renamed into place at the end, once
+all of them are on disk (a full or read-only disk is one :class:`~puzzlecam.errors.DiskError` and
+leaves the directory as it was); the manifest keeps the rows of other splits written to the same directory.
 """
 
 from __future__ import annotations
@@ -260,6 +261,10 @@ def shard_dataset(
             )
         if not rows:
             raise DataError(f"no image of split {split!r} could be read:\n" + _listing(problems))
+        # Everything that takes room is on disk before anything is renamed: a full disk leaves the
+        # directory as it was. The manifest goes first; renaming the shards after it takes no room.
+        writer.close()
+        _write_manifest(out, split, rows)
         shards = writer.commit()
     except BaseException:
         writer.abort()
@@ -268,7 +273,6 @@ def shard_dataset(
     for stale in out.glob(f"{split}-*.tar"):  # from an earlier, larger run (--overwrite)
         if stale.name not in keep:
             stale.unlink()
-    _write_manifest(out, split, rows)
     if problems:
         log.warning("skipped %d image(s) with bad input (listed above)", len(problems))
     return ShardResult(out=out, split=split, shards=shards, rows=rows, skipped=problems)

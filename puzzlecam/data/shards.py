@@ -12,6 +12,7 @@ can be unpickled or run. Member names are never used as file-system paths.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import json
@@ -27,7 +28,7 @@ from PIL import Image
 from puzzlecam import NUM_CLASSES
 from puzzlecam.data.voc import check_mask_values
 from puzzlecam.errors import CorruptSample, ShardError
-from puzzlecam.utils.files import commit_temporary, temporary_path
+from puzzlecam.utils.files import commit_temporary, raise_disk_problem, remove_quietly, temporary_path
 from puzzlecam.utils.labelmap import decode_label_png
 
 DECODED_KEYS = ("jpg", "json", "seg.png")
@@ -226,7 +227,9 @@ class ShardWriter:
     """Writes ``{split}-{index:06d}.tar`` under temporary names; :meth:`commit` renames them all.
 
     The temporaries are :func:`puzzlecam.utils.files.temporary_path` names (``.NAME.tmp-PID``), so
-    shard globs never pick them up; :meth:`abort` removes them.
+    shard globs never pick them up. A write that fails on a full or read-only disk removes every
+    temporary first, then raises one :class:`~puzzlecam.errors.DiskError` naming the shard;
+    :meth:`abort` removes them after any other failure.
     """
 
     def __init__(self, out_dir: Path, split: str, shard_size: int):
@@ -241,42 +244,63 @@ class ShardWriter:
 
     def add(self, key: str, members: dict[str, bytes]) -> str:
         """Add one sample; returns the name of the shard that holds it."""
-        if self._tar is None or self._count == self.shard_size:
-            self._close_current()
-            final = self.out_dir / self.shard_name(len(self.written))
-            tmp = temporary_path(final)
-            self.written.append((tmp, final))
-            self._file = open(tmp, "wb")  # closed by _close_current
-            self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
-            self._count = 0
-        for ext in sorted(members):
-            data = members[ext]
-            self._tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
+        with self._cleaning_up_on_failure():
+            if self._tar is None or self._count == self.shard_size:
+                self._close_current()
+                final = self.out_dir / self.shard_name(len(self.written))
+                tmp = temporary_path(final)
+                self.written.append((tmp, final))
+                self._file = open(tmp, "wb")  # closed by _close_current
+                self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+                self._count = 0
+            for ext in sorted(members):
+                data = members[ext]
+                self._tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
         self._count += 1
         return self.written[-1][1].name
 
-    def _close_current(self, *, sync: bool = True) -> None:
+    def close(self) -> None:
+        """Finish the last shard: every shard is complete on disk, none is renamed yet."""
+        with self._cleaning_up_on_failure():
+            self._close_current()
+
+    def commit(self) -> list[Path]:
+        """Finish the last shard and rename every temporary into place; returns the final paths."""
+        self.close()
+        return [commit_temporary(tmp, final) for tmp, final in self.written]
+
+    def abort(self) -> None:
+        """Remove every temporary written so far (nothing final has been touched). Never raises: it runs
+        after a failure, and closing the tar would write its end blocks to a disk that just failed."""
+        file, self._file, self._tar = self._file, None, None
+        if file is not None:
+            try:
+                file.close()
+            except OSError:  # the buffered bytes cannot be flushed; the descriptor is closed all the same
+                pass
+        for tmp, _ in self.written:
+            remove_quietly(tmp)
+
+    @contextlib.contextmanager
+    def _cleaning_up_on_failure(self):
+        try:
+            yield
+        except BaseException as exc:
+            where = self.written[-1][1] if self.written else self.out_dir
+            try:
+                raise_disk_problem(where, exc)  # before the clean-up, so that a full disk still looks full
+            finally:
+                self.abort()
+            raise
+
+    def _close_current(self) -> None:
         if self._tar is not None:
             self._tar.close()  # writes the end-of-archive blocks; the file stays open
             self._tar = None
         if self._file is not None:
-            try:
-                if sync:  # on disk before the rename, as utils.files.atomic_write does
-                    self._file.flush()
-                    os.fsync(self._file.fileno())
+            file, self._file = self._file, None
+            try:  # on disk before the rename, as utils.files.atomic_write does
+                file.flush()
+                os.fsync(file.fileno())
             finally:
-                self._file.close()
-                self._file = None
-
-    def commit(self) -> list[Path]:
-        """Finish the last shard and rename every temporary into place; returns the final paths."""
-        self._close_current()
-        return [commit_temporary(tmp, final) for tmp, final in self.written]
-
-    def abort(self) -> None:
-        """Remove every temporary written so far (nothing final has been touched)."""
-        try:
-            self._close_current(sync=False)
-        finally:
-            for tmp, _ in self.written:
-                tmp.unlink(missing_ok=True)
+                file.close()

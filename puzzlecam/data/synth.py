@@ -10,12 +10,14 @@ objects per image; objects never cover an earlier object's part. Masks hold the 
 with a thin 255 (void) band on every boundary, as VOC's do.
 
 Image i depends only on (seed, i): the output is deterministic for a seed. The folder is written
-under a temporary name beside ``out`` and renamed at the end, so ``out`` is complete or absent.
+under a temporary name beside ``out`` and renamed at the end, so ``out`` is complete or absent (a
+full or read-only disk is one :class:`~puzzlecam.errors.DiskError`, and an earlier ``out`` stays).
 """
 
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from PIL import Image
 from puzzlecam import VOC_CLASSES
 from puzzlecam.data.voc import CLASS_INDEX
 from puzzlecam.errors import UsageError
-from puzzlecam.utils.files import commit_temporary, temporary_path
+from puzzlecam.utils.files import TEMP_MARK, commit_temporary, raise_disk_problem, temporary_path
 from puzzlecam.utils.labelmap import IGNORE_INDEX, encode_label_png
 from puzzlecam.utils.progress import ProgressBar
 
@@ -297,10 +299,21 @@ def synthesize(
         splits = {"train": ids[: num_images - n_val], "val": ids[num_images - n_val :], "trainval": ids}
         for name, members in splits.items():
             (dirs["ImageSets/Segmentation"] / f"{name}.txt").write_text("".join(f"{m}\n" for m in members))
-        if out.exists():
-            shutil.rmtree(out)
-        commit_temporary(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _replace_folder(tmp, out)
+    except BaseException as exc:
+        try:
+            raise_disk_problem(out, exc)  # before the clean-up, so that a full disk still looks full
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return SynthResult(out=out, classes=class_ids, splits=splits)
+
+
+def _replace_folder(new: Path, out: Path) -> None:
+    """Rename the finished folder ``new`` to ``out``; an existing ``out`` is moved aside first and removed
+    only once the new one is in place (renames take no room, so a full disk cannot stop half-way)."""
+    old = out.with_name(f".{out.name}.old{TEMP_MARK}{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    commit_temporary(new, out)
+    shutil.rmtree(old, ignore_errors=True)
