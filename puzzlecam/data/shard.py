@@ -15,7 +15,6 @@ leaves the directory as it was); the manifest keeps the rows of other splits wri
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
@@ -25,9 +24,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import Image
 
-from puzzlecam.data.shards import ShardWriter
+from puzzlecam.data.shards import ImageTooLarge, ShardWriter, open_image
 from puzzlecam.data.voc import VocSources, check_mask_values, parse_annotation, read_id_list, read_mask
 from puzzlecam.errors import DataError, UsageError
 from puzzlecam.utils.files import atomic_write
@@ -104,7 +102,7 @@ def _read_sample(image_id: str, jpeg: Path, xml: Path | None, mask_path: Path | 
     current = jpeg
     try:
         jpg = jpeg.read_bytes()
-        with Image.open(io.BytesIO(jpg)) as img:
+        with open_image(jpg) as img:
             if img.format != "JPEG":
                 raise ValueError(f"not a JPEG file ({img.format})")
             img.load()  # a full decode catches truncated files
@@ -116,16 +114,25 @@ def _read_sample(image_id: str, jpeg: Path, xml: Path | None, mask_path: Path | 
         members = {"jpg": jpg}
         if mask_path is not None:
             current = mask_path
+            if mask_path.suffix == ".png":  # its header first: a forged size is never decoded
+                with open_image(mask_path.read_bytes()) as header:
+                    _check_mask_size(header.size, width, height)
             mask = read_mask(mask_path)
-            if mask.shape != (height, width):
-                raise ValueError(f"mask is {mask.shape[1]}x{mask.shape[0]}, image is {width}x{height}")
+            _check_mask_size(mask.shape[::-1], width, height)
             check_mask_values(mask)
             members["seg.png"] = encode_label_png(mask)
         meta = {"id": image_id, "labels": labels, "height": height, "width": width}
         members["json"] = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
         return members, meta
+    except ImageTooLarge as e:
+        raise _SampleFailed(Problem(image_id, current, str(e))) from None
     except Exception as e:
         raise _SampleFailed(Problem(image_id, current, f"unreadable: {type(e).__name__}: {e}")) from None
+
+
+def _check_mask_size(size: tuple[int, int], width: int, height: int) -> None:
+    if tuple(size) != (width, height):
+        raise ValueError(f"mask is {size[0]}x{size[1]}, image is {width}x{height}")
 
 
 class _SampleFailed(Exception):

@@ -7,7 +7,8 @@ themselves (see loader.py) instead of streaming shards through a shuffle buffer.
 
 Security: only the members named in :data:`DECODED_KEYS` are ever read; every other member (``.pyd``,
 ``.pth``, ``.pickle``, ...) is skipped by offset without reading a byte of it, so nothing in a shard
-can be unpickled or run. Member names are never used as file-system paths.
+can be unpickled or run. Member names are never used as file-system paths. An image whose header
+declares more pixels than :func:`puzzlecam.utils.limits.max_image_pixels` is refused before decoding.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import io
 import json
 import os
 import tarfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,9 +29,10 @@ from PIL import Image
 
 from puzzlecam import NUM_CLASSES
 from puzzlecam.data.voc import check_mask_values
-from puzzlecam.errors import CorruptSample, ShardError
+from puzzlecam.errors import CorruptSample, PuzzleCamError, ShardError
 from puzzlecam.utils.files import commit_temporary, raise_disk_problem, remove_quietly, temporary_path
 from puzzlecam.utils.labelmap import decode_label_png
+from puzzlecam.utils.limits import image_size_problem
 
 DECODED_KEYS = ("jpg", "json", "seg.png")
 # Largest member that is read (a hostile header could claim anything up to the file size).
@@ -170,6 +173,28 @@ class ShardReader:
             self.close()
 
 
+class ImageTooLarge(ValueError):
+    """An image whose header declares more pixels than :func:`puzzlecam.utils.limits.max_image_pixels`."""
+
+
+def open_image(data: bytes) -> Image.Image:
+    """``data`` opened by PIL with only its header read; a declared size above the pixel bound
+    (:mod:`puzzlecam.utils.limits`) raises :class:`ImageTooLarge` before a byte is decoded."""
+    try:
+        with warnings.catch_warnings():
+            # PIL warns above its own level; the bound below decides (and says so in one message).
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:  # above twice PIL's level PIL refuses by itself
+        raise ImageTooLarge(f"refused before decoding: {e}") from None
+    width, height = image.size
+    problem = image_size_problem(height, width)
+    if problem is not None:
+        image.close()
+        raise ImageTooLarge(f"refused before decoding: {problem}")
+    return image
+
+
 @dataclass
 class Sample:
     key: str
@@ -191,17 +216,24 @@ def decode_sample(reader: ShardReader, ref: SampleRef, with_mask: bool) -> Sampl
         labels = meta["labels"]
         if not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < NUM_CLASSES for c in labels):
             raise CorruptSample(f"labels {labels[:8]} out of range 0..{NUM_CLASSES - 1}")
-        with Image.open(io.BytesIO(reader.read(ref.shard, *ref.members["jpg"]))) as img:
+        member = "jpg"  # the one an ImageTooLarge is about
+        with open_image(reader.read(ref.shard, *ref.members["jpg"])) as img:
             if img.format != "JPEG":
                 raise CorruptSample(f"jpg member is {img.format}, not JPEG")
             image = np.array(img.convert("RGB"))
         mask = None
         if with_mask and "seg.png" in ref.members:
-            mask = decode_label_png(reader.read(ref.shard, *ref.members["seg.png"]))
-            if mask.shape != image.shape[:2]:
-                raise CorruptSample(f"mask {mask.shape} does not match image {image.shape[:2]}")
+            member = "seg.png"
+            png = reader.read(ref.shard, *ref.members["seg.png"])
+            with open_image(png) as header:
+                size = header.size[::-1]
+            if size != image.shape[:2]:  # checked on the header: a forged size is never decoded
+                raise CorruptSample(f"mask {size} does not match image {image.shape[:2]}")
+            mask = decode_label_png(png)
             check_mask_values(mask)
-    except CorruptSample:
+    except ImageTooLarge as e:
+        raise CorruptSample(f"{member} {e}") from None
+    except PuzzleCamError:  # CorruptSample, or a bad $PUZZLECAM_MAX_IMAGE_PIXELS (not the sample's fault)
         raise
     except Exception as e:  # PIL / json / zlib errors of a damaged member
         raise CorruptSample(f"{type(e).__name__}: {e}") from None
