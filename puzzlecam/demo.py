@@ -4,16 +4,20 @@ Generates a synthetic VOC-format set, shards it, trains a baseline and a Puzzle-
 ``deepspeed`` launcher (2 CPU processes by default), runs multi-scale CAM inference and the
 threshold-sweep evaluation on the evaluation split, writes overlays, and prints one comparison table.
 
-Every stage runs the same commands a user would run (shown before each stage), and every stage is
-reused when its output is already complete, so a rerun is quick and an interrupted demo resumes.
-The stage headers, each stage's own output (streamed live) and the final table are the command's
-output (stdout); see docs/demo.md.
+Every stage runs the same commands a user would run (shown before each stage). A stage is reused
+only when its settings and inputs are those of its recorded complete run (:class:`Stages`,
+``OUT/stages.json``), so a rerun with the same options is quick, an interrupted demo resumes, and
+changed options rerun exactly the stages they reach. The stage headers, each stage's own output
+(streamed live), one ``ran: STAGE`` / ``reused: STAGE`` line per stage and the final table are the
+command's output (stdout); see docs/demo.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import logging
 import os
 import shlex
 import shutil
@@ -28,11 +32,15 @@ from rich.table import Table
 from puzzlecam.config import load_config
 from puzzlecam.errors import DemoError, UsageError
 from puzzlecam.utils.cli import run_command
+from puzzlecam.utils.files import atomic_write_json
 from puzzlecam.utils.net import free_port
+
+log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "launch" / "configs" / "demo_cpu.yaml"
 MODES = ("baseline", "puzzle")
+STAGE_RECORD = "stages.json"
 
 console = Console(width=max(110, shutil.get_terminal_size((110, 24)).columns))
 
@@ -46,8 +54,8 @@ def _bin(name: str) -> str:
     return found
 
 
-def _run(stage: str, cmd: list[str], log: Path, env: dict[str, str] | None = None) -> None:
-    """Run one stage's command, showing it, its output live, and failing with its log's path."""
+def _run(stage: str, cmd: list[str], log: Path, env: dict[str, str] | None = None) -> float:
+    """Run one stage's command, showing it and its output live; returns its seconds, fails naming its log."""
     console.rule(f"[bold]{stage}")
     console.print("$ " + shlex.join(cmd), style="dim", soft_wrap=True)
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -69,20 +77,88 @@ def _run(stage: str, cmd: list[str], log: Path, env: dict[str, str] | None = Non
         rc = proc.wait()
     if rc != 0:
         raise DemoError(f"stage '{stage}' failed with exit code {rc}; full output in {log}")
-    console.print(f"[green]{stage}: done in {time.monotonic() - start:.0f} s[/]")
+    return time.monotonic() - start
 
 
-def _train_command(launcher: str, procs: int, config: Path, run_dir: Path, overrides: list[str]) -> list[str]:
-    entry = [
-        str(REPO / "launch" / "train.py"),
-        "--config",
-        str(config),
-        "--run-dir",
-        str(run_dir),
-        "--resume",
-        "auto",
-        *overrides,
-    ]
+def fingerprint(obj) -> str:
+    """A hash of JSON-able settings (key order does not matter)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+class Stages:
+    """The demo's record of its stages (``OUT/stages.json``) and the rule for reusing one (docs/demo.md).
+
+    A stage's fingerprint covers its settings (its command line unless given) and the fingerprints of
+    the stages whose output it reads, so a change reaches every stage after it. A stage is reused only
+    when the record holds its current fingerprint as finished and its output is there. One recorded as
+    started with the same fingerprint (interrupted, or failed) runs again on its output, which lets
+    training resume from its newest checkpoint. Any other stage (new settings or inputs, no record, a
+    damaged record, missing output) has its ``outputs`` removed first and runs from scratch.
+    """
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.path = self.out / STAGE_RECORD
+        self.records = self._read()
+
+    def _read(self) -> dict[str, dict]:
+        try:
+            records = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            log.warning("%s is unreadable (%s); every stage runs again", self.path, e)
+            return {}
+        return records if isinstance(records, dict) else {}
+
+    def run(
+        self,
+        key: str,
+        title: str,
+        cmd: list[str],
+        *,
+        complete,
+        outputs: tuple[Path, ...] | list[Path] = (),
+        inputs: tuple[str, ...] | list[str] = (),
+        settings=None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """Run stage ``key`` (shown as ``title``) unless its recorded run can be reused; ``complete()``
+        says whether its output is there."""
+        current = fingerprint(
+            {
+                "settings": cmd if settings is None else settings,
+                "inputs": {name: self.records[name]["fingerprint"] for name in inputs},
+            }
+        )
+        record = self.records.get(key) or {}
+        same = record.get("fingerprint") == current
+        if same and record.get("state") == "done" and complete():
+            console.print(f"reused: {key} (settings and inputs unchanged)", markup=False, highlight=False)
+            return
+        if same and record.get("state") == "started":
+            why = "resumed"
+        else:
+            why = "output missing" if same else "settings or inputs changed" if record else "no earlier run"
+            for path in outputs:
+                _remove(path)
+        self.records[key] = {"fingerprint": current, "state": "started", "command": shlex.join(cmd)}
+        atomic_write_json(self.path, self.records)
+        seconds = _run(title, cmd, self.out / "logs" / f"{key}.log", env)
+        self.records[key]["state"] = "done"
+        atomic_write_json(self.path, self.records)
+        console.print(f"ran: {key} in {seconds:.0f} s ({why})", markup=False, highlight=False)
+
+
+def _train_command(launcher: str, procs: int, entry: list[str]) -> list[str]:
+    """``launch/train.py`` + ``entry`` under ``launcher`` (each launcher on a free port)."""
     if launcher == "deepspeed":
         return [
             _bin("deepspeed"),
@@ -110,7 +186,7 @@ def _train_command(launcher: str, procs: int, config: Path, run_dir: Path, overr
 
 def run_demo(args: argparse.Namespace) -> dict[str, dict]:
     out = Path(args.out).resolve()
-    voc, shards, logs = out / "voc", out / "shards", out / "logs"
+    voc, shards = out / "voc", out / "shards"
     py = sys.executable
     # Single-threaded math per process: the launcher starts several processes on few cores.
     env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // max(1, args.procs)))}
@@ -123,37 +199,31 @@ def run_demo(args: argparse.Namespace) -> dict[str, dict]:
             f"--procs {args.procs}: train.global_batch_size={cfg.train.global_batch_size} is not divisible by "
             f"--procs {args.procs} x train.grad_accum_steps {cfg.train.grad_accum_steps}"
         )
-    if not (voc / "ImageSets" / "Segmentation" / "val.txt").exists():
-        _run(
-            "synthetic VOC-format data",
-            [
-                py,
-                "-m",
-                "puzzlecam.data",
-                "synth",
-                "--out",
-                str(voc),
-                "--num-images",
-                str(args.num_images),
-                "--size",
-                str(args.size),
-                "--seed",
-                str(args.seed),
-            ],
-            logs / "synth.log",
-        )
+    stages = Stages(out)
+    synth = [py, "-m", "puzzlecam.data", "synth", "--out", str(voc), "--overwrite"]
+    synth += ["--num-images", str(args.num_images), "--size", str(args.size), "--seed", str(args.seed)]
+    # synth and shard --overwrite replace their earlier output atomically: nothing to remove first.
+    stages.run(
+        "synth",
+        "synthetic VOC-format data",
+        synth,
+        complete=(voc / "ImageSets" / "Segmentation" / "val.txt").exists,
+    )
     for split in ("train", "val"):
-        if not any(shards.glob(f"{split}-*.tar")):
-            _run(
-                f"shard the {split} split",
-                [py, "-m", "puzzlecam.data", "shard", "--voc-root", str(voc), "--split", split, "--out", str(shards)],
-                logs / f"shard_{split}.log",
-            )
+        stages.run(
+            f"shard_{split}",
+            f"shard the {split} split",
+            [py, "-m", "puzzlecam.data", "shard", "--voc-root", str(voc), "--split", split, "--out", str(shards)]
+            + ["--overwrite"],
+            inputs=["synth"],
+            complete=lambda split=split: any(shards.glob(f"{split}-*.tar")),
+        )
     train_pattern, val_pattern = str(shards / "train-*.tar"), str(shards / "val-*.tar")
 
     results = {}
     for mode in MODES:
         run = out / "runs" / mode
+        cams, evaluation, viz = run / "cams", run / "eval", run / "viz"
         overrides = [
             f"data.train_shards={train_pattern}",
             f"train.mode={mode}",
@@ -161,67 +231,51 @@ def run_demo(args: argparse.Namespace) -> dict[str, dict]:
             f"train.micro_batch_size={per_proc}",
             *args.set,
         ]
-        if not (run / "model.safetensors").exists():
-            _run(
-                f"train {mode} ({args.launcher}, {args.procs} processes)",
-                _train_command(args.launcher, args.procs, Path(args.config), run, overrides),
-                logs / f"train_{mode}.log",
-                env,
-            )
-        cams, evaluation, viz = run / "cams", run / "eval", run / "viz"
-        if not (cams / "index.parquet").exists():
-            cmd = [
-                py,
-                "-m",
-                "puzzlecam.infer",
-                "--weights",
-                str(run / "model.safetensors"),
-                "--shards",
-                val_pattern,
-                "--out",
-                str(cams),
-                "--device",
-                "cpu",
-                "--num-workers",
-                "1",
-            ]
-            _run(f"multi-scale CAM inference ({mode})", cmd, logs / f"infer_{mode}.log", env)
-        if not (evaluation / "summary.json").exists():
-            _run(
-                f"threshold-sweep evaluation ({mode})",
-                [
-                    py,
-                    "-m",
-                    "puzzlecam.evaluate",
-                    "--cams",
-                    str(cams),
-                    "--shards",
-                    val_pattern,
-                    "--out",
-                    str(evaluation),
-                ],
-                logs / f"eval_{mode}.log",
-            )
-        if not (viz / "grid.png").exists():
-            _run(
-                f"overlays ({mode})",
-                [
-                    py,
-                    "-m",
-                    "puzzlecam.viz",
-                    "--cams",
-                    str(cams),
-                    "--shards",
-                    val_pattern,
-                    "--out",
-                    str(viz),
-                    "--n",
-                    str(args.pictures),
-                    "--summary",
-                    str(evaluation / "summary.json"),
-                ],
-                logs / f"viz_{mode}.log",
-            )
+        entry = [str(REPO / "launch" / "train.py"), "--config", args.config, "--run-dir", str(run), "--resume", "auto"]
+        entry += overrides
+        stages.run(
+            f"train_{mode}",
+            f"train {mode} ({args.launcher}, {args.procs} processes)",
+            _train_command(args.launcher, args.procs, entry),
+            # Not the launcher's free port: the resolved config and how many processes share the batch.
+            settings={
+                "launcher": args.launcher,
+                "procs": args.procs,
+                "entry": entry,
+                "config": load_config(args.config, overrides).to_dict(),
+            },
+            inputs=["shard_train"],
+            outputs=[run],  # a stale checkpoint must not be resumed
+            complete=(run / "model.safetensors").exists,
+            env=env,
+        )
+        stages.run(
+            f"infer_{mode}",
+            f"multi-scale CAM inference ({mode})",
+            [py, "-m", "puzzlecam.infer", "--weights", str(run / "model.safetensors"), "--shards", val_pattern]
+            + ["--out", str(cams), "--device", "cpu", "--num-workers", "1"],
+            inputs=[f"train_{mode}", "shard_val"],
+            outputs=[cams],  # inference skips the images already in its store
+            complete=(cams / "index.parquet").exists,
+            env=env,
+        )
+        stages.run(
+            f"eval_{mode}",
+            f"threshold-sweep evaluation ({mode})",
+            [py, "-m", "puzzlecam.evaluate", "--cams", str(cams), "--shards", val_pattern, "--out", str(evaluation)],
+            inputs=[f"infer_{mode}", "shard_val"],
+            outputs=[evaluation],
+            complete=(evaluation / "summary.json").exists,
+        )
+        stages.run(
+            f"viz_{mode}",
+            f"overlays ({mode})",
+            [py, "-m", "puzzlecam.viz", "--cams", str(cams), "--shards", val_pattern, "--out", str(viz)]
+            + ["--n", str(args.pictures), "--summary", str(evaluation / "summary.json")],
+            inputs=[f"eval_{mode}", "shard_val"],
+            outputs=[viz],
+            complete=(viz / "grid.png").exists,
+        )
         summary = json.loads((evaluation / "summary.json").read_text())
         results[mode] = {"summary": summary, "run": run, "grid": viz / "grid.png"}
     return results
@@ -256,7 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m puzzlecam.demo",
         description="The main job on a CPU machine: synthetic VOC-format data -> shards -> baseline and Puzzle-CAM "
         "training (DeepSpeed, 2 processes) -> multi-scale CAMs -> threshold-sweep mIoU -> overlays -> "
-        "one comparison table. Completed stages are reused on a rerun.",
+        "one comparison table. A stage is reused on a rerun when its settings and inputs are unchanged "
+        "(OUT/stages.json); each stage says whether it ran or was reused.",
     )
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument(
