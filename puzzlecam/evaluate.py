@@ -32,6 +32,7 @@ import logging
 import math
 import sys
 from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -40,14 +41,14 @@ import pyarrow.parquet as pq
 import torch
 
 from puzzlecam import VOC_CLASSES
-from puzzlecam.camstore import CamStoreError, cam_path, read_cam
+from puzzlecam.camstore import CamStoreError, cam_path, file_name, output_directory, read_cam, shown_id
 from puzzlecam.errors import EvaluationError
 from puzzlecam.utils.cli import run_command
 from puzzlecam.utils.files import atomic_write, atomic_write_json
-from puzzlecam.utils.labelmap import IGNORE_INDEX, decode_label_png
+from puzzlecam.utils.labelmap import IGNORE_INDEX, decode_label_png, png_size
 from puzzlecam.utils.progress import ProgressBar
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("puzzlecam.evaluate")  # not __name__: that is "__main__" under python -m
 
 NUM_LABELS = len(VOC_CLASSES) + 1  # background + 20 classes
 CLASS_NAMES = ("background",) + VOC_CLASSES
@@ -220,17 +221,12 @@ def sweep_cams(
         for image_id, mask in masks:
             progress.advance()
             try:
-                record = read_cam(cam_dir, image_id)
+                record = read_cam(cam_dir, image_id, size=mask.shape, size_of="the mask")
             except CamStoreError as e:
                 if not cam_path(cam_dir, image_id).exists():
                     missing.append(image_id)
                     continue
                 raise EvaluationError(str(e)) from None
-            if record.size != tuple(mask.shape):
-                raise EvaluationError(
-                    f"{image_id}: CAM hr_cam is {record.size[0]}x{record.size[1]} but the mask is "
-                    f"{mask.shape[0]}x{mask.shape[1]} (CAMs from another data set or resolution?)"
-                )
             try:
                 total_conf += confusion_sweep(
                     torch.from_numpy(record.hr_cam),
@@ -239,7 +235,7 @@ def sweep_cams(
                     thresholds,
                 )
             except EvaluationError as e:
-                raise EvaluationError(f"{image_id}: {e}") from None
+                raise EvaluationError(f"{shown_id(image_id)}: {e}") from None
             count += 1
     _raise_missing(missing, f"CAM files in {cam_dir}")
     return total_conf, count
@@ -254,20 +250,27 @@ def sweep_labels(label_dir: str | Path, masks: Iterable[tuple[str, np.ndarray]],
     with ProgressBar("evaluate labels", total) as progress:
         for image_id, mask in masks:
             progress.advance()
-            path = Path(label_dir, f"{image_id}.png")
+            path = Path(label_dir, file_name(image_id, ".png"))
             if not path.is_file():
                 missing.append(image_id)
                 continue
+            label = shown_id(image_id)
+            data = path.read_bytes()
+            size = png_size(data)  # checked against the mask before anything is decoded
+            if size is not None and size != tuple(mask.shape):
+                raise EvaluationError(
+                    f"{label}: label map {path} is {size[0]}x{size[1]} but the mask is {mask.shape[0]}x{mask.shape[1]}"
+                )
             try:
-                pred = decode_label_png(path.read_bytes())
-            except ValueError as e:  # another format or mode (RGB, ...): the message says which
-                raise EvaluationError(f"{image_id}: {path}: {e}") from None
+                pred = decode_label_png(data)
+            except ValueError as e:  # another format or mode (RGB, ...), above the pixel bound: the message says which
+                raise EvaluationError(f"{label}: {path}: {e}") from None
             except Exception as e:  # not an image, a truncated file, ...
-                raise EvaluationError(f"{image_id}: cannot read label map {path}: {type(e).__name__}: {e}") from None
+                raise EvaluationError(f"{label}: cannot read label map {path}: {type(e).__name__}: {e}") from None
             try:
                 c, u = confusion_from_labels(torch.from_numpy(pred), torch.from_numpy(mask))
             except EvaluationError as e:
-                raise EvaluationError(f"{image_id}: {e}") from None
+                raise EvaluationError(f"{label}: {e}") from None
             conf[0] += c
             undecided += u
             count += 1
@@ -277,7 +280,7 @@ def sweep_labels(label_dir: str | Path, masks: Iterable[tuple[str, np.ndarray]],
 
 def _raise_missing(missing: list[str], what: str) -> None:
     if missing:
-        shown = ", ".join(missing[:20]) + (f", ... ({len(missing)} in all)" if len(missing) > 20 else "")
+        shown = ", ".join(map(shown_id, missing[:20])) + (f", ... ({len(missing)} in all)" if len(missing) > 20 else "")
         raise EvaluationError(f"{len(missing)} images with a mask have no {what}: {shown}")
 
 
@@ -449,6 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args) -> None:
     if args.num_workers < 0:
         raise EvaluationError(f"--num-workers must be 0 or more, got {args.num_workers}")
+    # A file in the way of --out is refused before the evaluation, not after it.
+    with output_directory(args.out) if args.out is not None else nullcontext():
+        _evaluate(args)
+
+
+def _evaluate(args) -> None:
     if args.mode == "cams":
         if args.cams is None:
             raise EvaluationError("--mode cams needs --cams DIR")

@@ -10,9 +10,11 @@
   downscaling), normalized with the ImageNet mean/std, and run together with its horizontal flip
   as one batch. ``puzzlecam.ops.multiscale_cam`` fuses the scales (relu, flip back, resize, sum,
   labelled classes only, max-normalize).
-* Output: ``{id}.npz`` (keys = channel indices 0..19, cam, hr_cam; float16; see
-  puzzlecam.camstore) and, at the end, ``index.parquet`` (rank 0, after a barrier, from the files
-  present) and ``infer.json`` (the settings). Images without labelled classes get empty arrays.
+* Output: ``{id}.npz`` (keys = channel indices 0..19, cam, hr_cam; float16; an id that is not a
+  safe file name is stored under an escaped name, see puzzlecam.camstore) and, at the end,
+  ``index.parquet`` (rank 0, after a barrier, from the files present) and ``infer.json`` (the
+  settings). Images without labelled classes get empty arrays. Nothing is created before the first
+  file is written: a run refused at the start leaves no ``--out`` behind.
 * Under torchrun the images are divided across ranks (each written by exactly one). A rerun skips
   images whose file loads completely; files are written atomically (puzzlecam.utils.files).
 """
@@ -33,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from puzzlecam import ops
-from puzzlecam.camstore import cam_path, is_complete, write_cam, write_index
+from puzzlecam.camstore import is_complete, output_directory, write_cam, write_index
 from puzzlecam.config import ConfigError, load_config
 from puzzlecam.errors import InferenceError
 from puzzlecam.puzzle import strided_size
@@ -42,7 +44,7 @@ from puzzlecam.utils.distributed import barrier, init_distributed, sum_across_ra
 from puzzlecam.utils.files import atomic_write_json, remove_stale_temporaries
 from puzzlecam.utils.progress import ProgressBar
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("puzzlecam.infer")  # not __name__: that is "__main__" under python -m
 
 META_NAME = "infer.json"
 
@@ -249,9 +251,14 @@ def check_flags(args) -> None:
 
 
 def run(args) -> None:
+    check_flags(args)
+    with output_directory(args.out):  # created by the first file written into it
+        _infer(args)
+
+
+def _infer(args) -> None:
     from puzzlecam.data import eval_loader
 
-    check_flags(args)
     # A bare `cuda` becomes cuda:LOCAL_RANK (a bad --device is refused there); without a launcher there is
     # no process group.
     dist_info = init_distributed(args.device, single_process_group=False)
@@ -277,7 +284,6 @@ def run(args) -> None:
         "resize": "bicubic (F.interpolate, antialias, clamped to [0, 1])",
         "precision": args.precision,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
     _check_meta(args.out, meta, args.overwrite)
     barrier()  # every rank has checked the old metadata before rank 0 touches the directory
     if rank == 0:
@@ -308,14 +314,13 @@ def run(args) -> None:
     with ProgressBar(f"CAMs (rank 0 of {world})", len(loader), enabled=rank == 0) as progress:
         for batch in loader:
             image_id = batch["id"][0]
-            cam_path(args.out, image_id)  # rejects ids that cannot be file names
-            if not args.overwrite and is_complete(args.out, image_id):
+            image = batch["image"][0]
+            h, w = image.shape[:2]
+            if not args.overwrite and is_complete(args.out, image_id, size=(h, w)):
                 skipped += 1
             else:
                 keys = batch["labels"][0].nonzero().flatten()
-                image = batch["image"][0]
                 if keys.numel() == 0:  # nothing to localize: empty arrays, all background
-                    h, w = image.shape[:2]
                     small = strided_size((h, w), 4)
                     write_cam(
                         args.out, image_id, keys.numpy(), torch.zeros(0, *small).numpy(), torch.zeros(0, h, w).numpy()
@@ -339,6 +344,7 @@ def run(args) -> None:
         "samples": loader.num_samples,
     }
     if rank == 0:
+        args.out.mkdir(parents=True, exist_ok=True)  # no image written: the index still says so
         index = write_index(args.out)
         meta.update(stats)
         atomic_write_json(args.out / META_NAME, meta)

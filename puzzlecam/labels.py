@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import multiprocessing
 import sys
 from collections.abc import Iterator
@@ -25,14 +26,24 @@ from pathlib import Path
 
 import numpy as np
 
-from puzzlecam.camstore import CamRecord, cam_path, list_ids, read_cam
+from puzzlecam.camstore import (
+    INDEX_NAME,
+    CamRecord,
+    cam_path,
+    file_name,
+    list_ids,
+    output_directory,
+    read_cam,
+    recorded_sizes,
+    shown_id,
+)
 from puzzlecam.errors import LabelsError
 from puzzlecam.utils.cli import run_command
 from puzzlecam.utils.files import atomic_write_bytes
 from puzzlecam.utils.labelmap import IGNORE_INDEX, encode_label_png
 from puzzlecam.utils.progress import ProgressBar
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("puzzlecam.labels")  # not __name__: that is "__main__" under python -m
 
 CRF_GAUSSIAN = dict(sxy=3, compat=3)
 CRF_BILATERAL = dict(sxy=50, srgb=5, compat=10)
@@ -120,20 +131,24 @@ def make_label_map(
 
 
 def _job(args) -> str:
-    cam_dir, out_dir, image_id, image, options = args
-    record = read_cam(cam_dir, image_id)
+    cam_dir, out_dir, image_id, image, size, size_of, options = args
+    record = read_cam(cam_dir, image_id, size=size, size_of=size_of)
     atomic_write_bytes(
-        Path(out_dir, f"{image_id}.png"), encode_label_png(make_label_map(record, image=image, **options))
+        Path(out_dir, file_name(image_id, ".png")), encode_label_png(make_label_map(record, image=image, **options))
     )
     return image_id
 
 
-def _jobs(args, ids_with_images: Iterator[tuple[str, np.ndarray | None]], options: dict):
-    for image_id, image in ids_with_images:
-        yield args.cams, args.out, image_id, image, options
+# An image's (id, RGB image or None, its size if known, where that size comes from).
+Item = tuple[str, np.ndarray | None, tuple[int, int] | None, str]
 
 
-def _shard_images(shards: str, num_workers: int, cam_dir: Path, missing: list[str]):
+def _jobs(args, items: Iterator[Item], options: dict):
+    for image_id, image, size, size_of in items:
+        yield args.cams, args.out, image_id, image, size, size_of, options
+
+
+def _shard_images(shards: str, num_workers: int, cam_dir: Path, missing: list[str], keep_images: bool):
     from puzzlecam.data import eval_loader
 
     for batch in eval_loader(shards, num_workers=num_workers, rank=0, world_size=1):
@@ -141,7 +156,16 @@ def _shard_images(shards: str, num_workers: int, cam_dir: Path, missing: list[st
         if not cam_path(cam_dir, image_id).is_file():
             missing.append(image_id)
             continue
-        yield image_id, np.asarray(batch["image"][0])
+        image = np.asarray(batch["image"][0])
+        yield image_id, image if keep_images else None, image.shape[:2], "the image"
+
+
+def _store_images(cam_dir: Path) -> tuple[list[Item], int]:
+    """Every id of the store, with the size index.parquet records for it (where there is one)."""
+    sizes = recorded_sizes(cam_dir)
+    recorded = f"the size recorded in {cam_dir / INDEX_NAME}"
+    ids = list_ids(cam_dir)
+    return [(image_id, None, sizes.get(image_id), recorded) for image_id in ids], len(ids)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_flags(args) -> None:
     """Refuse bad flag values before any work, naming the flag."""
+    if not math.isfinite(args.threshold):
+        raise LabelsError(f"--threshold must be a finite number, got {args.threshold}")
     if args.bg_threshold is not None and not args.bg_threshold < args.threshold:
         raise LabelsError(f"--bg-threshold {args.bg_threshold} must be below --threshold {args.threshold}")
     if args.jobs < 1:
@@ -205,7 +231,11 @@ def run(args) -> None:
             raise LabelsError("--crf needs --shards PATTERN: the CRF works on the RGB images")
     if not args.cams.is_dir():
         raise LabelsError(f"--cams {args.cams}: no such directory")
-    args.out.mkdir(parents=True, exist_ok=True)
+    with output_directory(args.out):
+        _write_labels(args)
+
+
+def _write_labels(args) -> None:
     options = dict(
         threshold=args.threshold,
         bg_threshold=args.bg_threshold,
@@ -214,14 +244,9 @@ def run(args) -> None:
     )
     missing: list[str] = []
     if args.shards is not None:
-        items = _shard_images(args.shards, args.num_workers, args.cams, missing)
-        if not args.crf:
-            items = ((image_id, None) for image_id, _ in items)
-        total = None
+        items, total = _shard_images(args.shards, args.num_workers, args.cams, missing, keep_images=args.crf), None
     else:
-        ids = list_ids(args.cams)
-        items = ((image_id, None) for image_id in ids)
-        total = len(ids)
+        items, total = _store_images(args.cams)
     jobs = _jobs(args, items, options)
     written = 0
     with ProgressBar("pseudo-labels", total) as progress:
@@ -237,7 +262,7 @@ def run(args) -> None:
                 written += 1
                 progress.advance()
     if missing:
-        shown = ", ".join(missing[:20]) + (f", ... ({len(missing)} in all)" if len(missing) > 20 else "")
+        shown = ", ".join(map(shown_id, missing[:20])) + (f", ... ({len(missing)} in all)" if len(missing) > 20 else "")
         raise LabelsError(f"{len(missing)} images in --shards have no CAM in {args.cams}: {shown}")
     log.info("wrote %d label maps to %s", written, args.out)
 

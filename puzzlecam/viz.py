@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 
@@ -19,14 +20,14 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from puzzlecam import VOC_CLASSES
-from puzzlecam.camstore import CamStoreError, cam_path, read_cam
+from puzzlecam.camstore import CamStoreError, cam_path, file_name, output_directory, read_cam, shown_id
 from puzzlecam.errors import UsageError
 from puzzlecam.labels import predict_labels
 from puzzlecam.utils.cli import run_command
 from puzzlecam.utils.files import atomic_write
 from puzzlecam.utils.labelmap import voc_colormap
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("puzzlecam.viz")  # not __name__: that is "__main__" under python -m
 
 CAPTION_H = 14
 GAP = 2
@@ -89,9 +90,10 @@ def overlay_row(
     """One image's panels side by side (see the module docstring)."""
     if tuple(image.shape[:2]) != record.size:
         raise CamStoreError(
-            f"{image_id}: image is {image.shape[0]}x{image.shape[1]} but its CAM is {record.size[0]}x{record.size[1]}"
+            f"{shown_id(image_id)}: image is {image.shape[0]}x{image.shape[1]} "
+            f"but its CAM is {record.size[0]}x{record.size[1]}"
         )
-    panels = [_panel(image, image_id, height)]
+    panels = [_panel(image, shown_id(image_id), height)]
     for k, cam in zip(record.keys, record.hr_cam, strict=True):
         panels.append(_panel(heat_overlay(image, cam.astype(np.float32)), VOC_CLASSES[int(k)], height))
     pred = predict_labels(record.hr_cam, record.keys, threshold)
@@ -135,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _threshold(args) -> float:
     """--threshold, else the best threshold of --summary, else 0.20."""
     if args.threshold is not None:
+        if not math.isfinite(args.threshold):
+            raise UsageError(f"--threshold must be a finite number, got {args.threshold}")
         return args.threshold
     if args.summary is None:
         return 0.20
@@ -145,23 +149,30 @@ def _threshold(args) -> float:
 
 
 def run(args) -> None:
-    from puzzlecam.data import eval_loader
-
     if args.n < 1:
         raise UsageError(f"--n must be at least 1, got {args.n}")
     if args.height < 1:
         raise UsageError(f"--height must be at least 1 pixel, got {args.height}")
     threshold = _threshold(args)
-    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.cams.is_dir():
+        raise UsageError(f"--cams {args.cams}: no such directory")
+    with output_directory(args.out):
+        _write_overlays(args, threshold)
+
+
+def _write_overlays(args, threshold: float) -> None:
+    from puzzlecam.data import eval_loader
+
     rows = []
     for batch in eval_loader(args.shards, num_workers=0, rank=0, world_size=1):
         image_id = batch["id"][0]
         if not cam_path(args.cams, image_id).is_file():
             continue
-        record = read_cam(args.cams, image_id)
+        image = np.asarray(batch["image"][0])
+        record = read_cam(args.cams, image_id, size=image.shape[:2])
         mask = np.asarray(batch["mask"][0]) if bool(batch["has_mask"][0]) else None
-        row = overlay_row(image_id, np.asarray(batch["image"][0]), record, mask, threshold, args.height)
-        write_png(args.out / f"{image_id}.png", row)
+        row = overlay_row(image_id, image, record, mask, threshold, args.height)
+        write_png(args.out / file_name(image_id, ".png"), row)
         rows.append(row)
         if len(rows) == args.n:
             break

@@ -92,3 +92,49 @@ def test_bench_eval_checks_and_writes_json(tmp_path, capsys):
     figures = json.loads(text)
     assert text.endswith("\n") and figures["identical_confusions"] is True and figures["thresholds"] == 2
     assert [p.name for p in out.parent.iterdir()] == ["eval.json"]  # no temporary file left
+
+
+def test_bad_inputs_are_one_line_and_leave_no_out(tmp_path, capsys):
+    """Shards that match nothing, a file in the way of --out or --cams: one error line, exit 2, no --out made."""
+    from test_infer import make_tiny_model
+
+    weights = make_tiny_model(tmp_path / "run")
+    cams = tmp_path / "cams"
+    write_cam(cams, "a", [0], np.zeros((1, 2, 2)), np.full((1, 5, 5), 0.9))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    nothing = str(tmp_path / "none-*.tar")
+    out = tmp_path / "out" / "sub"
+
+    def argv(command: str, out=out, shards=nothing, cams=cams) -> list[str]:
+        return {
+            "infer": ["--weights", str(weights), "--shards", shards, "--device", "cpu", "--num-workers", "0"],
+            "evaluate": ["--cams", str(cams), "--shards", shards],
+            "labels": ["--cams", str(cams), "--threshold", "0.5", "--shards", shards],
+            "viz": ["--cams", str(cams), "--shards", shards],
+        }[command] + ["--out", str(out)]
+
+    cases = []
+    for command in ("infer", "evaluate", "labels", "viz"):
+        cases += [
+            (command, argv(command), "matches no file"),
+            (command, argv(command, out=a_file), f"--out {a_file} is not a directory"),
+            (command, argv(command, out=a_file / "sub"), f"--out {a_file / 'sub'}: {a_file} is not a directory"),
+        ]
+        if command != "infer":
+            cases.append((command, argv(command, cams=a_file), f"--cams {a_file}"))
+    for command, args, words in cases:
+        assert COMMANDS[command].main(args) == 2, (command, args)
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and words in err, (command, args, err)
+        assert not (tmp_path / "out").exists(), (command, args)
+    assert a_file.read_text() == "not a directory"
+
+
+def test_info_lines_reach_stderr_under_python_m(tmp_path):
+    from test_infer import run_module
+
+    cams = tmp_path / "cams"
+    write_cam(cams, "a", [0], np.zeros((1, 2, 2)), np.full((1, 5, 5), 0.9))
+    done = run_module("puzzlecam.labels", "--cams", str(cams), "--threshold", "0.5", "--out", str(tmp_path / "l"))
+    assert done.returncode == 0 and f"wrote 1 label maps to {tmp_path / 'l'}" in done.stderr, done.stderr
