@@ -131,6 +131,7 @@ def test_bad_inputs_are_one_line_and_leave_no_out(tmp_path, capsys):
     assert a_file.read_text() == "not a directory"
 
 
+@pytest.mark.slow
 def test_info_lines_reach_stderr_under_python_m(tmp_path):
     from test_infer import run_module
 
