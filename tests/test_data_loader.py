@@ -169,6 +169,8 @@ def test_missing_shards_are_clear_errors(synth, tmp_path):
         eval_loader(str(synth / "shards" / "trainval-{000000..000009}.tar"))
     with pytest.raises(ShardError, match="does not exist"):
         eval_loader([str(synth / "shards" / "trainval-000000.tar"), str(tmp_path / "gone.tar")])
+    with pytest.raises(ShardError, match=r"'x/\{0\.\.' is not a valid brace pattern"):
+        eval_loader("x/{0..")
     (tmp_path / "junk.tar").write_bytes(b"not a tar file at all" * 100)
     with pytest.raises(ShardError, match="junk.tar"):
         eval_loader(str(tmp_path / "junk.tar"))

@@ -252,3 +252,10 @@ def test_run_command_reports_a_full_disk_in_one_line(small_disk, capsys):
     assert len(err) == 1 and err[0].startswith("error: no space left on tmpfs") and "summary.json" in err[0], err
     assert run_command(_parser(), raw_write, []) == 1
     assert capsys.readouterr().err.strip().splitlines() == ["error: [Errno 28] No space left on device"]
+
+
+def test_a_module_run_with_python_m_logs_too(capsys):
+    # Under `python -m puzzlecam.X` the module's logger is "__main__", outside the puzzlecam tree.
+    setup_logging("info", rank=0)
+    logging.getLogger("__main__").info("wrote 3 files")
+    assert capsys.readouterr().err == "wrote 3 files\n"

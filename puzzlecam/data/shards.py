@@ -53,7 +53,13 @@ def resolve_shards(shards: str | os.PathLike | list) -> list[Path]:
                 raise ShardError(f"shard directory {item} holds no *.tar files")
             paths += [Path(p) for p in found]
             continue
-        for pattern in braceexpand(item):
+        try:
+            patterns = list(braceexpand(item))
+        except ValueError as e:  # UnbalancedBracesError
+            raise ShardError(
+                f"shard pattern {item!r} is not a valid brace pattern ({e}); e.g. 'dir/train-{{000000..000009}}.tar'"
+            ) from None
+        for pattern in patterns:
             if glob.has_magic(pattern):
                 found = sorted(glob.glob(pattern))
                 if not found:

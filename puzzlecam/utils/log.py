@@ -79,15 +79,17 @@ def setup_logging(level: str | int | None = None, rank: int | None = None) -> lo
     chosen = resolve_level(level)
     if rank != 0 and os.environ.get(ALL_RANKS_ENV, "0") != "1":
         chosen = max(chosen, logging.WARNING)
-    logger = logging.getLogger(LOGGER_NAME)
-    for handler in [h for h in logger.handlers if isinstance(h, _StderrHandler)]:
-        logger.removeHandler(handler)
     handler = _StderrHandler()
     handler.setFormatter(_Formatter(rank))
-    logger.addHandler(handler)
-    logger.setLevel(chosen)
-    logger.propagate = False
-    return logger
+    # A module run as `python -m puzzlecam.X` logs as "__main__": it gets the same handler.
+    for name in (LOGGER_NAME, "__main__"):
+        logger = logging.getLogger(name)
+        for old in [h for h in logger.handlers if isinstance(h, _StderrHandler)]:
+            logger.removeHandler(old)
+        logger.addHandler(handler)
+        logger.setLevel(chosen)
+        logger.propagate = False
+    return logging.getLogger(LOGGER_NAME)
 
 
 def add_log_level_argument(parser, default=None) -> None:
