@@ -259,3 +259,9 @@ def test_a_module_run_with_python_m_logs_too(capsys):
     setup_logging("info", rank=0)
     logging.getLogger("__main__").info("wrote 3 files")
     assert capsys.readouterr().err == "wrote 3 files\n"
+
+
+def test_a_bad_pixel_bound_in_the_environment_is_bad_usage(capsys, monkeypatch):
+    monkeypatch.setenv("PUZZLECAM_MAX_IMAGE_PIXELS", "lots")
+    assert run_command(_parser(), lambda args: 0, []) == 2
+    assert "PUZZLECAM_MAX_IMAGE_PIXELS='lots': expected a positive number of pixels" in capsys.readouterr().err

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from puzzlecam.errors import PuzzleCamError
 from puzzlecam.utils.files import disk_problem
+from puzzlecam.utils.limits import max_image_pixels
 from puzzlecam.utils.log import add_log_level_argument, setup_logging
 
 log = logging.getLogger("puzzlecam.cli")
@@ -49,6 +50,7 @@ def run_command(
     args = parser.parse_args(argv)
     try:
         setup_logging(args.log_level)
+        max_image_pixels()  # a bad $PUZZLECAM_MAX_IMAGE_PIXELS is bad usage, before any work (not a corrupt sample)
         status = run(args)
         return EXIT_OK if status is None else int(status)
     except PuzzleCamError as e:
