@@ -14,7 +14,8 @@ has to start the index sequence at k: nothing before it is read.
 
 A sample that cannot be decoded (bad JPEG/PNG, missing json, labels out of range) is skipped and
 counted; in training its place in the batch goes to the next decodable sample of the rank's order
-(wrapping around), so batches keep their size.
+(wrapping around), so batches keep their size. Training counts them per shard and per epoch too
+(``TrainLoader.epoch_corrupt``), for the trainer's bound on their fraction (docs/training.md).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -141,7 +143,7 @@ class _TrainBatches(Dataset):
         images = np.zeros((B, self.crop_size, self.crop_size, 3), dtype=np.uint8)
         valid = np.zeros((B, 2), dtype=np.int64)
         labels = np.zeros((B, NUM_CLASSES), dtype=np.float32)
-        ids, skipped = [], 0
+        ids, corrupt_shards = [], []
         for b in range(B):
             pos = k * B + b
             slot = self.rank + pos * self.world_size
@@ -154,8 +156,9 @@ class _TrainBatches(Dataset):
                     sample = decode_sample(self.reader, ref, with_mask=False)
                     break
                 except CorruptSample as e:
-                    # Counted at its own slot only, so `skipped` = corrupt samples met in the order.
-                    skipped += attempt == 0
+                    # Counted at its own slot only, so the count = corrupt samples met in the order.
+                    if attempt == 0:
+                        corrupt_shards.append(ref.shard)
                     _warn_corrupt(self.reader, ref, e)
             else:
                 raise ShardError(f"rank {self.rank}: no decodable sample among its {self.per_rank} samples")
@@ -169,7 +172,7 @@ class _TrainBatches(Dataset):
             "valid": torch.from_numpy(valid),
             "labels": torch.from_numpy(labels),
             "id": ids,
-            "skipped": skipped,
+            "corrupt_shards": corrupt_shards,
         }
 
 
@@ -194,7 +197,8 @@ class TrainLoader:
     """Iterating yields the remaining batches of the current epoch, then the epoch counter advances.
 
     ``len(loader)`` is the number of batches per epoch, the same on every rank. ``skipped`` counts
-    the corrupt samples this rank has skipped so far (restored by ``load_state_dict``).
+    the corrupt samples this rank has skipped so far; ``epoch_corrupt`` those of the epoch of the
+    newest batch, per shard (``shard_paths``); both are restored by ``load_state_dict``.
     """
 
     def __init__(
@@ -223,6 +227,7 @@ class TrainLoader:
         self.seed, self.batch_size = _seed_check(seed), batch_size
         reader, refs = _open(shards)
         self.num_samples = len(refs)
+        self.shard_paths = [Path(p) for p in reader.paths]
         self._data = _TrainBatches(
             reader,
             refs,
@@ -254,6 +259,7 @@ class TrainLoader:
             multiprocessing_context="fork" if num_workers > 0 and "fork" in _start_methods() else None,
         )
         self.epoch, self.batches_done, self.skipped = 0, 0, 0
+        self.epoch_corrupt = [0] * len(self.shard_paths)
 
     def __len__(self) -> int:
         return len(self._data)
@@ -261,9 +267,13 @@ class TrainLoader:
     def __iter__(self):
         if self.batches_done >= len(self):
             self.epoch, self.batches_done = self.epoch + 1, 0
+        if self.batches_done == 0:
+            self.epoch_corrupt = [0] * len(self.shard_paths)
         self._indices.epoch, self._indices.start, self._indices.stop = self.epoch, self.batches_done, len(self)
         for batch in self._loader:
-            self.skipped += batch.pop("skipped")
+            for shard in batch.pop("corrupt_shards"):
+                self.epoch_corrupt[shard] += 1
+                self.skipped += 1
             self.batches_done += 1
             yield batch
         self.epoch, self.batches_done = self.epoch + 1, 0
@@ -276,6 +286,7 @@ class TrainLoader:
             "epoch": self.epoch,
             "batches_done": self.batches_done,
             "skipped": self.skipped,
+            "epoch_corrupt": list(self.epoch_corrupt),
             "seed": self.seed,
             "world_size": self.world_size,
             "batch_size": self.batch_size,
@@ -296,6 +307,11 @@ class TrainLoader:
             int(state["batches_done"]),
             int(state["skipped"]),
         )
+        # A checkpoint older than the per-shard counts, or of the same samples cut into other shards:
+        # the epoch's count starts again.
+        counts = state.get("epoch_corrupt")
+        fits = counts is not None and len(counts) == len(self.shard_paths)
+        self.epoch_corrupt = [int(n) for n in counts] if fits else [0] * len(self.shard_paths)
 
 
 def _start_methods():
