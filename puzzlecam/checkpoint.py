@@ -1,29 +1,48 @@
-"""Checkpoint bookkeeping around DeepSpeed's own save/load.
+"""Checkpoint bookkeeping around DeepSpeed's own save/load, and reading checkpoint files safely.
 
 Layout under ``{run_dir}/checkpoints/``::
 
-    step00000010/              one DeepSpeed tag (model + optimizer states, client state)
-        trainer_rank000.pt     per-rank trainer state: RNG states, data-loader position
-        COMPLETE               written last, atomically, after every rank finished saving
-    latest                     DeepSpeed's pointer (informational; resume trusts COMPLETE markers)
+    step00000010/                    one DeepSpeed tag
+        mp_rank_00_model_states.pt   DeepSpeed: model + optimizer states, the trainer's client state
+        trainer_rank000.pt           per-rank trainer state: RNG states, data-loader position
+        COMPLETE                     written last, atomically, after every rank finished saving
+    latest                           the newest complete tag (for DeepSpeed's tools; resume trusts COMPLETE)
 
 A save that dies half way leaves a tag without COMPLETE: resume ignores it and takes the newest
 complete tag, so the previous checkpoint stays usable. Pruning keeps the newest ``keep_last``
 complete tags and removes everything older (and any incomplete leftovers).
+
+Reading (docs/training.md, "Checkpoints and resume"): every ``.pt`` file is read by torch's weights-only
+unpickler (:func:`safe_load`): tensors, plain values and the few plain DeepSpeed classes of
+:func:`deepspeed_safe_globals`. A file whose pickle names anything else (a function, a class that
+could run code) is refused with one :class:`UsageError` naming it; nothing in it runs.
+:func:`check_files` scans a whole tag before anything is loaded, so every rank refuses the same
+checkpoint at the same point. DeepSpeed's own ``engine.load_checkpoint`` reads through
+:class:`GuardedCheckpointEngine`, which also keeps a failed save (a full disk) from being raised inside
+DeepSpeed's collective save.
 """
 
 from __future__ import annotations
 
+import logging
+import pickle
 import re
 import shutil
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from puzzlecam.errors import UsageError
-from puzzlecam.utils.files import atomic_write, atomic_write_text
+from puzzlecam.errors import DiskError, PuzzleCamError, TrainingError, UsageError
+from puzzlecam.utils.files import atomic_write, atomic_write_text, disk_problem, remove_quietly
+
+log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
+LATEST = "latest"
+# DeepSpeed's model-state file of a data-parallel run (ZeRO stages 0-2): it holds the client state.
+MODEL_STATES = "mp_rank_00_model_states.pt"
 _TAG = re.compile(r"^step(\d{8})$")
 
 
@@ -59,8 +78,48 @@ def latest_complete(ckpt_dir: Path) -> Path | None:
 
 
 def mark_complete(tag_dir: Path, step: int) -> None:
-    """Atomically mark a tag as fully written (rank 0, after a barrier)."""
+    """Atomically mark a tag as fully written (rank 0, after every rank saved)."""
     atomic_write_text(Path(tag_dir) / COMPLETE, f"{step}\n")
+
+
+def point_latest(tag_dir: Path) -> None:
+    """Point ``latest`` at a complete tag. It only serves DeepSpeed's tools: failing to update it leaves
+    a usable checkpoint, so that is a warning, not an error."""
+    tag_dir = Path(tag_dir)
+    try:
+        atomic_write_text(tag_dir.parent / LATEST, tag_dir.name)
+    except OSError as e:
+        log.warning("checkpoint %s is complete, but %s was not updated: %s", tag_dir, tag_dir.parent / LATEST, e)
+
+
+def discard(tag_dir: Path) -> None:
+    """Remove a checkpoint whose save failed (where the disk allows; it has no COMPLETE either way)."""
+    shutil.rmtree(tag_dir, ignore_errors=True)
+
+
+def set_aside(run_dir: Path, names: tuple[str, ...]) -> Path | None:
+    """Move a run's checkpoints and its files ``names`` (weights, metrics, ...) into
+    ``checkpoints.replaced-{time}/``, so that a fresh run in ``run_dir`` is not mixed with the old one.
+    Returns the folder, or None when there was nothing of an earlier run."""
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    files = [run_dir / name for name in names if (run_dir / name).is_file()]
+    has_checkpoints = ckpt_dir.is_dir() and any(ckpt_dir.iterdir())
+    if not has_checkpoints and not any(p.name != "config.yaml" for p in files):
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = run_dir / f"checkpoints.replaced-{stamp}"
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = run_dir / f"checkpoints.replaced-{stamp}-{n}"
+    if ckpt_dir.is_dir():
+        ckpt_dir.rename(aside)
+    else:
+        aside.mkdir()
+    for p in files:
+        p.rename(aside / p.name)
+    return aside
 
 
 def prune(ckpt_dir: Path, keep_last: int) -> list[Path]:
@@ -119,4 +178,126 @@ def load_trainer_state(tag_dir: Path, rank: int) -> dict:
             f"{path} is missing: the checkpoint {tag_dir} was written by fewer ranks than this run has "
             "(resuming with a different world size is not supported)"
         )
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return safe_load(path)
+
+
+def read_client_state(tag_dir: Path) -> dict:
+    """The trainer's client state (step, config, world size, ...) of a checkpoint, read safely.
+
+    The model and optimizer tensors are memory-mapped, not read.
+    """
+    path = Path(tag_dir) / MODEL_STATES
+    if not path.is_file():
+        raise UsageError(f"{path} is missing: {tag_dir} is not a checkpoint of this trainer")
+    state = safe_load(path, mmap=True)
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict) or "step" not in state:
+        raise UsageError(f"{path} holds no trainer state (step, config): {tag_dir} is not a checkpoint of this trainer")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading checkpoint files safely
+
+
+def deepspeed_safe_globals() -> list:
+    """The plain classes DeepSpeed's checkpoint files hold besides tensors and builtins (its ZeRO 1/2
+    optimizer files: the loss scaler, the stage enum, parameter-slice addresses). Each is rebuilt from
+    its fields; none runs code when unpickled."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return []
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def first_sentence(e: BaseException) -> str:
+    """The first sentence of an exception's message, on one line (torch's messages run to paragraphs)."""
+    text = " ".join(str(e).split())
+    return text.split(". ")[0].rstrip(".")
+
+
+def _refused(path: Path, what: str) -> UsageError:
+    return UsageError(
+        f"{path}: refusing to load it: {what}; checkpoint files hold only tensors and plain values, and "
+        "reading this one could run code (was it written by this trainer?)"
+    )
+
+
+def safe_load(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """``torch.load`` with the weights-only unpickler (and :func:`deepspeed_safe_globals`); a file that
+    needs anything else, or is not a torch file, is one UsageError naming it."""
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        reason = re.search(r"WeightsUnpickler error: (.*?)(\. |\.?$)", " ".join(str(e).split()))
+        raise _refused(path, reason.group(1) if reason else first_sentence(e)) from None
+    except (RuntimeError, EOFError, ValueError) as e:
+        raise UsageError(f"{path} is not a readable checkpoint file ({first_sentence(e)})") from None
+
+
+def check_files(tag_dir: Path) -> None:
+    """Scan every ``.pt`` of a checkpoint for pickled references outside the safe set (no tensor is
+    read); the first offending or unreadable file is a UsageError naming it."""
+    for path in sorted(Path(tag_dir).glob("*.pt")):
+        try:
+            with torch.serialization.safe_globals(deepspeed_safe_globals()):
+                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except (RuntimeError, ValueError, EOFError) as e:
+            raise UsageError(f"{path} is not a readable checkpoint file ({first_sentence(e)})") from None
+        if unsafe:
+            raise _refused(path, f"it names {', '.join(sorted(unsafe))}")
+
+
+class GuardedCheckpointEngine:
+    """DeepSpeed's checkpoint engine (``engine.checkpoint_engine``) with a safe load and a deferred save.
+
+    ``load`` is :func:`safe_load`. A ``save`` or ``makedirs`` that fails (a full or read-only disk) is
+    not raised inside DeepSpeed's ``save_checkpoint``, whose barriers the other ranks would wait in:
+    the partial file is removed, later writes of that save are skipped, and
+    :meth:`raise_failed_save` raises it (a DiskError naming the device and path) once
+    ``save_checkpoint`` has returned on every rank. Everything else is DeepSpeed's engine.
+    """
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+        self.failed_save: PuzzleCamError | None = None
+
+    @classmethod
+    def install(cls, engine: Any) -> GuardedCheckpointEngine:
+        guarded = cls(engine.checkpoint_engine)
+        engine.checkpoint_engine = guarded
+        return guarded
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return safe_load(path, map_location=map_location)
+
+    def save(self, state_dict: dict, path: str) -> None:
+        self._guarded(path, lambda: self.inner.save(state_dict, path), remove=True)
+
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        self._guarded(path, lambda: self.inner.makedirs(path, exist_ok=exist_ok), remove=False)
+
+    def _guarded(self, path: str, write, remove: bool) -> None:
+        if self.failed_save is not None:
+            return
+        try:
+            write()
+        except (OSError, RuntimeError) as exc:
+            problem = disk_problem(path, exc)  # before the clean-up: a full disk still looks full
+            if remove:
+                remove_quietly(path)
+            self.failed_save = DiskError(problem) if problem else TrainingError(f"writing {path} failed: {exc}")
+            self.failed_save.__cause__ = exc
+
+    def raise_failed_save(self) -> None:
+        """Raise (and forget) the failure of the save that just ended, if it had one."""
+        failed, self.failed_save = self.failed_save, None
+        if failed is not None:
+            raise failed

@@ -19,10 +19,10 @@ from test_train_support import (
     TORCHRUN,
     Launch,
     deepspeed_launch,
+    finished_run,
     free_port,
     max_param_diff,
     metrics,
-    python_launch,
     run_all,
     summary,
     tiny_overrides,
@@ -45,9 +45,7 @@ def shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def single(shards, tmp_path_factory) -> Path:
     """The one-process reference run: micro-batch 4 = global batch 4."""
-    run = tmp_path_factory.mktemp("single") / "run"
-    run_all([python_launch(run, tiny_overrides(shards), run.parent / "log")])
-    return run
+    return finished_run(tmp_path_factory.mktemp("single") / "run", tiny_overrides(shards))
 
 
 def two_rank_overrides(shards: Path) -> list[str]:

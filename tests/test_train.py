@@ -188,6 +188,11 @@ def test_deepspeed_config_checks(tmp_path):
         '{"train_batch_size": 16}': "'train_batch_size' is 16",
         '{"zero_optimization": {"stage": 2}}': "stage=2",
         "{not json": "not valid JSON",
+        # Malformed JSON shapes are config errors too, not tracebacks.
+        "[1, 2]": "a JSON object",
+        '{"torch_autocast": {"enabled": true, "dtype": "int8"}}': "torch_autocast.dtype",
+        '{"torch_autocast": true}': "'torch_autocast' must be",
+        '{"zero_optimization": 2}': "'zero_optimization' must be",
     }
     for text, message in cases.items():
         path = tmp_path / "ds.json"

@@ -141,6 +141,12 @@ def python_launch(run_dir: Path, overrides: list[str], log: Path, env: dict | No
     return Launch([PYTHON, *train_args(run_dir, overrides)], log, env)
 
 
+def finished_run(run_dir: Path, overrides: list[str]) -> Path:
+    """``run_dir`` after a one-process run to its end (its log beside it)."""
+    run_all([python_launch(run_dir, overrides, run_dir.parent / f"{run_dir.name}.log")])
+    return run_dir
+
+
 def deepspeed_launch(
     run_dir: Path, overrides: list[str], log: Path, nprocs: int = 2, env: dict | None = None
 ) -> Launch:
@@ -192,3 +198,13 @@ def max_param_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], param
     assert a.keys() == b.keys()
     keys = [k for k in a if not params_only or not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
     return max((a[k].double() - b[k].double()).abs().max().item() for k in keys)
+
+
+def error_lines(output: str) -> list[str]:
+    """The lines a command printed as ``error: ...`` (rank 0's; other ranks prefix ``[rank R]``)."""
+    return [line for line in output.splitlines() if line.startswith("error:")]
+
+
+def run_files(run_dir: Path) -> dict[str, bytes]:
+    """Every file under a run directory, by relative path, with its bytes (to show nothing changed)."""
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}

@@ -1,0 +1,117 @@
+"""What a resume compares: the checkpoint's run config against this run's (docs/training.md, "What a
+resume compares").
+
+A key that changes what the run trains (the model, the data and its augmentation, the losses, the
+optimizer, the seed, the global batch) refuses the resume; the error names each such key with both
+values. The keys of :data:`ALLOWED` may change and are reported: they extend a run, change how often
+it logs or saves, how it reads its data or which code path computes it, not what it computes. The
+batch layout (micro-batch, accumulation) may change only with the world size, when the global batch
+stays. ``--resume-force`` accepts refused changes knowingly; the trainer records every resume, with
+its changes, in the run directory (``resumes.jsonl``). The world size itself must stay (each rank
+restores its own state).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from puzzlecam.config import Config
+from puzzlecam.errors import UsageError
+
+# Keys that may change on resume: what is trained stays the same.
+ALLOWED = frozenset(
+    {
+        "name",
+        "model.pretrained",  # read when a run starts; a resume loads the checkpoint's weights
+        "data.train_shards",  # shards may move; the loader checks that they hold the same samples
+        "data.num_workers",
+        "data.max_corrupt_fraction",
+        "train.epochs",  # extend (or shorten) the run
+        "train.max_steps",
+        "train.deepspeed_config",  # precision: how, not what
+        "train.ops_backend",
+        "train.channels_last",
+        "train.compile",
+        "train.log_every",
+        "train.ckpt_every",
+        "train.keep_last",
+        "train.max_bad_steps",
+    }
+)
+ALLOWED_SECTIONS = ("infer.",)  # inference settings: not read by training
+# Allowed when the world size changes and train.global_batch_size stays.
+BATCH_LAYOUT = ("train.micro_batch_size", "train.grad_accum_steps")
+
+
+@dataclass(frozen=True)
+class Change:
+    key: str
+    old: Any
+    new: Any
+
+    def __str__(self) -> str:
+        return f"{self.key} (checkpoint {self.old!r}, now {self.new!r})"
+
+
+@dataclass
+class Comparison:
+    allowed: list[Change] = field(default_factory=list)
+    refused: list[Change] = field(default_factory=list)
+
+    def as_record(self, forced: bool) -> dict[str, dict[str, list]]:
+        """``{"allowed": {key: [old, new]}, "forced": {...}}`` for the run's record of resumes."""
+        return {"allowed": _pairs(self.allowed), "forced": _pairs(self.refused) if forced else {}}
+
+
+def _pairs(changes: list[Change]) -> dict[str, list]:
+    return {c.key: [c.old, c.new] for c in changes}
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def compare_configs(saved: dict[str, Any], current: Config, saved_world_size: int, world_size: int) -> Comparison:
+    """Sort the differences between a checkpoint's config (its dict) and ``current`` into allowed and
+    refused, in schema order. A key the checkpoint's config predates counts as its default; a key it
+    has that is no longer a setting is ignored (nothing reads it)."""
+    old, new, default = _flatten(saved), _flatten(current.to_dict()), _flatten(Config().to_dict())
+    layout_may_change = (
+        world_size != saved_world_size
+        and old.get("train.global_batch_size", default["train.global_batch_size"]) == new["train.global_batch_size"]
+    )
+    comparison = Comparison()
+    for key, value in new.items():
+        before = old.get(key, default[key])
+        if before == value:
+            continue
+        allowed = key in ALLOWED or key.startswith(ALLOWED_SECTIONS) or (key in BATCH_LAYOUT and layout_may_change)
+        (comparison.allowed if allowed else comparison.refused).append(Change(key, before, value))
+    return comparison
+
+
+def check_resume(client: dict[str, Any], current: Config, world_size: int, tag_dir: Path, force: bool) -> Comparison:
+    """The checkpoint's client state against this run: a UsageError when the world size differs, or
+    when a refused key changed and ``force`` is off; else the comparison (to report and record)."""
+    saved_world_size = int(client.get("world_size", world_size))
+    if saved_world_size != world_size:
+        raise UsageError(
+            f"checkpoint {tag_dir} was written with world size {saved_world_size}, this run has "
+            f"{world_size}: resuming with a different world size is not supported"
+        )
+    comparison = compare_configs(client["config"], current, saved_world_size, world_size)
+    if comparison.refused and not force:
+        raise UsageError(
+            f"cannot resume from {tag_dir}: the config changes what the run trains: "
+            f"{', '.join(str(c) for c in comparison.refused)}; start a new run (--resume none, or another "
+            "--run-dir), or accept the change knowingly with --resume-force"
+        )
+    return comparison
