@@ -24,6 +24,7 @@ DeepSpeed's collective save.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pickle
 import re
@@ -212,6 +213,16 @@ def deepspeed_safe_globals() -> list:
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
+def _allowing_deepspeed_globals():
+    """A context in which the weights-only unpickler accepts :func:`deepspeed_safe_globals`
+    (torch 2.4 has no such context: there the allow-list is process-wide, which is as safe)."""
+    context = getattr(torch.serialization, "safe_globals", None)
+    if context is not None:
+        return context(deepspeed_safe_globals())
+    torch.serialization.add_safe_globals(deepspeed_safe_globals())
+    return contextlib.nullcontext()
+
+
 def first_sentence(e: BaseException) -> str:
     """The first sentence of an exception's message, on one line (torch's messages run to paragraphs)."""
     text = " ".join(str(e).split())
@@ -230,7 +241,7 @@ def safe_load(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -
     needs anything else, or is not a torch file, is one UsageError naming it."""
     path = Path(path)
     try:
-        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        with _allowing_deepspeed_globals():
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         reason = re.search(r"WeightsUnpickler error: (.*?)(\. |\.?$)", " ".join(str(e).split()))
@@ -242,10 +253,13 @@ def safe_load(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -
 def check_files(tag_dir: Path) -> None:
     """Scan every ``.pt`` of a checkpoint for pickled references outside the safe set (no tensor is
     read); the first offending or unreadable file is a UsageError naming it."""
+    scan = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if scan is None:  # torch < 2.5: safe_load still refuses such a file when it is read
+        return
     for path in sorted(Path(tag_dir).glob("*.pt")):
         try:
-            with torch.serialization.safe_globals(deepspeed_safe_globals()):
-                unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            with _allowing_deepspeed_globals():
+                unsafe = scan(path)
         except (RuntimeError, ValueError, EOFError) as e:
             raise UsageError(f"{path} is not a readable checkpoint file ({first_sentence(e)})") from None
         if unsafe:

@@ -406,6 +406,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "train.ckpt_every": (lambda v: v >= 0, "0 or more (0 = only at the end)"),
     "train.keep_last": (lambda v: v >= 1, "at least 1"),
     "train.max_bad_steps": (lambda v: v >= 1, "at least 1"),
+    "train.seed": (lambda v: v >= 0, "0 or more"),
     "infer.batch_size": (lambda v: v >= 1, "at least 1"),
     "infer.scales": (lambda v: len(v) >= 1 and all(s > 0 for s in v), "one or more positive scales"),
 }

@@ -80,6 +80,7 @@ def test_the_old_masking_key_still_reads(tmp_path):
         ("train.epochs=-1", r"'train.epochs' must be 0 or more, got -1"),
         ("train.log_every=0", r"'train.log_every' must be at least 1"),
         ("train.max_bad_steps=0", r"'train.max_bad_steps' must be at least 1"),
+        ("train.seed=-1", r"'train.seed' must be 0 or more, got -1"),
         ("puzzle.num_pieces=0", r"'puzzle.num_pieces' must be at least 1"),
         ("model.num_classes=0", r"'model.num_classes' must be at least 1"),
         ("data.crop_size=0", r"'data.crop_size' must be at least 1"),

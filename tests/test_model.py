@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from puzzlecam.config import ModelConfig
+from puzzlecam.errors import UsageError
 from puzzlecam.model import (
     ARCHS,
     BatchNorm2d,
@@ -216,7 +217,7 @@ def test_wrong_architecture_or_width_is_rejected(tv_file):
 
 
 def test_unreadable_files_are_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+    with pytest.raises(UsageError, match=r"model.pretrained: .*nope.pth does not exist \(nothing is downloaded\)"):
         build_model(ModelConfig(arch="resnet18", width=8, pretrained=str(tmp_path / "nope.pth")))
     nested = tmp_path / "nested.pth"
     torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}}, nested)
@@ -228,6 +229,23 @@ def test_unreadable_files_are_named(tmp_path):
     with pytest.raises(ValueError, match="cannot be read") as err:
         load_pretrained(ResNet("resnet18", width=8), junk)
     assert str(junk) in str(err.value)
+    # A pickle that would run code is refused by the weights-only unpickler, in one line; it never runs.
+    marker = tmp_path / "ran"
+    payload = tmp_path / "payload.pth"
+    torch.save({"conv1.weight": _RunsCode(str(marker))}, payload)
+    with pytest.raises(ValueError, match=r"payload.pth cannot be read as a torch state dict \(") as err:
+        load_pretrained(ResNet("resnet18", width=8), payload)
+    assert "\n" not in str(err.value) and not marker.exists()
+
+
+class _RunsCode:
+    """Unpickling this creates a file: the test's stand-in for a hostile payload."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -147,6 +147,15 @@ def test_run_command_returns_the_status_of_run_and_shows_bugs():
         run_command(_parser(), lambda args: 1 / 0, [])
 
 
+def test_flags_may_follow_positional_overrides():
+    p = argparse.ArgumentParser(prog="tool")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("overrides", nargs="*")
+    seen = {}
+    assert run_command(p, lambda args: seen.update(vars(args)), ["a.b=1", "--force", "c.d=2"]) == 0
+    assert seen["overrides"] == ["a.b=1", "c.d=2"] and seen["force"]
+
+
 def test_bad_usage_exits_2_from_argparse(capsys):
     with pytest.raises(SystemExit) as exc:
         run_command(_parser(), lambda args: 0, ["--nope"])

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from puzzlecam.errors import PretrainedMismatchError
+from puzzlecam.errors import PretrainedMismatchError, UsageError
 
 IGNORED_PREFIXES = ("fc.",)
 _OPTIONAL_SUFFIX = ".num_batches_tracked"
@@ -26,19 +26,22 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a flat name -> tensor mapping from a .pth/.pt (weights_only) or .safetensors file."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"pretrained weights file {p} does not exist (nothing is downloaded)")
+        raise UsageError(f"model.pretrained: weights file {p} does not exist (nothing is downloaded)")
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         state = load_file(str(p), device="cpu")
     else:
-        try:
+        try:  # the weights-only unpickler: a file that would run code is refused, not run
             state = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ValueError(f"pretrained weights file {p} cannot be read as a torch state dict: {e}") from e
+            reason = " ".join(str(e).split()).split(". ")[0]  # torch's messages run to paragraphs
+            raise PretrainedMismatchError(
+                f"model.pretrained: weights file {p} cannot be read as a torch state dict ({reason})"
+            ) from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
-        raise ValueError(
-            f"pretrained weights file {p} must hold a flat state dict (parameter name -> tensor) "
+        raise PretrainedMismatchError(
+            f"model.pretrained: weights file {p} must hold a flat state dict (parameter name -> tensor) "
             f"as saved by torch.save(resnet.state_dict()), got {type(state).__name__}"
         )
     return dict(state)

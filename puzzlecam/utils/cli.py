@@ -47,7 +47,9 @@ def run_command(
 ) -> int:
     """Parse ``argv``, call ``run(args)`` and turn its outcome into an exit status (see the module doc)."""
     _add_log_level(parser)
-    args = parser.parse_args(argv)
+    # Flags may follow the positional KEY=VALUE overrides (argparse cannot intermix with subcommands).
+    has_subcommands = any(isinstance(a, argparse._SubParsersAction) for a in parser._actions)
+    args = parser.parse_args(argv) if has_subcommands else parser.parse_intermixed_args(argv)
     try:
         setup_logging(args.log_level)
         max_image_pixels()  # a bad $PUZZLECAM_MAX_IMAGE_PIXELS is bad usage, before any work (not a corrupt sample)
