@@ -263,12 +263,12 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     """Build and validate a :class:`Config` from a (possibly partial) nested dict."""
     if not isinstance(data, dict):
         raise ConfigError(f"a config must be a mapping at the top level, got {type(data).__name__}")
-    cfg = _from_dict(Config, _upgrade_legacy_keys(data))
+    cfg = _from_dict(Config, upgrade_legacy_keys(data))
     validate(cfg)
     return cfg
 
 
-def _upgrade_legacy_keys(data: dict[str, Any]) -> dict[str, Any]:
+def upgrade_legacy_keys(data: dict[str, Any]) -> dict[str, Any]:
     """Read configs written before a key was renamed (the config.yaml of an earlier run, say).
 
     ``puzzle.masking: true | false`` became ``puzzle.re_reduction: masking | none``.

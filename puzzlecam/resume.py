@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from puzzlecam.config import Config
+from puzzlecam.config import Config, upgrade_legacy_keys
 from puzzlecam.errors import UsageError
 
 # Keys that may change on resume: what is trained stays the same.
@@ -83,7 +83,8 @@ def compare_configs(saved: dict[str, Any], current: Config, saved_world_size: in
     """Sort the differences between a checkpoint's config (its dict) and ``current`` into allowed and
     refused, in schema order. A key the checkpoint's config predates counts as its default; a key it
     has that is no longer a setting is ignored (nothing reads it)."""
-    old, new, default = _flatten(saved), _flatten(current.to_dict()), _flatten(Config().to_dict())
+    old = _flatten(upgrade_legacy_keys(saved))  # a checkpoint written before a key was renamed
+    new, default = _flatten(current.to_dict()), _flatten(Config().to_dict())
     layout_may_change = (
         world_size != saved_world_size
         and old.get("train.global_batch_size", default["train.global_batch_size"]) == new["train.global_batch_size"]

@@ -246,3 +246,18 @@ def test_resume_compares_the_keys_that_change_the_run():
     older = {k: v for k, v in saved.items()}
     older["data"] = {k: v for k, v in saved["data"].items() if k != "max_corrupt_fraction"}
     assert not compare_configs(older, load_config(DEMO_CONFIG, ["train.max_steps=4"]), 1, 1).refused
+
+
+def test_a_checkpoint_written_before_a_rename_compares_by_meaning():
+    # Checkpoints of earlier versions hold puzzle.masking (now puzzle.re_reduction) and data.eval_shards (gone).
+    now = load_config(DEMO_CONFIG, ["puzzle.re_reduction=none"])
+    saved = now.to_dict()
+    del saved["puzzle"]["re_reduction"]
+    saved["puzzle"]["masking"] = False
+    saved["data"]["eval_shards"] = "old/val-*.tar"
+    check = compare_configs(saved, now, saved_world_size=1, world_size=1)
+    assert check.refused == [] and check.allowed == []
+    saved["puzzle"]["masking"] = True
+    assert [str(c) for c in compare_configs(saved, now, 1, 1).refused] == [
+        "puzzle.re_reduction (checkpoint 'masking', now 'none')"
+    ]
