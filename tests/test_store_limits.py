@@ -13,6 +13,7 @@ import resource
 import struct
 import subprocess
 import sys
+import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -211,26 +212,40 @@ def test_evaluate_checks_a_label_maps_size_before_decoding(shards, tmp_path, cap
 AS_LIMIT = 4 << 30  # room for the declared array, so that an unchecked reader shows in its peak RSS
 
 
+# Runs a module as __main__ and writes the peak RSS of this process image (VmHWM, KiB) to the file named by
+# $PEAK_FILE at exit. (A fork's ru_maxrss would include pytest's own RSS at fork time: the child's pre-exec
+# image is the parent's.)
+_PEAK_WRAPPER = """
+import atexit, os, runpy, sys
+def report():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            open(os.environ["PEAK_FILE"], "w").write(line.split()[1])
+atexit.register(report)
+sys.argv = sys.argv[1:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
 def _run_measured(*args: str, env: dict | None = None) -> tuple[int, str, int]:
     """(exit status, stderr, peak RSS in bytes) of ``python -m ARGS`` under an address-space limit."""
 
     def limit():
         resource.setrlimit(resource.RLIMIT_AS, (AS_LIMIT, AS_LIMIT))
 
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", *args],
-        cwd=REPO,
-        env=full_env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        preexec_fn=limit,
-    )
-    stderr = proc.stderr.read().decode()
-    proc.stderr.close()
-    _, status, usage = os.wait4(proc.pid, 0)  # the child's own rusage (Popen.wait would discard it)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, stderr, usage.ru_maxrss * 1024
+    with tempfile.TemporaryDirectory() as tmp:
+        peak_file = Path(tmp, "peak_kib")
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PEAK_FILE": str(peak_file), **(env or {})}
+        proc = subprocess.run(
+            [sys.executable, "-c", _PEAK_WRAPPER, *args],
+            cwd=REPO,
+            env=full_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=limit,
+        )
+        peak_kib = int(peak_file.read_text())
+    return proc.returncode, proc.stderr.decode(), peak_kib * 1024
 
 
 @pytest.mark.slow
