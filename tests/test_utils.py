@@ -210,10 +210,13 @@ def test_progress_bar_is_not_drawn_off_a_terminal_or_when_disabled(capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_free_port_can_be_bound():
-    port = free_port()
+def test_free_port_can_be_bound_and_is_outside_the_ephemeral_range():
+    from puzzlecam.utils.net import _ephemeral_low
+
+    ports = {free_port() for _ in range(20)}
+    assert len(ports) > 1 and all(1024 <= p < _ephemeral_low() for p in ports)
     with socket.socket() as s:
-        s.bind(("127.0.0.1", port))
+        s.bind(("127.0.0.1", ports.pop()))
 
 
 @pytest.mark.parametrize("spec,message", [("tpu", "expected cpu, cuda or cuda:N"), ("cuda:0", "CUDA|device")])
