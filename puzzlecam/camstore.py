@@ -31,7 +31,6 @@ import logging
 import re
 import zipfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote
@@ -41,7 +40,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from puzzlecam import NUM_CLASSES
-from puzzlecam.errors import CamStoreError, UsageError
+from puzzlecam.errors import CamStoreError
 from puzzlecam.puzzle import strided_size
 from puzzlecam.utils.files import atomic_write
 from puzzlecam.utils.limits import image_size_problem
@@ -404,29 +403,3 @@ def recorded_sizes(directory: str | Path) -> dict[str, tuple[int, int]]:
 
 # ---------------------------------------------------------------------------------------------
 # The commands' output directory
-
-
-@contextmanager
-def output_directory(path: str | Path, flag: str = "--out") -> Iterator[Path]:
-    """Check that ``path`` can be an output directory (a usage error naming ``flag`` if a file is in the way);
-    if the block fails, the directories it created and left empty are removed again.
-
-    The directory itself is created by the first file written into it (:func:`puzzlecam.utils.files.atomic_write`).
-    """
-    path = Path(path)
-    existing, created = path, []
-    while not existing.exists() and existing.parent != existing:
-        created.append(existing)
-        existing = existing.parent
-    if not existing.is_dir():
-        where = f"{flag} {path}" if existing == path else f"{flag} {path}: {existing}"
-        raise UsageError(f"{where} is not a directory")
-    try:
-        yield path
-    except BaseException:
-        for directory in created:  # innermost first; a directory that holds anything stays
-            try:
-                directory.rmdir()
-            except OSError:
-                break
-        raise

@@ -41,10 +41,10 @@ import pyarrow.parquet as pq
 import torch
 
 from puzzlecam import VOC_CLASSES
-from puzzlecam.camstore import CamStoreError, cam_path, file_name, output_directory, read_cam, shown_id
+from puzzlecam.camstore import CamStoreError, cam_path, file_name, read_cam, shown_id
 from puzzlecam.errors import EvaluationError
 from puzzlecam.utils.cli import run_command
-from puzzlecam.utils.files import atomic_write, atomic_write_json
+from puzzlecam.utils.files import atomic_write, atomic_write_json, output_directory
 from puzzlecam.utils.labelmap import IGNORE_INDEX, decode_label_png, png_size
 from puzzlecam.utils.progress import ProgressBar
 

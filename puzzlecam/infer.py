@@ -35,13 +35,13 @@ import torch
 import torch.nn.functional as F
 
 from puzzlecam import ops
-from puzzlecam.camstore import is_complete, output_directory, write_cam, write_index
+from puzzlecam.camstore import is_complete, write_cam, write_index
 from puzzlecam.config import ConfigError, load_config
 from puzzlecam.errors import InferenceError
 from puzzlecam.puzzle import strided_size
 from puzzlecam.utils.cli import run_command
 from puzzlecam.utils.distributed import barrier, init_distributed, sum_across_ranks
-from puzzlecam.utils.files import atomic_write_json, remove_stale_temporaries
+from puzzlecam.utils.files import atomic_write_json, output_directory, remove_stale_temporaries
 from puzzlecam.utils.progress import ProgressBar
 
 log = logging.getLogger("puzzlecam.infer")  # not __name__: that is "__main__" under python -m

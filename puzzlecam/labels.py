@@ -32,14 +32,13 @@ from puzzlecam.camstore import (
     cam_path,
     file_name,
     list_ids,
-    output_directory,
     read_cam,
     recorded_sizes,
     shown_id,
 )
 from puzzlecam.errors import LabelsError
 from puzzlecam.utils.cli import run_command
-from puzzlecam.utils.files import atomic_write_bytes
+from puzzlecam.utils.files import atomic_write_bytes, output_directory
 from puzzlecam.utils.labelmap import IGNORE_INDEX, encode_label_png
 from puzzlecam.utils.progress import ProgressBar
 

@@ -20,11 +20,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from puzzlecam import VOC_CLASSES
-from puzzlecam.camstore import CamStoreError, cam_path, file_name, output_directory, read_cam, shown_id
+from puzzlecam.camstore import CamStoreError, cam_path, file_name, read_cam, shown_id
 from puzzlecam.errors import UsageError
 from puzzlecam.labels import predict_labels
 from puzzlecam.utils.cli import run_command
-from puzzlecam.utils.files import atomic_write
+from puzzlecam.utils.files import atomic_write, output_directory
 from puzzlecam.utils.labelmap import voc_colormap
 
 log = logging.getLogger("puzzlecam.viz")  # not __name__: that is "__main__" under python -m

@@ -17,11 +17,12 @@ import errno
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from puzzlecam.errors import DiskError
+from puzzlecam.errors import DiskError, UsageError
 
 TEMP_MARK = ".tmp-"
 # What the errno of a failed write says about the disk.
@@ -197,3 +198,29 @@ def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
     for p in removed:
         p.unlink(missing_ok=True)
     return removed
+
+
+@contextmanager
+def output_directory(path: str | Path, flag: str = "--out") -> Iterator[Path]:
+    """Check that ``path`` can be an output directory (a usage error naming ``flag`` if a file is in the way);
+    if the block fails, the directories it created and left empty are removed again.
+
+    The directory itself is created by the first file written into it (:func:`atomic_write`).
+    """
+    path = Path(path)
+    existing, created = path, []
+    while not existing.exists() and existing.parent != existing:
+        created.append(existing)
+        existing = existing.parent
+    if not existing.is_dir():
+        where = f"{flag} {path}" if existing == path else f"{flag} {path}: {existing}"
+        raise UsageError(f"{where} is not a directory")
+    try:
+        yield path
+    except BaseException:
+        for directory in created:  # innermost first; a directory that holds anything stays
+            try:
+                directory.rmdir()
+            except OSError:
+                break
+        raise
