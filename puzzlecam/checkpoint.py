@@ -1,4 +1,5 @@
-"""Checkpoint bookkeeping around DeepSpeed's own save/load, and reading checkpoint files safely.
+"""The Checkpointer: save / load / prune of a run's checkpoints around DeepSpeed's own, the COMPLETE
+marker, the state of trainer, loader and RNG, and reading checkpoint files safely.
 
 Layout under ``{run_dir}/checkpoints/``::
 
@@ -30,12 +31,14 @@ import pickle
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from puzzlecam.errors import DiskError, PuzzleCamError, TrainingError, UsageError
+from puzzlecam.utils.distributed import barrier, raise_if_any_rank_failed, rng_state, set_rng_state
 from puzzlecam.utils.files import atomic_write, atomic_write_text, disk_problem, remove_quietly
 
 log = logging.getLogger(__name__)
@@ -315,3 +318,96 @@ class GuardedCheckpointEngine:
         failed, self.failed_save = self.failed_save, None
         if failed is not None:
             raise failed
+
+
+# ---------------------------------------------------------------------------------------------
+# The Checkpointer
+
+
+class Checkpointer:
+    """Save and load the checkpoints of one run: DeepSpeed's model and optimizer states, the trainer's
+    client state, and per rank the RNG state and the loader's position; COMPLETE marks a finished save,
+    old ones are pruned (``keep_last``). Every method is a collective: call it on every rank."""
+
+    def __init__(self, ckpt_dir: Path, engine: Any, rank: int, keep_last: int):
+        self.ckpt_dir, self.engine, self.rank, self.keep_last = Path(ckpt_dir), engine, rank, keep_last
+        self.files = GuardedCheckpointEngine.install(engine)
+
+    def latest(self) -> Path | None:
+        return latest_complete(self.ckpt_dir)
+
+    def save(self, step: int, client_state: dict, loader: Any, on_written: Callable[[], None] | None = None) -> Path:
+        """The checkpoint of ``step``; ``on_written`` runs once every file is written, before COMPLETE.
+
+        A write that fails on any rank (a full disk) fails the save on every rank: the tag directory is
+        removed and the error names the newest complete checkpoint.
+        """
+        tag_dir = self.ckpt_dir / tag_for(step)
+        # A fresh tag directory: a leftover from a crashed save of the same step is not reused.
+        if self.rank == 0 and tag_dir.exists():
+            discard(tag_dir)
+        barrier()
+        failed = None
+        try:
+            # `latest` is written after COMPLETE (point_latest): it names complete checkpoints only.
+            self.engine.save_checkpoint(
+                str(self.ckpt_dir), tag=tag_dir.name, client_state=client_state, save_latest=False
+            )
+            self.files.raise_failed_save()
+            save_trainer_state(tag_dir, self.rank, {"rng": rng_state(), "loader": loader.state_dict(), "step": step})
+        except PuzzleCamError as e:  # a full or read-only disk (DiskError), a write that failed
+            failed = e
+        if on_written is not None:
+            on_written()
+        self._fail_if_any_rank_failed(failed, tag_dir, step)
+        if self.rank == 0:
+            try:
+                mark_complete(tag_dir, step)
+                point_latest(tag_dir)
+                prune(self.ckpt_dir, self.keep_last)
+            except PuzzleCamError as e:
+                failed = e
+        self._fail_if_any_rank_failed(failed, tag_dir, step)
+        return tag_dir
+
+    def _fail_if_any_rank_failed(self, failed: PuzzleCamError | None, tag_dir: Path, step: int) -> None:
+        def remove_partial_save():
+            if self.rank == 0:
+                discard(tag_dir)
+
+        raise_if_any_rank_failed(
+            failed,
+            on_failure=remove_partial_save,
+            context=f"the checkpoint of step {step} was not saved; the newest complete one is "
+            f"{self.latest() or 'none'}",
+        )
+
+    def load(self, tag_dir: Path, loader: Any, shards: str) -> dict:
+        """Restore the engine (model and optimizer), this rank's loader position and RNG state from
+        ``tag_dir``; returns the client state. When it fails on any rank, every rank raises."""
+        failed, client = None, None
+        try:
+            client = self._restore(tag_dir, loader, shards)
+        except PuzzleCamError as e:
+            failed = e
+        raise_if_any_rank_failed(failed)
+        return client
+
+    def _restore(self, tag_dir: Path, loader: Any, shards: str) -> dict:
+        try:
+            load_path, client = self.engine.load_checkpoint(
+                str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
+        except (RuntimeError, KeyError) as e:  # mostly state_dict keys or shapes that do not fit this model
+            raise UsageError(
+                f"DeepSpeed could not load checkpoint {tag_dir} into the model of this config: {first_sentence(e)}"
+            ) from e
+        if load_path is None:
+            raise TrainingError(f"DeepSpeed could not load the checkpoint {tag_dir}")
+        state = load_trainer_state(tag_dir, self.rank)
+        try:
+            loader.load_state_dict(state["loader"])
+        except ValueError as e:
+            raise UsageError(f"cannot resume from {tag_dir} on data.train_shards={shards}: {e}") from None
+        set_rng_state(state["rng"])
+        return client

@@ -36,8 +36,9 @@ class ModelConfig:
     # reduced-width variant for CPU runs (pretrained files then do not fit).
     width: int = 64
     output_stride: Literal[16, 32] = 16
-    # "train": ordinary BatchNorm; "frozen": running statistics used and never updated.
-    norm: Literal["train", "frozen"] = "train"
+    # "train": ordinary BatchNorm; "frozen": running statistics used and never updated; "sync": BatchNorm
+    # whose batch statistics are computed over all ranks (the global batch, as one process would see it).
+    norm: Literal["train", "frozen", "sync"] = "train"
     num_classes: int = 20
     # torchvision-format ImageNet weights (a local file; nothing is downloaded).
     pretrained: str | None = None
@@ -46,6 +47,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train_shards: str = ""
+    # Shards of the in-training evaluation (train.eval_every); they need masks.
+    eval_shards: str = ""
     crop_size: int = 512
     # Rescale so that the long side is uniform in [min_long_side, max_long_side] (bicubic).
     min_long_side: int = 320
@@ -101,8 +104,11 @@ class TrainConfig:
     micro_batch_size: int = 32
     grad_accum_steps: int = 1
     seed: int = 0
-    # DeepSpeed JSON (precision etc.); the --deepspeed_config flag overrides it.
-    deepspeed_config: str = "launch/configs/ds_fp32.json"
+    # fp32, or autocast in bf16 / fp16 (fp16 with dynamic loss scaling; CUDA only). Weights, BatchNorm
+    # statistics and losses stay fp32 in every mode.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # An optional DeepSpeed JSON merged over the dict train.precision builds (--deepspeed_config too).
+    deepspeed_config: str = ""
     ops_backend: Literal["auto", "triton", "cpp", "cuda", "reference"] = "auto"
     channels_last: bool = True
     compile: bool = False
@@ -111,6 +117,10 @@ class TrainConfig:
     keep_last: int = 3
     # Stop after this many consecutive non-finite losses (each skipped and counted).
     max_bad_steps: int = 5
+    # Evaluate on data.eval_shards every this many optimizer steps (and at the end); 0 = off.
+    eval_every: int = 0
+    # TensorBoard event files under the run directory (scalars of every metrics record, CAM overlays).
+    tensorboard: bool = True
 
 
 @dataclass
@@ -123,6 +133,8 @@ class InferConfig:
 @dataclass
 class Config:
     name: str = "run"
+    # What the run trains: stage 1 (classification); stages 2 and 3 come with their issues.
+    task: Literal["classification", "affinity", "segmentation"] = "classification"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     puzzle: PuzzleConfig = field(default_factory=PuzzleConfig)
@@ -271,8 +283,10 @@ def config_from_dict(data: dict[str, Any]) -> Config:
 def upgrade_legacy_keys(data: dict[str, Any]) -> dict[str, Any]:
     """Read configs written before a key was renamed (the config.yaml of an earlier run, say).
 
-    ``puzzle.masking: true | false`` became ``puzzle.re_reduction: masking | none``.
+    ``puzzle.masking: true | false`` became ``puzzle.re_reduction: masking | none``; the shipped DeepSpeed
+    JSONs ``launch/configs/ds_{fp32,bf16,fp16}.json`` became ``train.precision``.
     """
+    data = _upgrade_shipped_deepspeed_json(data)
     puzzle = data.get("puzzle")
     if not isinstance(puzzle, dict) or "masking" not in puzzle:
         return data
@@ -361,12 +375,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"{e}{where}") from None
 
 
-_DROPPED_KEYS = (("data", "eval_shards"), ("train", "epoch_size"))
+_SHIPPED_DEEPSPEED_JSONS = {"ds_fp32.json": "fp32", "ds_bf16.json": "bf16", "ds_fp16.json": "fp16"}
+
+
+def _upgrade_shipped_deepspeed_json(data: dict[str, Any]) -> dict[str, Any]:
+    train = data.get("train")
+    if not isinstance(train, dict) or not isinstance(train.get("deepspeed_config"), str):
+        return data
+    precision = _SHIPPED_DEEPSPEED_JSONS.get(Path(train["deepspeed_config"]).name)
+    if precision is None or Path(train["deepspeed_config"]).is_file():
+        return data
+    upgraded = {k: v for k, v in train.items() if k != "deepspeed_config"}
+    upgraded.setdefault("precision", precision)
+    return {**data, "train": upgraded}
+
+
+_DROPPED_KEYS = (("train", "epoch_size"),)
 
 
 def _drop_unused_keys(data: dict[str, Any], path: Path) -> dict[str, Any]:
-    """A config file written before ``data.eval_shards`` / ``train.epoch_size`` went (they were read by
-    nothing) still loads; the keys are dropped with a warning. As overrides they are unknown keys."""
+    """A config file written before ``train.epoch_size`` went (it was read by nothing) still loads; the key
+    is dropped with a warning. As an override it is an unknown key."""
     out = dict(data)
     for section, key in _DROPPED_KEYS:
         if isinstance(out.get(section), dict) and key in out[section]:
@@ -406,6 +435,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "train.ckpt_every": (lambda v: v >= 0, "0 or more (0 = only at the end)"),
     "train.keep_last": (lambda v: v >= 1, "at least 1"),
     "train.max_bad_steps": (lambda v: v >= 1, "at least 1"),
+    "train.eval_every": (lambda v: v >= 0, "0 or more (optimizer steps; 0 = off)"),
     "train.seed": (lambda v: v >= 0, "0 or more"),
     "infer.batch_size": (lambda v: v >= 1, "at least 1"),
     "infer.scales": (lambda v: len(v) >= 1 and all(s > 0 for s in v), "one or more positive scales"),
@@ -437,10 +467,35 @@ def validate(cfg: Config) -> None:
             f"config key 'data.crop_size' ({d.crop_size}) must be divisible by 'puzzle.num_pieces' ({n}): "
             "the crop is cut into n x n tiles"
         )
+    if cfg.task != "classification":
+        raise ConfigError(
+            f"config key 'task' is {cfg.task!r}: only 'classification' (stage 1) can be trained yet; the "
+            "affinity and segmentation stages come with their own issues (docs/training.md, Tasks)"
+        )
+    if t.eval_every > 0 and not d.eval_shards:
+        raise ConfigError(
+            f"config key 'train.eval_every' is {t.eval_every} but 'data.eval_shards' is empty: give the evaluation "
+            "shards (they need masks), e.g. data.eval_shards='shards/train-*.tar', or set train.eval_every=0"
+        )
     if t.epochs == 0 and t.max_steps == 0:
         raise ConfigError(
             "config keys 'train.epochs' and 'train.max_steps' are both 0: set one of them (no step to train)"
         )
+
+
+def validate_for_run(cfg: Config, world_size: int, cuda_available: bool) -> None:
+    """The checks that need the run's facts (its world size, its devices); ConfigError naming the keys."""
+    validate(cfg)
+    t = cfg.train
+    got = t.micro_batch_size * t.grad_accum_steps * world_size
+    if got != t.global_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} but train.micro_batch_size ({t.micro_batch_size}) x "
+            f"train.grad_accum_steps ({t.grad_accum_steps}) x world size ({world_size}) = {got}; "
+            "change one of them so that the product equals the global batch"
+        )
+    if t.precision == "fp16" and not cuda_available:
+        raise ConfigError("train.precision=fp16 needs a CUDA GPU (dynamic loss scaling); use bf16 or fp32 on CPU")
 
 
 def dump_config(cfg: Config) -> str:

@@ -30,7 +30,11 @@ ALLOWED = frozenset(
         "data.max_corrupt_fraction",
         "train.epochs",  # extend (or shorten) the run
         "train.max_steps",
-        "train.deepspeed_config",  # precision: how, not what
+        "train.precision",  # how the arithmetic runs, not what is trained
+        "train.deepspeed_config",
+        "train.eval_every",
+        "train.tensorboard",
+        "data.eval_shards",
         "train.ops_backend",
         "train.channels_last",
         "train.compile",

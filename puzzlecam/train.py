@@ -1,19 +1,21 @@
-"""The Puzzle-CAM Trainer: DeepSpeed data-parallel training with exact resume.
+"""The one Trainer of every stage: DeepSpeed data-parallel training of a Task, with exact resume.
 
 ``launch/train.py`` is a thin entry around :func:`main`. The same process runs under
-``deepspeed``, ``torchrun`` or plain ``python`` (docs/training.md). One optimizer step:
+``deepspeed``, ``torchrun`` or plain ``python`` (docs/training.md). The config's ``task`` says what
+is trained (puzzlecam.tasks: the network, its parameter groups, data and losses); the Trainer owns
+the rest. One optimizer step:
 
-1. ``grad_accum_steps`` micro-batches, each: uint8 batch -> device -> normalized images + tiles
-   (puzzlecam.ops.prepare_inputs) -> two forward passes -> L = L_cls + L_pcls + alpha(t) L_re
-   (puzzlecam.ops.puzzle_losses) -> backward (DeepSpeed averages gradients over ranks);
+1. ``grad_accum_steps`` micro-batches, each: the Task's named losses of the batch (for
+   classification: normalized images + tiles, two forward passes, L = L_cls + L_pcls + alpha(t) L_re)
+   -> backward of the total (DeepSpeed averages gradients over ranks);
 2. every rank learns whether any rank's loss was NaN/Inf (one all-reduce, which also averages the
    logged losses and sums the epoch's corrupt samples, bounded by ``data.max_corrupt_fraction``); a
    bad step is skipped on every rank and counted, ``max_bad_steps`` in a row stop the run;
 3. poly learning-rate decay per parameter group, explicit clipping of the all-reduced gradients
    (``optim.grad_clip``; the norm is logged), SGD.
 
-Checkpoints hold only finite state and are read without running code (puzzlecam.checkpoint); a
-resume is compared with the checkpoint's config first (puzzlecam.resume), and nothing in the run
+Checkpoints (puzzlecam.checkpoint.Checkpointer) hold only finite state and are read without running
+code; a resume is compared with the checkpoint's config first (puzzlecam.resume), and nothing in the run
 directory changes until it is accepted. The method and its losses: docs/method.md; the run
 directory, checkpoints, resume, failures, exit status and logging: docs/training.md.
 """
@@ -24,138 +26,57 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from puzzlecam import NUM_CLASSES
-from puzzlecam.errors import ConfigError, PuzzleCamError, RunError, TrainingError, UsageError
+from puzzlecam.errors import ConfigError, TrainingError
 
 from . import checkpoint as ckpt
-from .config import Config, load_config, save_config
+from .config import Config, load_config, save_config, validate_for_run
 from .metrics import MetricsLog, read_jsonl, show_step
+from .precision import autocast_dtype, deepspeed_config
 from .resume import Comparison, check_resume
-from .train_step import PuzzleNet, alpha_for, forward_losses, poly_lr_factor
+from .tasks import build_task
 from .utils.cli import run_command
-from .utils.distributed import (
-    average_buffers,
-    barrier,
-    init_distributed,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-    sum_across_ranks,
-)
+from .utils.distributed import average_buffers, barrier, init_distributed, seed_everything, sum_across_ranks
 from .utils.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .utils.progress import ProgressBar
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("puzzlecam.train")  # also under `python -m puzzlecam.train`
 
-_DS_FORBIDDEN = {
-    "optimizer": "the optimizer is torch SGD built from the run config (optim.*)",
-    "scheduler": "the learning-rate schedule is poly decay from the run config (optim.poly_power)",
-    "gradient_clipping": "set optim.grad_clip in the run config",
-}
-_AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+# A hook is called as hook(trainer, event, step) at "step" (after each optimizer step) and "save" (a
+# checkpoint's files written, before COMPLETE); tests use it to inject crashes (tests/fault_injection.py).
+Hook = Callable[["Trainer", str, int], None]
+
 # The run directory's files besides checkpoints; `--resume none` moves them aside with the checkpoints.
 RUN_FILES = ("config.yaml", "model.safetensors", "metrics.jsonl", "metrics.parquet", "summary.json", "resumes.jsonl")
 
 
-def _precision_dtype(ds_config: dict) -> torch.dtype:
-    ac = ds_config.get("torch_autocast", {})
-    if ac.get("enabled", False):
-        return _AUTOCAST_DTYPES[str(ac.get("dtype", "bfloat16")).replace("torch.", "")]
-    return torch.float32
-
-
-def _ds_section(ds: dict, key: str, path: Path) -> dict:
-    section = ds.get(key, {})
-    if not isinstance(section, dict):
-        raise ConfigError(f"DeepSpeed config {path}: '{key}' must be a JSON object, got {section!r}")
-    return section
-
-
-def build_deepspeed_config(cfg: Config, world_size: int, path: str) -> dict:
-    """Read the DeepSpeed JSON and fill in what the run config decides (batch sizes, clipping).
-
-    Raises ConfigError naming the file/key when the JSON contradicts the run config or asks for
-    something this trainer does not support.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"DeepSpeed config {p} does not exist (train.deepspeed_config / --deepspeed_config)")
-    try:
-        ds = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"DeepSpeed config {p} is not valid JSON: {e}") from None
-    if not isinstance(ds, dict):
-        raise ConfigError(f"DeepSpeed config {p} must hold a JSON object, got {type(ds).__name__}")
-    t = cfg.train
-    got = t.micro_batch_size * t.grad_accum_steps * world_size
-    if got != t.global_batch_size:
-        raise ConfigError(
-            f"train.global_batch_size={t.global_batch_size} but train.micro_batch_size ({t.micro_batch_size}) x "
-            f"train.grad_accum_steps ({t.grad_accum_steps}) x world size ({world_size}) = {got}; "
-            "change one of them so that the product equals the global batch"
-        )
-    for key, why in _DS_FORBIDDEN.items():
-        if key in ds:
-            raise ConfigError(f"DeepSpeed config {p}: remove '{key}' ({why})")
-    for key in ("fp16", "bf16"):
-        if _ds_section(ds, key, p).get("enabled", False):
-            raise ConfigError(
-                f"DeepSpeed config {p}: '{key}.enabled' casts the whole model (BatchNorm statistics included) to "
-                'half precision; use "torch_autocast": {"enabled": true, "dtype": "bfloat16"|"float16"} '
-                "(launch/configs/ds_bf16.json, ds_fp16.json), which keeps weights, norms and losses in fp32"
-            )
-    autocast_dtype = str(_ds_section(ds, "torch_autocast", p).get("dtype", "bfloat16")).replace("torch.", "")
-    if autocast_dtype not in _AUTOCAST_DTYPES:
-        raise ConfigError(
-            f"DeepSpeed config {p}: torch_autocast.dtype {autocast_dtype!r} is not one of {', '.join(_AUTOCAST_DTYPES)}"
-        )
-    stage = _ds_section(ds, "zero_optimization", p).get("stage", 0)
-    if stage != 0:
-        raise ConfigError(
-            f"DeepSpeed config {p}: zero_optimization.stage={stage} is not supported (use 0: plain data parallel)"
-        )
-    expected = {
-        "train_batch_size": t.global_batch_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum_steps,
-    }
-    for key, value in expected.items():
-        if key in ds and ds[key] != value:
-            raise ConfigError(
-                f"DeepSpeed config {p}: '{key}' is {ds[key]} but the run config gives {value}; "
-                "remove it from the JSON (the run config's train.* batch settings decide)"
-            )
-        ds[key] = value
-    if _precision_dtype(ds) == torch.float16 and not torch.cuda.is_available():
-        raise ConfigError(
-            f"DeepSpeed config {p}: float16 autocast needs a CUDA GPU; use ds_bf16.json or ds_fp32.json on CPU"
-        )
-    ds["gradient_clipping"] = 0.0  # the Trainer clips (optim.grad_clip) after the all-reduce
-    ds.setdefault("steps_per_print", 10**9)
-    ds.setdefault("zero_allow_untested_optimizer", True)
-    return ds
+def poly_lr_factor(step: int, total_steps: int, power: float) -> float:
+    """Poly decay (1 - t/T)^power, 1 at t=0 and 0 at t=T."""
+    return max(0.0, 1.0 - step / max(total_steps, 1)) ** power
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: str | Path, resume: str = "auto", resume_force: bool = False):
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: str | Path,
+        resume: str = "auto",
+        resume_force: bool = False,
+        hooks: Sequence[Hook] = (),
+    ):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self.hooks = list(hooks)
         # Bad input fails before anything is started or built; nothing in the run directory changes
         # until a resume is accepted (docs/training.md, "What a resume compares").
-        if cfg.model.num_classes != NUM_CLASSES:
-            raise ConfigError(
-                f"model.num_classes={cfg.model.num_classes} but the training data's label vectors have "
-                f"{NUM_CLASSES} classes (the PASCAL VOC classes the shards hold): set model.num_classes={NUM_CLASSES}"
-            )
+        self.task = build_task(cfg)
         resume_from = ckpt.resolve_resume(resume, self.ckpt_dir)
         client = None
         if resume_from is not None:
@@ -164,12 +85,10 @@ class Trainer:
 
         import deepspeed
 
-        from . import data as pdata
-        from .model import build_model, param_groups
-
         self.dist = init_distributed(use_deepspeed=True)
         self.device = self.dist.device
         t = cfg.train
+        validate_for_run(cfg, self.dist.world_size, torch.cuda.is_available())
         if not cfg.data.train_shards:
             raise ConfigError(
                 "data.train_shards is empty: give the training shards, e.g. data.train_shards='shards/train-*.tar'"
@@ -177,8 +96,8 @@ class Trainer:
         changes = None
         if client is not None:
             changes = check_resume(client, cfg, self.dist.world_size, resume_from, resume_force)
-        ds_config = build_deepspeed_config(cfg, self.dist.world_size, t.deepspeed_config)
-        self.dtype = _precision_dtype(ds_config)
+        ds_config = deepspeed_config(cfg)
+        self.dtype = autocast_dtype(cfg)
         self.channels_last = t.channels_last and self.device.type == "cuda"
         if self.device.type == "cpu":
             # Exact repeatability (resume == uninterrupted run) on CPU.
@@ -188,38 +107,25 @@ class Trainer:
 
         # Identical initialization on every rank (DeepSpeed also broadcasts rank 0's weights).
         seed_everything(t.seed, 0)
-        classifier = build_model(cfg.model)
+        network = self.task.build_network()
         if self.channels_last:
-            classifier = classifier.to(memory_format=torch.channels_last)
-        self.classifier = classifier.to(self.device)
-        groups = param_groups(self.classifier, cfg.optim.lr, cfg.optim.weight_decay, keep_empty=False)
+            network = network.to(memory_format=torch.channels_last)
+        network = network.to(self.device)
+        self.model = self.task.exported(network)
         optimizer = torch.optim.SGD(
-            groups,
+            self.task.param_groups(network),
             lr=cfg.optim.lr,
             momentum=cfg.optim.momentum,
             nesterov=cfg.optim.nesterov,
             weight_decay=cfg.optim.weight_decay,
         )
-        net: torch.nn.Module = PuzzleNet(self.classifier)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=net, optimizer=optimizer, config=ds_config)
-        self.checkpoint_files = ckpt.GuardedCheckpointEngine.install(self.engine)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=network, optimizer=optimizer, config=ds_config)
+        self.checkpointer = ckpt.Checkpointer(self.ckpt_dir, self.engine, self.dist.rank, t.keep_last)
         if t.compile:
             self.engine.compile()
         seed_everything(t.seed, self.dist.rank)
 
-        self.loader = pdata.train_loader(
-            cfg.data.train_shards,
-            batch_size=t.micro_batch_size,
-            crop_size=cfg.data.crop_size,
-            seed=t.seed,
-            num_workers=cfg.data.num_workers,
-            min_long_side=cfg.data.min_long_side,
-            max_long_side=cfg.data.max_long_side,
-            hflip=cfg.data.hflip,
-            shuffle_buffer=cfg.data.shuffle_buffer,
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-        )
+        self.loader = self.task.train_loader(self.dist.rank, self.dist.world_size)
         self.steps_per_epoch = len(self.loader) // t.grad_accum_steps
         if self.steps_per_epoch == 0:
             raise ConfigError(
@@ -248,7 +154,6 @@ class Trainer:
             else None
         )
         self.resumed_from = resume_from
-        self.fault = _FaultInjection.from_env(self.run_dir, self.dist.rank)
 
     def _prepare_run_dir(
         self, resume: str, resume_from: Path | None, changes: Comparison | None, resume_force: bool
@@ -294,15 +199,9 @@ class Trainer:
     # Checkpoints
 
     def save(self) -> Path:
-        """DeepSpeed checkpoint + per-rank trainer state; COMPLETE marks it usable; old ones pruned.
-
-        Non-finite weights or statistics are not saved (a TrainingError), so every complete checkpoint
-        is a finite one. A write that fails on any rank (a full disk) fails the save on every rank: the
-        tag directory is removed and the error names the newest complete checkpoint.
-        """
-        tag = ckpt.tag_for(self.step)
-        tag_dir = self.ckpt_dir / tag
-        average_buffers(self.classifier)
+        """A checkpoint of this step (puzzlecam.checkpoint.Checkpointer). Non-finite weights or statistics
+        are not saved (a TrainingError), so every complete checkpoint is a finite one."""
+        average_buffers(self.model)
         self._check_finite("nothing is saved (no checkpoint, no model.safetensors)")
         client_state = {
             "step": self.step,
@@ -310,51 +209,22 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "bad_streak": self.bad_streak,
             "world_size": self.dist.world_size,
+            "task": self.task.name,
             "config": self.cfg.to_dict(),
             # Rank 0's data position, for inspection; every rank restores its own from trainer_rank*.pt.
             "data": self.loader.state_dict(),
         }
-        # A fresh tag directory: a leftover from a crashed save of the same step is not reused.
-        if self.dist.is_main and tag_dir.exists():
-            ckpt.discard(tag_dir)
-        barrier()
-        failed = None
-        try:
-            # `latest` is written after COMPLETE (ckpt.point_latest): it names complete checkpoints only.
-            self.engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-            self.checkpoint_files.raise_failed_save()
-            ckpt.save_trainer_state(
-                tag_dir, self.dist.rank, {"rng": rng_state(), "loader": self.loader.state_dict(), "step": self.step}
-            )
-        except PuzzleCamError as e:  # a full or read-only disk (DiskError), a write that failed
-            failed = e
-        self.fault.maybe_fire(self.step, "save")  # test hook: die with the files written, before COMPLETE
-        self._fail_save_if_any_rank_failed(failed, tag_dir)
-        if self.dist.is_main:
-            try:
-                ckpt.mark_complete(tag_dir, self.step)
-                ckpt.point_latest(tag_dir)
-                ckpt.prune(self.ckpt_dir, self.cfg.train.keep_last)
-            except PuzzleCamError as e:
-                failed = e
-        self._fail_save_if_any_rank_failed(failed, tag_dir)
-        return tag_dir
-
-    def _fail_save_if_any_rank_failed(self, failed: PuzzleCamError | None, tag_dir: Path) -> None:
-        def remove_partial_save():
-            if self.dist.is_main:
-                ckpt.discard(tag_dir)
-
-        raise_if_any_rank_failed(
-            failed,
-            on_failure=remove_partial_save,
-            context=f"the checkpoint of step {self.step} was not saved; the newest complete one is "
-            f"{ckpt.latest_complete(self.ckpt_dir) or 'none'}",
+        return self.checkpointer.save(
+            self.step, client_state, self.loader, on_written=lambda: self._run_hooks("save", self.step)
         )
+
+    def _run_hooks(self, event: str, step: int) -> None:
+        for hook in self.hooks:
+            hook(self, event, step)
 
     def _check_finite(self, consequence: str) -> None:
         """A TrainingError when any weight or running statistic is NaN/Inf (the same verdict on every rank)."""
-        state = self.classifier.state_dict()
+        state = self.model.state_dict()
         bad = [name for name, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         (count,) = sum_across_ranks([len(bad)])
         if count == 0:
@@ -364,40 +234,15 @@ class Trainer:
             f"training diverged: {len(bad)} of {len(state)} model tensors are non-finite (NaN/Inf) at step "
             f"{self.step} ({shown}); {consequence}. The last finite checkpoint is "
             f"{ckpt.latest_complete(self.ckpt_dir) or 'none'}. Lower optim.lr, enable optim.grad_clip or use "
-            "ds_fp32.json."
+            "train.precision=fp32."
         )
 
     def _load(self, tag_dir: Path) -> None:
         """Restore everything from a checkpoint; when it fails on any rank, every rank raises."""
-        failed = None
-        try:
-            self._restore(tag_dir)
-        except PuzzleCamError as e:
-            failed = e
-        raise_if_any_rank_failed(failed)
-
-    def _restore(self, tag_dir: Path) -> None:
-        try:
-            load_path, client = self.engine.load_checkpoint(
-                str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=False
-            )
-        except (RuntimeError, KeyError) as e:  # mostly state_dict keys or shapes that do not fit this model
-            raise UsageError(
-                f"DeepSpeed could not load checkpoint {tag_dir} into the model of this config: {ckpt.first_sentence(e)}"
-            ) from e
-        if load_path is None:
-            raise TrainingError(f"DeepSpeed could not load the checkpoint {tag_dir}")
-        state = ckpt.load_trainer_state(tag_dir, self.dist.rank)
-        try:
-            self.loader.load_state_dict(state["loader"])
-        except ValueError as e:
-            raise UsageError(
-                f"cannot resume from {tag_dir} on data.train_shards={self.cfg.data.train_shards}: {e}"
-            ) from None
+        client = self.checkpointer.load(tag_dir, self.loader, self.cfg.data.train_shards)
         self.step = int(client["step"])
         self.skipped_steps = int(client.get("skipped_steps", 0))
         self.bad_streak = int(client.get("bad_streak", 0))
-        set_rng_state(state["rng"])
         self._batches = None
 
     # ------------------------------------------------------------------------------------------
@@ -454,7 +299,7 @@ class Trainer:
         t = self.cfg.train
         start = time.perf_counter()
         lr = self._set_lr()
-        alpha = alpha_for(self.step, self.total_steps, self.cfg)
+        values = self.task.step_values(self.step, self.total_steps)
         sums = None  # per StepLosses field, then the count of non-finite losses
         data_wait = 0.0
         bad = False
@@ -464,7 +309,7 @@ class Trainer:
             tw = time.perf_counter()
             batch = self._next_batch()
             data_wait += time.perf_counter() - tw
-            losses = forward_losses(self.engine, batch, self.cfg, alpha, self.device, self.dtype, self.channels_last)
+            losses = self.task.losses(self.engine, batch, values, self.device, self.dtype, self.channels_last)
             parts = torch.stack(list(losses)).detach().float()  # total first, then every named term
             finite = torch.isfinite(parts[0])
             # One all-reduce: the sum of every rank's losses, the count of non-finite ones and the
@@ -495,13 +340,13 @@ class Trainer:
         else:
             self.bad_streak = 0
         elapsed = time.perf_counter() - start
-        names = ["loss"] + [f"loss_{name}" for name in losses._fields[1:]]  # loss, loss_cls, ..., loss_conf
+        names = ["loss"] + [f"loss_{name}" for name in losses._fields[1:]]  # loss, loss_cls, ...
         mean = (sums[:-1] / n).tolist() if not bad else [float("nan")] * len(names)
         return {
             "step": self.step,
             "epoch": self.loader.epoch,
             **dict(zip(names, mean, strict=True)),
-            "alpha": alpha,
+            **values,
             "lr": lr,
             "images_per_s": t.global_batch_size / max(elapsed, 1e-9),
             "data_wait_pct": 100.0 * data_wait / max(elapsed, 1e-9),
@@ -529,7 +374,7 @@ class Trainer:
                         f"{self.bad_streak} optimizer steps in a row had a NaN/Inf loss "
                         f"(train.max_bad_steps={t.max_bad_steps}); "
                         f"stopping at step {self.step}. Last good checkpoint: {last if last else 'none'}. "
-                        "Lower optim.lr, enable optim.grad_clip or use ds_fp32.json."
+                        "Lower optim.lr, enable optim.grad_clip or use train.precision=fp32."
                     )
                 # No checkpoint inside a run of bad steps: the last good one is what a resume needs.
                 if (
@@ -539,8 +384,8 @@ class Trainer:
                     and self.bad_streak == 0
                 ):
                     self.save()
-                self.fault.maybe_fire(self.step, "step")
-            newest = ckpt.latest_complete(self.ckpt_dir)
+                self._run_hooks("step", self.step)
+            newest = self.checkpointer.latest()
             if newest is None or ckpt.step_of(newest.name) != self.step:  # else resumed at the end: saved
                 self.save()
             return self.export()
@@ -550,12 +395,12 @@ class Trainer:
                 self.metrics.close()
 
     def export(self) -> Path | None:
-        """Consolidated fp32 classifier weights -> ``model.safetensors``; metrics -> Parquet."""
+        """The Task's exported module as consolidated fp32 weights -> ``model.safetensors``; metrics -> Parquet."""
         from safetensors.torch import save
 
-        average_buffers(self.classifier)
+        average_buffers(self.model)
         self._check_finite("no model.safetensors is written")
-        digests = replica_digests(self.classifier)
+        digests = replica_digests(self.model)
         out = self.run_dir / "model.safetensors"
         if self.dist.is_main:
             resumes = self.run_dir / "resumes.jsonl"
@@ -577,36 +422,13 @@ class Trainer:
             )
             state = {
                 k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu()
-                for k, v in self.classifier.state_dict().items()
+                for k, v in self.model.state_dict().items()
             }
-            metadata = {"format": "pt", "step": str(self.step), "arch": self.cfg.model.arch}
+            metadata = {"format": "pt", "step": str(self.step), "task": self.task.name, **self.task.export_metadata()}
             atomic_write_bytes(out, save(state, metadata=metadata))
             self.metrics.export_parquet()
         barrier()
         return out if self.dist.is_main else None
-
-
-def raise_if_any_rank_failed(
-    failed: PuzzleCamError | None, on_failure: Callable[[], None] | None = None, context: str = ""
-) -> None:
-    """A collective: when any rank failed, every rank raises -- its own error, else the first failed
-    rank's message (a UsageError or RunError by its exit status) -- so that no rank goes on to wait in
-    a collective for one that gave up. ``on_failure`` runs first; ``context`` ends the message."""
-    mine = None if failed is None else (failed.exit_code, str(failed))
-    reports = [mine]
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        reports = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(reports, mine)
-    first = next(((rank, report) for rank, report in enumerate(reports) if report is not None), None)
-    if first is None:
-        return
-    if on_failure is not None:
-        on_failure()
-    suffix = f"; {context}" if context else ""
-    if failed is not None:
-        raise type(failed)(f"{failed}{suffix}") from failed
-    rank, (code, message) = first
-    raise (UsageError if code == UsageError.exit_code else RunError)(f"rank {rank}: {message}{suffix}")
 
 
 def replica_digests(module: torch.nn.Module) -> list[str]:
@@ -625,35 +447,6 @@ def replica_digests(module: torch.nn.Module) -> list[str]:
     return out
 
 
-class _FaultInjection:
-    """Test hook for crash recovery: PUZZLECAM_FAULT_KILL="step=N[,rank=R][,phase=step|save]" SIGKILLs
-    rank R (default 0) right after optimizer step N (phase=step, the default) or in the middle of the
-    checkpoint save of step N, after its files are written and before COMPLETE (phase=save). It fires
-    once per run directory (a marker file remembers it)."""
-
-    def __init__(self, step: int | None, phase: str, marker: Path):
-        self.step, self.phase, self.marker = step, phase, marker
-
-    @classmethod
-    def from_env(cls, run_dir: Path, rank: int) -> _FaultInjection:
-        spec = os.environ.get("PUZZLECAM_FAULT_KILL", "")
-        if not spec:
-            return cls(None, "step", Path())
-        try:
-            fields = dict(item.split("=", 1) for item in spec.split(","))
-            step = int(fields["step"]) if int(fields.get("rank", 0)) == rank else None
-        except (ValueError, KeyError):
-            raise ConfigError(f"PUZZLECAM_FAULT_KILL={spec!r}: expected step=N[,rank=R][,phase=step|save]") from None
-        return cls(step, fields.get("phase", "step"), Path(run_dir) / f".fault_fired_rank{rank}")
-
-    def maybe_fire(self, step: int, phase: str) -> None:
-        if self.step is None or step != self.step or phase != self.phase or self.marker.exists():
-            return
-        self.marker.parent.mkdir(parents=True, exist_ok=True)
-        self.marker.write_text(str(step))
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 # ----------------------------------------------------------------------------------------------
 # Command line
 
@@ -661,7 +454,8 @@ class _FaultInjection:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="launch/train.py",
-        description="Train a Puzzle-CAM classifier (under deepspeed, torchrun or plain python).",
+        description="Train the config's task (classification: the Puzzle-CAM classifier) under deepspeed, "
+        "torchrun or plain python.",
         epilog="Overrides: dotted key=value pairs applied after the config file, e.g. "
         "data.train_shards='shards/train-*.tar' train.max_steps=100 train.seed=1 train.mode=baseline",
     )
@@ -688,14 +482,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--deepspeed-config",
         dest="deepspeed_config",
         default=None,
-        help="DeepSpeed JSON (precision); overrides train.deepspeed_config",
+        help="an optional DeepSpeed JSON merged over the dict train.precision builds; overrides train.deepspeed_config",
     )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     return p
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace, hooks: Sequence[Hook] = ()) -> None:
     overrides = list(args.overrides)
     if args.deepspeed_config:
         overrides.append(f"train.deepspeed_config={args.deepspeed_config}")
@@ -703,7 +497,7 @@ def run(args: argparse.Namespace) -> None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     cfg = load_config(args.config, overrides)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
-    trainer = Trainer(cfg, run_dir, resume=args.resume, resume_force=args.resume_force)
+    trainer = Trainer(cfg, run_dir, resume=args.resume, resume_force=args.resume_force, hooks=hooks)
     if trainer.resumed_from is not None:
         log.info("resumed from %s at step %d", trainer.resumed_from, trainer.step)
     out = trainer.fit()
@@ -711,8 +505,8 @@ def run(args: argparse.Namespace) -> None:
         log.info("done: %d steps; weights %s", trainer.step, out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    return run_command(build_parser(), run, argv)
+def main(argv: list[str] | None = None, hooks: Sequence[Hook] = ()) -> int:
+    return run_command(build_parser(), lambda args: run(args, hooks), argv)
 
 
 if __name__ == "__main__":

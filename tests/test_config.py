@@ -46,7 +46,7 @@ def test_overrides_are_typed():
             r"unknown config key 'optim.lrate' \(did you mean 'optim.lr'\?\); expected one of: lr, momentum",
         ),
         ("train.lr=0.05", r"unknown config key 'train.lr' \(did you mean 'optim.lr'\?\)"),
-        ("data.eval_shards=x", r"unknown config key 'data.eval_shards'"),
+        ("train.epoch_size=10", r"unknown config key 'train.epoch_size'"),
         ("optimizer.lr=0.1", r"unknown config key 'optimizer'"),
         ("puzzle.level=pixel", r"'puzzle.level' must be one of 'feature', 'cam', got 'pixel'"),
         ("train.epochs=1.5", r"'train.epochs' must be int, got 1.5"),
@@ -94,6 +94,9 @@ def test_the_old_masking_key_still_reads(tmp_path):
         ("data.min_long_side=700", r"'data.min_long_side' \(700\) must not exceed 'data.max_long_side' \(640\)"),
         ("data.crop_size=511", r"'data.crop_size' \(511\) must be divisible by 'puzzle.num_pieces' \(2\)"),
         ("train.epochs=0", r"'train.epochs' and 'train.max_steps' are both 0"),
+        ("task=affinity", r"config key 'task' is 'affinity': only 'classification' \(stage 1\) can be trained yet"),
+        ("train.eval_every=5", r"'train.eval_every' is 5 but 'data.eval_shards' is empty"),
+        ("model.norm=batch", r"'model.norm' must be one of 'train', 'frozen', 'sync'"),
     ],
 )
 def test_values_out_of_range_name_the_key(override, message):
@@ -110,7 +113,7 @@ def test_range_edges_that_are_allowed():
 
 def test_keys_that_went_are_dropped_from_old_files_with_a_warning(tmp_path, caplog):
     old = tmp_path / "config.yaml"
-    old.write_text("data:\n  eval_shards: x/val-*.tar\n  crop_size: 64\ntrain:\n  epoch_size: 10\n")
+    old.write_text("data:\n  crop_size: 64\ntrain:\n  epoch_size: 10\n")
     logger = logging.getLogger("puzzlecam.config")
     logger.addHandler(caplog.handler)  # the puzzlecam logger may not propagate (a command set it up)
     try:
@@ -118,7 +121,7 @@ def test_keys_that_went_are_dropped_from_old_files_with_a_warning(tmp_path, capl
     finally:
         logger.removeHandler(caplog.handler)
     assert cfg.data.crop_size == 64
-    assert "ignoring 'data.eval_shards'" in caplog.text and "ignoring 'train.epoch_size'" in caplog.text
+    assert "ignoring 'train.epoch_size'" in caplog.text
 
 
 def test_bad_file_names_the_file(tmp_path):

@@ -249,12 +249,12 @@ def test_resume_compares_the_keys_that_change_the_run():
 
 
 def test_a_checkpoint_written_before_a_rename_compares_by_meaning():
-    # Checkpoints of earlier versions hold puzzle.masking (now puzzle.re_reduction) and data.eval_shards (gone).
+    # Checkpoints of earlier versions hold puzzle.masking (now puzzle.re_reduction) and train.epoch_size (gone).
     now = load_config(DEMO_CONFIG, ["puzzle.re_reduction=none"])
     saved = now.to_dict()
     del saved["puzzle"]["re_reduction"]
     saved["puzzle"]["masking"] = False
-    saved["data"]["eval_shards"] = "old/val-*.tar"
+    saved["train"]["epoch_size"] = 10
     check = compare_configs(saved, now, saved_world_size=1, world_size=1)
     assert check.refused == [] and check.allowed == []
     saved["puzzle"]["masking"] = True

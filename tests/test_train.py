@@ -26,10 +26,10 @@ from test_train_support import (
 )
 
 from puzzlecam import checkpoint as ckpt
-from puzzlecam.config import load_config
+from puzzlecam.config import load_config, validate_for_run
 from puzzlecam.errors import ConfigError, UsageError
 from puzzlecam.metrics import MetricsLog, read_jsonl, show_step
-from puzzlecam.train import build_deepspeed_config
+from puzzlecam.precision import autocast_dtype, deepspeed_config
 from puzzlecam.train import main as train_main
 from puzzlecam.utils.files import is_temporary
 from puzzlecam.utils.log import setup_logging
@@ -172,35 +172,64 @@ def test_cli_rejects_bad_override_and_resume_path(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_deepspeed_config_checks(tmp_path):
+def test_precision_builds_the_deepspeed_dict_and_a_user_json_merges_over_it(tmp_path):
     cfg = load_config(
         DEMO_CONFIG,
         ["train.global_batch_size=8", "train.micro_batch_size=2", "train.grad_accum_steps=2", "optim.grad_clip=3.0"],
     )
-    ds = build_deepspeed_config(cfg, 2, str(ROOT / "launch" / "configs" / "ds_fp32.json"))
+    ds = deepspeed_config(cfg)
     assert ds["train_batch_size"] == 8 and ds["train_micro_batch_size_per_gpu"] == 2
     assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.0  # the Trainer clips
-    with pytest.raises(ConfigError, match=r"x world size \(3\) = 12"):
-        build_deepspeed_config(cfg, 3, str(ROOT / "launch" / "configs" / "ds_fp32.json"))
+    assert "torch_autocast" not in ds and autocast_dtype(cfg) == torch.float32
+    bf16 = load_config(DEMO_CONFIG, ["train.precision=bf16"])
+    assert deepspeed_config(bf16)["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert autocast_dtype(bf16) == torch.bfloat16
+    # A user JSON adds what the run config does not decide, and may repeat what it does.
+    extra = tmp_path / "extra.json"
+    extra.write_text('{"communication_data_type": "fp32", "train_batch_size": 8, "zero_optimization": {"stage": 0}}')
+    merged = deepspeed_config(load_config(DEMO_CONFIG, [*cfg_overrides(cfg), f"train.deepspeed_config={extra}"]))
+    assert merged["communication_data_type"] == "fp32" and merged["train_batch_size"] == 8
     cases = {
         '{"optimizer": {"type": "Adam"}}': "remove 'optimizer'",
-        '{"bf16": {"enabled": true}}': "torch_autocast",
+        '{"bf16": {"enabled": true}}': r"remove 'bf16' \(set train.precision",
+        '{"torch_autocast": {"enabled": true}}': r"remove 'torch_autocast' \(set train.precision",
         '{"train_batch_size": 16}': "'train_batch_size' is 16",
         '{"zero_optimization": {"stage": 2}}': "stage=2",
         "{not json": "not valid JSON",
         # Malformed JSON shapes are config errors too, not tracebacks.
         "[1, 2]": "a JSON object",
-        '{"torch_autocast": {"enabled": true, "dtype": "int8"}}': "torch_autocast.dtype",
-        '{"torch_autocast": true}': "'torch_autocast' must be",
         '{"zero_optimization": 2}': "'zero_optimization' must be",
     }
     for text, message in cases.items():
         path = tmp_path / "ds.json"
         path.write_text(text)
         with pytest.raises(ConfigError, match=message):
-            build_deepspeed_config(cfg, 2, str(path))
+            deepspeed_config(load_config(DEMO_CONFIG, [*cfg_overrides(cfg), f"train.deepspeed_config={path}"]))
     with pytest.raises(ConfigError, match="does not exist"):
-        build_deepspeed_config(cfg, 2, str(tmp_path / "missing.json"))
+        deepspeed_config(load_config(DEMO_CONFIG, [f"train.deepspeed_config={tmp_path / 'missing.json'}"]))
+
+
+def cfg_overrides(cfg) -> list[str]:
+    t = cfg.train
+    return [f"train.{k}={getattr(t, k)}" for k in ("global_batch_size", "micro_batch_size", "grad_accum_steps")]
+
+
+def test_the_run_checks_the_global_batch_and_fp16():
+    cfg = load_config(
+        DEMO_CONFIG, ["train.global_batch_size=8", "train.micro_batch_size=2", "train.grad_accum_steps=2"]
+    )
+    validate_for_run(cfg, 2, cuda_available=False)
+    with pytest.raises(ConfigError, match=r"x world size \(3\) = 12"):
+        validate_for_run(cfg, 3, cuda_available=False)
+    with pytest.raises(ConfigError, match="train.precision=fp16 needs a CUDA GPU"):
+        validate_for_run(load_config(DEMO_CONFIG, ["train.precision=fp16"]), 1, cuda_available=False)
+
+
+def test_old_configs_naming_the_shipped_deepspeed_jsons_read_as_precision(tmp_path):
+    old = tmp_path / "config.yaml"
+    old.write_text("train:\n  deepspeed_config: launch/configs/ds_bf16.json\n")
+    cfg = load_config(old)
+    assert cfg.train.precision == "bf16" and cfg.train.deepspeed_config == ""
 
 
 def test_checkpoint_bookkeeping(tmp_path):
@@ -283,15 +312,15 @@ def test_step_record_is_logged_where_no_bar_is_drawn(capsys):
 @pytest.mark.slow
 @needs_deepspeed
 @pytest.mark.gpu
-@pytest.mark.parametrize("ds_json", ["ds_bf16.json", "ds_fp16.json", "ds_fp32.json"])
-def test_gpu_mixed_precision_run(shards, tmp_path, ds_json):
-    # One process on the GPU: autocast precision from the DeepSpeed JSON, fp32 weights and norms,
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
+def test_gpu_mixed_precision_run(shards, tmp_path, precision):
+    # One process on the GPU: autocast precision from train.precision, fp32 weights and norms,
     # channels_last, fused ops; the exported weights are fp32 and the losses finite.
     run = tmp_path / "gpu"
     over = tiny_overrides(
         shards,
         **{
-            "train.deepspeed_config": str(ROOT / "launch" / "configs" / ds_json),
+            "train.precision": precision,
             "train.channels_last": True,
             "model.norm": "train",
             "data.crop_size": 64,
@@ -306,8 +335,8 @@ def test_gpu_mixed_precision_run(shards, tmp_path, ds_json):
 @pytest.mark.parametrize("name", ["voc_resnet50_puzzle", "voc_resnet50_baseline", "demo_cpu"])
 def test_shipped_configs_are_consistent(name):
     cfg = load_config(ROOT / "launch" / "configs" / f"{name}.yaml")
-    ds = build_deepspeed_config(cfg, 1, str(ROOT / cfg.train.deepspeed_config))
-    assert ds["train_batch_size"] == cfg.train.global_batch_size
+    validate_for_run(cfg, 1, cuda_available=True)
+    assert deepspeed_config(cfg)["train_batch_size"] == cfg.train.global_batch_size
     if name.startswith("voc"):
         assert cfg.train.global_batch_size == 32 and cfg.train.epochs == 15 and cfg.optim.lr == 0.1
         assert cfg.train.mode == name.rsplit("_", 1)[1]
@@ -315,12 +344,5 @@ def test_shipped_configs_are_consistent(name):
         four = load_config(
             ROOT / "launch" / "configs" / f"{name}.yaml", ["train.micro_batch_size=8", "train.grad_accum_steps=1"]
         )
-        assert build_deepspeed_config(four, 4, str(ROOT / four.train.deepspeed_config))["train_batch_size"] == 32
-
-
-def test_fp16_needs_a_gpu():
-    if torch.cuda.is_available():
-        pytest.skip("CUDA is available here")
-    cfg = load_config(DEMO_CONFIG)
-    with pytest.raises(ConfigError, match="float16 autocast needs a CUDA GPU"):
-        build_deepspeed_config(cfg, 1, str(ROOT / "launch" / "configs" / "ds_fp16.json"))
+        validate_for_run(four, 4, cuda_available=True)
+        assert deepspeed_config(four)["train_batch_size"] == 32

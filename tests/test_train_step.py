@@ -1,4 +1,4 @@
-"""The training step's loss composition (puzzlecam.train_step): the options of the original code."""
+"""The training step's loss composition (puzzlecam.tasks.classification): the options of the original code."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from puzzlecam import puzzle
 from puzzlecam.config import load_config
-from puzzlecam.train_step import step_losses
+from puzzlecam.tasks.classification import step_losses
 
 
 def _maps(seed=0, b=2, c=4, n=2):

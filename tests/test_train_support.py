@@ -24,6 +24,8 @@ PYTHON = sys.executable
 DEEPSPEED = str(BIN / "deepspeed")
 TORCHRUN = str(BIN / "torchrun")
 TRAIN = str(ROOT / "launch" / "train.py")
+# launch/train.py with the crash-recovery hook installed: launches that set PUZZLECAM_FAULT_KILL run it.
+FAULT_TRAIN = str(ROOT / "tests" / "fault_injection.py")
 DEMO_CONFIG = str(ROOT / "launch" / "configs" / "demo_cpu.yaml")
 
 _SHARDS: dict[str, Path] = {}
@@ -73,14 +75,15 @@ def tiny_overrides(shards: Path, **extra) -> list[str]:
         "train.global_batch_size": 4,
         "train.micro_batch_size": 4,
         "train.grad_accum_steps": 1,
-        "train.deepspeed_config": str(ROOT / "launch" / "configs" / "ds_fp32.json"),
+        "train.precision": "fp32",
     }
     settings.update(extra)
     return [f"{k}={v}" for k, v in settings.items()]
 
 
-def train_args(run_dir: Path, overrides: list[str]) -> list[str]:
-    return [TRAIN, "--config", DEMO_CONFIG, "--run-dir", str(run_dir), *overrides]
+def train_args(run_dir: Path, overrides: list[str], env: dict | None = None) -> list[str]:
+    script = FAULT_TRAIN if env and "PUZZLECAM_FAULT_KILL" in env else TRAIN
+    return [script, "--config", DEMO_CONFIG, "--run-dir", str(run_dir), *overrides]
 
 
 def _env(extra: dict | None = None) -> dict:
@@ -138,7 +141,7 @@ def run_all(launches: list[Launch], timeout: float = 240, expect_ok: bool = True
 
 
 def python_launch(run_dir: Path, overrides: list[str], log: Path, env: dict | None = None) -> Launch:
-    return Launch([PYTHON, *train_args(run_dir, overrides)], log, env)
+    return Launch([PYTHON, *train_args(run_dir, overrides, env)], log, env)
 
 
 def finished_run(run_dir: Path, overrides: list[str]) -> Path:
@@ -158,7 +161,7 @@ def deepspeed_launch(
         "127.0.0.1",
         "--master_port",
         str(free_port()),
-        *train_args(run_dir, overrides),
+        *train_args(run_dir, overrides, env),
     ]
     return Launch(cmd, log, env)
 
@@ -175,7 +178,7 @@ def torchrun_launch(
         "--rdzv-endpoint",
         f"127.0.0.1:{free_port()}",
         *extra,
-        *train_args(run_dir, overrides),
+        *train_args(run_dir, overrides, env),
     ]
     return Launch(cmd, log, env)
 

@@ -1,6 +1,6 @@
 """``python -m puzzlecam.bench train``: the full Puzzle-CAM training step, reference against fast.
 
-Both modes run the same step as the Trainer (puzzlecam.train_step: uint8 batch -> normalized
+Both modes run the same step as the Trainer (puzzlecam.tasks.classification: uint8 batch -> normalized
 images + tiles on the device -> two forward passes -> L_cls + L_pcls + alpha L_re -> backward ->
 SGD nesterov with the four parameter groups) on the same random uint8 batches:
 
@@ -32,7 +32,7 @@ from rich.table import Table
 from puzzlecam.config import Config, ModelConfig
 from puzzlecam.errors import UsageError
 from puzzlecam.model import build_model, param_groups
-from puzzlecam.train_step import PuzzleNet, forward_losses
+from puzzlecam.tasks.classification import PuzzleNet, forward_losses
 from puzzlecam.utils.cli import run_command
 from puzzlecam.utils.distributed import init_distributed
 from puzzlecam.utils.files import atomic_write_json

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from puzzlecam.errors import UsageError
+from puzzlecam.errors import PuzzleCamError, RunError, UsageError
 from puzzlecam.utils.net import free_port
 
 
@@ -232,3 +233,26 @@ def set_rng_state(state: dict) -> None:
 
 def _to_tuple(x):
     return tuple(_to_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def raise_if_any_rank_failed(
+    failed: PuzzleCamError | None, on_failure: Callable[[], None] | None = None, context: str = ""
+) -> None:
+    """A collective: when any rank failed, every rank raises -- its own error, else the first failed
+    rank's message (a UsageError or RunError by its exit status) -- so that no rank goes on to wait in
+    a collective for one that gave up. ``on_failure`` runs first; ``context`` ends the message."""
+    mine = None if failed is None else (failed.exit_code, str(failed))
+    reports = [mine]
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        reports = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(reports, mine)
+    first = next(((rank, report) for rank, report in enumerate(reports) if report is not None), None)
+    if first is None:
+        return
+    if on_failure is not None:
+        on_failure()
+    suffix = f"; {context}" if context else ""
+    if failed is not None:
+        raise type(failed)(f"{failed}{suffix}") from failed
+    rank, (code, message) = first
+    raise (UsageError if code == UsageError.exit_code else RunError)(f"rank {rank}: {message}{suffix}")

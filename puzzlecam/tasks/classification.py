@@ -1,6 +1,7 @@
-"""The Puzzle-CAM training step's math, shared by the Trainer and ``python -m puzzlecam.bench train``.
+"""Stage 1, ``task: classification``: the Puzzle-CAM classifier (modes puzzle and baseline).
 
-Nothing here imports DeepSpeed: the benchmark runs where DeepSpeed is not installed.
+The step's math is shared by the Trainer (through :class:`ClassificationTask`) and ``python -m
+puzzlecam.bench train``; nothing here imports DeepSpeed (the benchmark runs where it is not installed).
 
 Step (docs/method.md): uint8 batch -> normalized images x and their tiles (on the device) ->
 A = f(x), A_tiles = f(tile(x)) -> L = L_cls + L_pcls + alpha(t) * L_re. ``baseline`` mode is the
@@ -14,8 +15,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from . import ops, puzzle
-from .config import Config
+from puzzlecam import NUM_CLASSES, ops, puzzle
+from puzzlecam.config import Config
+from puzzlecam.errors import ConfigError
+from puzzlecam.tasks import Task
 
 
 def prepare_inputs(
@@ -95,12 +98,60 @@ def forward_losses(
     return step_losses(cams, cams_tiles, labels, cfg, alpha)
 
 
-def poly_lr_factor(step: int, total_steps: int, power: float) -> float:
-    """Poly decay (1 - t/T)^power, 1 at t=0 and 0 at t=T."""
-    return max(0.0, 1.0 - step / max(total_steps, 1)) ** power
-
-
 def alpha_for(step: int, total_steps: int, cfg: Config) -> float:
     if cfg.train.mode == "baseline":
         return 0.0
     return puzzle.alpha_at(step, total_steps, cfg.puzzle.alpha_max, cfg.puzzle.alpha_schedule)
+
+
+class ClassificationTask(Task):
+    """The classifier (docs/model.md) trained with the Puzzle-CAM losses (docs/method.md) on image-level labels."""
+
+    name = "classification"
+
+    def check(self) -> None:
+        if self.cfg.model.num_classes != NUM_CLASSES:
+            raise ConfigError(
+                f"model.num_classes={self.cfg.model.num_classes} but the training data's label vectors have "
+                f"{NUM_CLASSES} classes (the PASCAL VOC classes the shards hold): set model.num_classes={NUM_CLASSES}"
+            )
+
+    def build_network(self) -> nn.Module:
+        from puzzlecam.model import build_model
+
+        return PuzzleNet(build_model(self.cfg.model))
+
+    def exported(self, network: nn.Module) -> nn.Module:
+        return network.classifier
+
+    def param_groups(self, network: nn.Module) -> list[dict]:
+        from puzzlecam.model import param_groups
+
+        return param_groups(network.classifier, self.cfg.optim.lr, self.cfg.optim.weight_decay, keep_empty=False)
+
+    def train_loader(self, rank: int, world_size: int):
+        from puzzlecam.data import train_loader
+
+        d, t = self.cfg.data, self.cfg.train
+        return train_loader(
+            d.train_shards,
+            batch_size=t.micro_batch_size,
+            crop_size=d.crop_size,
+            seed=t.seed,
+            num_workers=d.num_workers,
+            min_long_side=d.min_long_side,
+            max_long_side=d.max_long_side,
+            hflip=d.hflip,
+            shuffle_buffer=d.shuffle_buffer,
+            rank=rank,
+            world_size=world_size,
+        )
+
+    def step_values(self, step: int, total_steps: int) -> dict[str, float]:
+        return {"alpha": alpha_for(step, total_steps, self.cfg)}
+
+    def losses(self, network, batch, values, device, dtype, channels_last) -> StepLosses:
+        return forward_losses(network, batch, self.cfg, values["alpha"], device, dtype, channels_last)
+
+    def export_metadata(self) -> dict[str, str]:
+        return {"arch": self.cfg.model.arch}

@@ -1,0 +1,80 @@
+"""Tasks: what each stage of the pipeline trains; the one Trainer (puzzlecam.train) runs any of them.
+
+A Task owns what differs between stages (docs/training.md, "Tasks"): the network DeepSpeed wraps and the
+part of it that is exported, its parameter groups, its training data, the values a step depends on
+(logged with the step), the step's named losses (the first, ``total``, is the one backpropagated) and
+its evaluation. The Trainer owns the rest: process group, DeepSpeed engine, precision, the poly
+schedule, accumulation, clipping, bad steps, checkpoints, metrics, export.
+
+``task: classification`` is stage 1 (modes puzzle and baseline); ``affinity`` and ``segmentation`` are
+refused by the config until their stages exist.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import nn
+
+from puzzlecam.config import Config
+
+# task name -> "module:class", imported on use.
+TASKS = {"classification": "puzzlecam.tasks.classification:ClassificationTask"}
+
+
+class Task(ABC):
+    name: ClassVar[str]
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    def check(self) -> None:  # noqa: B027 (a hook with nothing to check by default)
+        """Refuse settings this task cannot train, before anything starts (a ConfigError naming the key)."""
+
+    @abstractmethod
+    def build_network(self) -> nn.Module:
+        """The module DeepSpeed wraps, initialized (pretrained weights loaded); built on the CPU."""
+
+    @abstractmethod
+    def exported(self, network: nn.Module) -> nn.Module:
+        """The part of ``network`` that ``model.safetensors`` holds (and whose state is checked finite)."""
+
+    @abstractmethod
+    def param_groups(self, network: nn.Module) -> list[dict]:
+        """Optimizer groups, each with ``lr``, ``weight_decay``, ``name`` and ``lr_scale`` (the multiplier
+        of the base learning rate that the poly schedule keeps)."""
+
+    @abstractmethod
+    def train_loader(self, rank: int, world_size: int) -> Any:
+        """This rank's training loader (puzzlecam.data.TrainLoader: len, epoch, state_dict, load_state_dict)."""
+
+    def step_values(self, step: int, total_steps: int) -> dict[str, float]:
+        """Values the step at ``step`` depends on besides the learning rate (logged with it)."""
+        return {}
+
+    @abstractmethod
+    def losses(
+        self,
+        network: nn.Module,
+        batch: dict,
+        values: dict[str, float],
+        device: torch.device,
+        dtype: torch.dtype,
+        channels_last: bool,
+    ) -> NamedTuple:
+        """The step's named losses of one micro-batch, fp32 scalars; the first field is ``total``."""
+
+    def export_metadata(self) -> dict[str, str]:
+        """Text metadata stored in ``model.safetensors`` besides the step."""
+        return {}
+
+
+def build_task(cfg: Config) -> Task:
+    """The Task of ``cfg.task`` (the config has refused the ones that do not exist yet)."""
+    module_name, class_name = TASKS[cfg.task].split(":")
+    task = getattr(importlib.import_module(module_name), class_name)(cfg)
+    task.check()
+    return task
