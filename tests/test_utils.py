@@ -277,3 +277,14 @@ def test_a_bad_pixel_bound_in_the_environment_is_bad_usage(capsys, monkeypatch):
     monkeypatch.setenv("PUZZLECAM_MAX_IMAGE_PIXELS", "lots")
     assert run_command(_parser(), lambda args: 0, []) == 2
     assert "PUZZLECAM_MAX_IMAGE_PIXELS='lots': expected a positive number of pixels" in capsys.readouterr().err
+
+
+def test_every_package_of_the_tree_is_installed():
+    # pyproject.toml lists the packages explicitly: a new subpackage must be added there too.
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "puzzlecam").rglob("__init__.py")}
+    assert found | {"puzzlecam.kernels"} == listed
