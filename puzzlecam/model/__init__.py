@@ -1,7 +1,7 @@
 """Models: torchvision-layout ResNet backbones and the Puzzle-CAM classifier (docs/model.md)."""
 
 from .classifier import GROUPS, Classifier, build_model, param_groups
-from .norm import BatchNorm2d, FrozenStatsBatchNorm2d, norm_layer
+from .norm import BatchNorm2d, FrozenStatsBatchNorm2d, SyncBatchNorm2d, norm_layer
 from .pretrained import PretrainedMismatchError, load_pretrained, read_state_dict
 from .resnet import ARCHS, BasicBlock, Bottleneck, ResNet
 
@@ -15,6 +15,7 @@ __all__ = [
     "FrozenStatsBatchNorm2d",
     "PretrainedMismatchError",
     "ResNet",
+    "SyncBatchNorm2d",
     "build_model",
     "load_pretrained",
     "norm_layer",
