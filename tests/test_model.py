@@ -150,7 +150,7 @@ def test_bad_settings_are_rejected():
     with pytest.raises(ValueError, match="model.output_stride"):
         ResNet("resnet18", output_stride=8)
     with pytest.raises(ValueError, match="model.norm"):
-        ResNet("resnet18", norm="sync")
+        ResNet("resnet18", norm="group")
     model = build_model(ModelConfig(arch="resnet18", width=8))
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         model(torch.randn(1, 4, 32, 32))

@@ -11,7 +11,7 @@ Differences from torchvision, all options:
 * ``output_stride=16`` gives ``layer4`` stride 1 (no dilation, as in the Puzzle-CAM reference
   code, whose ResNet uses strides (2, 2, 2, 1) and dilation 1 everywhere); 32 keeps stride 2.
 * ``width`` scales every channel count (64 = torchvision); smaller widths give cheap CPU models.
-* ``norm`` picks :class:`~puzzlecam.model.norm.BatchNorm2d` or ``FrozenStatsBatchNorm2d``.
+* ``norm`` picks :class:`~puzzlecam.model.norm.BatchNorm2d`, ``FrozenStatsBatchNorm2d`` or ``SyncBatchNorm2d``.
 """
 
 from __future__ import annotations
