@@ -2,9 +2,10 @@
 
 A Task owns what differs between stages (docs/training.md, "Tasks"): the network DeepSpeed wraps and the
 part of it that is exported, its parameter groups, its training data, the values a step depends on
-(logged with the step), the step's named losses (the first, ``total``, is the one backpropagated) and
-its evaluation. The Trainer owns the rest: process group, DeepSpeed engine, precision, the poly
-schedule, accumulation, clipping, bad steps, checkpoints, metrics, export.
+(logged with the step), the step's named losses (the first, ``total``, is the one backpropagated) and,
+optionally, its evaluation (``evaluate``; None: the task has none). The Trainer owns the rest: process
+group, DeepSpeed engine, precision, the poly schedule, accumulation, clipping, bad steps, checkpoints,
+when to evaluate and the best weights, metrics, TensorBoard, export.
 
 ``task: classification`` is stage 1 (modes puzzle and baseline); ``affinity`` and ``segmentation`` are
 refused by the config until their stages exist.
@@ -14,8 +15,10 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -25,8 +28,22 @@ from puzzlecam.config import Config
 TASKS = {"classification": "puzzlecam.tasks.classification:ClassificationTask"}
 
 
+class Evaluation(NamedTuple):
+    """One in-training evaluation, the same on every rank (its sums are all-reduced)."""
+
+    metrics: dict[str, float]  # logged with the step; keys start with "eval_" (eval_miou, ...)
+    score: str  # the key of ``metrics`` that picks the best weights (higher is better)
+    # Rank 0: a few figures of fixed evaluation images for TensorBoard, tag -> (H, W, 3) uint8; else empty.
+    images: dict[str, np.ndarray]
+
+
 class Task(ABC):
     name: ClassVar[str]
+    # evaluate(network, device, channels_last, rank, world_size) -> Evaluation: the exported network
+    # scored on the task's evaluation data, this rank's share, the sums all-reduced (a collective: every
+    # rank calls it). The Trainer calls it in eval mode, without gradients, under training's autocast.
+    # None: the task has no evaluation (train.eval_every must be 0).
+    evaluate: ClassVar[Callable[..., Evaluation] | None] = None
 
     def __init__(self, cfg: Config):
         self.cfg = cfg

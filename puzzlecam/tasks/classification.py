@@ -6,19 +6,32 @@ puzzlecam.bench train``; nothing here imports DeepSpeed (the benchmark runs wher
 Step (docs/method.md): uint8 batch -> normalized images x and their tiles (on the device) ->
 A = f(x), A_tiles = f(tile(x)) -> L = L_cls + L_pcls + alpha(t) * L_re. ``baseline`` mode is the
 paper's comparison point: L = L_cls, no tile pass.
+
+Evaluation (docs/training.md, "Evaluation during training"), as the original training loop's: per image
+of ``data.eval_shards`` with a mask, the single-scale CAMs of its labelled classes (make_cam at the CAM
+grid), the mask resized to that grid by nearest neighbour, the threshold sweep 0.10..0.45 (step 0.05) of
+puzzlecam.evaluate; the confusions are summed over ranks; the score is the best threshold's mIoU.
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from puzzlecam import NUM_CLASSES, ops, puzzle
 from puzzlecam.config import Config
-from puzzlecam.errors import ConfigError
-from puzzlecam.tasks import Task
+from puzzlecam.errors import ConfigError, PuzzleCamError
+from puzzlecam.tasks import Evaluation, Task
+from puzzlecam.utils.distributed import all_reduce_sum, raise_if_any_rank_failed
+
+# The original's thresholds: np.arange(0.10, 0.50, 0.05).
+EVAL_THRESHOLDS = "0.10:0.45:0.05"
+# Images of rank 0's share shown as CAM overlays in TensorBoard (the first ones with a mask: fixed).
+OVERLAY_IMAGES = 4
 
 
 def prepare_inputs(
@@ -98,6 +111,44 @@ def forward_losses(
     return step_losses(cams, cams_tiles, labels, cfg, alpha)
 
 
+def image_cams(network: nn.Module, image: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """The network's raw class maps (1, C, h, w), fp32, of one uint8 image (1, H, W, 3) at its own size."""
+    from puzzlecam.data import IMAGENET_MEAN, IMAGENET_STD
+    from puzzlecam.infer import normalize
+
+    mean = torch.tensor(IMAGENET_MEAN, device=image.device)
+    std = torch.tensor(IMAGENET_STD, device=image.device)
+    x = normalize(image, tuple(image.shape[1:3]), mean, std)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    # A non-finite activation (fp16 overflow) counts as none: one image cannot stop the evaluation.
+    return network(x)[1].float().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def cam_grid_sweep(raw: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
+    """The (T, 21, 21) confusions of one image at the CAM grid, as the original loop scores it.
+
+    ``raw`` (C, h, w) class maps, ``keys`` (K,) the labelled channels, ``mask`` (H, W) the ground truth
+    (0..20, 255 ignored): make_cam of the labelled classes, the mask resized to (h, w) by nearest neighbour.
+    """
+    from puzzlecam.evaluate import confusion_sweep
+
+    cams = puzzle.make_cam(raw[None])[0, keys]
+    small = F.interpolate(mask[None, None].float(), size=tuple(raw.shape[-2:]), mode="nearest")[0, 0]
+    return confusion_sweep(cams.cpu(), keys.cpu() + 1, small.long().cpu(), thresholds)
+
+
+def overlay(image_id: str, image: np.ndarray, raw: torch.Tensor, keys: torch.Tensor, mask, threshold: float):
+    """puzzlecam.viz's row (image | heat map per labelled class | pseudo-label | ground truth) of one image's
+    single-scale CAMs, upsampled as inference does; (H, W, 3) uint8."""
+    from puzzlecam.camstore import CamRecord
+    from puzzlecam.viz import overlay_row
+
+    cam, hr_cam = puzzle.multiscale_cam([raw], None, keys, tuple(image.shape[:2]))
+    record = CamRecord(image_id, keys.cpu().numpy(), cam.cpu().numpy(), hr_cam.cpu().numpy())
+    return np.asarray(overlay_row(image_id, image, record, mask, threshold, height=128))
+
+
 def alpha_for(step: int, total_steps: int, cfg: Config) -> float:
     if cfg.train.mode == "baseline":
         return 0.0
@@ -108,6 +159,10 @@ class ClassificationTask(Task):
     """The classifier (docs/model.md) trained with the Puzzle-CAM losses (docs/method.md) on image-level labels."""
 
     name = "classification"
+
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self._eval = None  # the evaluation loader, made on first use
 
     def check(self) -> None:
         if self.cfg.model.num_classes != NUM_CLASSES:
@@ -155,3 +210,55 @@ class ClassificationTask(Task):
 
     def export_metadata(self) -> dict[str, str]:
         return {"arch": self.cfg.model.arch}
+
+    def evaluate(self, network, device, channels_last, rank, world_size) -> Evaluation:
+        """mIoU of the CAMs on data.eval_shards at the best of the original's thresholds (see the module doc)."""
+        from puzzlecam.evaluate import NUM_LABELS, miou, parse_thresholds
+
+        thresholds = parse_thresholds(EVAL_THRESHOLDS)
+        failed, shown = None, []
+        sums = torch.zeros(len(thresholds) * NUM_LABELS * NUM_LABELS + 2, dtype=torch.long)
+        try:
+            loader = self._eval_loader(rank, world_size)
+            skipped_before = loader.skipped
+            for batch in loader:
+                if not bool(batch["has_mask"][0]):
+                    continue  # nothing to score
+                raw = image_cams(network, batch["image"].to(device), channels_last)[0]
+                keys = batch["labels"][0].nonzero().flatten().to(raw.device)
+                mask = batch["mask"][0]
+                sums[:-2] += cam_grid_sweep(raw, keys, mask.to(raw.device), thresholds).flatten()
+                sums[-2] += 1
+                if rank == 0 and len(shown) < OVERLAY_IMAGES:
+                    shown.append((batch["id"][0], batch["image"][0].numpy(), raw.cpu(), keys.cpu(), mask.numpy()))
+            sums[-1] = loader.skipped - skipped_before  # corrupt samples (each one is a warning)
+        except PuzzleCamError as e:  # a mask with values out of range, say: every rank stops, none waits
+            failed = e
+        raise_if_any_rank_failed(failed)
+        sums = all_reduce_sum(sums.to(device)).cpu()
+        scored, skipped = int(sums[-2]), int(sums[-1])
+        if scored == 0:
+            raise ConfigError(
+                f"data.eval_shards={self.cfg.data.eval_shards} holds no sample with a mask: nothing to evaluate "
+                "(give shards of a split with masks, or set train.eval_every=0)"
+            )
+        means, _ = miou(sums[:-2].reshape(len(thresholds), NUM_LABELS, NUM_LABELS))
+        best = int(torch.nan_to_num(means, nan=-1.0).argmax())  # the first of equal ones, as the original
+        metrics = {
+            "eval_miou": float(means[best]),
+            "eval_threshold": thresholds[best],
+            "eval_images": scored,
+            "eval_skipped": skipped,
+        }
+        images = {f"cam/{i}": overlay(*item, thresholds[best]) for i, item in enumerate(shown)}
+        return Evaluation(metrics, "eval_miou", images)
+
+    def _eval_loader(self, rank: int, world_size: int):
+        """This rank's share of data.eval_shards, indexed once per run."""
+        if self._eval is None:
+            from puzzlecam.data import eval_loader
+
+            self._eval = eval_loader(
+                self.cfg.data.eval_shards, num_workers=self.cfg.data.num_workers, rank=rank, world_size=world_size
+            )
+        return self._eval
