@@ -2,15 +2,18 @@
 
 Only rank 0 writes. Each line of metrics.jsonl is one JSON object for one logged optimizer step.
 On resume the lines for steps after the checkpoint are dropped (they are trained again), so the
-file always describes one consistent run. :func:`show_step` puts a step's record in the progress
-bar on a terminal, and logs it as one line elsewhere (files, CI).
+file always describes one consistent run. A step with an evaluation carries its ``eval_*`` keys.
+:func:`show_step` puts a step's record in the progress bar on a terminal, and logs it as one line
+elsewhere (files, CI), with the step out of the total and an ETA (:class:`Eta`), as the bar shows them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,21 +75,59 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def describe(r: dict[str, Any]) -> str:
+class Eta:
+    """Time left from the pace of this launch's steps so far (evaluations and checkpoints included)."""
+
+    def __init__(self, step: int, total_steps: int):
+        self.first_step, self.total_steps = step, total_steps
+        self.start = time.monotonic()
+
+    def seconds(self, step: int) -> float | None:
+        """Seconds until ``total_steps`` once ``step`` is done; None before this launch's first step."""
+        done = step - self.first_step
+        if done <= 0:
+            return None
+        return (time.monotonic() - self.start) / done * (self.total_steps - step)
+
+
+def duration(seconds: float | None) -> str:
+    """``H:MM:SS`` (``-:--:--`` when unknown)."""
+    if seconds is None or not math.isfinite(seconds):
+        return "-:--:--"
+    s = round(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def describe(r: dict[str, Any], total_steps: int, eta_s: float | None) -> str:
     """One step's record as the line the trainer shows (users grep it: keep its words)."""
     return (
-        f"step {r['step']} loss {r['loss']:.4f} cls {r['loss_cls']:.4f} pcls {r['loss_pcls']:.4f} "
+        f"step {r['step']}/{total_steps} loss {r['loss']:.4f} cls {r['loss_cls']:.4f} pcls {r['loss_pcls']:.4f} "
         f"re {r['loss_re']:.4f} conf {r['loss_conf']:.4f} alpha {r['alpha']:.3f} lr {r['lr']:.2e} "
         f"gnorm {r.get('grad_norm', float('nan')):.3g} "
-        f"{r['images_per_s']:.1f} img/s "
+        f"{r['images_per_s']:.1f} img/s eta {duration(eta_s)} "
         f"data-wait {r['data_wait_pct']:.0f}% skipped {r['skipped_samples']} bad-steps {r['skipped_steps']}"
     )
 
 
-def show_step(bar: ProgressBar, step: int, record: dict[str, Any] | None) -> None:
+def describe_evaluation(r: dict[str, Any], score: str, best: dict[str, Any]) -> str:
+    """An evaluation's line: its metrics (mIoU in percent) and the best so far."""
+
+    def shown(key: str, value: Any) -> str:
+        if "miou" in key:
+            return f"{100 * value:.2f}%"
+        return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+    keys = [k for k in r if k.startswith("eval_") and not k.startswith("eval_best_")]
+    parts = " ".join(f"{k[len('eval_') :]} {shown(k, r[k])}" for k in keys)
+    return f"evaluation at step {r['step']}: {parts}; best {shown(score, best[score])} at step {best['step']}"
+
+
+def show_step(
+    bar: ProgressBar, step: int, record: dict[str, Any] | None, total_steps: int, eta_s: float | None
+) -> None:
     """Move the bar to ``step``; a record (a logged step) goes into the bar's text when it is drawn,
     else into the log as one line."""
     if bar.live:
-        bar.update(step, info=describe(record) if record is not None else None)
+        bar.update(step, info=describe(record, total_steps, eta_s) if record is not None else None)
     elif record is not None:
-        log.info("%s", describe(record))
+        log.info("%s", describe(record, total_steps, eta_s))

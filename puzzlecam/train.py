@@ -14,36 +14,56 @@ the rest. One optimizer step:
 3. poly learning-rate decay per parameter group, explicit clipping of the all-reduced gradients
    (``optim.grad_clip``; the norm is logged), SGD.
 
+Every ``train.eval_every`` steps (and at the last) the Task evaluates the exported network on its
+evaluation data, sharded over the ranks; the best score's weights are ``model_best.safetensors``, and
+the best survives a resume (the checkpoint's client state; each checkpoint links the best weights of
+its time). Every metrics record also goes to TensorBoard (puzzlecam.tensorboard_log); DeepSpeed's own
+log lines go to the run directory (puzzlecam.deepspeed_logs). ``--dry-run`` resolves and checks the
+run and prints its numbers without training.
+
 Checkpoints (puzzlecam.checkpoint.Checkpointer) hold only finite state and are read without running
 code; a resume is compared with the checkpoint's config first (puzzlecam.resume), and nothing in the run
 directory changes until it is accepted. The method and its losses: docs/method.md; the run
-directory, checkpoints, resume, failures, exit status and logging: docs/training.md.
+directory, checkpoints, resume, evaluation, TensorBoard, failures, exit status and logging:
+docs/training.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from puzzlecam.errors import ConfigError, TrainingError
+from puzzlecam.errors import ConfigError, PuzzleCamError, TrainingError
 
 from . import checkpoint as ckpt
-from .config import Config, load_config, save_config, validate_for_run
-from .metrics import MetricsLog, read_jsonl, show_step
+from .config import Config, dump_config, load_config, save_config, validate_for_run
+from .deepspeed_logs import DeepSpeedLogs
+from .metrics import Eta, MetricsLog, describe_evaluation, read_jsonl, show_step
 from .precision import autocast_dtype, deepspeed_config
 from .resume import Comparison, check_resume
-from .tasks import build_task
+from .tasks import Evaluation, Task, build_task
+from .tensorboard_log import TensorBoardLog
 from .utils.cli import run_command
-from .utils.distributed import average_buffers, barrier, init_distributed, seed_everything, sum_across_ranks
-from .utils.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from .utils.distributed import (
+    average_buffers,
+    barrier,
+    init_distributed,
+    raise_if_any_rank_failed,
+    seed_everything,
+    sum_across_ranks,
+)
+from .utils.files import atomic_write, atomic_write_bytes, atomic_write_json, atomic_write_text
 from .utils.progress import ProgressBar
 
 log = logging.getLogger("puzzlecam.train")  # also under `python -m puzzlecam.train`
@@ -52,13 +72,73 @@ log = logging.getLogger("puzzlecam.train")  # also under `python -m puzzlecam.tr
 # checkpoint's files written, before COMPLETE); tests use it to inject crashes (tests/fault_injection.py).
 Hook = Callable[["Trainer", str, int], None]
 
-# The run directory's files besides checkpoints; `--resume none` moves them aside with the checkpoints.
-RUN_FILES = ("config.yaml", "model.safetensors", "metrics.jsonl", "metrics.parquet", "summary.json", "resumes.jsonl")
+MODEL = "model.safetensors"
+BEST_MODEL = "model_best.safetensors"  # in the run directory, and linked into each checkpoint
+# The run directory's files besides checkpoints; `--resume none` moves them aside with the checkpoints
+# (and the tensorboard/ folder).
+RUN_FILES = (
+    "config.yaml",
+    MODEL,
+    BEST_MODEL,
+    "metrics.jsonl",
+    "metrics.parquet",
+    "summary.json",
+    "resumes.jsonl",
+    "deepspeed.log",
+)
 
 
 def poly_lr_factor(step: int, total_steps: int, power: float) -> float:
     """Poly decay (1 - t/T)^power, 1 at t=0 and 0 at t=T."""
     return max(0.0, 1.0 - step / max(total_steps, 1)) ** power
+
+
+def check_run(cfg: Config, task: Task, world_size: int) -> None:
+    """The checks of a run that need its world size (ConfigError naming the keys); no process group needed."""
+    validate_for_run(cfg, world_size, torch.cuda.is_available())
+    if not cfg.data.train_shards:
+        raise ConfigError(
+            "data.train_shards is empty: give the training shards, e.g. data.train_shards='shards/train-*.tar'"
+        )
+    if cfg.train.eval_every > 0 and task.evaluate is None:
+        raise ConfigError(
+            f"train.eval_every={cfg.train.eval_every} but task '{task.name}' has no evaluation: set train.eval_every=0"
+        )
+
+
+def count_steps(cfg: Config, loader: Any) -> tuple[int, int]:
+    """(optimizer steps per epoch, total steps) of a run whose rank loader is ``loader``."""
+    t = cfg.train
+    per_epoch = len(loader) // t.grad_accum_steps
+    if per_epoch == 0:
+        raise ConfigError(
+            f"the training data gives {len(loader)} micro-batches of {t.micro_batch_size} per rank per epoch, "
+            f"fewer than train.grad_accum_steps={t.grad_accum_steps}: not one optimizer step per epoch"
+        )
+    return per_epoch, t.max_steps if t.max_steps > 0 else t.epochs * per_epoch
+
+
+def evaluate_network(
+    task: Task,
+    network: torch.nn.Module,
+    device: torch.device,
+    dtype: torch.dtype,
+    channels_last: bool,
+    rank: int,
+    world_size: int,
+) -> Evaluation:
+    """The Task's evaluation of ``network`` (a collective): eval mode, no gradients, autocast as in training
+    (``dtype``); the network is back in its mode afterwards."""
+    was_training = network.training
+    network.eval()
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    # The RNG states are left as they were (a DataLoader draws a seed): an evaluation changes no training.
+    rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+    try:
+        with rng, torch.no_grad(), autocast:
+            return task.evaluate(network, device, channels_last, rank, world_size)
+    finally:
+        network.train(was_training)
 
 
 class Trainer:
@@ -70,10 +150,13 @@ class Trainer:
         resume_force: bool = False,
         hooks: Sequence[Hook] = (),
     ):
+        self.started = time.monotonic()
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
         self.hooks = list(hooks)
+        # Before DeepSpeed is imported (reading a checkpoint may import it): its lines are held for the run dir.
+        self.deepspeed_logs = route_deepspeed_logs()
         # Bad input fails before anything is started or built; nothing in the run directory changes
         # until a resume is accepted (docs/training.md, "What a resume compares").
         self.task = build_task(cfg)
@@ -88,11 +171,7 @@ class Trainer:
         self.dist = init_distributed(use_deepspeed=True)
         self.device = self.dist.device
         t = cfg.train
-        validate_for_run(cfg, self.dist.world_size, torch.cuda.is_available())
-        if not cfg.data.train_shards:
-            raise ConfigError(
-                "data.train_shards is empty: give the training shards, e.g. data.train_shards='shards/train-*.tar'"
-            )
+        check_run(cfg, self.task, self.dist.world_size)
         changes = None
         if client is not None:
             changes = check_resume(client, cfg, self.dist.world_size, resume_from, resume_force)
@@ -126,13 +205,7 @@ class Trainer:
         seed_everything(t.seed, self.dist.rank)
 
         self.loader = self.task.train_loader(self.dist.rank, self.dist.world_size)
-        self.steps_per_epoch = len(self.loader) // t.grad_accum_steps
-        if self.steps_per_epoch == 0:
-            raise ConfigError(
-                f"the training data gives {len(self.loader)} micro-batches of {t.micro_batch_size} per rank per epoch, "
-                f"fewer than train.grad_accum_steps={t.grad_accum_steps}: not one optimizer step per epoch"
-            )
-        self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * self.steps_per_epoch
+        self.steps_per_epoch, self.total_steps = count_steps(cfg, self.loader)
         if client is not None and int(client["step"]) > self.total_steps:
             raise ConfigError(
                 f"train.max_steps / train.epochs give {self.total_steps} steps, but checkpoint {resume_from} is at "
@@ -141,6 +214,10 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self.bad_streak = 0
+        # The best evaluation so far: the Task's metrics, the score's key and the step; None before one.
+        self.best: dict[str, Any] | None = None
+        self.launch_images, self.launch_step_seconds = 0, 0.0  # this launch's steps, for summary.json
+        self.tensorboard: TensorBoardLog | None = None  # rank 0, while fit() runs
         self._batches = None
 
         if resume_from is not None:
@@ -148,6 +225,7 @@ class Trainer:
         if self.dist.is_main:
             self._prepare_run_dir(resume, resume_from, changes, resume_force)
         barrier()
+        self.deepspeed_logs.to_file(self.run_dir)
         self.metrics = (
             MetricsLog(self.run_dir / "metrics.jsonl", resume_step=self.step if resume_from else None)
             if self.dist.is_main
@@ -163,13 +241,17 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume == "none":
             # A fresh start must not leave older checkpoints for a later `--resume auto` to pick up, nor
-            # old weights, metrics and summary beside the new config.
+            # old weights, metrics, summary and TensorBoard events beside the new config.
             aside = ckpt.set_aside(self.run_dir, RUN_FILES)
+            events = self.run_dir / "tensorboard"
+            if aside is not None and events.is_dir():
+                events.rename(aside / events.name)
             if aside is not None:
                 log.warning("--resume none: moved the existing checkpoints, weights and metrics to %s", aside)
         save_config(self.cfg, self.run_dir / "config.yaml")
         if resume_from is None:
             return
+        self._restore_best_weights(resume_from)
         if changes.allowed:
             log.info("resuming with changed settings: %s", ", ".join(str(c) for c in changes.allowed))
         if changes.refused:
@@ -211,12 +293,44 @@ class Trainer:
             "world_size": self.dist.world_size,
             "task": self.task.name,
             "config": self.cfg.to_dict(),
+            "best_evaluation": self.best,
             # Rank 0's data position, for inspection; every rank restores its own from trainer_rank*.pt.
             "data": self.loader.state_dict(),
         }
-        return self.checkpointer.save(
-            self.step, client_state, self.loader, on_written=lambda: self._run_hooks("save", self.step)
-        )
+        tag_dir = self.ckpt_dir / ckpt.tag_for(self.step)
+
+        def on_written():
+            self._link_best_weights(tag_dir)
+            self._run_hooks("save", self.step)
+
+        return self.checkpointer.save(self.step, client_state, self.loader, on_written=on_written)
+
+    def _link_best_weights(self, tag_dir: Path) -> None:
+        """Rank 0: the best weights so far into the checkpoint (a hard link: no space), so that a resume
+        from it restores the best of its time even when a later, lost step had replaced them."""
+        best = self.run_dir / BEST_MODEL
+        if not self.dist.is_main or self.best is None or not best.is_file():
+            return
+        kept = tag_dir / BEST_MODEL
+        try:
+            try:
+                os.link(best, kept)
+            except OSError:  # a file system without hard links
+                copy_file(best, kept)
+        except (OSError, PuzzleCamError) as e:  # the checkpoint itself is fine: not a failed save
+            log.warning(
+                "checkpoint %s keeps no copy of %s (%s): a resume from it keeps the current one", tag_dir, best, e
+            )
+
+    def _restore_best_weights(self, tag_dir: Path) -> None:
+        """Rank 0, on resume: ``model_best.safetensors`` as it was at the checkpoint (the steps after it are
+        trained again, and their evaluations with them)."""
+        best, kept = self.run_dir / BEST_MODEL, Path(tag_dir) / BEST_MODEL
+        if self.best is None:
+            if best.is_file():  # written by an evaluation after the checkpoint
+                best.unlink()
+        elif kept.is_file() and not (best.is_file() and os.path.samefile(best, kept)):
+            copy_file(kept, best)
 
     def _run_hooks(self, event: str, step: int) -> None:
         for hook in self.hooks:
@@ -243,6 +357,7 @@ class Trainer:
         self.step = int(client["step"])
         self.skipped_steps = int(client.get("skipped_steps", 0))
         self.bad_streak = int(client.get("bad_streak", 0))
+        self.best = client.get("best_evaluation")
         self._batches = None
 
     # ------------------------------------------------------------------------------------------
@@ -340,6 +455,8 @@ class Trainer:
         else:
             self.bad_streak = 0
         elapsed = time.perf_counter() - start
+        self.launch_images += t.global_batch_size
+        self.launch_step_seconds += elapsed
         names = ["loss"] + [f"loss_{name}" for name in losses._fields[1:]]  # loss, loss_cls, ...
         mean = (sums[:-1] / n).tolist() if not bad else [float("nan")] * len(names)
         return {
@@ -357,17 +474,59 @@ class Trainer:
             "time": time.time(),
         }
 
+    def evaluate(self) -> dict[str, Any]:
+        """The Task's evaluation now (every rank); returns its metrics for the step's record, with the
+        best score so far. A better score than the best so far writes ``model_best.safetensors`` (rank 0)."""
+        begin = time.monotonic()
+        average_buffers(self.model)  # the statistics a checkpoint or the export would hold
+        result = evaluate_network(
+            self.task, self.model, self.device, self.dtype, self.channels_last, self.dist.rank, self.dist.world_size
+        )
+        metrics = {**result.metrics, "eval_seconds": time.monotonic() - begin}
+        score = result.metrics[result.score]
+        if self.best is None or score > self.best[self.best["score"]]:  # the same verdict on every rank
+            self._check_finite(f"no {BEST_MODEL} is written")
+            self.best = {"step": self.step, "score": result.score, **result.metrics}
+            failed = None
+            if self.dist.is_main:
+                try:
+                    self._write_weights(self.run_dir / BEST_MODEL, {"score": result.score, **result.metrics})
+                except PuzzleCamError as e:  # a full disk: every rank stops, none waits for rank 0
+                    failed = e
+            raise_if_any_rank_failed(failed)
+        best_key = "eval_best_" + result.score.removeprefix("eval_")
+        metrics[best_key] = self.best[self.best["score"]]
+        if self.tensorboard is not None:
+            self.tensorboard.images(self.step, result.images)
+        log.info("%s", describe_evaluation({"step": self.step, **metrics}, result.score, self.best))
+        return metrics
+
+    def _evaluation_due(self) -> bool:
+        every = self.cfg.train.eval_every
+        return every > 0 and (self.step % every == 0 or self.step == self.total_steps)
+
     def fit(self) -> Path | None:
         """Train to ``total_steps``; returns the exported weights' path (rank 0) or None."""
         t = self.cfg.train
         bar = ProgressBar("train", self.total_steps, completed=self.step, enabled=self.dist.is_main, info=True)
+        eta = Eta(self.step, self.total_steps)
+        self.tensorboard = (
+            TensorBoardLog(self.run_dir, resume_step=self.step if self.resumed_from else None)
+            if self.dist.is_main and t.tensorboard
+            else None
+        )
         try:
             while self.step < self.total_steps:
                 record = self.train_step()
+                evaluated = self._evaluation_due()
+                if evaluated:
+                    record.update(self.evaluate())
                 shown = self.step % t.log_every == 0 or self.step == self.total_steps
-                if self.metrics is not None and (shown or record["bad_step"]):
+                if self.metrics is not None and (shown or record["bad_step"] or evaluated):
                     self.metrics.write(record)
-                show_step(bar, self.step, record if shown else None)
+                    if self.tensorboard is not None:
+                        self.tensorboard.scalars(record)
+                show_step(bar, self.step, record if shown else None, self.total_steps, eta.seconds(self.step))
                 if self.bad_streak >= t.max_bad_steps:
                     last = ckpt.latest_complete(self.ckpt_dir)
                     raise TrainingError(
@@ -393,42 +552,68 @@ class Trainer:
             bar.close()
             if self.metrics is not None:
                 self.metrics.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
 
-    def export(self) -> Path | None:
-        """The Task's exported module as consolidated fp32 weights -> ``model.safetensors``; metrics -> Parquet."""
+    def _write_weights(self, path: Path, metadata: dict[str, Any]) -> None:
+        """Rank 0: the Task's exported module as consolidated fp32 safetensors, with the step, the task and
+        ``metadata`` (as text) in its header."""
         from safetensors.torch import save
 
+        state = {
+            k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu()
+            for k, v in self.model.state_dict().items()
+        }
+        header = {"format": "pt", "step": str(self.step), "task": self.task.name, **self.task.export_metadata()}
+        header.update({key: str(value) for key, value in metadata.items()})
+        atomic_write_bytes(path, save(state, metadata=header))
+
+    def export(self) -> Path | None:
+        """The Task's exported module -> ``model.safetensors``; metrics -> Parquet; ``summary.json``."""
         average_buffers(self.model)
-        self._check_finite("no model.safetensors is written")
+        self._check_finite(f"no {MODEL} is written")
         digests = replica_digests(self.model)
-        out = self.run_dir / "model.safetensors"
+        out = self.run_dir / MODEL
         if self.dist.is_main:
-            resumes = self.run_dir / "resumes.jsonl"
             if len(set(digests)) != 1:
                 raise TrainingError(
                     f"parameters differ between ranks at the end of training (digests {digests}): "
                     "replicas went out of sync"
                 )
-            atomic_write_json(
-                self.run_dir / "summary.json",
-                {
-                    "steps": self.step,
-                    "world_size": self.dist.world_size,
-                    "skipped_steps": self.skipped_steps,
-                    "param_digest_per_rank": digests,
-                    "resumed_from": str(self.resumed_from) if self.resumed_from else None,
-                    "resumes": read_jsonl(resumes) if resumes.is_file() else [],
-                },
-            )
-            state = {
-                k: v.detach().float().contiguous().cpu() if v.is_floating_point() else v.detach().contiguous().cpu()
-                for k, v in self.model.state_dict().items()
-            }
-            metadata = {"format": "pt", "step": str(self.step), "task": self.task.name, **self.task.export_metadata()}
-            atomic_write_bytes(out, save(state, metadata=metadata))
+            atomic_write_json(self.run_dir / "summary.json", self._summary(digests))
+            self._write_weights(out, {})
             self.metrics.export_parquet()
         barrier()
         return out if self.dist.is_main else None
+
+    def _summary(self, digests: list[str]) -> dict[str, Any]:
+        resumes = self.run_dir / "resumes.jsonl"
+        records = read_jsonl(self.metrics.path)
+        last = records[-1] if records else {}
+        return {
+            "steps": self.step,
+            "world_size": self.dist.world_size,
+            "skipped_steps": self.skipped_steps,
+            # This launch's (a resumed run's summary describes the launch that finished it).
+            "wall_time_s": time.monotonic() - self.started,
+            "images_per_s": self.launch_images / self.launch_step_seconds if self.launch_step_seconds else None,
+            "final_losses": {k: v for k, v in last.items() if k == "loss" or k.startswith("loss_")},
+            "best_evaluation": self.best,
+            "param_digest_per_rank": digests,
+            "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+            "resumes": read_jsonl(resumes) if resumes.is_file() else [],
+        }
+
+
+def copy_file(source: Path, target: Path) -> None:
+    with open(source, "rb") as f:
+        atomic_write(target, lambda out: shutil.copyfileobj(f, out))
+
+
+def route_deepspeed_logs() -> DeepSpeedLogs:
+    """DeepSpeed's lines to the run directory; to the console too when this rank logs at debug."""
+    rank = int(os.environ.get("RANK", "0") or 0)
+    return DeepSpeedLogs(rank, console=logging.getLogger("puzzlecam").isEnabledFor(logging.DEBUG))
 
 
 def replica_digests(module: torch.nn.Module) -> list[str]:
@@ -484,6 +669,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="an optional DeepSpeed JSON merged over the dict train.precision builds; overrides train.deepspeed_config",
     )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="resolve the config, index the data, print the resolved config, world size, steps per epoch and "
+        "total steps (and what --resume would resume), then exit: nothing is trained or written",
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     return p
@@ -497,12 +688,54 @@ def run(args: argparse.Namespace, hooks: Sequence[Hook] = ()) -> None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     cfg = load_config(args.config, overrides)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
+    if args.dry_run:
+        dry_run(cfg, run_dir, args.resume, args.resume_force)
+        return
     trainer = Trainer(cfg, run_dir, resume=args.resume, resume_force=args.resume_force, hooks=hooks)
     if trainer.resumed_from is not None:
         log.info("resumed from %s at step %d", trainer.resumed_from, trainer.step)
     out = trainer.fit()
     if out is not None:
         log.info("done: %d steps; weights %s", trainer.step, out)
+
+
+def dry_run(cfg: Config, run_dir: Path, resume: str, resume_force: bool) -> None:
+    """What a run would do, on stdout (rank 0 of a launch): the checks of a run, then its numbers. No process
+    group, no network, nothing written."""
+    rank = int(os.environ.get("RANK", "0") or 0)
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    route_deepspeed_logs()  # reading a checkpoint may import DeepSpeed: its lines are not output
+    task = build_task(cfg)
+    check_run(cfg, task, world_size)
+    loader = task.train_loader(rank, world_size)
+    steps_per_epoch, total_steps = count_steps(cfg, loader)
+    if cfg.train.eval_every > 0:
+        from puzzlecam.data import eval_loader
+
+        evaluated = eval_loader(cfg.data.eval_shards, rank=0, world_size=1).num_samples
+    resume_from = ckpt.resolve_resume(resume, run_dir / "checkpoints")
+    if resume_from is not None:
+        ckpt.check_files(resume_from)
+        client = ckpt.read_client_state(resume_from)
+        check_resume(client, cfg, world_size, resume_from, resume_force)
+        resuming = f"{resume_from} (step {client['step']})"
+    else:
+        resuming = "no (a fresh run)"
+    if rank != 0:
+        return
+    t = cfg.train
+    lines = [
+        f"world size: {world_size}",
+        f"micro-batches per rank per epoch: {len(loader)} of {t.micro_batch_size} images",
+        f"steps per epoch: {steps_per_epoch}",
+        f"total steps: {total_steps} ({'train.max_steps' if t.max_steps > 0 else f'{t.epochs} train.epochs'})",
+        f"evaluation: every {t.eval_every} steps and at the last, {evaluated} samples of data.eval_shards"
+        if t.eval_every > 0
+        else "evaluation: off (train.eval_every=0)",
+        f"resume: {resuming}",
+        f"run directory: {run_dir}",
+    ]
+    print(dump_config(cfg) + "\n".join(lines))
 
 
 def main(argv: list[str] | None = None, hooks: Sequence[Hook] = ()) -> int:

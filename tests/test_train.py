@@ -300,12 +300,13 @@ def test_step_record_is_logged_where_no_bar_is_drawn(capsys):
     }
     with ProgressBar("train", 10, enabled=False, info=True) as bar:
         assert not bar.live
-        show_step(bar, 6, None)
-        show_step(bar, 7, record)
+        show_step(bar, 6, None, 10, 30.0)
+        show_step(bar, 7, record, 10, 3725.4)
     lines = capsys.readouterr().err.splitlines()
+    # As the terminal's bar: the step out of the total, images/s and the time left.
     assert lines == [
-        "step 7 loss 0.5000 cls 0.2500 pcls 0.1250 re 0.1250 conf 0.0000 alpha 1.000 lr 1.00e-02 gnorm 2 12.0 img/s "
-        "data-wait 3% skipped 0 bad-steps 1"
+        "step 7/10 loss 0.5000 cls 0.2500 pcls 0.1250 re 0.1250 conf 0.0000 alpha 1.000 lr 1.00e-02 gnorm 2 "
+        "12.0 img/s eta 1:02:05 data-wait 3% skipped 0 bad-steps 1"
     ]
 
 
