@@ -197,6 +197,16 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / "model.safetensors"))
 
 
+def tensorboard_events(run_dir: Path) -> tuple[dict[str, list[tuple[int, float]]], list[str]]:
+    """The run's TensorBoard scalars (tag -> [(step, value)]) and image tags, as TensorBoard reads them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    scalars = {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    return scalars, events.Tags()["images"]
+
+
 def max_param_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], params_only: bool = True) -> float:
     assert a.keys() == b.keys()
     keys = [k for k in a if not params_only or not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
