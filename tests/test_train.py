@@ -316,7 +316,8 @@ def test_step_record_is_logged_where_no_bar_is_drawn(capsys):
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
 def test_gpu_mixed_precision_run(shards, tmp_path, precision):
     # One process on the GPU: autocast precision from train.precision, fp32 weights and norms,
-    # channels_last, fused ops; the exported weights are fp32 and the losses finite.
+    # channels_last, fused ops; the exported weights are fp32 and the losses finite. The evaluation runs
+    # under the same autocast, its sums all-reduced on the device.
     run = tmp_path / "gpu"
     over = tiny_overrides(
         shards,
@@ -326,10 +327,15 @@ def test_gpu_mixed_precision_run(shards, tmp_path, precision):
             "model.norm": "train",
             "data.crop_size": 64,
             "data.max_long_side": 64,
+            "data.eval_shards": f"{shards}/trainval-*.tar",
+            "train.eval_every": 2,
         },
     )
     run_all([python_launch(run, over, tmp_path / "gpu.log")])
     assert all(r["loss"] is not None and r["loss"] > 0 for r in metrics(run))
+    assert [r["step"] for r in metrics(run) if "eval_miou" in r] == [2, 4] and (
+        run / "model_best.safetensors"
+    ).is_file()
     assert all(v.dtype == torch.float32 for v in weights(run).values() if v.is_floating_point())
 
 
