@@ -162,6 +162,70 @@ def test_rank_split_even_with_fewer_shards_than_readers(synth, tmp_path):
         train_loader(str(one), batch_size=3, seed=0, rank=0, world_size=4, **SMALL)
 
 
+def _ranks(shards, world_size, batch_size):
+    return [
+        train_loader(shards, batch_size=batch_size, seed=5, rank=r, world_size=world_size, **SMALL)
+        for r in range(world_size)
+    ]
+
+
+def test_an_elastic_resume_continues_the_epoch_at_its_global_position(synth):
+    shards = str(synth / "shards" / "*.tar")  # 30 samples
+    whole = _ranks(shards, 1, 6)[0]
+    epoch0 = _batches(whole)  # slots 0..29 of epoch 0, one rank
+    everything = sorted(i for b in epoch0 for i in b["id"])
+    assert len(set(everything)) == 30
+    # 2 ranks x 3 take 2 batches (slots 0..11); then 1 rank x 6, or 3 ranks x 2, finish the epoch: each
+    # sample once. The slot -> sample -> augmentation map does not depend on the layout.
+    for later in ((1, 6), (3, 2)):
+        first = _ranks(shards, 2, 3)
+        seen = [i for loader in first for b in _batches(loader, 2) for i in b["id"]]
+        states = [loader.state_dict() for loader in first]
+        assert [s["position"] for s in states] == [12, 12]
+        rest = _ranks(shards, *later)
+        for loader in rest:
+            loader.load_elastic_state(states)
+            assert (loader.epoch, loader.position) == (0, 12)
+        batches = [_batches(loader) for loader in rest]
+        seen += [i for per_rank in batches for b in per_rank for i in b["id"]]
+        assert sorted(seen) == everything, later
+        assert all(loader.epoch == 1 and loader.position == 0 for loader in rest)
+        if later == (1, 6):
+            for a, b in zip(batches[0], epoch0[2:], strict=True):
+                _same(a, b)
+    # 1 rank x 6 took 1 batch; 4 ranks x 2 continue at slot 6: 24 slots left, 3 batches each, no padding.
+    # 4 ranks x 2 after 1 batch (slot 8): 22 slots left, padded by wrap-around to 24 as an epoch's end is:
+    # the epoch's first two samples come again (slots 30 and 31 hold samples 0 and 1 of the order).
+    for (world, batch), expected_extra in (((1, 6), 0), ((4, 2), 2)):
+        first = _ranks(shards, world, batch)
+        seen = [i for loader in first for b in _batches(loader, 1) for i in b["id"]]
+        rest = _ranks(shards, 4, 2)
+        for loader in rest:
+            loader.load_elastic_state([loader.state_dict() for loader in first])
+        seen += [i for loader in rest for b in _batches(loader) for i in b["id"]]
+        assert set(seen) == set(everything) and len(seen) == 30 + expected_extra
+        if expected_extra:
+            order = [i for b in epoch0 for i in b["id"]]
+            assert sorted(seen) == sorted(order + order[:2])
+
+    # A state at the end of its epoch goes on with the next one; the corrupt-sample counts of the old
+    # ranks go to rank 0 (the others start at 0); a different seed or a disagreement is refused.
+    first = _ranks(shards, 2, 3)
+    for loader in first:
+        _batches(loader, len(loader))
+    states = [{**loader.state_dict(), "skipped": 2, "epoch_corrupt": [1] * len(loader.shard_paths)} for loader in first]
+    rank0, rank1 = _ranks(shards, 2, 3)[0], _ranks(shards, 3, 2)[1]
+    for loader in (rank0, rank1):
+        loader.load_elastic_state(states)
+        assert (loader.epoch, loader.position) == (1, 0)
+    assert (rank0.skipped, rank0.epoch_corrupt) == (4, [2] * len(rank0.shard_paths))
+    assert (rank1.skipped, rank1.epoch_corrupt) == (0, [0] * len(rank1.shard_paths))
+    with pytest.raises(ValueError, match="seed"):
+        train_loader(shards, batch_size=6, seed=6, **SMALL).load_elastic_state(states)
+    with pytest.raises(ValueError, match="disagree on the data position"):
+        rank0.load_elastic_state([states[0], {**states[1], "batches_done": 1}])
+
+
 def test_missing_shards_are_clear_errors(synth, tmp_path):
     with pytest.raises(ShardError, match="matches no file"):
         train_loader(str(tmp_path / "nothing-*.tar"), batch_size=1, seed=0, **SMALL)

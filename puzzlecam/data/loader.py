@@ -12,6 +12,13 @@ position), and the DataLoader returns batches in index order. The batches are th
 for any number of workers and any scheduling, and resuming at batch k (``load_state_dict``) only
 has to start the index sequence at k: nothing before it is read.
 
+Global slot s of an epoch holds sample ``order[s mod N]`` whatever the world size, and after k
+batches of B on W ranks exactly the slots below k*B*W are used. A resume on another world size or
+micro-batch (an elastic resume, docs/training.md) therefore continues the epoch at that global
+position P: the rest of the order, from P, is split as a fresh epoch is (padded by wrap-around to a
+multiple of the new world size W', rank r' taking slots P + r', P + r' + W', ..., whole batches
+only), so no sample of the epoch is repeated or skipped beyond what that rule does at an epoch's end.
+
 A sample that cannot be decoded (bad JPEG/PNG, missing json, labels out of range) is skipped and
 counted; in training its place in the batch goes to the next decodable sample of the rank's order
 (wrapping around), so batches keep their size. Training counts them per shard and per epoch too
@@ -87,6 +94,12 @@ def epoch_order(shard_of: np.ndarray, seed: int, epoch: int, shuffle_buffer: int
     return order
 
 
+def positions_per_rank(num_samples: int, start: int, world_size: int) -> int:
+    """Each rank's positions in an epoch's slots from ``start`` on: the rest of the order padded by
+    wrap-around to a multiple of the world size (``start`` 0: a whole epoch)."""
+    return math.ceil((num_samples - start) / world_size)
+
+
 def _seed_check(seed: int) -> int:
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
@@ -121,23 +134,28 @@ class _TrainBatches(Dataset):
         self.crop_size, self.seed, self.hflip = crop_size, seed, hflip
         self.min_long_side, self.max_long_side = min_long_side, max_long_side
         self.shuffle_buffer = shuffle_buffer
-        self.per_rank = math.ceil(len(refs) / world_size)
-        self._epoch, self._mine = -1, None
+        self._order_of = (-1, -1, None)  # (epoch, start, this rank's sample indices)
 
-    def rank_order(self, epoch: int) -> np.ndarray:
-        """Sample indices of this rank for the epoch (position i has global slot rank + i * W)."""
-        if epoch != self._epoch:
+    def per_rank(self, start: int) -> int:
+        return positions_per_rank(len(self.refs), start, self.world_size)
+
+    def batches(self, start: int) -> int:
+        """Whole batches of each rank in the epoch's slots from ``start`` on (0: a whole epoch)."""
+        return self.per_rank(start) // self.batch_size
+
+    def rank_order(self, epoch: int, start: int) -> np.ndarray:
+        """Sample indices of this rank for the epoch's slots from ``start`` (position i has global slot
+        start + rank + i * W; slot s holds sample order[s mod N]: wrap-around padding)."""
+        if self._order_of[:2] != (epoch, start):
             order = epoch_order(self.shard_of, self.seed, epoch, self.shuffle_buffer)
-            padded = np.resize(order, self.per_rank * self.world_size)  # wrap-around padding
-            self._epoch, self._mine = epoch, padded[self.rank :: self.world_size]
-        return self._mine
-
-    def __len__(self):
-        return self.per_rank // self.batch_size
+            slots = start + self.rank + self.world_size * np.arange(self.per_rank(start))
+            self._order_of = (epoch, start, order[slots % len(order)])
+        return self._order_of[2]
 
     def __getitem__(self, item):
-        epoch, k = item
-        mine = self.rank_order(epoch)
+        epoch, start, k = item
+        mine = self.rank_order(epoch, start)
+        per_rank = len(mine)
         B = self.batch_size
         # numpy buffers: copying uint8 images into a torch tensor slice is many times slower.
         images = np.zeros((B, self.crop_size, self.crop_size, 3), dtype=np.uint8)
@@ -146,11 +164,11 @@ class _TrainBatches(Dataset):
         ids, corrupt_shards = [], []
         for b in range(B):
             pos = k * B + b
-            slot = self.rank + pos * self.world_size
+            slot = start + self.rank + pos * self.world_size
             rng = np.random.default_rng([self.seed, epoch, slot])
             # Corrupt sample: take the next ones of this rank's order (wrapping) until one decodes.
-            for attempt in range(self.per_rank):
-                i = pos if attempt == 0 else ((k + 1) * B + attempt - 1) % self.per_rank
+            for attempt in range(per_rank):
+                i = pos if attempt == 0 else ((k + 1) * B + attempt - 1) % per_rank
                 ref = self.refs[mine[i]]
                 try:
                     sample = decode_sample(self.reader, ref, with_mask=False)
@@ -161,7 +179,7 @@ class _TrainBatches(Dataset):
                         corrupt_shards.append(ref.shard)
                     _warn_corrupt(self.reader, ref, e)
             else:
-                raise ShardError(f"rank {self.rank}: no decodable sample among its {self.per_rank} samples")
+                raise ShardError(f"rank {self.rank}: no decodable sample among its {per_rank} samples")
             _, valid[b] = augment(
                 sample.image, rng, self.crop_size, self.min_long_side, self.max_long_side, self.hflip, out=images[b]
             )
@@ -177,16 +195,17 @@ class _TrainBatches(Dataset):
 
 
 class _BatchIndices:
-    """Sampler yielding (epoch, k) for k in [start, stop); reset before every pass."""
+    """Sampler yielding (epoch, segment start slot, k) for k in [first, stop); reset before every pass.
+    The items carry everything a batch depends on: persistent workers keep their copy of the dataset."""
 
     def __init__(self):
-        self.epoch, self.start, self.stop = 0, 0, 0
+        self.epoch, self.segment_start, self.first, self.stop = 0, 0, 0, 0
 
     def __iter__(self):
-        return iter([(self.epoch, k) for k in range(self.start, self.stop)])
+        return iter([(self.epoch, self.segment_start, k) for k in range(self.first, self.stop)])
 
     def __len__(self):
-        return self.stop - self.start
+        return self.stop - self.first
 
 
 def _identity(x):
@@ -199,6 +218,7 @@ class TrainLoader:
     ``len(loader)`` is the number of batches per epoch, the same on every rank. ``skipped`` counts
     the corrupt samples this rank has skipped so far; ``epoch_corrupt`` those of the epoch of the
     newest batch, per shard (``shard_paths``); both are restored by ``load_state_dict``.
+    ``load_elastic_state`` continues an epoch saved on another world size or batch size.
     """
 
     def __init__(
@@ -241,9 +261,9 @@ class TrainLoader:
             hflip=hflip,
             shuffle_buffer=shuffle_buffer,
         )
-        if len(self._data) == 0:
+        if self._data.batches(0) == 0:
             raise ShardError(
-                f"{self.num_samples} samples over {self.world_size} rank(s) give {self._data.per_rank} per rank, "
+                f"{self.num_samples} samples over {self.world_size} rank(s) give {self._data.per_rank(0)} per rank, "
                 f"fewer than batch_size={batch_size}: no full batch"
             )
         self._fingerprint = hashlib.sha1("\n".join(r.key for r in refs).encode()).hexdigest()
@@ -259,32 +279,47 @@ class TrainLoader:
             multiprocessing_context="fork" if num_workers > 0 and "fork" in _start_methods() else None,
         )
         self.epoch, self.batches_done, self.skipped = 0, 0, 0
+        # Where this rank's batches of the epoch begin: slot 0, or the global position an elastic resume
+        # continued the epoch at (batches_done counts from there).
+        self.segment_start = 0
         self.epoch_corrupt = [0] * len(self.shard_paths)
 
     def __len__(self) -> int:
-        return len(self._data)
+        return self._data.batches(0)
+
+    @property
+    def position(self) -> int:
+        """Global slots of the current epoch used so far (by every rank together)."""
+        return self.segment_start + self.batches_done * self.batch_size * self.world_size
 
     def __iter__(self):
-        if self.batches_done >= len(self):
-            self.epoch, self.batches_done = self.epoch + 1, 0
-        if self.batches_done == 0:
+        if self.batches_done >= self._data.batches(self.segment_start):
+            self._next_epoch()
+        if self.batches_done == 0 and self.segment_start == 0:
             self.epoch_corrupt = [0] * len(self.shard_paths)
-        self._indices.epoch, self._indices.start, self._indices.stop = self.epoch, self.batches_done, len(self)
+        indices = self._indices
+        indices.epoch, indices.segment_start = self.epoch, self.segment_start
+        indices.first, indices.stop = self.batches_done, self._data.batches(self.segment_start)
         for batch in self._loader:
             for shard in batch.pop("corrupt_shards"):
                 self.epoch_corrupt[shard] += 1
                 self.skipped += 1
             self.batches_done += 1
             yield batch
-        self.epoch, self.batches_done = self.epoch + 1, 0
+        self._next_epoch()
+
+    def _next_epoch(self) -> None:
+        self.epoch, self.segment_start, self.batches_done = self.epoch + 1, 0, 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.batches_done = int(epoch), 0
+        self.epoch, self.segment_start, self.batches_done = int(epoch), 0, 0
 
     def state_dict(self) -> dict:
         return {
             "epoch": self.epoch,
             "batches_done": self.batches_done,
+            "segment_start": self.segment_start,
+            "position": self.position,
             "skipped": self.skipped,
             "epoch_corrupt": list(self.epoch_corrupt),
             "seed": self.seed,
@@ -294,19 +329,52 @@ class TrainLoader:
             "fingerprint": self._fingerprint,
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "world_size", "batch_size", "num_samples", "fingerprint"):
-            mine = self.state_dict()[key]
-            if state.get(key) != mine:
+    def _check_same(self, state: dict, keys: tuple[str, ...], needs: str) -> None:
+        mine = self.state_dict()
+        for key in keys:
+            if state.get(key) != mine[key]:
                 raise ValueError(
-                    f"loader state: {key} is {state.get(key)!r} in the checkpoint but {mine!r} now; "
-                    "exact resume needs the same shards, seed, batch size and world size"
+                    f"loader state: {key} is {state.get(key)!r} in the checkpoint but {mine[key]!r} now; {needs}"
                 )
-        self.epoch, self.batches_done, self.skipped = (
-            int(state["epoch"]),
-            int(state["batches_done"]),
-            int(state["skipped"]),
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue exactly where this rank's ``state`` left off (the same world size and batch size)."""
+        self._check_same(
+            state,
+            ("seed", "world_size", "batch_size", "num_samples", "fingerprint"),
+            "exact resume needs the same shards, seed, batch size and world size",
         )
+        self.epoch, self.batches_done = int(state["epoch"]), int(state["batches_done"])
+        self.segment_start = int(state.get("segment_start", 0))  # older checkpoints: always 0
+        self._load_counts(state)
+
+    def load_elastic_state(self, states: list[dict]) -> None:
+        """Continue the epoch of ``states`` -- every rank's state of a checkpoint written on another world
+        size or batch size, in rank order -- at their common global position (module docstring); an epoch
+        they had finished is followed by the next. Rank 0 takes the old ranks' corrupt-sample counts summed
+        and the others start at 0, so that the counts summed over the ranks carry on."""
+        positions = {(s["epoch"], s.get("segment_start", 0), s["batches_done"]) for s in states}
+        if len(positions) != 1:
+            raise ValueError(f"the ranks' loader states disagree on the data position: {sorted(positions)}")
+        state = states[0]
+        self._check_same(state, ("seed", "num_samples", "fingerprint"), "a resume needs the same shards and seed")
+        world_size, batch_size = int(state["world_size"]), int(state["batch_size"])
+        start, done = int(state.get("segment_start", 0)), int(state["batches_done"])
+        self.epoch = int(state["epoch"])
+        if done >= positions_per_rank(self.num_samples, start, world_size) // batch_size:
+            self._next_epoch()
+        else:
+            self.segment_start, self.batches_done = start + done * batch_size * world_size, 0
+        if self.rank == 0:
+            counts = [s.get("epoch_corrupt") for s in states]
+            known = all(c is not None and len(c) == len(self.shard_paths) for c in counts)
+            summed = [sum(c) for c in zip(*counts, strict=True)] if known else None
+            self._load_counts({"skipped": sum(int(s["skipped"]) for s in states), "epoch_corrupt": summed})
+        else:
+            self._load_counts({"skipped": 0, "epoch_corrupt": None})
+
+    def _load_counts(self, state: dict) -> None:
+        self.skipped = int(state["skipped"])
         # A checkpoint older than the per-shard counts, or of the same samples cut into other shards:
         # the epoch's count starts again.
         counts = state.get("epoch_corrupt")
