@@ -5,6 +5,7 @@ Layout under ``{run_dir}/checkpoints/``::
 
     step00000010/                    one DeepSpeed tag
         mp_rank_00_model_states.pt   DeepSpeed: model + optimizer states, the trainer's client state
+        zero_pp_rank_R_mp_rank_00_optim_states.pt   under ZeRO 1/2: rank R's optimizer partition
         trainer_rank000.pt           per-rank trainer state: RNG states, data-loader position
         COMPLETE                     written last, atomically, after every rank finished saving
     latest                           the newest complete tag (for DeepSpeed's tools; resume trusts COMPLETE)
@@ -12,6 +13,12 @@ Layout under ``{run_dir}/checkpoints/``::
 A save that dies half way leaves a tag without COMPLETE: resume ignores it and takes the newest
 complete tag, so the previous checkpoint stays usable. Pruning keeps the newest ``keep_last``
 complete tags and removes everything older (and any incomplete leftovers).
+
+A resume on the world size that wrote the checkpoint restores each rank's own trainer state, so it
+is exact. On another world size (an elastic resume, docs/training.md; puzzlecam.resume says when it
+is allowed) every rank reads all the old ranks' loader states and continues the epoch at their
+common global position (``TrainLoader.load_elastic_state``), and seeds its RNGs from (seed, step,
+rank): the old ranks' streams do not map onto the new ones.
 
 Reading (docs/training.md, "Checkpoints and resume"): every ``.pt`` file is read by torch's weights-only
 unpickler (:func:`safe_load`): tensors, plain values and the few plain DeepSpeed classes of
@@ -35,10 +42,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from puzzlecam.errors import DiskError, PuzzleCamError, TrainingError, UsageError
-from puzzlecam.utils.distributed import barrier, raise_if_any_rank_failed, rng_state, set_rng_state
+from puzzlecam.utils.distributed import barrier, raise_if_any_rank_failed, rng_state, seed_everything, set_rng_state
 from puzzlecam.utils.files import atomic_write, atomic_write_text, disk_problem, remove_quietly
 
 log = logging.getLogger(__name__)
@@ -175,12 +183,12 @@ def save_trainer_state(tag_dir: Path, rank: int, state: dict) -> None:
 
 
 def load_trainer_state(tag_dir: Path, rank: int) -> dict:
-    """This rank's trainer state; a missing file refuses the resume (a UsageError naming it)."""
+    """Rank ``rank``'s trainer state; a missing file refuses the resume (a UsageError naming it)."""
     path = trainer_state_path(tag_dir, rank)
     if not path.is_file():
         raise UsageError(
-            f"{path} is missing: the checkpoint {tag_dir} was written by fewer ranks than this run has "
-            "(resuming with a different world size is not supported)"
+            f"{path} is missing: the checkpoint {tag_dir} is incomplete (every rank that wrote it saves its trainer "
+            "state; a resume on a different world size reads them all)"
         )
     return safe_load(path)
 
@@ -329,8 +337,9 @@ class Checkpointer:
     client state, and per rank the RNG state and the loader's position; COMPLETE marks a finished save,
     old ones are pruned (``keep_last``). Every method is a collective: call it on every rank."""
 
-    def __init__(self, ckpt_dir: Path, engine: Any, rank: int, keep_last: int):
-        self.ckpt_dir, self.engine, self.rank, self.keep_last = Path(ckpt_dir), engine, rank, keep_last
+    def __init__(self, ckpt_dir: Path, engine: Any, rank: int, world_size: int, keep_last: int):
+        self.ckpt_dir, self.engine, self.keep_last = Path(ckpt_dir), engine, keep_last
+        self.rank, self.world_size = rank, world_size
         self.files = GuardedCheckpointEngine.install(engine)
 
     def latest(self) -> Path | None:
@@ -382,18 +391,19 @@ class Checkpointer:
             f"{self.latest() or 'none'}",
         )
 
-    def load(self, tag_dir: Path, loader: Any, shards: str) -> dict:
+    def load(self, tag_dir: Path, loader: Any, shards: str, seed: int) -> dict:
         """Restore the engine (model and optimizer), this rank's loader position and RNG state from
-        ``tag_dir``; returns the client state. When it fails on any rank, every rank raises."""
+        ``tag_dir`` (on another world size: the epoch's global position, and RNGs seeded from ``seed``, the
+        step and the rank); returns the client state. When it fails on any rank, every rank raises."""
         failed, client = None, None
         try:
-            client = self._restore(tag_dir, loader, shards)
+            client = self._restore(tag_dir, loader, shards, seed)
         except PuzzleCamError as e:
             failed = e
         raise_if_any_rank_failed(failed)
         return client
 
-    def _restore(self, tag_dir: Path, loader: Any, shards: str) -> dict:
+    def _restore(self, tag_dir: Path, loader: Any, shards: str, seed: int) -> dict:
         try:
             load_path, client = self.engine.load_checkpoint(
                 str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=False
@@ -404,10 +414,17 @@ class Checkpointer:
             ) from e
         if load_path is None:
             raise TrainingError(f"DeepSpeed could not load the checkpoint {tag_dir}")
-        state = load_trainer_state(tag_dir, self.rank)
+        saved_world_size = int(client.get("world_size", self.world_size))
         try:
-            loader.load_state_dict(state["loader"])
+            if saved_world_size == self.world_size:
+                state = load_trainer_state(tag_dir, self.rank)
+                loader.load_state_dict(state["loader"])
+                set_rng_state(state["rng"])
+            else:
+                states = [load_trainer_state(tag_dir, r)["loader"] for r in range(saved_world_size)]
+                loader.load_elastic_state(states)
+                step_seed = np.random.SeedSequence([seed, int(client["step"])]).generate_state(1)[0]
+                seed_everything(int(step_seed), self.rank)
         except ValueError as e:
             raise UsageError(f"cannot resume from {tag_dir} on data.train_shards={shards}: {e}") from None
-        set_rng_state(state["rng"])
         return client

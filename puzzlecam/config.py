@@ -109,6 +109,9 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     # An optional DeepSpeed JSON merged over the dict train.precision builds (--deepspeed_config too).
     deepspeed_config: str = ""
+    # DeepSpeed ZeRO: 0 = plain data parallel; 1 partitions the optimizer state over the ranks, 2 the
+    # gradients too (docs/training.md, "ZeRO").
+    zero_stage: int = 0
     ops_backend: Literal["auto", "triton", "cpp", "cuda", "reference"] = "auto"
     channels_last: bool = True
     compile: bool = False
@@ -437,6 +440,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "train.max_bad_steps": (lambda v: v >= 1, "at least 1"),
     "train.eval_every": (lambda v: v >= 0, "0 or more (optimizer steps; 0 = off)"),
     "train.seed": (lambda v: v >= 0, "0 or more"),
+    "train.zero_stage": (lambda v: v in (0, 1, 2), "0, 1 or 2 (ZeRO stage 3 is not supported)"),
     "infer.batch_size": (lambda v: v >= 1, "at least 1"),
     "infer.scales": (lambda v: len(v) >= 1 and all(s > 0 for s in v), "one or more positive scales"),
 }

@@ -4,9 +4,16 @@
 weights, BatchNorm statistics and losses stay fp32; fp16 with DeepSpeed's dynamic loss scaling, CUDA
 only). DeepSpeed's own ``fp16`` / ``bf16`` sections, which cast the whole model, are never used.
 
+``train.zero_stage`` (docs/training.md, "ZeRO"): 0 is plain data parallel and the Trainer clips the
+all-reduced gradients itself; 1 and 2 partition the optimizer state (and, at 2, the gradients) over the
+ranks, so DeepSpeed's ZeRO optimizer clips (``gradient_clipping`` = ``optim.grad_clip``), since no rank
+holds every gradient. fp16 is refused under ZeRO: DeepSpeed's ZeRO optimizer measures and clips the
+gradients before its GradScaler unscales them.
+
 An optional user JSON (``train.deepspeed_config`` / ``--deepspeed_config``) is merged over the built
-dict for what this file does not decide (communication settings, say). It may not set what the run
-config decides: the optimizer, the schedule, clipping, the precision, the batch sizes (unless equal).
+dict for what this file does not decide (communication settings, ZeRO bucket sizes, say). It may not
+set what the run config decides: the optimizer, the schedule, clipping, the precision, the ZeRO stage,
+the batch sizes (unless equal).
 """
 
 from __future__ import annotations
@@ -59,15 +66,22 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def deepspeed_config(cfg: Config) -> dict[str, Any]:
-    """The DeepSpeed dict of this run: precision, batch sizes, ZeRO stage 0, clipping left to the Trainer;
-    a user JSON merged over it. A ConfigError names the file and key of a JSON that contradicts the run config."""
+    """The DeepSpeed dict of this run: precision, batch sizes, the ZeRO stage and who clips; a user JSON
+    merged over it. A ConfigError names the key (or the file and key of a JSON) that contradicts the run config."""
     t = cfg.train
+    if t.zero_stage > 0 and t.precision == "fp16":
+        raise ConfigError(
+            f"train.precision=fp16 with train.zero_stage={t.zero_stage} is not supported: DeepSpeed's ZeRO optimizer "
+            "clips the gradients before its GradScaler unscales them; use train.precision=bf16 (or train.zero_stage=0)"
+        )
     ds: dict[str, Any] = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": t.grad_accum_steps,
-        "zero_optimization": {"stage": 0},
-        "gradient_clipping": 0.0,  # the Trainer clips (optim.grad_clip) after the all-reduce
+        "zero_optimization": {"stage": t.zero_stage},
+        # Stage 0: the Trainer clips (optim.grad_clip) after the all-reduce; ZeRO: its optimizer does,
+        # over the partitioned gradients.
+        "gradient_clipping": cfg.optim.grad_clip if t.zero_stage > 0 else 0.0,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
@@ -90,9 +104,9 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
     zero = user.get("zero_optimization", {})
     if not isinstance(zero, dict):
         raise ConfigError(f"DeepSpeed config {path}: 'zero_optimization' must be a JSON object, got {zero!r}")
-    if zero.get("stage", 0) != 0:
+    if zero.get("stage", t.zero_stage) != t.zero_stage:
         raise ConfigError(
-            f"DeepSpeed config {path}: zero_optimization.stage={zero['stage']} is not supported (use 0: plain data "
-            "parallel)"
+            f"DeepSpeed config {path}: zero_optimization.stage={zero['stage']} but train.zero_stage={t.zero_stage}; "
+            "remove it from the JSON and set train.zero_stage (0, 1 or 2) in the run config"
         )
     return _merge(ds, user)

@@ -7,8 +7,15 @@ values. The keys of :data:`ALLOWED` may change and are reported: they extend a r
 it logs or saves, how it reads its data or which code path computes it, not what it computes. The
 batch layout (micro-batch, accumulation) may change only with the world size, when the global batch
 stays. ``--resume-force`` accepts refused changes knowingly; the trainer records every resume, with
-its changes, in the run directory (``resumes.jsonl``). The world size itself must stay (each rank
-restores its own state).
+its changes, in the run directory (``resumes.jsonl``).
+
+The world size may change (an elastic resume; reported as ``world_size``) where the checkpoint's
+optimizer state can be loaded on the new one: a ZeRO stage 1/2 checkpoint holds one optimizer
+partition per rank, which DeepSpeed 0.19 loads only on as many ranks (its universal checkpoints,
+which re-partition, carry Adam's state, not SGD's momentum), and ZeRO stage 0 keeps the whole state in
+rank 0's file; so a ZeRO checkpoint resumes on its own world size only, and ``train.zero_stage`` may
+change between 1 and 2 (the same partitions) but not to or from 0. These are refused even with
+``--resume-force``.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ ALLOWED = frozenset(
         "train.max_steps",
         "train.precision",  # how the arithmetic runs, not what is trained
         "train.deepspeed_config",
+        "train.zero_stage",  # between 1 and 2 (check_resume refuses what cannot be loaded)
         "train.eval_every",
         "train.tensorboard",
         "data.eval_shards",
@@ -104,15 +112,28 @@ def compare_configs(saved: dict[str, Any], current: Config, saved_world_size: in
 
 
 def check_resume(client: dict[str, Any], current: Config, world_size: int, tag_dir: Path, force: bool) -> Comparison:
-    """The checkpoint's client state against this run: a UsageError when the world size differs, or
-    when a refused key changed and ``force`` is off; else the comparison (to report and record)."""
+    """The checkpoint's client state against this run: a UsageError when its optimizer state cannot be
+    loaded on this world size or ZeRO stage, or when a refused key changed and ``force`` is off; else the
+    comparison (to report and record), a changed world size among its allowed changes."""
     saved_world_size = int(client.get("world_size", world_size))
-    if saved_world_size != world_size:
+    saved_zero = int(client["config"].get("train", {}).get("zero_stage", 0))  # older checkpoints: stage 0
+    zero = current.train.zero_stage
+    if (saved_zero == 0) != (zero == 0):
         raise UsageError(
-            f"checkpoint {tag_dir} was written with world size {saved_world_size}, this run has "
-            f"{world_size}: resuming with a different world size is not supported"
+            f"checkpoint {tag_dir} was written with train.zero_stage={saved_zero}, this run has {zero}: ZeRO stage 0 "
+            "keeps the optimizer state in one file, stages 1 and 2 one partition per rank, and one cannot be loaded "
+            f"as the other; resume with train.zero_stage={'1 or 2' if saved_zero else 0}"
+        )
+    if saved_zero > 0 and saved_world_size != world_size:
+        raise UsageError(
+            f"checkpoint {tag_dir} was written by {saved_world_size} processes under ZeRO stage {saved_zero}, this run "
+            f"has {world_size}: its optimizer state is partitioned over {saved_world_size} ranks, and DeepSpeed loads "
+            f"ZeRO partitions only on as many (its universal checkpoints re-partition Adam's state, not SGD's "
+            f"momentum); resume on {saved_world_size} processes"
         )
     comparison = compare_configs(client["config"], current, saved_world_size, world_size)
+    if saved_world_size != world_size:
+        comparison.allowed.insert(0, Change("world_size", saved_world_size, world_size))
     if comparison.refused and not force:
         raise UsageError(
             f"cannot resume from {tag_dir}: the config changes what the run trains: "

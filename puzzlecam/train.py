@@ -7,12 +7,14 @@ the rest. One optimizer step:
 
 1. ``grad_accum_steps`` micro-batches, each: the Task's named losses of the batch (for
    classification: normalized images + tiles, two forward passes, L = L_cls + L_pcls + alpha(t) L_re)
-   -> backward of the total (DeepSpeed averages gradients over ranks);
+   -> backward of the total (DeepSpeed averages gradients over ranks; under ZeRO 1/2 into their
+   owners' partitions);
 2. every rank learns whether any rank's loss was NaN/Inf (one all-reduce, which also averages the
-   logged losses and sums the epoch's corrupt samples, bounded by ``data.max_corrupt_fraction``); a
+   logged losses and sums the corrupt samples, the epoch's bounded by ``data.max_corrupt_fraction``); a
    bad step is skipped on every rank and counted, ``max_bad_steps`` in a row stop the run;
-3. poly learning-rate decay per parameter group, explicit clipping of the all-reduced gradients
-   (``optim.grad_clip``; the norm is logged), SGD.
+3. poly learning-rate decay per parameter group, clipping of the gradients' global norm
+   (``optim.grad_clip``: by the Trainer at ZeRO stage 0, by DeepSpeed's ZeRO optimizer at 1/2; the
+   norm is logged), SGD.
 
 Every ``train.eval_every`` steps (and at the last) the Task evaluates the exported network on its
 evaluation data, sharded over the ranks; the best score's weights are ``model_best.safetensors``, and
@@ -23,9 +25,11 @@ run and prints its numbers without training.
 
 Checkpoints (puzzlecam.checkpoint.Checkpointer) hold only finite state and are read without running
 code; a resume is compared with the checkpoint's config first (puzzlecam.resume), and nothing in the run
-directory changes until it is accepted. The method and its losses: docs/method.md; the run
-directory, checkpoints, resume, evaluation, TensorBoard, failures, exit status and logging:
-docs/training.md.
+directory changes until it is accepted. A resume on the checkpoint's world size is exact; on another
+(elastic) the data continue at the epoch's global position. A finished run resumed with a larger
+total continues, its schedules recomputed for the new total. The method and its losses:
+docs/method.md; the run directory, checkpoints, resume (elastic too), ZeRO, evaluation, TensorBoard,
+failures, exit status and logging: docs/training.md.
 """
 
 from __future__ import annotations
@@ -93,9 +97,11 @@ def poly_lr_factor(step: int, total_steps: int, power: float) -> float:
     return max(0.0, 1.0 - step / max(total_steps, 1)) ** power
 
 
-def check_run(cfg: Config, task: Task, world_size: int) -> None:
-    """The checks of a run that need its world size (ConfigError naming the keys); no process group needed."""
+def check_run(cfg: Config, task: Task, world_size: int) -> dict[str, Any]:
+    """The checks of a run that need its world size (ConfigError naming the keys); no process group needed.
+    Returns the run's DeepSpeed config (puzzlecam.precision)."""
     validate_for_run(cfg, world_size, torch.cuda.is_available())
+    ds_config = deepspeed_config(cfg)
     if not cfg.data.train_shards:
         raise ConfigError(
             "data.train_shards is empty: give the training shards, e.g. data.train_shards='shards/train-*.tar'"
@@ -104,6 +110,7 @@ def check_run(cfg: Config, task: Task, world_size: int) -> None:
         raise ConfigError(
             f"train.eval_every={cfg.train.eval_every} but task '{task.name}' has no evaluation: set train.eval_every=0"
         )
+    return ds_config
 
 
 def count_steps(cfg: Config, loader: Any) -> tuple[int, int]:
@@ -171,11 +178,11 @@ class Trainer:
         self.dist = init_distributed(use_deepspeed=True)
         self.device = self.dist.device
         t = cfg.train
-        check_run(cfg, self.task, self.dist.world_size)
+        ds_config = check_run(cfg, self.task, self.dist.world_size)
         changes = None
         if client is not None:
             changes = check_resume(client, cfg, self.dist.world_size, resume_from, resume_force)
-        ds_config = deepspeed_config(cfg)
+        self.zero_stage = t.zero_stage
         self.dtype = autocast_dtype(cfg)
         self.channels_last = t.channels_last and self.device.type == "cuda"
         if self.device.type == "cpu":
@@ -199,7 +206,9 @@ class Trainer:
             weight_decay=cfg.optim.weight_decay,
         )
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=network, optimizer=optimizer, config=ds_config)
-        self.checkpointer = ckpt.Checkpointer(self.ckpt_dir, self.engine, self.dist.rank, t.keep_last)
+        self.checkpointer = ckpt.Checkpointer(
+            self.ckpt_dir, self.engine, self.dist.rank, self.dist.world_size, t.keep_last
+        )
         if t.compile:
             self.engine.compile()
         seed_everything(t.seed, self.dist.rank)
@@ -294,7 +303,8 @@ class Trainer:
             "task": self.task.name,
             "config": self.cfg.to_dict(),
             "best_evaluation": self.best,
-            # Rank 0's data position, for inspection; every rank restores its own from trainer_rank*.pt.
+            # Rank 0's data position, for inspection; every rank restores its own from trainer_rank*.pt
+            # (on another world size, the global position they share).
             "data": self.loader.state_dict(),
         }
         tag_dir = self.ckpt_dir / ckpt.tag_for(self.step)
@@ -353,7 +363,7 @@ class Trainer:
 
     def _load(self, tag_dir: Path) -> None:
         """Restore everything from a checkpoint; when it fails on any rank, every rank raises."""
-        client = self.checkpointer.load(tag_dir, self.loader, self.cfg.data.train_shards)
+        client = self.checkpointer.load(tag_dir, self.loader, self.cfg.data.train_shards, self.cfg.train.seed)
         self.step = int(client["step"])
         self.skipped_steps = int(client.get("skipped_steps", 0))
         self.bad_streak = int(client.get("bad_streak", 0))
@@ -369,8 +379,30 @@ class Trainer:
             g["lr"] = self.cfg.optim.lr * g.get("lr_scale", 1.0) * factor
         return self.cfg.optim.lr * factor
 
+    def _backward_and_step(self, loss: torch.Tensor, bad: bool, last: bool) -> float | None:
+        """One micro-batch's backward and DeepSpeed's step (the optimizer step at the ``last`` micro-batch);
+        ``bad``: the step is skipped on every rank. Returns the gradients' global norm before clipping at
+        the last micro-batch of a good step, else None."""
+        if self.zero_stage > 0:
+            # ZeRO reduces the gradients into their partitions during every backward, so each micro-batch
+            # goes through it; a bad step's gradients are made NaN, and DeepSpeed's overflow check skips
+            # the step on every rank. Its optimizer clips (optim.grad_clip) and measures the norm.
+            self.engine.backward(loss * float("nan") if bad else loss)
+            self.engine.step()
+            return float(self.engine.get_global_grad_norm()) if last and not bad else None
+        if not bad:
+            self.engine.backward(loss)  # at the last micro-batch DeepSpeed all-reduces the gradients
+        norm = None
+        if last:
+            if bad:
+                self._drop_grads()
+            else:
+                norm = self._clip_grads()
+        self.engine.step()
+        return norm
+
     def _clip_grads(self) -> float:
-        """Clip the (all-reduced) gradients to optim.grad_clip; returns their global norm before clipping.
+        """ZeRO stage 0: clip the (all-reduced) gradients to optim.grad_clip; returns their global norm before clipping.
 
         Done here rather than by DeepSpeed so that a skipped step never reaches a clipping routine
         with no gradients, and the norm is logged. fp16: the GradScaler unscales first.
@@ -385,7 +417,7 @@ class Trainer:
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
     def _drop_grads(self) -> None:
-        """Make the coming optimizer step a no-op on every rank (a skipped non-finite step)."""
+        """ZeRO stage 0: make the coming optimizer step a no-op on every rank (a skipped non-finite step)."""
         scaler = getattr(self.engine, "torch_autocast_z0_gradscaler", None)
         for p in self.engine.module.parameters():
             if scaler is not None:
@@ -427,26 +459,21 @@ class Trainer:
             losses = self.task.losses(self.engine, batch, values, self.device, self.dtype, self.channels_last)
             parts = torch.stack(list(losses)).detach().float()  # total first, then every named term
             finite = torch.isfinite(parts[0])
-            # One all-reduce: the sum of every rank's losses, the count of non-finite ones and the
-            # corrupt samples met in the epoch so far.
-            corrupt = parts.new_tensor([sum(self.loader.epoch_corrupt)])
+            # One all-reduce: the sum of every rank's losses, the count of non-finite ones, the corrupt
+            # samples met in the epoch so far and those skipped since the run began.
+            corrupt = parts.new_tensor([sum(self.loader.epoch_corrupt), self.loader.skipped])
             vec = torch.cat([torch.where(finite, parts, torch.zeros_like(parts)), (~finite).float()[None], corrupt])
             vec = vec.to(self.device)
             if torch.distributed.is_initialized() and self.dist.world_size > 1:
                 torch.distributed.all_reduce(vec)
             vec = vec.cpu().double()
-            self._check_corrupt_fraction(int(vec[-1]))
-            vec = vec[:-1]
+            self._check_corrupt_fraction(int(vec[-2]))
+            skipped_samples = int(vec[-1])
+            vec = vec[:-2]
             bad = bad or bool(vec[-1] > 0)
-            if not bad:
-                self.engine.backward(losses.total)  # at the last micro-batch DeepSpeed all-reduces the gradients
             sums = vec if sums is None else sums + vec
-            if micro == t.grad_accum_steps - 1:
-                if bad:
-                    self._drop_grads()
-                else:
-                    grad_norm = self._clip_grads()
-            self.engine.step()
+            norm = self._backward_and_step(losses.total, bad, last=micro == t.grad_accum_steps - 1)
+            grad_norm = grad_norm if norm is None else norm
         n = self.dist.world_size * t.grad_accum_steps
         self.step += 1
         if bad:
@@ -467,7 +494,7 @@ class Trainer:
             "lr": lr,
             "images_per_s": t.global_batch_size / max(elapsed, 1e-9),
             "data_wait_pct": 100.0 * data_wait / max(elapsed, 1e-9),
-            "skipped_samples": int(getattr(self.loader, "skipped", 0)),
+            "skipped_samples": skipped_samples,
             "skipped_steps": self.skipped_steps,
             "grad_norm": grad_norm,
             "bad_step": bad,

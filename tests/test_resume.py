@@ -33,6 +33,8 @@ from puzzlecam import checkpoint as ckpt
 from puzzlecam.config import load_config
 from puzzlecam.errors import UsageError
 from puzzlecam.resume import compare_configs
+from puzzlecam.tasks.classification import alpha_for
+from puzzlecam.train import poly_lr_factor
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
 
@@ -187,6 +189,38 @@ def test_allowed_changes_are_reported_and_forced_ones_recorded(finished, shards,
     assert second["from"].endswith("step00000006") and second["forced"] == {"optim.lr": [0.1, 0.05]}
     assert summary(run)["resumes"] == [first, second]
     assert load_config(run / "config.yaml").optim.lr == 0.05
+
+
+@pytest.mark.slow
+@needs_deepspeed
+def test_a_finished_run_extended_continues_from_its_last_checkpoint(finished, shards, tmp_path):
+    # The finished run: 4 steps (train.max_steps), weights exported. --resume auto with 2 epochs of 6 steps
+    # continues from its step-4 checkpoint to step 12; the schedules follow the new total.
+    run = copy_run(finished, tmp_path / "run")
+    longer = tiny_overrides(shards, **{"train.max_steps": 0, "train.epochs": 2})
+    extend = python_launch(run, longer, tmp_path / "extend.log")
+    run_all([extend])
+    assert "resumed from" in extend.output() and "step00000004" in extend.output()
+    records = metrics(run)
+    assert [r["step"] for r in records] == list(range(1, 13)) and records[:4] == metrics(finished)
+    cfg = load_config(run / "config.yaml")
+    assert records[4]["lr"] == pytest.approx(cfg.optim.lr * poly_lr_factor(4, 12, cfg.optim.poly_power))
+    assert records[4]["alpha"] == pytest.approx(alpha_for(4, 12, cfg)) and records[3]["alpha"] == alpha_for(3, 4, cfg)
+    from safetensors import safe_open
+
+    with safe_open(run / "model.safetensors", "pt") as f:
+        assert f.metadata()["step"] == "12"
+    assert summary(run)["steps"] == 12
+    (resume,) = [json.loads(line) for line in (run / "resumes.jsonl").read_text().splitlines()]
+    assert resume["step"] == 4 and resume["allowed"]["train.max_steps"] == [4, 0]
+
+    # Fewer steps than the newest checkpoint's: refused, nothing changed.
+    before = run_files(run)
+    shorter = python_launch(run, tiny_overrides(shards, **{"train.max_steps": 10}), tmp_path / "shorter.log")
+    assert run_all([shorter], expect_ok=False) == [2]
+    (line,) = error_lines(shorter.output())
+    assert "give 10 steps" in line and "step00000012 is at step 12" in line
+    assert run_files(run) == before
 
 
 @pytest.mark.slow
