@@ -42,6 +42,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,12 @@ class Trainer:
         if client is not None:
             changes = check_resume(client, cfg, self.dist.world_size, resume_from, resume_force)
         self.zero_stage = t.zero_stage
+        if self.zero_stage > 0:
+            # DeepSpeed 0.19's ZeRO all-gathers the updated partitions with torch's deprecated
+            # all_gather_into_tensor: torch's FutureWarning would print twice per step on every rank.
+            warnings.filterwarnings(
+                "ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning
+            )
         self.dtype = autocast_dtype(cfg)
         self.channels_last = t.channels_last and self.device.type == "cuda"
         if self.device.type == "cpu":
@@ -744,8 +751,10 @@ def dry_run(cfg: Config, run_dir: Path, resume: str, resume_force: bool) -> None
     if resume_from is not None:
         ckpt.check_files(resume_from)
         client = ckpt.read_client_state(resume_from)
-        check_resume(client, cfg, world_size, resume_from, resume_force)
-        resuming = f"{resume_from} (step {client['step']})"
+        changes = check_resume(client, cfg, world_size, resume_from, resume_force)
+        elastic = [c for c in changes.allowed if c.key == "world_size"]
+        written_by = f"; written by {elastic[0].old} processes: an elastic resume" if elastic else ""
+        resuming = f"{resume_from} (step {client['step']}{written_by})"
     else:
         resuming = "no (a fresh run)"
     if rank != 0:

@@ -30,6 +30,8 @@ from test_train_support import (
     weights,
 )
 
+from puzzlecam.train import main as train_main
+
 pytest.importorskip("deepspeed")
 pytestmark = pytest.mark.slow
 RECORDER = str(ROOT / "tests" / "test_elastic_recorder.py")
@@ -63,7 +65,7 @@ def layout(shards: Path, nprocs: int, max_steps: int) -> list[str]:
     return tiny_overrides(shards, **{"train.micro_batch_size": 4 // nprocs, "train.max_steps": max_steps})
 
 
-def test_an_interrupted_epoch_finished_on_another_world_size_sees_each_sample_once(shards, tmp_path):
+def test_an_interrupted_epoch_finished_on_another_world_size_sees_each_sample_once(shards, tmp_path, capsys):
     # The reference resumes on its own world size; the schedules of all three change alike at step 2.
     scenarios = {"two_then_one": (2, 1), "one_then_two": (1, 2), "reference": (1, 1)}
     first = [
@@ -71,6 +73,14 @@ def test_an_interrupted_epoch_finished_on_another_world_size_sees_each_sample_on
         for name, (before, _) in scenarios.items()
     ]
     run_all(first)
+    # --dry-run (one process here) says what the launch will do.
+    assert (
+        train_main(
+            ["--config", DEMO_CONFIG, "--run-dir", str(tmp_path / "two_then_one"), "--dry-run", *layout(shards, 1, 8)]
+        )
+        == 0
+    )
+    assert "step 2; written by 2 processes: an elastic resume)" in capsys.readouterr().out
     second = [
         recorded_launch(tmp_path / name, after, layout(shards, after, 8), tmp_path / f"{name}_second")
         for name, (_, after) in scenarios.items()
