@@ -1,8 +1,9 @@
 """``train.precision`` -> the DeepSpeed config dict and the autocast dtype (docs/training.md, "Precision").
 
 ``fp32``: no autocast. ``bf16`` / ``fp16``: ``torch_autocast`` (convolutions in half precision;
-weights, BatchNorm statistics and losses stay fp32; fp16 with DeepSpeed's dynamic loss scaling, CUDA
-only). DeepSpeed's own ``fp16`` / ``bf16`` sections, which cast the whole model, are never used.
+weights, BatchNorm statistics, losses and the gradients' reduction stay fp32; fp16 with DeepSpeed's
+dynamic loss scaling, CUDA only). DeepSpeed's own ``fp16`` / ``bf16`` sections, which cast the whole
+model, are never used.
 
 ``train.zero_stage`` (docs/training.md, "ZeRO"): 0 is plain data parallel and the Trainer clips the
 all-reduced gradients itself; 1 and 2 partition the optimizer state (and, at 2, the gradients) over the
@@ -87,7 +88,13 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
         "zero_allow_untested_optimizer": True,
     }
     if t.precision != "fp32":
-        ds["torch_autocast"] = {"enabled": True, "dtype": _DEEPSPEED_AUTOCAST_NAMES[t.precision]}
+        # No "lower precision safe" modules: under ZeRO DeepSpeed would reduce the convolutions' gradients
+        # in the autocast dtype; they are reduced in fp32 at every stage, as stage 0 does.
+        ds["torch_autocast"] = {
+            "enabled": True,
+            "dtype": _DEEPSPEED_AUTOCAST_NAMES[t.precision],
+            "lower_precision_safe_modules": [],
+        }
     if not t.deepspeed_config:
         return ds
     path = t.deepspeed_config

@@ -182,7 +182,11 @@ def test_precision_builds_the_deepspeed_dict_and_a_user_json_merges_over_it(tmp_
     assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.0  # the Trainer clips
     assert "torch_autocast" not in ds and autocast_dtype(cfg) == torch.float32
     bf16 = load_config(DEMO_CONFIG, ["train.precision=bf16"])
-    assert deepspeed_config(bf16)["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    assert deepspeed_config(bf16)["torch_autocast"] == {
+        "enabled": True,
+        "dtype": "bfloat16",
+        "lower_precision_safe_modules": [],  # gradients reduced in fp32, under ZeRO too
+    }
     assert autocast_dtype(bf16) == torch.bfloat16
     # A user JSON adds what the run config does not decide, and may repeat what it does.
     extra = tmp_path / "extra.json"

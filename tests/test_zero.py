@@ -1,8 +1,8 @@
 """DeepSpeed ZeRO stages 1 and 2 (``train.zero_stage``; docs/training.md, "ZeRO"): the DeepSpeed dict,
-what a resume of a ZeRO checkpoint accepts, and real 2-process runs on gloo (CPU, fp32, real DeepSpeed,
-real shards): ZeRO-2 and ZeRO-1 equal stage 0 within fp32 rounding with clipping engaged, a SIGKILLed ZeRO-2 run
-resumes exactly, a non-finite step is skipped through DeepSpeed's overflow check, and a resume on another
-world size (or to or from stage 0) is refused with one line.
+what a resume of a ZeRO checkpoint accepts, and real 2-process runs on gloo (CPU, real DeepSpeed, real
+shards): ZeRO-2 and ZeRO-1 equal stage 0 within fp32 rounding with clipping engaged (in fp32 and bf16
+autocast), a SIGKILLed ZeRO-2 run resumes exactly, a non-finite step is skipped through DeepSpeed's
+overflow check, and a resume on another world size (or to or from stage 0) is refused with one line.
 """
 
 from __future__ import annotations
@@ -113,7 +113,8 @@ def zero_overrides(shards: Path, **extra) -> list[str]:
 
 @pytest.fixture(scope="module")
 def runs(shards, tmp_path_factory) -> dict[str, Path]:
-    """The 2-process runs, launched together: ZeRO-2, ZeRO-1 and stage 0 (4 steps); ZeRO-2 with rank 1 SIGKILLed
+    """The 2-process runs, launched together: ZeRO-2, ZeRO-1 and stage 0, ZeRO-2 and stage 0 in bf16 (4
+    steps); ZeRO-2 with rank 1 SIGKILLed
     after step 3 and restarted by torchrun (resuming from step 2); ZeRO-2 with a huge learning rate (every
     step after the first non-finite)."""
     base = tmp_path_factory.mktemp("zero")
@@ -121,6 +122,8 @@ def runs(shards, tmp_path_factory) -> dict[str, Path]:
         "zero2": zero_overrides(shards),
         "zero1": zero_overrides(shards, **{"train.zero_stage": 1}),
         "stage0": zero_overrides(shards, **{"train.zero_stage": 0}),
+        "zero2_bf16": zero_overrides(shards, **{"train.precision": "bf16"}),
+        "stage0_bf16": zero_overrides(shards, **{"train.zero_stage": 0, "train.precision": "bf16"}),
         "killed": zero_overrides(shards),
         "diverging": zero_overrides(
             shards,
@@ -129,7 +132,7 @@ def runs(shards, tmp_path_factory) -> dict[str, Path]:
     }
     launches = {
         name: deepspeed_launch(base / name, over[name], base / f"{name}.log")
-        for name in ("zero2", "zero1", "stage0", "diverging")
+        for name in ("zero2", "zero1", "stage0", "zero2_bf16", "stage0_bf16", "diverging")
     }
     launches["killed"] = torchrun_launch(
         base / "killed",
@@ -145,9 +148,12 @@ def runs(shards, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.slow
 @needs_deepspeed
-@pytest.mark.parametrize("stage", [2, 1])
-def test_zero_equals_stage0_with_deepspeeds_clipping(runs, stage):
-    zero, stage0 = runs[f"zero{stage}"], runs["stage0"]
+# bf16 autocast: the gradients are reduced in fp32 under ZeRO too (puzzlecam/precision.py), so ZeRO-2
+# matches stage 0 as closely as in fp32 (DeepSpeed's default, bf16 reduction of the convolutions'
+# gradients, left ~3e-2 between them after 4 steps).
+@pytest.mark.parametrize(("zero", "stage0"), [("zero2", "stage0"), ("zero1", "stage0"), ("zero2_bf16", "stage0_bf16")])
+def test_zero_equals_stage0_with_deepspeeds_clipping(runs, zero, stage0):
+    zero, stage0 = runs[zero], runs[stage0]
     tag = zero / "checkpoints" / "step00000004"
     assert sorted(p.name for p in tag.glob("zero_pp_rank_*")) == [
         "zero_pp_rank_0_mp_rank_00_optim_states.pt",
