@@ -31,7 +31,9 @@ _FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 @dataclass
 class ModelConfig:
-    arch: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
+    arch: Literal[
+        "resnet18", "resnet34", "resnet50", "resnet101", "resnest50", "resnest101", "resnest200", "resnest269"
+    ] = "resnet50"
     # Channels of the stem / first stage; 64 is torchvision's ResNet, smaller values give the
     # reduced-width variant for CPU runs (pretrained files then do not fit).
     width: int = 64
