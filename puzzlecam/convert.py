@@ -1,0 +1,369 @@
+"""``python -m puzzlecam.convert --kind classifier SRC DST``: the original code's weights as ours (docs/convert.md).
+
+The original code (shjo-april/PuzzleCAM, its ``experiments.zip``) saves ``torch.save(model.state_dict())``.
+Its ``Backbone`` registers the network as ``model`` and the same modules again as ``stage1`` =
+``Sequential(conv1, bn1, relu, maxpool)`` and ``stage2..stage5`` = ``Sequential(layer1..layer4)``, so every
+backbone tensor is in the file twice: ``model.layer1.0.conv1.weight`` is ``stage2.0.0.conv1.weight``.
+
+The conversion:
+
+1. reads SRC with the weights-only unpickler (:func:`puzzlecam.checkpoint.safe_load`: a file that would run
+   code is refused, never run) and checks it is a flat name -> tensor mapping (a ``module.`` prefix that
+   ``nn.DataParallel`` adds to every name is removed);
+2. refuses non-finite values, then maps every ``stage*`` alias to its ``model.*`` name, checks that all names
+   of one tensor hold equal tensors and keeps one;
+3. renames ``model.*`` to our ``backbone.*`` (``classifier.weight`` keeps its name);
+4. finds the arch and width whose model has exactly these names and shapes, comparing with each arch
+   ``puzzlecam.model`` builds, built on the meta device (no weights allocated);
+5. writes DST (safetensors, fp32, loads strictly into ``build_model``) and ``config.yaml`` beside it (the
+   ``model`` section: arch, width, output stride 16, the number of classes), so that
+   ``python -m puzzlecam.infer --weights DST`` works directly. Existing outputs are kept unless
+   ``--overwrite``; a refused input writes nothing.
+
+``--kind affinity`` and ``--kind deeplab`` (AffinityNet, DeepLabv3+) come with those stages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import sys
+import typing
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import yaml
+
+from puzzlecam.checkpoint import safe_load
+from puzzlecam.config import ModelConfig
+from puzzlecam.deepspeed_logs import DeepSpeedLogs
+from puzzlecam.errors import UsageError
+from puzzlecam.utils.cli import run_command
+from puzzlecam.utils.files import atomic_write_bytes, atomic_write_text, output_directory, remove_quietly
+
+log = logging.getLogger("puzzlecam.convert")  # not __name__: that is "__main__" under python -m
+
+KINDS = ("classifier", "affinity", "deeplab")
+CONFIG_NAME = "config.yaml"
+# Every network of the original is built at output stride 16 (docs/convert.md).
+OUTPUT_STRIDE = 16
+
+# The original's aliases of ``model.*`` (its Backbone's stage1..stage5 Sequentials); relu and maxpool hold nothing.
+STAGE_ALIASES = {
+    "stage1.0.": "model.conv1.",
+    "stage1.1.": "model.bn1.",
+    "stage2.0.": "model.layer1.",
+    "stage3.0.": "model.layer2.",
+    "stage4.0.": "model.layer3.",
+    "stage5.0.": "model.layer4.",
+}
+_DATA_PARALLEL_PREFIX = "module."
+# Names that only another network of the original holds: (prefixes, its --kind, what it is).
+_OTHER_KINDS = (
+    (("fc_edge", "edge_layers.", "path_indices_"), "affinity", "an AffinityNet checkpoint"),
+    (("aspp.", "decoder."), "deeplab", "a DeepLabv3+ checkpoint"),
+)
+_SHOWN = 5  # names listed per kind of difference
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and de-duplicating
+
+
+def _not_a_torch_file(path: Path) -> str | None:
+    """Why ``path`` cannot be a torch.save file (a zip archive holding data.pkl, or an older pickle), or None."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        if any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+            return None
+        inside = [n for n in names if n.endswith(".pth")]
+        example = f" (it holds {', '.join(inside[:2])}{', ...' if len(inside) > 2 else ''})" if inside else ""
+        return f"is a zip archive, not a torch checkpoint{example}: extract it and convert one .pth file at a time"
+    with open(path, "rb") as f:
+        if f.read(1) == b"\x80":  # a pickle: torch.save before torch 1.6
+            return None
+    return "is not a torch checkpoint file (torch.save writes a zip archive or a pickle)"
+
+
+def read_original(path: Path) -> dict[str, torch.Tensor]:
+    """The flat name -> tensor mapping of an original checkpoint (weights-only; ``module.`` stripped)."""
+    if not path.is_file():
+        raise UsageError(f"SRC {path}: no such file")
+    problem = _not_a_torch_file(path)
+    if problem is not None:
+        raise UsageError(f"SRC {path} {problem}")
+    # safe_load imports DeepSpeed (its allow-list): its import-time line is not this command's output.
+    DeepSpeedLogs(rank=0, console=log.isEnabledFor(logging.DEBUG))
+    state = safe_load(path, map_location="cpu")
+    if not isinstance(state, Mapping):
+        raise UsageError(
+            f"SRC {path} holds a {type(state).__name__}, not a state dict: expected the original code's "
+            "torch.save(model.state_dict()) file (parameter name -> tensor)"
+        )
+    wrong = [f"{k!r}: {type(v).__name__}" for k, v in state.items() if not (isinstance(k, str) and torch.is_tensor(v))]
+    if wrong or not state:
+        what = f"entries that are not tensors ({', '.join(wrong[:_SHOWN])})" if wrong else "nothing"
+        raise UsageError(
+            f"SRC {path} holds {what}: expected the original code's torch.save(model.state_dict()) file "
+            "(parameter name -> tensor)"
+        )
+    if all(k.startswith(_DATA_PARALLEL_PREFIX) for k in state):  # saved through nn.DataParallel
+        return {k[len(_DATA_PARALLEL_PREFIX) :]: v for k, v in state.items()}
+    return dict(state)
+
+
+def canonical_name(name: str) -> str:
+    """``model.*`` for a ``stage*`` alias of the original's Backbone; any other name unchanged."""
+    for alias, target in STAGE_ALIASES.items():
+        if name.startswith(alias):
+            return target + name[len(alias) :]
+    return name
+
+
+def _difference(a: torch.Tensor, b: torch.Tensor) -> str | None:
+    if a.shape != b.shape:
+        return f"shapes {tuple(a.shape)} vs {tuple(b.shape)}"
+    if a.dtype != b.dtype:
+        return f"dtypes {a.dtype} vs {b.dtype}"
+    if torch.equal(a, b):
+        return None
+    return f"largest difference {(a.double() - b.double()).abs().max().item():.3g}"
+
+
+def drop_aliases(state: Mapping[str, torch.Tensor], src: Path) -> tuple[dict[str, torch.Tensor], int]:
+    """(one tensor per canonical name, how many alias entries were dropped); aliases that differ are refused.
+
+    The values must be finite (checked first: NaN never equals itself)."""
+    kept: dict[str, torch.Tensor] = {}
+    source: dict[str, str] = {}  # canonical name -> the file's name that was kept
+    dropped = 0
+    for name, tensor in state.items():
+        canonical = canonical_name(name)
+        if canonical not in kept:
+            kept[canonical], source[canonical] = tensor, name
+            continue
+        problem = _difference(kept[canonical], tensor)
+        if problem is not None:
+            raise UsageError(
+                f"SRC {src}: {source[canonical]} and {name} must hold the same tensor (the original code saves "
+                f"every backbone module twice, as model.* and stage1..5.*), but they differ ({problem}): the file "
+                "was changed after it was saved, or is not the original code's checkpoint; nothing written"
+            )
+        dropped += 1
+    return kept, dropped
+
+
+def check_finite(state: Mapping[str, torch.Tensor], src: Path) -> None:
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UsageError(
+            f"SRC {src}: {len(bad)} tensor(s) hold NaN or Inf ({', '.join(bad[:_SHOWN])}): the run that saved it "
+            "diverged; nothing written"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Our names and the arch
+
+
+def _refuse_other_kind(names: list[str], src: Path, kind: str) -> None:
+    for prefixes, other, what in _OTHER_KINDS:
+        found = [n for n in names if n.startswith(prefixes)]
+        if found and other != kind:
+            raise UsageError(
+                f"SRC {src} is {what} (it holds {', '.join(found[:3])}, ...), not a {kind}: "
+                f"convert it with --kind {other}"
+            )
+
+
+def classifier_state(state: Mapping[str, torch.Tensor], src: Path) -> dict[str, torch.Tensor]:
+    """The original Classifier's de-duplicated names as ours: ``model.*`` -> ``backbone.*``; the rest unchanged
+    (anything else is reported by :func:`detect_model` as not fitting)."""
+    _refuse_other_kind(list(state), src, "classifier")
+    if "classifier.weight" not in state:
+        raise UsageError(
+            f"SRC {src} has no classifier.weight: not a classifier checkpoint of the original code (its Classifier "
+            "saves model.*, stage1..5.* and classifier.weight)"
+        )
+    return {("backbone." + k[len("model.") :] if k.startswith("model.") else k): v for k, v in state.items()}
+
+
+def configurable_archs() -> tuple[str, ...]:
+    """Every ``model.arch`` the config accepts."""
+    return typing.get_args(typing.get_type_hints(ModelConfig)["arch"])
+
+
+@functools.cache
+def model_shapes(arch: str, width: int, num_classes: int) -> dict[str, tuple[int, ...]] | None:
+    """name -> shape of our classifier's state dict, built on the meta device; None if puzzlecam.model does
+    not build it (an arch the config names before its backbone exists, a width the arch refuses)."""
+    from puzzlecam.model import build_model
+
+    try:
+        with torch.device("meta"):
+            model = build_model(ModelConfig(arch=arch, width=width, num_classes=num_classes))
+    except ValueError as e:
+        log.debug("not comparing with %s at width %d: %s", arch, width, e)
+        return None
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def known_archs() -> list[str]:
+    """The configurable archs that puzzlecam.model builds (at width 64)."""
+    return [arch for arch in configurable_archs() if model_shapes(arch, 64, 1) is not None]
+
+
+def _differences(expected: Mapping[str, tuple], got: Mapping[str, tuple]) -> dict[str, list[str]]:
+    return {
+        "missing": [k for k in expected if k not in got],
+        "unexpected": [k for k in got if k not in expected],
+        "shape mismatches": [
+            f"{k}: file {got[k]} vs model {expected[k]}" for k in expected if k in got and got[k] != expected[k]
+        ],
+    }
+
+
+def _describe(differences: dict[str, list[str]]) -> str:
+    parts = []
+    for what, items in differences.items():
+        if items:
+            more = f", ... ({len(items) - _SHOWN} more)" if len(items) > _SHOWN else ""
+            parts.append(f"{len(items)} {what} ({', '.join(items[:_SHOWN])}{more})")
+    return "; ".join(parts)
+
+
+def detect_model(shapes: Mapping[str, tuple[int, ...]], src: Path) -> ModelConfig:
+    """The model config (arch, width, number of classes) whose classifier has exactly these names and shapes.
+
+    The number of classes and the backbone's output channels come from ``classifier.weight``; each arch's
+    width follows from its output channels at width 64 (they scale with the width)."""
+    num_classes, channels = shapes["classifier.weight"][:2]
+    closest: tuple[int, str, dict[str, list[str]]] | None = None
+    archs = known_archs()
+    for arch in archs:
+        at_64 = model_shapes(arch, 64, num_classes)
+        if at_64 is None or (64 * channels) % at_64["classifier.weight"][1]:
+            continue
+        width = 64 * channels // at_64["classifier.weight"][1]
+        expected = model_shapes(arch, width, num_classes) if width >= 1 else None
+        if expected is None:
+            continue
+        differences = _differences(expected, shapes)
+        count = sum(len(v) for v in differences.values())
+        if count == 0:
+            return ModelConfig(arch=arch, width=width, output_stride=OUTPUT_STRIDE, num_classes=num_classes)
+        if closest is None or count < closest[0]:
+            closest = (count, f"{arch} at width {width}", differences)
+    nearest = f"; closest: {closest[1]}: {_describe(closest[2])}" if closest else ""
+    raise UsageError(
+        f"SRC {src} fits none of the archs puzzlecam.model builds ({', '.join(archs)}) with a classifier of "
+        f"{channels} input channels and {num_classes} classes{nearest}"
+    )
+
+
+def convert_classifier(src: Path) -> tuple[dict[str, torch.Tensor], ModelConfig, int]:
+    """(our classifier's state dict, its model config, alias entries dropped) from an original checkpoint."""
+    state = read_original(src)
+    check_finite(state, src)
+    state, dropped = drop_aliases(state, src)
+    state = classifier_state(state, src)
+    cfg = detect_model({k: tuple(v.shape) for k, v in state.items()}, src)
+    ours = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    return ours, cfg, dropped
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def config_text(cfg: ModelConfig, src: Path) -> str:
+    """The config.yaml written beside DST: the model section (everything else at its default)."""
+    model = {"arch": cfg.arch, "width": cfg.width, "output_stride": cfg.output_stride, "num_classes": cfg.num_classes}
+    return (
+        f"# Written by python -m puzzlecam.convert from {src.name} (the original code's weights; docs/convert.md).\n"
+        + yaml.safe_dump({"task": "classification", "model": model}, sort_keys=False)
+    )
+
+
+def write_outputs(state: dict[str, torch.Tensor], cfg: ModelConfig, src: Path, dst: Path) -> Path:
+    """DST (with the trainer's header keys: task, arch) and config.yaml beside it; if the config cannot be
+    written, the new DST is removed again."""
+    from safetensors.torch import save
+
+    header = {"format": "pt", "task": "classification", "arch": cfg.arch, "converted_from": src.name}
+    config = dst.parent / CONFIG_NAME
+    atomic_write_bytes(dst, save(state, metadata=header))
+    try:
+        atomic_write_text(config, config_text(cfg, src))
+    except BaseException:
+        remove_quietly(dst)
+        raise
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m puzzlecam.convert",
+        description="Convert a checkpoint of the original Puzzle-CAM code (shjo-april/PuzzleCAM, experiments.zip: "
+        "torch.save(model.state_dict()) files) into our safetensors, plus a config.yaml beside it naming the "
+        "detected arch, so that `python -m puzzlecam.infer --weights DST` works directly (docs/convert.md).",
+    )
+    p.add_argument(
+        "--kind",
+        required=True,
+        choices=KINDS,
+        help="which network SRC holds: classifier (stage 1: Classifier / Classifier_For_Puzzle); affinity "
+        "(AffinityNet) and deeplab (DeepLabv3+) come with those stages",
+    )
+    p.add_argument("src", type=Path, metavar="SRC", help="the original's checkpoint, e.g. experiments/models/TAG.pth")
+    p.add_argument(
+        "dst", type=Path, metavar="DST", help=f"output .safetensors file; {CONFIG_NAME} is written beside it"
+    )
+    p.add_argument("--overwrite", action="store_true", help=f"replace an existing DST and {CONFIG_NAME} beside it")
+    return p
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse what needs no reading of SRC: a kind not convertible yet, a bad DST, outputs in the way."""
+    if args.kind != "classifier":
+        stage = {"affinity": "AffinityNet (random-walk) stage", "deeplab": "DeepLabv3+ segmentation stage"}
+        raise UsageError(
+            f"--kind {args.kind}: converting {args.kind} checkpoints comes with the {stage[args.kind]}, "
+            "which puzzlecam does not have yet; only --kind classifier converts now"
+        )
+    if args.dst.suffix != ".safetensors":
+        raise UsageError(f"DST {args.dst} must end in .safetensors (the format puzzlecam.infer --weights reads)")
+    if args.dst.resolve() == args.src.resolve():
+        raise UsageError(f"DST {args.dst} is SRC: choose another output file")
+    if not args.overwrite:
+        for path in (args.dst, args.dst.parent / CONFIG_NAME):
+            if path.exists():
+                raise UsageError(f"{path} exists: pass --overwrite to replace it, or choose another DST directory")
+
+
+def run(args: argparse.Namespace) -> None:
+    check_flags(args)
+    with output_directory(args.dst.parent, flag="DST"):  # created by the first file written into it
+        state, cfg, dropped = convert_classifier(args.src)
+        config = write_outputs(state, cfg, args.src, args.dst)
+    log.info("%s: %d alias entries checked equal and dropped", args.src, dropped)
+    print(
+        f"converted {args.src} -> {args.dst} ({args.kind}: {cfg.arch}, width {cfg.width}, {cfg.num_classes} classes, "
+        f"{len(state)} tensors) and {config}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_command(build_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
