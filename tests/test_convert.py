@@ -214,6 +214,26 @@ def test_refuses_bad_destinations(tmp_path, capsys):
     assert rc == 2 and "is not a directory" in err
 
 
+def test_full_disk_leaves_no_output(tmp_path, small_disk, capsys):
+    src = tmp_path / "orig.pth"
+    save_original(random_classifier("resnet18", 8), src)
+    elsewhere = tmp_path / "elsewhere" / "model.safetensors"
+    assert convert(capsys, src, elsewhere)[0] == 0
+    page = 4096
+    dst = small_disk.path / "converted" / "model.safetensors"
+    # Room for the weights (whole pages) but not for config.yaml: the new weights are removed again.
+    small_disk.fill(leave_bytes=-(-elsewhere.stat().st_size // page) * page)
+    rc, err = convert(capsys, src, dst)
+    assert rc == 1 and err.count("\n") == 1 and err.startswith("error: no space left on tmpfs"), err
+    assert str(dst.parent / "config.yaml") in err
+    assert sorted(p.name for p in small_disk.path.iterdir()) == [".filler"]  # no file, temporary or directory
+    (small_disk.path / ".filler").unlink()  # fill() counts the free space before it rewrites its filler
+    small_disk.fill()
+    rc, err = convert(capsys, src, dst)
+    assert rc == 1 and f"while writing {dst}" in err
+    assert sorted(p.name for p in small_disk.path.iterdir()) == [".filler"]
+
+
 def test_detect_model_names_the_classifier_shape_when_nothing_fits():
     with pytest.raises(
         UsageError, match="fits none of the archs .* with a classifier of 7 input channels and 20 classes$"
