@@ -1,5 +1,6 @@
-"""Model tests: shapes and strides, torchvision key layout, strict pretrained loading, frozen
-normalization, fp32 statistics under reduced precision, optimizer parameter groups."""
+"""Model tests: shapes and strides of every stage of every arch, torchvision key layout, strict pretrained
+loading, frozen normalization, fp32 statistics under reduced precision, optimizer parameter groups.
+ResNeSt's own checks are in test_resnest.py."""
 
 import math
 from pathlib import Path
@@ -12,11 +13,13 @@ from puzzlecam.config import ModelConfig
 from puzzlecam.errors import UsageError
 from puzzlecam.model import (
     ARCHS,
+    RESNET_ARCHS,
     BatchNorm2d,
     Classifier,
     FrozenStatsBatchNorm2d,
     PretrainedMismatchError,
     ResNet,
+    build_backbone,
     build_model,
     load_pretrained,
     param_groups,
@@ -73,23 +76,40 @@ def tv_file(tv_state, tmp_path_factory) -> Path:
 # Architecture
 
 
+def published_stage_channels(arch: str, width: int) -> list[int]:
+    """Channels of the stem and layer1..4 outputs by the published architectures, scaled by width / 64."""
+    if arch in ("resnet18", "resnet34"):
+        return [width, width, 2 * width, 4 * width, 8 * width]
+    stem = width  # torchvision's 7x7 stem; ResNeSt's deep stem ends at twice its stem width (32 or 64)
+    if arch.startswith("resnest"):
+        stem = 2 * (32 if arch == "resnest50" else 64) * width // 64
+    return [stem, 4 * width, 8 * width, 16 * width, 32 * width]
+
+
 @pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("output_stride", [16, 32])
-def test_output_shapes_and_stride(arch, output_stride):
+def test_stage_and_output_shapes(arch, output_stride):
     torch.manual_seed(0)
     model = build_model(ModelConfig(arch=arch, width=8, output_stride=output_stride, num_classes=5))
     model.eval()
+    channels = published_stage_channels(arch, 8)
     for h, w in [(64, 80), (70, 90)]:
         x = torch.randn(2, 3, h, w)
         with torch.no_grad():
+            features = model.backbone.stage_features(x)
             logits, cams = model(x)
-        expected = (math.ceil(h / output_stride), math.ceil(w / output_stride))
-        assert cams.shape == (2, 5, *expected)
+            last = model.backbone(x)
+        strides = [4, 4, 8, 16, output_stride]
+        assert [tuple(f.shape) for f in features] == [
+            (2, c, math.ceil(h / s), math.ceil(w / s)) for c, s in zip(channels, strides, strict=True)
+        ]
+        assert torch.equal(last, features[-1])
+        assert cams.shape == (2, 5, math.ceil(h / output_stride), math.ceil(w / output_stride))
         assert logits.shape == (2, 5) and logits.dtype == torch.float32
         torch.testing.assert_close(logits, cams.mean(dim=(2, 3)))
     assert model.num_classes == 5
-    expansion = 4 if arch in ("resnet50", "resnet101") else 1
-    assert model.classifier.weight.shape == (5, 8 * 8 * expansion, 1, 1)
+    assert model.backbone.out_channels == channels[-1]
+    assert model.classifier.weight.shape == (5, channels[-1], 1, 1)
     assert model.classifier.bias is None
 
 
@@ -100,7 +120,7 @@ def test_full_width_512_gives_32x32_maps():
     assert cams.shape == (1, 20, 32, 32) and logits.shape == (1, 20)
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("arch", list(RESNET_ARCHS))
 def test_parameter_count_matches_torchvision(arch):
     with torch.device("meta"):
         backbone = ResNet(arch)
@@ -145,6 +165,8 @@ def test_stride_on_3x3_conv_and_last_stage_stride():
 def test_bad_settings_are_rejected():
     with pytest.raises(ValueError, match="model.arch"):
         ResNet("resnet152")
+    with pytest.raises(ValueError, match="model.arch must be one of resnet18, .*, resnest50, .*resnest269, got"):
+        build_backbone("resnet152")
     with pytest.raises(ValueError, match="model.width"):
         ResNet("resnet18", width=0)
     with pytest.raises(ValueError, match="model.output_stride"):

@@ -1,21 +1,30 @@
-"""Models: torchvision-layout ResNet backbones and the Puzzle-CAM classifier (docs/model.md)."""
+"""Models: ResNet (torchvision layout) and ResNeSt (release layout) backbones, the Puzzle-CAM classifier
+(docs/model.md)."""
 
-from .classifier import GROUPS, Classifier, build_model, param_groups
+from .classifier import ARCHS, GROUPS, Classifier, build_backbone, build_model, param_groups
 from .norm import BatchNorm2d, FrozenStatsBatchNorm2d, SyncBatchNorm2d, norm_layer
 from .pretrained import PretrainedMismatchError, load_pretrained, read_state_dict
-from .resnet import ARCHS, BasicBlock, Bottleneck, ResNet
+from .resnest import RESNEST_ARCHS, ResNeSt, ResNeStBottleneck, SplitAttention
+from .resnet import RESNET_ARCHS, Backbone, BasicBlock, Bottleneck, ResNet
 
 __all__ = [
     "ARCHS",
     "GROUPS",
+    "RESNEST_ARCHS",
+    "RESNET_ARCHS",
+    "Backbone",
     "BasicBlock",
     "BatchNorm2d",
     "Bottleneck",
     "Classifier",
     "FrozenStatsBatchNorm2d",
     "PretrainedMismatchError",
+    "ResNeSt",
+    "ResNeStBottleneck",
     "ResNet",
+    "SplitAttention",
     "SyncBatchNorm2d",
+    "build_backbone",
     "build_model",
     "load_pretrained",
     "norm_layer",

@@ -1,4 +1,5 @@
-"""The Puzzle-CAM classifier: a ResNet backbone and a bias-free 1x1 conv to C class maps."""
+"""The backbone registry (every ``model.arch``) and the Puzzle-CAM classifier: a backbone and a bias-free
+1x1 conv to C class maps (docs/model.md)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,18 @@ import torch.nn as nn
 from ..config import ModelConfig
 from ..puzzle import gap
 from .pretrained import load_pretrained
-from .resnet import ResNet
+from .resnest import RESNEST_ARCHS, ResNeSt
+from .resnet import RESNET_ARCHS, Backbone, ResNet
+
+# model.arch -> its backbone class
+ARCHS: dict[str, type[Backbone]] = {**dict.fromkeys(RESNET_ARCHS, ResNet), **dict.fromkeys(RESNEST_ARCHS, ResNeSt)}
+
+
+def build_backbone(arch: str, width: int = 64, output_stride: int = 16, norm: str = "train") -> Backbone:
+    """The backbone of ``arch`` (a ResNet or a ResNeSt) with random weights; see :class:`Backbone`."""
+    if arch not in ARCHS:
+        raise ValueError(f"model.arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+    return ARCHS[arch](arch, width=width, output_stride=output_stride, norm=norm)
 
 
 class Classifier(nn.Module):
@@ -17,7 +29,7 @@ class Classifier(nn.Module):
     ``h, w = ceil(H/s), ceil(W/s)`` with s the output stride (16: 512x512 -> 32x32).
     """
 
-    def __init__(self, backbone: ResNet, num_classes: int = 20):
+    def __init__(self, backbone: Backbone, num_classes: int = 20):
         super().__init__()
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
             raise ValueError(f"model.num_classes must be a positive int, got {num_classes!r}")
@@ -36,7 +48,7 @@ class Classifier(nn.Module):
 
 def build_model(cfg: ModelConfig) -> Classifier:
     """Build the classifier of ``cfg`` and load ``cfg.pretrained`` (if set) into its backbone."""
-    backbone = ResNet(cfg.arch, width=cfg.width, output_stride=cfg.output_stride, norm=cfg.norm)
+    backbone = build_backbone(cfg.arch, width=cfg.width, output_stride=cfg.output_stride, norm=cfg.norm)
     if cfg.pretrained:
         load_pretrained(backbone, cfg.pretrained)
     return Classifier(backbone, cfg.num_classes)

@@ -5,6 +5,9 @@ Layout (torchvision ``resnet.py``): ``conv1`` (7x7, stride 2) / ``bn1`` / relu /
 ``conv1``/``bn1``/``conv2``/``bn2`` (+ ``conv3``/``bn3`` for Bottleneck) and, on the first block of a
 stage that changes shape, ``downsample.0`` (1x1 conv) / ``downsample.1`` (norm). The stride sits on
 the 3x3 conv (v1.5). There is no ``avgpool``/``fc``: the backbone returns the last feature map.
+:class:`Backbone` is the part every backbone family shares (this one and ResNeSt, ``resnest.py``):
+the stem (``conv1``, ``bn1``, relu, maxpool), ``layer1``..``layer4``, ``stage_features`` and the
+initialization (docs/model.md).
 
 Differences from torchvision, all options:
 
@@ -22,7 +25,7 @@ import torch.nn as nn
 from .norm import norm_layer
 
 # arch -> (block type, blocks per stage)
-ARCHS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
+RESNET_ARCHS: dict[str, tuple[str, tuple[int, int, int, int]]] = {
     "resnet18": ("basic", (2, 2, 2, 2)),
     "resnet34": ("basic", (3, 4, 6, 3)),
     "resnet50": ("bottleneck", (3, 4, 6, 3)),
@@ -79,21 +82,63 @@ class Bottleneck(nn.Module):
         return self.relu(out + identity)
 
 
-class ResNet(nn.Module):
-    """ResNet backbone: (B, 3, H, W) -> features (B, out_channels, ceil(H/s), ceil(W/s)), s = output_stride."""
+class Backbone(nn.Module):
+    """A stem (``conv1``, ``bn1``, ``relu``, ``maxpool``) and four stages ``layer1``..``layer4``.
 
-    def __init__(self, arch: str = "resnet50", width: int = 64, output_stride: int = 16, norm: str = "train"):
+    ``forward(x)`` -> the last stage's features (B, out_channels, ceil(H/s), ceil(W/s)), s = output_stride;
+    ``stage_features(x)`` -> [stem, layer1, layer2, layer3, layer4] outputs, at strides 4, 4, 8, 16, s
+    (docs/model.md, "Stage features"). Subclasses build the modules (with ``self.norm_cls``, the class
+    of ``norm``) after calling ``__init__`` and set ``out_channels``.
+    """
+
+    def __init__(self, arch: str, archs: dict, width: int, output_stride: int, norm: str):
         super().__init__()
-        if arch not in ARCHS:
-            raise ValueError(f"model.arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+        if arch not in archs:
+            raise ValueError(f"model.arch must be one of {', '.join(archs)}, got {arch!r}")
         if not isinstance(width, int) or isinstance(width, bool) or width < 1:
-            raise ValueError(f"model.width must be a positive int (64 = torchvision), got {width!r}")
+            raise ValueError(f"model.width must be a positive int (64 = the published widths), got {width!r}")
         if output_stride not in (16, 32):
             raise ValueError(f"model.output_stride must be 16 or 32, got {output_stride!r}")
-        kind, blocks = ARCHS[arch]
-        block = BasicBlock if kind == "basic" else Bottleneck
-        norm_cls = norm_layer(norm)
+        self.norm_cls = norm_layer(norm)
         self.arch, self.width, self.output_stride, self.norm = arch, width, output_stride, norm
+
+    def reset_parameters(self) -> None:
+        # torchvision's (and the ResNeSt release's) initialization; only matters without a pretrained file.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+    def stages(self) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+        return self.layer1, self.layer2, self.layer3, self.layer4
+
+    def stage_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = [self.stem(x)]
+        for stage in self.stages():
+            features.append(stage(features[-1]))
+        return features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Not stage_features(x)[-1]: without autograd each stage's input is freed as soon as it is used.
+        x = self.stem(x)
+        for stage in self.stages():
+            x = stage(x)
+        return x
+
+
+class ResNet(Backbone):
+    """ResNet backbone (torchvision layout); see :class:`Backbone` for the outputs."""
+
+    def __init__(self, arch: str = "resnet50", width: int = 64, output_stride: int = 16, norm: str = "train"):
+        super().__init__(arch, RESNET_ARCHS, width, output_stride, norm)
+        kind, blocks = RESNET_ARCHS[arch]
+        block = BasicBlock if kind == "basic" else Bottleneck
+        norm_cls = self.norm_cls
 
         self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = norm_cls(width)
@@ -113,19 +158,3 @@ class ResNet(nn.Module):
             cin = cout
         self.out_channels = cin
         self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        # torchvision's initialization (only matters when no pretrained file is loaded).
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer1(x)
-        x = self.layer2(x)
-        x = self.layer3(x)
-        return self.layer4(x)
