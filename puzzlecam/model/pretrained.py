@@ -1,11 +1,13 @@
-"""Load torchvision-format ImageNet weights into a backbone, strictly.
+"""Load published ImageNet weights into a backbone, strictly (docs/model.md, "Pretrained weights").
 
-A torchvision ResNet state dict (``.pth`` saved with ``torch.save(model.state_dict())``, or a
-``.safetensors`` file with the same names) fits our backbone exactly except for ``fc.weight`` /
-``fc.bias``, which are ignored. Anything else that does not fit (a missing key, an unexpected key,
-a shape mismatch) raises :class:`PretrainedMismatchError` naming the file and listing the keys.
-Old torchvision files (saved before BatchNorm had ``num_batches_tracked``) load too: those
-counters are then left at their current value. Nothing is downloaded.
+A torchvision ResNet state dict or a ResNeSt release file (``.pth`` saved with
+``torch.save(model.state_dict())``, or a ``.safetensors`` file with the same names) fits our backbone
+of the same arch exactly except for ``fc.weight`` / ``fc.bias``, which are ignored. Anything else that
+does not fit (a missing key, an unexpected key, a shape mismatch) raises
+:class:`PretrainedMismatchError` naming the file and listing the keys, with a note for the known
+traps (a reduced ``model.width``; a resnest50 file, whose stem is 32 wide, against another depth).
+Files saved before BatchNorm had ``num_batches_tracked`` load too: those counters are then left at
+their current value. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ import torch.nn as nn
 
 from puzzlecam.errors import PretrainedMismatchError, UsageError
 
+from .resnest import RESNEST_ARCHS
+
 IGNORED_PREFIXES = ("fc.",)
 _OPTIONAL_SUFFIX = ".num_batches_tracked"
 _MAX_LISTED = 20
+_RESNEST_STEM = "conv1.0.weight"
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -53,8 +58,25 @@ def _listing(title: str, items: list[str]) -> str:
     return f"\n  {title} ({len(items)}):\n    " + "\n    ".join(shown) + more
 
 
+def _stem_note(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], arch: str | None) -> str:
+    """The ResNeSt stem trap: a resnest50 file has a 32-channel stem, the other depths 64 (ResNeSt issue #180)."""
+    if _RESNEST_STEM not in state or _RESNEST_STEM not in own:
+        return ""
+    file_stem, own_stem = state[_RESNEST_STEM].shape[0], own[_RESNEST_STEM].shape[0]
+    if file_stem == own_stem:
+        return ""
+    depths = [name for name, (_, stem) in RESNEST_ARCHS.items() if stem == file_stem]
+    if not depths:
+        return ""
+    return (
+        f"\n  note: the file's stem ({_RESNEST_STEM}) has {file_stem} output channels, that of a "
+        f"{' / '.join(depths)} file, and {arch}'s has {own_stem}: use the {arch} file, or set model.arch to the "
+        "file's depth"
+    )
+
+
 def load_pretrained(model_or_backbone: nn.Module, path: str | Path) -> nn.Module:
-    """Load a torchvision-format file into ``model_or_backbone`` (a Classifier uses its ``.backbone``).
+    """Load a published-format file into ``model_or_backbone`` (a Classifier uses its ``.backbone``).
 
     Strict: every backbone key must be present with the same shape (``*.num_batches_tracked`` may
     be absent), and only ``fc.*`` may be extra. Returns the backbone.
@@ -82,7 +104,9 @@ def load_pretrained(model_or_backbone: nn.Module, path: str | Path) -> nn.Module
         if mismatched:
             msg += _listing("shape mismatches", mismatched)
         if getattr(backbone, "width", 64) != 64:
-            msg += "\n  note: ImageNet files fit only model.width=64 (torchvision's widths)"
+            msg += "\n  note: ImageNet files fit only model.width=64 (the published widths)"
+        else:
+            msg += _stem_note(state, own, arch)
         raise PretrainedMismatchError(msg)
 
     for k in own:  # files older than BatchNorm's num_batches_tracked buffer
