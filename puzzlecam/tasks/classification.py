@@ -15,6 +15,7 @@ puzzlecam.evaluate; the confusions are summed over ranks; the score is the best 
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import numpy as np
@@ -170,6 +171,27 @@ class ClassificationTask(Task):
                 f"model.num_classes={self.cfg.model.num_classes} but the training data's label vectors have "
                 f"{NUM_CLASSES} classes (the PASCAL VOC classes the shards hold): set model.num_classes={NUM_CLASSES}"
             )
+        self._check_split_attention_batch()
+
+    def _check_split_attention_batch(self) -> None:
+        """ResNeSt's split-attention bn1 normalizes a pooled (B, C, 1, 1) input: batch statistics need more than
+        one image per norm, and the full-image pass holds train.micro_batch_size of them per process
+        (docs/model.md, "Normalization")."""
+        from puzzlecam.model import RESNEST_ARCHS
+
+        m, micro_batch = self.cfg.model, self.cfg.train.micro_batch_size
+        if m.arch not in RESNEST_ARCHS or micro_batch > 1 or m.norm == "frozen":
+            return
+        world_size = int(os.environ.get("WORLD_SIZE") or 1)  # the launcher's; the group does not exist yet
+        if m.norm == "sync" and world_size > 1:
+            return  # the statistics of world_size images
+        alone = " on one process (where it is plain batch norm)" if m.norm == "sync" else ""
+        raise ConfigError(
+            f"model.arch={m.arch} with model.norm={m.norm}{alone} cannot train on train.micro_batch_size=1: its "
+            "split-attention blocks batch-normalize a pooled (B, C, 1, 1) input, one value per channel for one "
+            "image. Set model.norm=frozen, or model.norm=sync with more than one process, or train.micro_batch_size "
+            "of 2 or more (with train.grad_accum_steps lowered to keep train.global_batch_size)"
+        )
 
     def build_network(self) -> nn.Module:
         from puzzlecam.model import build_model
