@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from test_model import random_state_dict, read_layout
 
 from puzzlecam.config import ModelConfig, load_config
 from puzzlecam.errors import ConfigError
@@ -28,7 +29,7 @@ from puzzlecam.tasks import build_task
 
 DATA = Path(__file__).parent / "data"
 
-# The published architecture (original-pipeline numbers, ResNeSt release): parameters with the 1000-way
+# The published architecture (the ResNeSt release and the paper): parameters with the 1000-way
 # fc, state-dict entries and BatchNorm layers of each depth; the stem width (resnest50 32, the others 64).
 PUBLISHED = {
     "resnest50": (27_483_240, 476, 71, 32),
@@ -37,28 +38,6 @@ PUBLISHED = {
     "resnest269": (110_929_480, 2447, 363, 64),
 }
 STATS = ("running_mean", "running_var", "num_batches_tracked")
-
-
-def read_layout(path: Path) -> dict[str, tuple[int, ...]]:
-    layout = {}
-    for line in path.read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            name, shape = line.split()
-            layout[name] = () if shape == "-" else tuple(int(s) for s in shape.split(","))
-    return layout
-
-
-def random_state(layout: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, shape in layout.items():
-        if name.endswith("num_batches_tracked"):
-            state[name] = torch.randint(0, 1000, shape, generator=g)
-        elif name.endswith("running_var"):
-            state[name] = torch.rand(shape, generator=g) + 0.5
-        else:
-            state[name] = torch.randn(shape, generator=g)
-    return state
 
 
 def randomize_norms(module: nn.Module, seed: int = 0) -> None:
@@ -333,7 +312,7 @@ def test_attention_biases_are_pretrained_biases():
 @pytest.fixture(scope="module")
 def release50(tmp_path_factory) -> tuple[dict[str, torch.Tensor], Path]:
     """A file with the resnest50 release layout (fc included) and random values."""
-    state = random_state(read_layout(DATA / "resnest50_keys.txt"))
+    state = random_state_dict(read_layout(DATA / "resnest50_keys.txt"))
     path = tmp_path_factory.mktemp("weights") / "resnest50-528c19ca.pth"
     torch.save(state, path)
     return state, path
