@@ -12,7 +12,8 @@ holds every gradient. fp16 is refused under ZeRO: DeepSpeed's ZeRO optimizer mea
 gradients before its GradScaler unscales them.
 
 An optional user JSON (``train.deepspeed_config`` / ``--deepspeed_config``) is merged over the built
-dict for what this file does not decide (communication settings, ZeRO bucket sizes, say). It may not
+dict for what this file does not decide (communication settings, ZeRO bucket sizes, say; left out, the
+buckets are sized to the model, see :func:`size_zero_buckets`). It may not
 set what the run config decides: the optimizer, the schedule, clipping, the precision, the ZeRO stage,
 the batch sizes (unless equal).
 """
@@ -117,3 +118,20 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
             "remove it from the JSON and set train.zero_stage (0, 1 or 2) in the run config"
         )
     return _merge(ds, user)
+
+
+# DeepSpeed's ZeRO bucket sizes (elements) when its config leaves them out.
+DEEPSPEED_DEFAULT_BUCKET = 500_000_000
+_BUCKET_KEYS = ("reduce_bucket_size", "allgather_bucket_size")
+
+
+def size_zero_buckets(ds: dict[str, Any], num_parameters: int) -> dict[str, Any]:
+    """``ds`` with ZeRO's gradient and all-gather buckets no larger than the model (rounded up to even, which
+    DeepSpeed requires), where a user JSON does not set them. DeepSpeed allocates its gradient buckets at their
+    full size (5e8 elements, 2 GB in fp32, per rank and per bucket); a bucket that holds the whole model reduces
+    and gathers the same values in the same order, so a smaller one changes the memory, not the arithmetic."""
+    zero = ds.get("zero_optimization", {})
+    if zero.get("stage", 0) == 0:
+        return ds
+    size = min(DEEPSPEED_DEFAULT_BUCKET, num_parameters + num_parameters % 2)
+    return {**ds, "zero_optimization": {**{k: size for k in _BUCKET_KEYS}, **zero}}

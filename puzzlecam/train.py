@@ -55,7 +55,7 @@ from . import checkpoint as ckpt
 from .config import Config, dump_config, load_config, save_config, validate_for_run
 from .deepspeed_logs import DeepSpeedLogs
 from .metrics import Eta, MetricsLog, describe_evaluation, read_jsonl, show_step
-from .precision import autocast_dtype, deepspeed_config
+from .precision import autocast_dtype, deepspeed_config, size_zero_buckets
 from .resume import Comparison, check_resume
 from .tasks import Evaluation, Task, build_task
 from .tensorboard_log import TensorBoardLog
@@ -212,6 +212,7 @@ class Trainer:
             nesterov=cfg.optim.nesterov,
             weight_decay=cfg.optim.weight_decay,
         )
+        ds_config = size_zero_buckets(ds_config, sum(p.numel() for p in network.parameters()))
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=network, optimizer=optimizer, config=ds_config)
         self.checkpointer = ckpt.Checkpointer(
             self.ckpt_dir, self.engine, self.dist.rank, self.dist.world_size, t.keep_last

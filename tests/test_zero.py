@@ -31,7 +31,7 @@ from test_train_support import (
 from puzzlecam.checkpoint import safe_load
 from puzzlecam.config import load_config
 from puzzlecam.errors import ConfigError, UsageError
-from puzzlecam.precision import deepspeed_config
+from puzzlecam.precision import DEEPSPEED_DEFAULT_BUCKET, deepspeed_config, size_zero_buckets
 from puzzlecam.resume import check_resume
 
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed")
@@ -61,6 +61,29 @@ def test_zero_stage_builds_the_deepspeed_dict(tmp_path):
         load_config(DEMO_CONFIG, ["train.zero_stage=3"])
     with pytest.raises(ConfigError, match="train.precision=fp16 with train.zero_stage=1 is not supported"):
         deepspeed_config(load_config(DEMO_CONFIG, ["train.zero_stage=1", "train.precision=fp16"]))
+
+
+def test_zero_buckets_are_sized_to_the_model_unless_the_user_json_sets_them(tmp_path):
+    ds = deepspeed_config(load_config(DEMO_CONFIG, ["train.zero_stage=1"]))
+    # DeepSpeed allocates each gradient bucket whole: its default (5e8 elements) costs 2 GB per rank in fp32
+    # (4 ZeRO runs on 2 ranks exhausted a 24 GiB test machine); a bucket holding the model reduces the same.
+    assert size_zero_buckets(ds, 1001)["zero_optimization"] == {
+        "stage": 1,
+        "reduce_bucket_size": 1002,  # even: DeepSpeed's alignment
+        "allgather_bucket_size": 1002,
+    }
+    assert size_zero_buckets(ds, 10**10)["zero_optimization"]["reduce_bucket_size"] == DEEPSPEED_DEFAULT_BUCKET
+    assert ds["zero_optimization"] == {"stage": 1}  # not changed in place
+    stage0 = deepspeed_config(load_config(DEMO_CONFIG, []))
+    assert size_zero_buckets(stage0, 1001) == stage0
+    extra = tmp_path / "zero.json"
+    extra.write_text('{"zero_optimization": {"reduce_bucket_size": 7000}}')
+    user = deepspeed_config(load_config(DEMO_CONFIG, ["train.zero_stage=2", f"train.deepspeed_config={extra}"]))
+    assert size_zero_buckets(user, 1001)["zero_optimization"] == {
+        "stage": 2,
+        "reduce_bucket_size": 7000,
+        "allgather_bucket_size": 1002,
+    }
 
 
 def test_a_zero_checkpoint_resumes_on_its_world_size_and_between_stages_1_and_2(tmp_path):
