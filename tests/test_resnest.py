@@ -89,7 +89,7 @@ def test_width_scales_channels_and_keeps_names():
     # inter channels: max(planes * 2 // 4, 32 * width / 64): 8 in layer1, 64 in layer4 at width 16.
     assert thin.layer1[0].conv2.fc1.weight.shape == (8, 16, 1, 1)
     assert thin.layer4[0].conv2.fc1.weight.shape == (64, 128, 1, 1)
-    with pytest.raises(ValueError, match="model.width must be even"):
+    with pytest.raises(ConfigError, match="model.width must be even"):
         ResNeSt("resnest50", width=9)
     with pytest.raises(ValueError, match="model.arch must be one of resnest50"):
         ResNeSt("resnet50")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from puzzlecam.errors import ConfigError
+
 from ..config import ModelConfig
 from ..puzzle import gap
 from .pretrained import load_pretrained
@@ -19,7 +21,7 @@ ARCHS: dict[str, type[Backbone]] = {**dict.fromkeys(RESNET_ARCHS, ResNet), **dic
 def build_backbone(arch: str, width: int = 64, output_stride: int = 16, norm: str = "train") -> Backbone:
     """The backbone of ``arch`` (a ResNet or a ResNeSt) with random weights; see :class:`Backbone`."""
     if arch not in ARCHS:
-        raise ValueError(f"model.arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+        raise ConfigError(f"model.arch must be one of {', '.join(ARCHS)}, got {arch!r}")
     return ARCHS[arch](arch, width=width, output_stride=output_stride, norm=norm)
 
 
@@ -32,7 +34,7 @@ class Classifier(nn.Module):
     def __init__(self, backbone: Backbone, num_classes: int = 20):
         super().__init__()
         if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-            raise ValueError(f"model.num_classes must be a positive int, got {num_classes!r}")
+            raise ConfigError(f"model.num_classes must be a positive int, got {num_classes!r}")
         self.backbone = backbone
         self.classifier = nn.Conv2d(backbone.out_channels, num_classes, kernel_size=1, bias=False)
         self.num_classes = num_classes

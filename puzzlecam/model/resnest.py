@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from puzzlecam.errors import ConfigError
+
 from .resnet import Backbone, conv1x1, conv3x3
 
 # arch -> (blocks per stage, stem width at model.width 64)
@@ -109,7 +111,7 @@ class ResNeSt(Backbone):
     def __init__(self, arch: str = "resnest101", width: int = 64, output_stride: int = 16, norm: str = "train"):
         super().__init__(arch, RESNEST_ARCHS, width, output_stride, norm)
         if width % RADIX:
-            raise ValueError(
+            raise ConfigError(
                 f"model.width must be even for {arch} (its split-attention convs have 2 groups), got {width}"
             )
         blocks, stem_width = RESNEST_ARCHS[arch]

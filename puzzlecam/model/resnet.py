@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from puzzlecam.errors import ConfigError
+
 from .norm import norm_layer
 
 # arch -> (block type, blocks per stage)
@@ -87,18 +89,18 @@ class Backbone(nn.Module):
 
     ``forward(x)`` -> the last stage's features (B, out_channels, ceil(H/s), ceil(W/s)), s = output_stride;
     ``stage_features(x)`` -> [stem, layer1, layer2, layer3, layer4] outputs, at strides 4, 4, 8, 16, s
-    (docs/model.md, "Stage features"). Subclasses build the modules (with ``self.norm_cls``, the class
+    (docs/model.md, "Backbones"). Subclasses build the modules (with ``self.norm_cls``, the class
     of ``norm``) after calling ``__init__`` and set ``out_channels``.
     """
 
     def __init__(self, arch: str, archs: dict, width: int, output_stride: int, norm: str):
         super().__init__()
         if arch not in archs:
-            raise ValueError(f"model.arch must be one of {', '.join(archs)}, got {arch!r}")
+            raise ConfigError(f"model.arch must be one of {', '.join(archs)}, got {arch!r}")
         if not isinstance(width, int) or isinstance(width, bool) or width < 1:
-            raise ValueError(f"model.width must be a positive int (64 = the published widths), got {width!r}")
+            raise ConfigError(f"model.width must be a positive int (64 = the published widths), got {width!r}")
         if output_stride not in (16, 32):
-            raise ValueError(f"model.output_stride must be 16 or 32, got {output_stride!r}")
+            raise ConfigError(f"model.output_stride must be 16 or 32, got {output_stride!r}")
         self.norm_cls = norm_layer(norm)
         self.arch, self.width, self.output_stride, self.norm = arch, width, output_stride, norm
 
