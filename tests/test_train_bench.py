@@ -48,6 +48,29 @@ def test_bench_train_rejects_bad_arguments(capsys):
     assert "error: --modes" in err and "error: --image-size" in err and "error: --device 'tpu'" in err
 
 
+def test_bench_train_refuses_a_model_it_cannot_build_before_timing(capsys):
+    assert main(["--device", "cpu", "--arch", "resnet7"]) == 2
+    assert main(["--device", "cpu", "--width", "0"]) == 2
+    assert main(["--device", "cpu", "--batch-size", "0"]) == 2
+    assert main(["--device", "cpu", "--image-size", "0"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""  # refused before the first step
+    assert "error: --arch 'resnet7': model.arch must be one of resnet18" in err
+    assert "error: --width 0: " in err and "error: --batch-size must be at least 1, got 0" in err
+    assert "error: --image-size must be a positive multiple of 32" in err
+    assert "Traceback" not in err
+
+
+def test_bench_train_resnest101_on_cpu(tmp_path, capsys):
+    res = _run(tmp_path, "--device", "cpu", "--arch", "resnest101")
+    assert res["arch"] == "resnest101" and res["width"] == 8 and res["params"] > 0
+    assert {r["mode"] for r in res["results"]} == {"reference", "fast"}
+    assert all(r["peak_mib"] > 0 for r in res["results"])
+    # One image per step: split attention's batch norm on a pooled (1, C, 1, 1) input cannot train.
+    assert main(["--device", "cpu", "--arch", "resnest101", "--width", "8", "--batch-size", "1"]) == 2
+    assert "error: --batch-size 1: resnest101 cannot train on it (" in capsys.readouterr().err
+
+
 @pytest.mark.gpu
 def test_bench_train_gpu_fast_mode_is_bf16_channels_last(tmp_path):
     res = _run(tmp_path, "--device", "cuda", "--arch", "resnet50")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Kernel tests (compiled, full grid) and the kernel bench on a CUDA machine; results under $OUT.
+# Kernel tests (compiled, full grid), the kernel bench and the training-step bench on a CUDA machine; results under $OUT.
 #
 #   OUT=/some/dir bash docs/benchmarks/run_gpu.sh [tests|bench|all]     (from the repo root)
 #
@@ -14,7 +14,8 @@
 # The C++/CUDA extension is used when puzzlecam/_C*.so exists; BUILD_EXT=1 builds it in place first.
 #
 # Environment: OUT (default ./gpu_out), PYTHON (default python), BENCH_DTYPES (default "fp32"; e.g. "fp32 bf16"),
-# BENCH_ARGS (extra flags for the bench), PYTEST_ARGS (extra flags for pytest).
+# BENCH_ARGS (extra flags for the kernel bench), TRAIN_ARCHS (archs of `bench train`, default resnet50
+# resnest101), PYTEST_ARGS (extra flags for pytest).
 set -uo pipefail
 
 what=${1:-all}
@@ -63,6 +64,13 @@ if [ "$what" = "bench" ] || [ "$what" = "all" ]; then
     echo "== bench kernels ($dt)"
     "$PY" -m puzzlecam.bench kernels --dtype "$dt" --json "$OUT/bench_kernels_$dt.json" ${BENCH_ARGS:-} \
       2>&1 | tee "$OUT/bench_kernels_$dt.log"
+    bench_rc=${PIPESTATUS[0]}
+    [ "$bench_rc" -ne 0 ] && rc=$bench_rc
+  done
+  for arch in ${TRAIN_ARCHS:-resnet50 resnest101}; do
+    echo "== bench train ($arch)"
+    "$PY" -m puzzlecam.bench train --device cuda --arch "$arch" --json "$OUT/bench_train_$arch.json" \
+      2>&1 | tee "$OUT/bench_train_$arch.log"
     bench_rc=${PIPESTATUS[0]}
     [ "$bench_rc" -ne 0 ] && rc=$bench_rc
   done

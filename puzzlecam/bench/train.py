@@ -152,6 +152,22 @@ def run_mode(mode: str, args, device: torch.device, batches: list[dict]) -> dict
     }
 
 
+def check_model(arch: str, width: int, batch_size: int, image_size: int) -> int:
+    """The classifier's parameter count; a model puzzlecam.model does not build, or that cannot train on this
+    batch, is a UsageError naming the flag. Built and run on the meta device: no weights, no compute."""
+    for flag, value, at_width in (("--arch", repr(arch), 64), ("--width", width, width)):
+        try:
+            with torch.device("meta"):
+                model = build_model(ModelConfig(arch=arch, width=at_width))
+        except ValueError as e:
+            raise UsageError(f"{flag} {value}: {e}") from None
+    try:  # the full-image pass: ResNeSt's split attention batch-normalizes one value per image and channel
+        model.train()(torch.empty(batch_size, 3, image_size, image_size, device="meta"))
+    except ValueError as e:
+        raise UsageError(f"--batch-size {batch_size}: {arch} cannot train on it ({e})") from None
+    return sum(p.numel() for p in model.parameters())
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m puzzlecam.bench train",
@@ -159,8 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cpu")
-    p.add_argument("--arch", default=None, help="backbone (default: resnet50 on GPU, resnet18 on CPU)")
-    p.add_argument("--width", type=int, default=None, help="stem width (default: 64 on GPU, 16 on CPU)")
+    p.add_argument("--arch", default=None, help="backbone, any model.arch (default: resnet50 on GPU, resnet18 on CPU)")
+    p.add_argument(
+        "--width", type=int, default=None, help="model.width: 64 = the ImageNet widths (default: 64 on GPU, 16 on CPU)"
+    )
     p.add_argument("--image-size", type=int, default=None, help="crop size (default: 512 on GPU, 96 on CPU)")
     p.add_argument("--batch-size", type=int, default=None, help="images per step (default: 16 on GPU, 8 on CPU)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per mode (default 20)")
@@ -186,24 +204,28 @@ def run(args: argparse.Namespace) -> None:
     device = init_distributed(None if args.device == "auto" else args.device, single_process_group=False).device
     gpu = device.type == "cuda"
     args.arch = args.arch or ("resnet50" if gpu else "resnet18")
-    args.width = args.width or (64 if gpu else 16)
-    args.image_size = args.image_size or (512 if gpu else 96)
-    args.batch_size = args.batch_size or (16 if gpu else 8)
+    args.width = args.width if args.width is not None else (64 if gpu else 16)
+    args.image_size = args.image_size if args.image_size is not None else (512 if gpu else 96)
+    args.batch_size = args.batch_size if args.batch_size is not None else (16 if gpu else 8)
     args.warmup = args.warmup if args.warmup is not None else (10 if args.compile else 5)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = set(modes) - {"reference", "fast"}
     if unknown:
         raise UsageError(f"--modes: unknown mode(s) {sorted(unknown)}; choose from reference, fast")
-    if args.image_size % 32:
+    if args.image_size < 32 or args.image_size % 32:
         raise UsageError(
-            f"--image-size must be a multiple of 32 (2x2 tiles at output stride 16), got {args.image_size}"
+            f"--image-size must be a positive multiple of 32 (2x2 tiles at output stride 16), got {args.image_size}"
         )
     if args.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    params = check_model(args.arch, args.width, args.batch_size, args.image_size)
     batches = make_batches(4, args.batch_size, args.image_size, device, seed=0)
     name = torch.cuda.get_device_name(device) if gpu else platform.processor() or platform.machine()
     print(
-        f"Puzzle-CAM train step: {args.arch} width {args.width}, {args.batch_size} x {args.image_size}px, "
+        f"Puzzle-CAM train step: {args.arch} width {args.width} ({params / 1e6:.1f}M parameters), "
+        f"{args.batch_size} x {args.image_size}px, "
         f"{args.steps} timed steps after {args.warmup} warm-up, on {device} ({name}), torch {torch.__version__}"
     )
     results = [run_mode(m, args, device, batches) for m in modes]
@@ -236,6 +258,7 @@ def run(args: argparse.Namespace) -> None:
                 "torch": torch.__version__,
                 "arch": args.arch,
                 "width": args.width,
+                "params": params,
                 "image_size": args.image_size,
                 "batch_size": args.batch_size,
                 "results": results,
