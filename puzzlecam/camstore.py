@@ -22,6 +22,10 @@ renamed into place), so a file with its final name is complete. Readers still ve
 loaded (a few MB of zip can declare gigabytes), then keys and values; any problem is a
 :class:`CamStoreError` naming the id and the file.
 ``index.parquet`` (id, file, height, width, keys, num_keys) is rebuilt from the files present.
+
+A random-walk store (``puzzlecam.rw``) has the same layout: ``cam`` is the stride-4 walk and ``hr_cam``
+the full-size map divided by its single global max; ``rw.json`` beside the files marks it
+(:func:`is_rw_store`), where a CAM store has ``infer.json``.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ CAM_SUFFIX = ".npz"
 ARRAY_NAMES = ("keys", "cam", "hr_cam")
 ID_ARRAY = "id"  # only in files named by a digest: the id the name cannot hold
 CAM_STRIDE = 4
+RW_META_NAME = "rw.json"  # the settings of a random-walk store (puzzlecam.rw)
 
 # The longest file name stem: with a suffix, the temporary mark and a pid the name stays under
 # the 255 bytes file systems allow.
@@ -375,7 +380,7 @@ def read_index(directory: str | Path) -> pa.Table:
     d = Path(directory)
     path = d / INDEX_NAME
     if not path.is_file():
-        raise CamStoreError(f"no {INDEX_NAME} in {d} (run puzzlecam.infer to completion first)")
+        raise CamStoreError(f"no {INDEX_NAME} in {d} (run puzzlecam.infer or puzzlecam.rw to completion first)")
     try:
         meta = pq.read_metadata(path)
         files = sum(1 for p in d.iterdir() if p.name.endswith(CAM_SUFFIX) and not p.name.startswith("."))
@@ -383,13 +388,18 @@ def read_index(directory: str | Path) -> pa.Table:
         if meta.num_rows > files or unpacked > (meta.num_rows + 1) * _MAX_INDEX_BYTES_PER_ROW:
             raise CamStoreError(
                 f"{path} declares {meta.num_rows} rows of {unpacked:,} bytes for {files} CAM files in {d} "
-                "(stale or not written by puzzlecam.infer: rerun it to completion)"
+                "(stale or not written by puzzlecam.infer or puzzlecam.rw: rerun it to completion)"
             )
         return pq.read_table(path)
     except CamStoreError:
         raise
     except Exception as e:
         raise CamStoreError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+
+
+def is_rw_store(directory: str | Path) -> bool:
+    """True when ``directory`` holds random-walk maps of puzzlecam.rw (its ``rw.json``), not CAMs."""
+    return (Path(directory) / RW_META_NAME).is_file()
 
 
 def recorded_sizes(directory: str | Path) -> dict[str, tuple[int, int]]:

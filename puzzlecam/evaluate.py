@@ -20,7 +20,9 @@ on the stored float16 values.
 Class indices: the CAM store keeps ``keys`` as *channel indices* 0..19; :func:`confusion_sweep`
 takes *class indices* 1..20 (channel + 1), like the label maps. The CLI converts.
 
-CLI: ``python -m puzzlecam.evaluate --cams DIR --shards PATTERN`` (see ``--help``); ``--mode labels
+CLI: ``python -m puzzlecam.evaluate --cams DIR --shards PATTERN`` (see ``--help``; the default sweep is
+0.05..0.80, or 0.05..0.50 for a random-walk store of puzzlecam.rw, whose maps are divided by one
+global max and so score lower); ``--mode labels
 --labels DIR`` scores PNG label maps instead (pixels a label map marks 255 count as undecided:
 they add to T of their ground-truth class and to no P, i.e. as misses).
 """
@@ -41,7 +43,7 @@ import pyarrow.parquet as pq
 import torch
 
 from puzzlecam import VOC_CLASSES
-from puzzlecam.camstore import CamStoreError, cam_path, file_name, read_cam, shown_id
+from puzzlecam.camstore import CamStoreError, cam_path, file_name, is_rw_store, read_cam, shown_id
 from puzzlecam.errors import EvaluationError
 from puzzlecam.utils.cli import run_command
 from puzzlecam.utils.files import atomic_write, atomic_write_json, output_directory
@@ -53,6 +55,8 @@ log = logging.getLogger("puzzlecam.evaluate")  # not __name__: that is "__main__
 NUM_LABELS = len(VOC_CLASSES) + 1  # background + 20 classes
 CLASS_NAMES = ("background",) + VOC_CLASSES
 DEFAULT_THRESHOLDS = "0.05:0.80:0.05"
+# Random-walk maps (puzzlecam.rw) are divided by one global max, not per class: smaller scores.
+RW_DEFAULT_THRESHOLDS = "0.05:0.50:0.05"
 
 
 def parse_thresholds(spec: str) -> list[float]:
@@ -74,6 +78,11 @@ def parse_thresholds(spec: str) -> list[float]:
     if not values or not all(math.isfinite(v) for v in values):
         raise EvaluationError(f"--thresholds {spec!r} gives no usable (finite) threshold")
     return sorted(set(values))
+
+
+def default_thresholds(cams_dir: str | Path) -> str:
+    """The default sweep of a store: 0.05..0.50 for random-walk maps (rw.json beside them), else 0.05..0.80."""
+    return RW_DEFAULT_THRESHOLDS if is_rw_store(cams_dir) else DEFAULT_THRESHOLDS
 
 
 def _check_gt(gt: torch.Tensor, num_labels: int) -> None:
@@ -439,8 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--thresholds",
-        default=DEFAULT_THRESHOLDS,
-        help=f"background thresholds: start:stop:step (stop included) or a comma list (default {DEFAULT_THRESHOLDS})",
+        default=None,
+        help=f"background thresholds: start:stop:step (stop included) or a comma list (default {DEFAULT_THRESHOLDS}; "
+        f"{RW_DEFAULT_THRESHOLDS} for a random-walk store of puzzlecam.rw, whose maps are divided by one global max)",
     )
     p.add_argument(
         "--out", type=Path, help="write eval.parquet (one row per threshold and class) and summary.json here"
@@ -463,7 +473,7 @@ def _evaluate(args) -> None:
             raise EvaluationError("--mode cams needs --cams DIR")
         if not args.cams.is_dir():
             raise EvaluationError(f"--cams {args.cams}: no such directory")
-        thresholds = parse_thresholds(args.thresholds)
+        thresholds = parse_thresholds(default_thresholds(args.cams) if args.thresholds is None else args.thresholds)
         conf, count = sweep_cams(
             args.cams, iter_masks(args.shards, args.num_workers), thresholds, _count_masks(args.shards)
         )

@@ -226,3 +226,25 @@ def test_labels_mode(shards, tmp_path):
     assert summary["best_miou"] == pytest.approx(miou(conf, undecided)[0])
     assert 0 < summary["undecided_fraction"] < 0.2
     assert len(pq.read_table(out / "eval.parquet")) == 21
+
+
+def test_default_sweep_of_a_random_walk_store(shards, tmp_path):
+    """rw.json beside the maps (a puzzlecam.rw store) makes the default sweep 0.05..0.50; else 0.05..0.80."""
+    cams = tmp_path / "cams"
+    cams.mkdir()
+    write_noisy_cams(cams, shards)
+    for marker, expected in [
+        (None, parse_thresholds("0.05:0.80:0.05")),
+        ("rw.json", parse_thresholds("0.05:0.5:0.05")),
+    ]:
+        if marker:
+            (cams / marker).write_text("{}\n")
+        out = tmp_path / f"eval_{marker}"
+        assert evaluate.main(["--cams", str(cams), "--shards", str(shards), "--out", str(out)]) == 0
+        assert json.loads((out / "summary.json").read_text())["thresholds"] == expected
+    assert len(expected) == 10 and expected[-1] == 0.5
+    out = tmp_path / "explicit"  # --thresholds still wins
+    assert (
+        evaluate.main(["--cams", str(cams), "--shards", str(shards), "--thresholds", "0.3,0.6", "--out", str(out)]) == 0
+    )
+    assert json.loads((out / "summary.json").read_text())["thresholds"] == [0.3, 0.6]
