@@ -1,16 +1,23 @@
-"""Pseudo-labels from CAMs: ``python -m puzzlecam.labels --cams DIR --threshold T --out DIR``.
+"""Pseudo-labels from CAMs: ``python -m puzzlecam.labels --cams DIR --threshold T --out DIR`` (docs/data.md).
 
 Each image's label map is the argmax over ``[T, hr_cam_1, ..., hr_cam_K]`` (ties go to background,
 ties between classes to the first key; the evaluation's rule, see puzzlecam.evaluate), written as a
 palette PNG ``{id}.png`` with the VOC palette: 0 background, 1..20 classes (channel index + 1).
 
-``--bg-threshold B`` (B < T) marks uncertain pixels: background at T but a class at B become 255
-(ignored by a segmentation loss), background even at B stays 0.
+``--bg-threshold B`` (B < T) marks uncertain pixels: with fg the map at T and bg the map at B,
+``label = fg; label[fg == 0] = 255; label[fg + bg == 0] = 0`` (confident foreground, confident
+background, an ignored band between), the affinity labels of AffinityNet's training.
 
 ``--crf`` refines each map with a dense CRF (pydensecrf2, ``pip install .[crf]``) on the RGB image
 from ``--shards``: label-based unaries (the argmax label gets probability ``--crf-gt-prob``),
 a Gaussian smoothness kernel (sxy 3, compat 3) and a bilateral appearance kernel (sxy 50, srgb 5,
-compat 10), ``--crf-iters`` mean-field steps; with ``--bg-threshold`` both maps are refined.
+compat 10), ``--crf-iters`` mean-field steps; with ``--bg-threshold`` both maps are refined before
+they are combined.
+
+``--affinity`` is the original README's affinity labels in one flag: ``--threshold 0.40
+--bg-threshold 0.10 --crf`` (10 iterations), each overridable. A random-walk store of puzzlecam.rw
+(``rw.json`` beside its files) has the CAM store's layout, so the same command makes the final
+pseudo-labels from it (the README: ``--threshold 0.35 --crf --crf-iters 1``).
 """
 
 from __future__ import annotations
@@ -28,9 +35,11 @@ import numpy as np
 
 from puzzlecam.camstore import (
     INDEX_NAME,
+    RW_META_NAME,
     CamRecord,
     cam_path,
     file_name,
+    is_rw_store,
     list_ids,
     read_cam,
     recorded_sizes,
@@ -46,6 +55,8 @@ log = logging.getLogger("puzzlecam.labels")  # not __name__: that is "__main__" 
 
 CRF_GAUSSIAN = dict(sxy=3, compat=3)
 CRF_BILATERAL = dict(sxy=50, srgb=5, compat=10)
+# --affinity: the original README's make_affinity_labels.py values (fg 0.40, bg 0.10, CRF on both maps).
+AFFINITY_PRESET = dict(threshold=0.40, bg_threshold=0.10, crf=True)
 
 
 def predict_labels(hr_cam: np.ndarray, keys: np.ndarray, threshold: float) -> np.ndarray:
@@ -72,13 +83,13 @@ def to_class_indices(local: np.ndarray, keys: np.ndarray) -> np.ndarray:
     return lut[local]
 
 
-def _crf_module():
+def _crf_module(flag: str = "--crf"):
     try:
         import pydensecrf.densecrf as dcrf
         from pydensecrf.utils import unary_from_labels
     except ImportError:
         raise LabelsError(
-            "--crf needs the optional dense CRF package: pip install .[crf]  (installs pydensecrf2)"
+            f"{flag} needs the optional dense CRF package: pip install .[crf]  (installs pydensecrf2)"
         ) from None
     return dcrf, unary_from_labels
 
@@ -124,6 +135,7 @@ def make_label_map(
     fg = at(threshold)
     labels = to_class_indices(fg, record.keys)
     if bg_threshold is not None:
+        # label[fg == 0] = 255, then label[fg + bg == 0] = 0: background at T is kept only where B agrees.
         bg = at(bg_threshold)
         labels[(fg == 0) & (bg != 0)] = IGNORE_INDEX
     return labels
@@ -171,26 +183,44 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m puzzlecam.labels",
         description="Write palette-PNG pseudo-labels {id}.png (0 background, 1..20 classes, 255 uncertain) "
-        "from a CAM store.",
+        "from a CAM store of puzzlecam.infer or a random-walk store of puzzlecam.rw. Affinity labels for "
+        "AffinityNet (the README's): --affinity --shards PATTERN. Pseudo-labels from random-walk maps (the "
+        "README's): --cams RW_STORE --threshold 0.35 --crf --crf-iters 1 --shards PATTERN. See docs/data.md.",
     )
-    p.add_argument("--cams", type=Path, required=True, help="CAM store directory ({id}.npz) written by puzzlecam.infer")
+    p.add_argument(
+        "--cams",
+        type=Path,
+        required=True,
+        help="CAM store directory ({id}.npz) written by puzzlecam.infer, or a random-walk store of puzzlecam.rw "
+        "(same layout, its maps in hr_cam; the README's pseudo-labels: --threshold 0.35 --crf --crf-iters 1)",
+    )
+    p.add_argument(
+        "--affinity",
+        action="store_true",
+        help="the original README's affinity labels for AffinityNet: --threshold 0.40 --bg-threshold 0.10 --crf "
+        "(needs --shards); any of the three given explicitly wins (--no-crf turns the CRF off)",
+    )
     p.add_argument(
         "--threshold",
         type=float,
-        required=True,
-        help="background score: a pixel gets its best class only if that class's CAM > T",
+        default=None,
+        help="background score: a pixel gets its best class only if that class's CAM > T "
+        "(required unless --affinity, which gives 0.40)",
     )
     p.add_argument("--out", type=Path, required=True, help="output directory for {id}.png")
     p.add_argument(
         "--bg-threshold",
         type=float,
         default=None,
-        help="optional lower threshold B < T: pixels background at T but a class at B become 255 (uncertain)",
+        help="optional lower threshold B < T: pixels background at T but a class at B become 255 (uncertain); "
+        "--affinity gives 0.10",
     )
     p.add_argument(
         "--crf",
-        action="store_true",
-        help="refine with a dense CRF (needs pip install .[crf] and --shards for the images)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="refine each map with a dense CRF before combining (needs pip install .[crf] and --shards for the "
+        "images); on with --affinity, --no-crf turns it off",
     )
     p.add_argument(
         "--shards",
@@ -206,8 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def apply_presets(args) -> None:
+    """Fill the flags ``--affinity`` sets where they were not given; without it ``--threshold`` is required."""
+    preset = AFFINITY_PRESET if args.affinity else dict(crf=False)
+    for name, value in preset.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.threshold is None:
+        raise LabelsError("--threshold T is required (or --affinity for the README's affinity labels)")
+
+
 def check_flags(args) -> None:
     """Refuse bad flag values before any work, naming the flag."""
+    apply_presets(args)
     if not math.isfinite(args.threshold):
         raise LabelsError(f"--threshold must be a finite number, got {args.threshold}")
     if args.bg_threshold is not None and not args.bg_threshold < args.threshold:
@@ -225,11 +266,14 @@ def check_flags(args) -> None:
 def run(args) -> None:
     check_flags(args)
     if args.crf:
-        _crf_module()
+        given = "--affinity (which turns --crf on; --no-crf turns it off)" if args.affinity else "--crf"
+        _crf_module(given)
         if args.shards is None:
-            raise LabelsError("--crf needs --shards PATTERN: the CRF works on the RGB images")
+            raise LabelsError(f"{given} needs --shards PATTERN: the CRF works on the RGB images")
     if not args.cams.is_dir():
         raise LabelsError(f"--cams {args.cams}: no such directory")
+    if is_rw_store(args.cams):
+        log.info("%s holds random-walk maps (%s): labelling those", args.cams, RW_META_NAME)
     with output_directory(args.out):
         _write_labels(args)
 
