@@ -31,6 +31,7 @@ the full-size map divided by its single global max; ``rw.json`` beside the files
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import zipfile
@@ -42,11 +43,13 @@ from urllib.parse import quote, unquote
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch.distributed as dist
 
 from puzzlecam import NUM_CLASSES
 from puzzlecam.errors import CamStoreError
 from puzzlecam.puzzle import strided_size
-from puzzlecam.utils.files import atomic_write
+from puzzlecam.utils.distributed import barrier, sum_across_ranks
+from puzzlecam.utils.files import atomic_write, atomic_write_json
 from puzzlecam.utils.limits import image_size_problem
 
 log = logging.getLogger(__name__)
@@ -409,6 +412,48 @@ def recorded_sizes(directory: str | Path) -> dict[str, tuple[int, int]]:
     table = read_index(directory)
     columns = (table[name].to_pylist() for name in ("id", "height", "width"))
     return {image_id: (h, w) for image_id, h, w in zip(*columns, strict=True) if image_id is not None}
+
+
+# ---------------------------------------------------------------------------------------------
+# A store's settings file (infer.json, rw.json) and the end of a run
+
+
+def changed_settings(directory: str | Path, meta_name: str, meta: dict, keys: tuple[str, ...]) -> list[str]:
+    """The ``keys`` whose values in ``directory/meta_name`` (an earlier run's settings) differ from ``meta``;
+    none when there is no such file or it is unreadable (the run rewrites it at its end)."""
+    path = Path(directory) / meta_name
+    if not path.is_file():
+        return []
+    try:
+        old = json.loads(path.read_text())
+    except (ValueError, OSError):
+        return []
+    return [k for k in keys if not isinstance(old, dict) or old.get(k) != meta[k]]
+
+
+def finish_store(directory: str | Path, meta_name: str, meta: dict, counts: dict[str, int], what: str) -> None:
+    """The end of a store-writing run, on every rank (a collective): ``counts`` (written, skipped_complete,
+    no_labels, corrupt_samples) are summed over the ranks; rank 0 rebuilds ``index.parquet`` from the files
+    present, writes ``meta`` with the totals as ``meta_name`` and logs one line about ``what``."""
+    totals = dict(zip(counts, sum_across_ranks(list(counts.values())), strict=True))
+    barrier()
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)  # no image written: the index still says so
+        index = write_index(d)
+        atomic_write_json(d / meta_name, {**meta, **totals})
+        log.info(
+            "%s: %d written (%d without labelled classes), %d already complete, %d corrupt samples skipped, "
+            "%d process(es); index %s",
+            what,
+            totals["written"],
+            totals["no_labels"],
+            totals["skipped_complete"],
+            totals["corrupt_samples"],
+            dist.get_world_size() if dist.is_initialized() else 1,
+            index,
+        )
+    barrier()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -37,11 +36,12 @@ from puzzlecam.camstore import (
     RW_META_NAME,
     CamStoreError,
     cam_path,
+    changed_settings,
+    finish_store,
     is_complete,
     read_cam,
     shown_id,
     write_cam,
-    write_index,
 )
 from puzzlecam.config import ConfigError, load_config
 from puzzlecam.errors import InferenceError, PuzzleCamError
@@ -49,8 +49,8 @@ from puzzlecam.infer import META_NAME as INFER_META_NAME
 from puzzlecam.infer import _file_digest, _key_diff, normalize
 from puzzlecam.puzzle import strided_size
 from puzzlecam.utils.cli import run_command
-from puzzlecam.utils.distributed import barrier, init_distributed, raise_if_any_rank_failed, sum_across_ranks
-from puzzlecam.utils.files import atomic_write_json, output_directory, remove_stale_temporaries
+from puzzlecam.utils.distributed import barrier, init_distributed, raise_if_any_rank_failed
+from puzzlecam.utils.files import output_directory, remove_stale_temporaries
 from puzzlecam.utils.progress import ProgressBar
 
 log = logging.getLogger("puzzlecam.rw")  # not __name__: that is "__main__" under python -m
@@ -169,18 +169,11 @@ def _check_out(args, meta: dict) -> None:
             f"--out {args.out} holds a CAM store of puzzlecam.infer ({INFER_META_NAME}); give the random-walk "
             "maps another --out"
         )
-    path = args.out / RW_META_NAME
-    if args.overwrite or not path.is_file():
-        return
-    try:
-        old = json.loads(path.read_text())
-    except ValueError:
-        return  # unreadable metadata: it is rewritten at the end
-    differs = [k for k in SETTINGS if old.get(k) != meta[k]]
+    differs = [] if args.overwrite else changed_settings(args.out, RW_META_NAME, meta, SETTINGS)
     if differs:
         raise InferenceError(
-            f"--out {args.out} already holds random-walk maps made with other {', '.join(differs)} (see {path}); "
-            "use another --out or pass --overwrite to recompute every image"
+            f"--out {args.out} already holds random-walk maps made with other {', '.join(differs)} "
+            f"(see {args.out / RW_META_NAME}); use another --out or pass --overwrite to recompute every image"
         )
 
 
@@ -357,31 +350,8 @@ def _rw(args) -> None:
         )
     raise_if_any_rank_failed(failed, context="the random-walk maps written so far are complete; a rerun skips them")
 
-    written, skipped, empty, corrupt = sum_across_ranks([written, skipped, empty, loader.skipped])
-    barrier()
-    stats = {
-        "written": written,
-        "skipped_complete": skipped,
-        "no_labels": empty,
-        "corrupt_samples": corrupt,
-        "samples": loader.num_samples,
-    }
-    if rank == 0:
-        args.out.mkdir(parents=True, exist_ok=True)  # no image written: the index still says so
-        index = write_index(args.out)
-        meta.update(stats)
-        atomic_write_json(args.out / RW_META_NAME, meta)
-        log.info(
-            "random walk: %d written (%d without labelled classes), %d already complete, %d corrupt samples skipped, "
-            "%d process(es); index %s",
-            written,
-            empty,
-            skipped,
-            corrupt,
-            world,
-            index,
-        )
-    barrier()
+    counts = {"written": written, "skipped_complete": skipped, "no_labels": empty, "corrupt_samples": loader.skipped}
+    finish_store(args.out, RW_META_NAME, {**meta, "samples": loader.num_samples}, counts, "random walk")
 
 
 def main(argv: list[str] | None = None) -> int:
