@@ -92,15 +92,17 @@ def load_affinity_net(weights: str | Path, config: str | Path | None = None, dev
     except (SafetensorError, OSError, ValueError) as e:
         raise InferenceError(f"--weights {weights} is not a readable safetensors file: {e}") from None
     missing, unexpected = _key_diff(model.state_dict(), state)
-    try:
-        if missing or unexpected:
-            raise RuntimeError(f"missing keys {missing[:10]}, unexpected keys {unexpected[:10]}")
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:  # other keys or shapes: another task or architecture
+    problem = f"missing keys {missing[:10]}, unexpected keys {unexpected[:10]}" if missing or unexpected else None
+    if problem is None:
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:  # shape mismatches
+            problem = " ".join(str(e).split())  # one line
+    if problem is not None:  # another task's or architecture's weights
         raise InferenceError(
             f"--weights {weights} does not fit the AffinityNet of {config} ({cfg.model.arch}, width "
-            f"{cfg.model.width}): {e}"
-        ) from None
+            f"{cfg.model.width}): {problem}"
+        )
     return model.to(device).eval(), cfg
 
 
