@@ -1,4 +1,5 @@
-"""``python -m puzzlecam.data {shard,synth}``: convert VOC/SBD to shards; generate a synthetic VOC set.
+"""``python -m puzzlecam.data {shard,synth,label-shards}``: convert VOC/SBD to shards; generate a synthetic VOC
+set; add label maps (affinity labels, pseudo-labels) to training shards (docs/data.md).
 
 The report (what was written, the class table) goes to stdout; log lines and errors to stderr.
 Exit status: 0 done, 2 bad flags or input (nothing final written), 1 a failed run (e.g. a full disk).
@@ -17,13 +18,14 @@ from puzzlecam import VOC_CLASSES
 from puzzlecam.utils.cli import run_command
 
 if TYPE_CHECKING:  # the commands import their modules (pyarrow, PIL) only when they run
+    from puzzlecam.data.label_shards import LabelShardResult
     from puzzlecam.data.shard import ShardResult
     from puzzlecam.data.synth import SynthResult
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m puzzlecam.data", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{shard,synth}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{shard,synth,label-shards}")
 
     s = sub.add_parser(
         "shard",
@@ -85,6 +87,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--val-fraction", type=float, default=0.25, help="fraction of images listed in val.txt (default 0.25)"
     )
     g.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+
+    ls = sub.add_parser(
+        "label-shards",
+        help="copy training shards adding each image's label map (label.png) for stages 2 and 3",
+        description="For every input shard NAME write --out/NAME: each sample's jpg (unchanged bytes), json and "
+        "seg.png plus its label map from --labels as label.png (the training loader's batch['label']). Every "
+        "label is checked first (present, the image's size, values 0..20 and 255); any problem fails naming the "
+        "ids and writes nothing. Shards are written atomically and byte-identically for the same input; a rerun "
+        "keeps the output shards already finished (an interrupted run resumes).",
+    )
+    ls.add_argument(
+        "--shards",
+        required=True,
+        help="input shards: a brace/glob pattern, e.g. 'data/shards/train_aug-*.tar', or a directory",
+    )
+    ls.add_argument(
+        "--labels",
+        required=True,
+        help="directory of label maps {id}.png written by python -m puzzlecam.labels (palette or grayscale PNGs, "
+        "0 background, 1..20 classes, 255 ignored; ids named as the CAM store names files)",
+    )
+    ls.add_argument("--out", required=True, help="output directory for the labelled shards (the input shards' names)")
+    ls.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="rewrite every output shard (after the label maps changed), replacing any file under its name",
+    )
     return p
 
 
@@ -124,8 +153,22 @@ def print_synth_report(console: Console, result: SynthResult) -> None:
     )
 
 
+def print_label_shards_report(console: Console, result: LabelShardResult) -> None:
+    """What ``label-shards`` wrote: shards written now and kept from an earlier run."""
+    console.print(
+        f"wrote {len(result.written)} labelled shard(s), kept {len(result.kept)} finished one(s): "
+        f"{result.samples} images with label.png in {result.out}",
+        highlight=False,
+    )
+
+
 def run(args: argparse.Namespace) -> None:
     console = Console()
+    if args.command == "label-shards":
+        from puzzlecam.data.label_shards import label_shards
+
+        print_label_shards_report(console, label_shards(args.shards, args.labels, args.out, overwrite=args.overwrite))
+        return
     if args.command == "shard":
         from puzzlecam.data.shard import shard_dataset
 

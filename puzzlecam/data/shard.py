@@ -140,7 +140,7 @@ class _SampleFailed(Exception):
         self.problem = problem
 
 
-def _listing(problems: list[Problem]) -> str:
+def problem_listing(problems: list[Problem]) -> str:
     """The first :data:`LISTED_PROBLEMS` problems, one per line, and a count of the rest."""
     lines = [f"  {p}" for p in problems[:LISTED_PROBLEMS]]
     if len(problems) > LISTED_PROBLEMS:
@@ -231,7 +231,7 @@ def shard_dataset(
     if problems and on_error == "fail":
         raise DataError(
             f"{len(problems)} missing input file(s); nothing was written (--on-error skip leaves these images out):\n"
-            + _listing(problems)
+            + problem_listing(problems)
         )
     for problem in problems:
         log.warning("skipping %s", problem)
@@ -264,10 +264,10 @@ def shard_dataset(
         if problems and on_error == "fail":
             raise DataError(
                 f"{len(problems)} bad input file(s); nothing was written (--on-error skip leaves these images out):\n"
-                + _listing(problems)
+                + problem_listing(problems)
             )
         if not rows:
-            raise DataError(f"no image of split {split!r} could be read:\n" + _listing(problems))
+            raise DataError(f"no image of split {split!r} could be read:\n" + problem_listing(problems))
         # Everything that takes room is on disk before anything is renamed: a full disk leaves the
         # directory as it was. The manifest goes first; renaming the shards after it takes no room.
         writer.close()

@@ -1,9 +1,10 @@
 """webdataset tar shards: finding them, indexing them, reading one sample by its byte offsets.
 
 A sample is the tar members sharing one key (``2007_000032.jpg``, ``2007_000032.json``,
-``2007_000032.seg.png``). Shards are indexed once from their tar headers (no member data is read),
-so that any sample can be read with two ``pread`` calls: the loaders derive their sample order
-themselves (see loader.py) instead of streaming shards through a shuffle buffer.
+``2007_000032.seg.png``, in labelled training shards ``2007_000032.label.png``). Shards are indexed
+once from their tar headers (no member data is read), so that any sample can be read with two
+``pread`` calls: the loaders derive their sample order themselves (see loader.py) instead of streaming
+shards through a shuffle buffer.
 
 Security: only the members named in :data:`DECODED_KEYS` are ever read; every other member (``.pyd``,
 ``.pth``, ``.pickle``, ...) is skipped by offset without reading a byte of it, so nothing in a shard
@@ -34,7 +35,9 @@ from puzzlecam.utils.files import commit_temporary, raise_disk_problem, remove_q
 from puzzlecam.utils.labelmap import decode_label_png
 from puzzlecam.utils.limits import image_size_problem
 
-DECODED_KEYS = ("jpg", "json", "seg.png")
+# label.png: the training label map of labelled shards (affinity labels, pseudo-labels; label_shards.py).
+LABEL_KEY = "label.png"
+DECODED_KEYS = ("jpg", "json", "seg.png", LABEL_KEY)
 # Largest member that is read (a hostile header could claim anything up to the file size).
 MAX_MEMBER_BYTES = 64 << 20
 
@@ -207,10 +210,25 @@ class Sample:
     image: np.ndarray  # (H, W, 3) uint8 RGB
     labels: list[int]
     mask: np.ndarray | None  # (H, W) uint8 or None
+    label: np.ndarray | None = None  # (H, W) uint8 training label map (label.png) or None
 
 
-def decode_sample(reader: ShardReader, ref: SampleRef, with_mask: bool) -> Sample:
-    """Decode ``jpg`` + ``json`` (+ ``seg.png``); any problem raises :class:`CorruptSample`."""
+def _decode_label_map(reader: ShardReader, ref: SampleRef, ext: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A ``seg.png`` / ``label.png`` member: the image's size (checked on the header: a forged size is never
+    decoded), values 0..20 and 255."""
+    png = reader.read(ref.shard, *ref.members[ext])
+    with open_image(png) as header:
+        size = header.size[::-1]
+    if size != shape:
+        raise CorruptSample(f"{ext} {size} does not match image {shape}")
+    label = decode_label_png(png)
+    check_mask_values(label)
+    return label
+
+
+def decode_sample(reader: ShardReader, ref: SampleRef, with_mask: bool, with_label: bool = False) -> Sample:
+    """Decode ``jpg`` + ``json`` (+ ``seg.png``, + ``label.png``, which must then be present); any problem
+    raises :class:`CorruptSample`."""
     try:
         if "json" not in ref.members:
             raise CorruptSample("no json member")
@@ -227,30 +245,29 @@ def decode_sample(reader: ShardReader, ref: SampleRef, with_mask: bool) -> Sampl
             if img.format != "JPEG":
                 raise CorruptSample(f"jpg member is {img.format}, not JPEG")
             image = np.array(img.convert("RGB"))
-        mask = None
+        mask = label = None
         if with_mask and "seg.png" in ref.members:
             member = "seg.png"
-            png = reader.read(ref.shard, *ref.members["seg.png"])
-            with open_image(png) as header:
-                size = header.size[::-1]
-            if size != image.shape[:2]:  # checked on the header: a forged size is never decoded
-                raise CorruptSample(f"mask {size} does not match image {image.shape[:2]}")
-            mask = decode_label_png(png)
-            check_mask_values(mask)
+            mask = _decode_label_map(reader, ref, member, image.shape[:2])
+        if with_label:
+            member = LABEL_KEY
+            if member not in ref.members:
+                raise CorruptSample("no label.png member (the other samples of these shards have one)")
+            label = _decode_label_map(reader, ref, member, image.shape[:2])
     except ImageTooLarge as e:
         raise CorruptSample(f"{member} {e}") from None
     except PuzzleCamError:  # CorruptSample, or a bad $PUZZLECAM_MAX_IMAGE_PIXELS (not the sample's fault)
         raise
     except Exception as e:  # PIL / json / zlib errors of a damaged member
         raise CorruptSample(f"{type(e).__name__}: {e}") from None
-    return Sample(ref.key, image, [int(c) for c in labels], mask)
+    return Sample(ref.key, image, [int(c) for c in labels], mask, label)
 
 
 # ---------------------------------------------------------------------------------------------
 # Writing
 
 
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+def tar_member_info(name: str, size: int) -> tarfile.TarInfo:
     # Fixed metadata so that the same input gives byte-identical shards.
     info = tarfile.TarInfo(name)
     info.size = size
@@ -293,7 +310,7 @@ class ShardWriter:
                 self._count = 0
             for ext in sorted(members):
                 data = members[ext]
-                self._tar.addfile(_tarinfo(f"{key}.{ext}", len(data)), io.BytesIO(data))
+                self._tar.addfile(tar_member_info(f"{key}.{ext}", len(data)), io.BytesIO(data))
         self._count += 1
         return self.written[-1][1].name
 
