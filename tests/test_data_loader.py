@@ -17,7 +17,9 @@ from PIL import Image
 from puzzlecam import NUM_CLASSES
 from puzzlecam.data import ShardError, eval_loader, train_loader
 from puzzlecam.data.__main__ import main as data_main
+from puzzlecam.data.shards import ShardWriter
 from puzzlecam.data.synth import make_scene
+from puzzlecam.utils.labelmap import encode_label_png
 from puzzlecam.utils.net import free_port
 
 SMALL = dict(crop_size=48, min_long_side=40, max_long_side=72)
@@ -56,9 +58,9 @@ def _batches(loader, n=None):
 
 
 def _same(a, b):
-    assert a["id"] == b["id"]
-    for k in ("image", "valid", "labels"):
-        assert torch.equal(a[k], b[k]), k
+    assert a["id"] == b["id"] and a.keys() == b.keys()
+    for k in ("image", "valid", "labels", "label"):
+        assert k not in a or torch.equal(a[k], b[k]), k
 
 
 def test_synth_deterministic_and_consistent(synth, tmp_path):
@@ -146,6 +148,89 @@ def test_workers_do_not_change_batches_and_resume_is_exact(synth):
     other = train_loader(shards, batch_size=2, seed=5, **SMALL)
     with pytest.raises(ValueError, match="batch_size"):
         other.load_state_dict(state)
+
+
+def _stripes(x, y):
+    """The label of source pixel (x, y): stripes 3 px wide that repeat only after 63 px along x."""
+    return (x // 3 + 5 * (y // 3)) % 21
+
+
+def _write_ramp_shards(out):
+    """Images whose colour is their pixel position (R = 4x, G = 4y) with label maps of :func:`_stripes`; one
+    more sample has no label.png. Returns {id: (height, width)} of the labelled ones."""
+    out.mkdir()
+    writer = ShardWriter(out, "ramp", 3)
+    sizes = {}
+    for i in range(7):
+        h, w = 30 + 2 * i, 44 - i
+        y, x = np.mgrid[:h, :w]
+        jpg = io.BytesIO()
+        Image.fromarray(np.stack([4 * x, 4 * y, np.full_like(x, 128)], -1).astype(np.uint8)).save(
+            jpg, format="JPEG", quality=95
+        )
+        members = {"jpg": jpg.getvalue(), "json": b'{"labels": [2]}'}
+        if i != 6:
+            members["label.png"] = encode_label_png(_stripes(x, y).astype(np.uint8))
+            sizes[f"ramp_{i}"] = (h, w)
+        writer.add(f"ramp_{i}", members)
+    writer.commit()
+    return sizes
+
+
+def test_labels_get_the_image_geometry_and_255_padding(tmp_path):
+    sizes = _write_ramp_shards(tmp_path / "ramp")
+    loader = train_loader(tmp_path / "ramp", batch_size=2, seed=0, crop_size=40, min_long_side=28, max_long_side=64)
+    flipped = unflipped = padded = 0
+    for batch in _batches(loader) + _batches(loader) + _batches(loader):
+        assert batch["label"].dtype == torch.int64 and batch["label"].shape == (2, 40, 40)
+        assert "ramp_6" not in batch["id"]  # no label.png: skipped as a corrupt sample
+        for image, label, (vh, vw), image_id in zip(
+            batch["image"].numpy(), batch["label"].numpy(), batch["valid"].tolist(), batch["id"], strict=True
+        ):
+            assert (label[vh:] == 255).all() and (label[:, vw:] == 255).all()
+            assert not image[vh:].any() and not image[:, vw:].any()
+            padded += vh < 40 or vw < 40
+            # The image's colour says which source pixel each canvas pixel shows; the label must be that
+            # pixel's (within 3 px: bicubic and nearest round differently, JPEG adds a little noise).
+            h, w = sizes[image_id]
+            sx = np.rint(image[:vh, :vw, 0] / 4).astype(int)
+            sy = np.rint(image[:vh, :vw, 1] / 4).astype(int)
+            near = np.zeros((vh, vw), dtype=bool)
+            for dy in range(-3, 4):
+                for dx in range(-3, 4):
+                    near |= _stripes(np.clip(sx + dx, 0, w - 1), np.clip(sy + dy, 0, h - 1)) == label[:vh, :vw]
+            assert near.all(), image_id
+            if vw > 8:
+                flipped += sx[:, 0].mean() > sx[:, -1].mean()
+                unflipped += sx[:, 0].mean() < sx[:, -1].mean()
+    assert flipped and unflipped and padded  # every case was met: flips both ways, padding
+    assert loader.skipped == 3  # ramp_6, once per epoch
+
+
+def test_labelled_shards_give_stage_one_batches_plus_labels_deterministically(synth, tmp_path):
+    """label-shards output: the same images, valid and labels as its input shards (the draws do not depend on
+    the label), plus the label; the same for any worker count and after a resume."""
+    out = tmp_path / "labelled"
+    masks = synth / "voc" / "SegmentationClass"  # the masks as label maps: files {id}.png
+    argv = ["label-shards", "--shards", str(synth / "shards"), "--labels", str(masks), "--out", str(out)]
+    assert data_main(argv) == 0
+    plain = _batches(train_loader(synth / "shards", batch_size=4, seed=2, **SMALL))
+    labelled = train_loader(out, batch_size=4, seed=2, num_workers=2, **SMALL)
+    batches = _batches(labelled)
+    assert len(batches) == len(plain)
+    for a, b in zip(plain, batches, strict=True):
+        assert "label" not in a and b["label"].shape == (4, 48, 48)
+        _same(a, {k: v for k, v in b.items() if k != "label"})
+        # A mask's 255 band and its classes survive nearest resizing; the padding is 255.
+        for label, labels in zip(b["label"], b["labels"], strict=True):
+            classes = set(label.unique().tolist()) - {0, 255}
+            assert classes <= {c + 1 for c in labels.nonzero().flatten().tolist()}
+    resumed = train_loader(out, batch_size=4, seed=2, **SMALL)
+    first = train_loader(out, batch_size=4, seed=2, **SMALL)
+    _batches(first, 3)
+    resumed.load_state_dict(first.state_dict())
+    for a, b in zip(batches[3:], _batches(resumed), strict=True):
+        _same(a, b)
 
 
 def test_rank_split_even_with_fewer_shards_than_readers(synth, tmp_path):

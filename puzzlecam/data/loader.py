@@ -19,6 +19,11 @@ position P: the rest of the order, from P, is split as a fresh epoch is (padded 
 multiple of the new world size W', rank r' taking slots P + r', P + r' + W', ..., whole batches
 only), so no sample of the epoch is repeated or skipped beyond what that rule does at an epoch's end.
 
+In labelled shards (``label.png`` beside the ``jpg``, python -m puzzlecam.data label-shards) every batch
+also holds ``label`` (B, crop, crop) int64: each label map with its image's geometry (the same draw;
+nearest-neighbour resizing), 255 where the image is padded. The draws do not depend on the label, so
+the images of a batch are the same with or without labels.
+
 A sample that cannot be decoded (bad JPEG/PNG, missing json, labels out of range) is skipped and
 counted; in training its place in the batch goes to the next decodable sample of the rank's order
 (wrapping around), so batches keep their size. Training counts them per shard and per epoch too
@@ -34,11 +39,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from puzzlecam import NUM_CLASSES
-from puzzlecam.data.augment import augment
-from puzzlecam.data.shards import SampleRef, ShardReader, decode_sample, index_shards, resolve_shards
+from puzzlecam.data.augment import apply_geometry, draw_geometry
+from puzzlecam.data.shards import LABEL_KEY, SampleRef, ShardReader, decode_sample, index_shards, resolve_shards
 from puzzlecam.errors import CorruptSample, ShardError
 from puzzlecam.utils.labelmap import IGNORE_INDEX
 
@@ -134,6 +140,8 @@ class _TrainBatches(Dataset):
         self.crop_size, self.seed, self.hflip = crop_size, seed, hflip
         self.min_long_side, self.max_long_side = min_long_side, max_long_side
         self.shuffle_buffer = shuffle_buffer
+        # Labelled shards (python -m puzzlecam.data label-shards): every sample's label.png goes into the batch.
+        self.with_labels = any(LABEL_KEY in r.members for r in refs)
         self._order_of = (-1, -1, None)  # (epoch, start, this rank's sample indices)
 
     def per_rank(self, start: int) -> int:
@@ -161,6 +169,7 @@ class _TrainBatches(Dataset):
         images = np.zeros((B, self.crop_size, self.crop_size, 3), dtype=np.uint8)
         valid = np.zeros((B, 2), dtype=np.int64)
         labels = np.zeros((B, NUM_CLASSES), dtype=np.float32)
+        label_maps = np.full((B, self.crop_size, self.crop_size), IGNORE_INDEX, np.uint8) if self.with_labels else None
         ids, corrupt_shards = [], []
         for b in range(B):
             pos = k * B + b
@@ -171,7 +180,7 @@ class _TrainBatches(Dataset):
                 i = pos if attempt == 0 else ((k + 1) * B + attempt - 1) % per_rank
                 ref = self.refs[mine[i]]
                 try:
-                    sample = decode_sample(self.reader, ref, with_mask=False)
+                    sample = decode_sample(self.reader, ref, with_mask=False, with_label=self.with_labels)
                     break
                 except CorruptSample as e:
                     # Counted at its own slot only, so the count = corrupt samples met in the order.
@@ -180,18 +189,25 @@ class _TrainBatches(Dataset):
                     _warn_corrupt(self.reader, ref, e)
             else:
                 raise ShardError(f"rank {self.rank}: no decodable sample among its {per_rank} samples")
-            _, valid[b] = augment(
-                sample.image, rng, self.crop_size, self.min_long_side, self.max_long_side, self.hflip, out=images[b]
+            geometry = draw_geometry(
+                sample.image.shape[:2], rng, self.crop_size, self.min_long_side, self.max_long_side, self.hflip
             )
+            apply_geometry(sample.image, geometry, Image.BICUBIC, images[b])
+            if label_maps is not None:  # the image's geometry, nearest, on the 255 canvas
+                apply_geometry(sample.label, geometry, Image.NEAREST, label_maps[b])
+            valid[b] = geometry.valid
             labels[b, sample.labels] = 1.0
             ids.append(sample.key)
-        return {
+        batch = {
             "image": torch.from_numpy(images),
             "valid": torch.from_numpy(valid),
             "labels": torch.from_numpy(labels),
             "id": ids,
             "corrupt_shards": corrupt_shards,
         }
+        if label_maps is not None:
+            batch["label"] = torch.from_numpy(label_maps).long()
+        return batch
 
 
 class _BatchIndices:
