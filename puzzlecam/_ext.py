@@ -37,6 +37,11 @@ def cuda_available() -> bool:
     return available() and bool(getattr(_C, "with_cuda", 0)) and torch.cuda.is_available()
 
 
+def has_op(name: str) -> bool:
+    """True when the built extension registers ``torch.ops.puzzlecam.<name>`` (an older build may not)."""
+    return available() and hasattr(torch.ops.puzzlecam, name)
+
+
 def load_error() -> str | None:
     """Why the extension is unavailable (None when it is available)."""
     return None if _LOAD_ERROR is None else f"{type(_LOAD_ERROR).__name__}: {_LOAD_ERROR}"

@@ -1,15 +1,16 @@
-"""Backend dispatch of the puzzle ops (docs/kernels.md): the only entry point the trainer calls.
+"""Backend dispatch of the puzzle and affinity ops (docs/kernels.md): the only entry point the trainer calls.
 
-Every function has the signature of its :mod:`puzzlecam.puzzle` reference plus ``backend``:
+Every function has the signature of its :mod:`puzzlecam.puzzle` (or :mod:`puzzlecam.affinity`) reference
+plus ``backend``:
 
 * ``"reference"`` -- the pure-torch oracle (any device);
 * ``"triton"`` -- the Triton kernels of :mod:`puzzlecam.kernels` (CUDA tensors; CPU tensors only
   under the Triton interpreter, ``TRITON_INTERPRET=1``, which is for tests);
 * ``"cpp"`` / ``"cuda"`` -- the C++ / CUDA extension ``puzzlecam._C`` through :mod:`puzzlecam._ext`
-  (reconstruction_loss, puzzle_losses and multiscale_cam only);
-* ``"auto"`` -- Triton for CUDA tensors (the CUDA extension for multiscale_cam, which has no Triton
-  kernel), the C++ extension for CPU tensors, and the reference where neither is available, with
-  one warning. ``auto`` never picks Triton for CPU tensors.
+  (reconstruction_loss, puzzle_losses, multiscale_cam, affinity_sums and random_walk);
+* ``"auto"`` -- Triton for CUDA tensors (the CUDA extension for multiscale_cam and random_walk, which
+  have no Triton kernel), the C++ extension for CPU tensors, and the reference where neither is
+  available, with one warning. ``auto`` never picks Triton for CPU tensors.
 
 A backend asked for by name that cannot serve the call raises a RuntimeError that says why. An
 option that only the reference implements (``reduction="selection"``, float64 maps) makes any
@@ -19,6 +20,7 @@ backend fall back to the reference, with one warning per backend and option.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import warnings
 
@@ -30,8 +32,12 @@ from puzzlecam.puzzle import PuzzleLosses
 BACKENDS = ("auto", "triton", "cpp", "cuda", "reference")
 
 # Which ops each non-reference backend implements.
-TRITON_OPS = frozenset({"tile", "merge", "reconstruction_loss", "puzzle_losses", "prepare_inputs"})
-EXT_OPS = frozenset({"reconstruction_loss", "puzzle_losses", "multiscale_cam"})
+TRITON_OPS = frozenset({"tile", "merge", "reconstruction_loss", "puzzle_losses", "prepare_inputs", "affinity_sums"})
+EXT_OPS = frozenset({"reconstruction_loss", "puzzle_losses", "multiscale_cam", "affinity_sums", "random_walk"})
+# Triton ops whose kernel module is imported on its own (so a missing or broken one disables only that op).
+_TRITON_MODULES = {"affinity_sums": "puzzlecam.kernels.fused_affinity_loss"}
+# The extension's op behind each ops function (a _C built before an op existed lacks it).
+_EXT_OP_NAMES = {"puzzle_losses": "reconstruction_loss"}
 
 _warned: set[str] = set()
 
@@ -44,6 +50,16 @@ def _kernels_or_error():
     except Exception as exc:  # triton missing or broken
         return None, f"puzzlecam.kernels cannot be imported ({type(exc).__name__}: {exc})"
     return kernels, None
+
+
+@functools.cache
+def _triton_module_or_error(name: str):
+    """(the Triton kernel module ``name``, None) or (None, why it cannot be imported)."""
+    try:
+        module = importlib.import_module(name)
+    except Exception as exc:  # not written yet, or broken
+        return None, f"{name} cannot be imported ({type(exc).__name__}: {exc})"
+    return module, None
 
 
 def _ext_module():
@@ -96,6 +112,8 @@ def _why_not(op: str, backend: str, device: torch.device) -> str | None:
                 "puzzlecam.kernels was imported with TRITON_INTERPRET=1 (interpreter only); "
                 "unset it to run compiled kernels on CUDA"
             )
+        if op in _TRITON_MODULES:
+            return _triton_module_or_error(_TRITON_MODULES[op])[1]
         return None
     if op not in EXT_OPS:
         return f"{op} has no C++/CUDA extension implementation (backends: reference, triton)"
@@ -107,7 +125,7 @@ def _why_not(op: str, backend: str, device: torch.device) -> str | None:
                 "the C++ extension puzzlecam._C is not built "
                 "(reinstall with a C++ compiler: pip install --no-build-isolation -e .)"
             )
-        return None
+        return _ext_lacks(op)
     if backend == "cuda":
         if device.type != "cuda":
             return f"the cuda backend runs on CUDA tensors, got {device.type} tensors (use backend='cpp')"
@@ -116,8 +134,19 @@ def _why_not(op: str, backend: str, device: torch.device) -> str | None:
                 "the CUDA extension is not built "
                 "(reinstall with nvcc and a CUDA torch: pip install --no-build-isolation -e .)"
             )
-        return None
+        return _ext_lacks(op)
     raise AssertionError(backend)
+
+
+def _ext_lacks(op: str) -> str | None:
+    """Why the built extension cannot run ``op`` (it was built before the op existed), or None."""
+    name = _EXT_OP_NAMES.get(op, op)
+    if _ext_module().has_op(name):
+        return None
+    return (
+        f"the built puzzlecam._C has no {name} op (built from older sources: "
+        "rebuild with python setup.py build_ext --inplace)"
+    )
 
 
 def resolve_backend(op: str, backend: str, device: torch.device) -> str:
@@ -261,3 +290,43 @@ def multiscale_cam(
     if chosen in ("cpp", "cuda"):
         return _ext_module().multiscale_cam(maps, flipped_maps, keys, image_size)
     return puzzle.multiscale_cam(maps, flipped_maps, keys, image_size)
+
+
+def affinity_sums(
+    edge: torch.Tensor, seg: torch.Tensor, radius: int = 10, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sums, counts), each float32 (3,) [bg, fg, neg], of the AffinityNet loss over every pair of
+    ``radius``; differentiable in ``edge``. See :func:`puzzlecam.affinity.affinity_sums_reference`
+    and docs/kernels.md. Float64 edge maps are served by the reference (Triton) or by the C++/CUDA ops."""
+    from puzzlecam import affinity
+
+    chosen = resolve_backend("affinity_sums", backend, edge.device)
+    if chosen == "triton" and edge.dtype == torch.float64:
+        _warn_once(
+            "triton:affinity_sums:float64",
+            "puzzlecam.ops: the triton backend has no float64 edge maps; affinity_sums uses the pure-torch reference",
+        )
+        chosen = "reference"
+    if chosen == "triton":
+        return _triton_module_or_error(_TRITON_MODULES["affinity_sums"])[0].affinity_sums(edge, seg, radius)
+    if chosen in ("cpp", "cuda"):
+        return _ext_module().affinity_sums(edge, seg, radius)
+    return affinity.affinity_sums_reference(edge, seg, radius)
+
+
+def random_walk(
+    cams: torch.Tensor,
+    edge: torch.Tensor,
+    beta: float = 10,
+    exp_times: int = 8,
+    radius: int = 5,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``x T^(2^exp_times)`` (K, h, w) of the stride-4 ``cams`` (K, h, w) and ``edge`` (h, w) by sparse
+    stencil steps; see :func:`puzzlecam.affinity.random_walk_reference` and docs/kernels.md."""
+    from puzzlecam import affinity
+
+    chosen = resolve_backend("random_walk", backend, cams.device)
+    if chosen in ("cpp", "cuda"):
+        return _ext_module().random_walk(cams, edge, beta, exp_times, radius)
+    return affinity.random_walk_reference(cams, edge, beta, exp_times, radius)
