@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_float, check_same_device, check_size, empty
+from ._common import check_float, check_size, empty
 
 OP = "affinity_sums"
 # The loss's epsilon inside both logarithms (docs/kernels.md).
@@ -166,7 +166,7 @@ def _launch(edge, seg, radius, *, backward, gsums=None):
     b, _, h, w = edge.shape
     dest, points, lengths, path_block = _path_tables(radius, edge.device)
     radius_floor = radius - 1
-    num_sources = max(h - radius_floor, 0) * max(w - 2 * radius_floor, 0)
+    num_sources = (h - radius_floor) * (w - 2 * radius_floor)  # > 0: check_args refuses smaller maps
     block = BLOCK_SOURCES_INTERPRETED if edge.device.type == "cpu" else BLOCK_SOURCES
     num_blocks = triton.cdiv(num_sources, block)
     if backward:
@@ -176,7 +176,7 @@ def _launch(edge, seg, radius, *, backward, gsums=None):
     else:
         partial = empty((b * num_blocks, 6), torch.float32, edge.device)
         gsums = grad = partial  # unused placeholders
-    if b * num_blocks > 0 and len(dest) > 0:
+    if b * num_blocks > 0:
         _affinity_kernel[(num_blocks, b)](
             edge,
             seg,
@@ -200,29 +200,18 @@ def _launch(edge, seg, radius, *, backward, gsums=None):
             EPS=LOG_EPS,
             NUM_LABELS=NUM_LABELS,
         )
-    elif not backward:
-        partial.zero_()  # no pairs: all sums and counts are 0
     return grad if backward else partial
 
 
 def check_args(edge, seg, radius) -> None:
+    """The reference's checks (shapes, radius, image large enough, one device), then the kernel's dtypes and sizes."""
+    from puzzlecam.affinity import check_affinity_args
+
+    check_affinity_args(edge, seg, radius)
     check_float(OP, "edge", edge)
-    if not isinstance(seg, torch.Tensor):
-        raise TypeError(f"{OP}: seg must be a torch.Tensor, got {type(seg).__name__}")
     if seg.dtype not in INTEGER_DTYPES:
         names = ", ".join(str(d).removeprefix("torch.") for d in INTEGER_DTYPES)
         raise TypeError(f"{OP}: seg must be an integer label map ({names}); got {seg.dtype}")
-    if edge.dim() != 4 or edge.shape[1] != 1:
-        raise ValueError(f"{OP}: edge must have shape (B, 1, H, W); got {tuple(edge.shape)}")
-    b, _, h, w = edge.shape
-    if tuple(seg.shape) != (b, h, w):
-        raise ValueError(
-            f"{OP}: seg must have shape (B, H, W) = {(b, h, w)} to match edge {tuple(edge.shape)}; "
-            f"got {tuple(seg.shape)}"
-        )
-    if isinstance(radius, bool) or not isinstance(radius, int) or radius < 1:
-        raise ValueError(f"{OP}: radius must be a positive int; got {radius!r}")
-    check_same_device(OP, edge=edge, seg=seg)
     check_size(OP, "edge", edge)
     check_size(OP, "seg", seg)
 

@@ -1,0 +1,223 @@
+"""The fused affinity loss kernel (kernels/fused_affinity_loss.py) against the pure-torch reference.
+
+Sums, counts and the edge gradient on fresh random inputs, per dtype. Edge values are distinct
+(a random sample of the dtype's representable values in (0, 1)), so no path has a tie at its
+maximum and the gradient of the max is unambiguous. CPU runs go through the Triton interpreter
+(small shapes); on a GPU the same tests run compiled, plus larger batches marked ``gpu``.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import pytest
+import torch
+
+from puzzlecam.affinity import AffinityInputError, affinity_sums_reference
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+FULL_GRID = os.environ.get("PUZZLECAM_FULL_GRID", "0") == "1"
+
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRETER, reason="Triton on CPU needs TRITON_INTERPRET=1")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+]
+# Both sides compute in fp32 from the same input values: sums and counts differ only by summation
+# order; the gradient is rounded to the edge's dtype at the end.
+SUMS_RTOL = 1e-5
+GRAD_TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# Edge maps repeat a tile of this size whose values are all different (see distinct_edge).
+PERIOD = 24
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    """Every buffer the launcher allocates starts as NaN: an unwritten partial fails the comparison."""
+    import puzzlecam.kernels._common as common
+
+    monkeypatch.setattr(common, "POISON", True)
+
+
+def affinity_sums(edge, seg, radius):
+    from puzzlecam.kernels.fused_affinity_loss import affinity_sums as fused
+
+    return fused(edge, seg, radius)
+
+
+def distinct_edge(b: int, h: int, w: int, dtype: torch.dtype, device, gen: torch.Generator) -> torch.Tensor:
+    """(b, 1, h, w) probabilities without ties on any path: per image, a random sample of the dtype's values
+    in (0.001, 0.999), all different, on a 24 x 24 tile repeated over the map (a path of radius <= 10 spans at
+    most 10 x 19 pixels, so it never meets two equal values)."""
+    values = torch.linspace(0.001, 0.999, 200_000, dtype=torch.float64).to(dtype).unique()
+    th, tw = min(h, PERIOD), min(w, PERIOD)
+    tiles = torch.stack([values[torch.randperm(values.numel(), generator=gen)[: th * tw]] for _ in range(b)])
+    edge = tiles.view(b, 1, th, tw).repeat(1, 1, -(-h // th), -(-w // tw))[..., :h, :w]
+    return edge.contiguous().to(device)
+
+
+def random_labels(b: int, h: int, w: int, dtype: torch.dtype, device, gen: torch.Generator) -> torch.Tensor:
+    """Label maps with regions (so that positive pairs exist) of background 0 and classes 1..3, 20,
+    then scattered ignored pixels: 255 and invalid values >= 21."""
+    coarse = torch.tensor([0, 1, 2, 3, 20])[torch.randint(0, 5, (b, 1, (h + 3) // 4, (w + 3) // 4), generator=gen)]
+    seg = torch.nn.functional.interpolate(coarse.float(), scale_factor=4, mode="nearest")[:, 0, :h, :w].long()
+    draw = torch.rand(b, h, w, generator=gen)
+    seg[draw < 0.08] = 255
+    seg[(draw >= 0.08) & (draw < 0.12)] = torch.tensor([21, 37, 100, 254])[torch.randint(0, 4, (1,), generator=gen)]
+    return seg.to(device=device, dtype=dtype)
+
+
+def run(fn, edge, seg, radius, upstream):
+    edge = edge.detach().requires_grad_(True)
+    sums, counts = fn(edge, seg, radius)
+    (sums * upstream).sum().backward()
+    return sums, counts, edge.grad
+
+
+def reference(edge, seg, radius, upstream):
+    """The reference on the same values in fp32 (the kernel computes in fp32 from any input dtype)."""
+    return run(affinity_sums_reference, edge.float(), seg, radius, upstream)
+
+
+def assert_matches(got, want, dtype, what):
+    sums, counts, grad = got
+    ref_sums, ref_counts, ref_grad = want
+    assert sums.dtype == counts.dtype == torch.float32 and sums.shape == counts.shape == (3,), what
+    assert torch.isfinite(sums).all() and torch.isfinite(counts).all(), f"{what}: non-finite sums or counts"
+    assert torch.equal(counts.cpu(), ref_counts.float().cpu()), f"{what}: counts {counts} != {ref_counts}"
+    torch.testing.assert_close(
+        sums.cpu(), ref_sums.float().cpu(), rtol=SUMS_RTOL, atol=1e-6, msg=lambda m: f"{what}: {m}"
+    )
+    assert grad.dtype == dtype and grad.shape == ref_grad.shape, f"{what}: gradient {grad.dtype} {tuple(grad.shape)}"
+    g, e = grad.float().cpu(), ref_grad.float().cpu()
+    assert torch.isfinite(g).all(), f"{what}: non-finite gradient"
+    tol = GRAD_TOLERANCE[dtype]
+    torch.testing.assert_close(g, e, rtol=tol, atol=tol * e.abs().max().item(), msg=lambda m: f"{what} grad: {m}")
+
+
+def upstream_for(counts_hint: float, device, gen) -> torch.Tensor:
+    # The loss divides each sum by its count: upstream gradients of that size keep fp16 gradients finite.
+    return ((torch.rand(3, generator=gen) + 0.5) / counts_hint).to(device)
+
+
+CASES = [
+    # (B, H, W, radius, edge dtype, seg dtype)
+    (2, 24, 28, 10, torch.float32, torch.int64),
+    (2, 24, 28, 5, torch.float32, torch.uint8),
+    (1, 21, 30, 10, torch.float16, torch.int32),
+    (2, 17, 19, 5, torch.float16, torch.int64),
+    (2, 17, 19, 5, torch.bfloat16, torch.uint8),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-{c[1]}x{c[2]}-r{c[3]}-{str(c[4])[6:]}-{str(c[5])[6:]}")
+def test_affinity_sums_match_reference(device, case):
+    b, h, w, radius, dtype, seg_dtype = case
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
+    edge = distinct_edge(b, h, w, dtype, device, gen)
+    seg = random_labels(b, h, w, seg_dtype, device, gen)
+    upstream = upstream_for(100.0, device, gen)
+    want = reference(edge, seg, radius, upstream)
+    assert (want[1] > 0).all(), "the labels should give pairs of every kind"
+    got = run(affinity_sums, edge, seg, radius, upstream)
+    assert_matches(got, want, dtype, f"{case}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_affinity_sums_several_blocks_and_strided_edge(device):
+    """A map with several source blocks per image, and edge / seg views that are not contiguous."""
+    gen = torch.Generator().manual_seed(11)
+    b, h, w, radius = 1, 40, 40, 5  # 36 x 32 = 1152 sources: more than one block on every device
+    edge = distinct_edge(b, h, w, torch.float32, device, gen)
+    seg = random_labels(b, h, w, torch.int64, device, gen)
+    upstream = upstream_for(1.0, device, gen)
+    want = reference(edge, seg, radius, upstream)
+    wide = torch.zeros(b, 1, h, 2 * w, device=device)
+    wide[..., ::2] = edge
+    seg_t = seg.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not wide[..., ::2].is_contiguous() and not seg_t.is_contiguous()
+    for name, e, s in (("contiguous", edge, seg), ("strided", wide[..., ::2], seg_t)):
+        assert_matches(run(affinity_sums, e, s, radius, upstream), want, torch.float32, name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_affinity_sums_upstream_and_determinism(device):
+    """One term's gradient at a time, counts without gradient, and bitwise-repeatable sums."""
+    gen = torch.Generator().manual_seed(5)
+    edge = distinct_edge(2, 16, 18, torch.float32, device, gen)
+    seg = random_labels(2, 16, 18, torch.int64, device, gen)
+    for term in range(3):
+        upstream = torch.zeros(3, device=device)
+        upstream[term] = 1.0
+        got = run(affinity_sums, edge, seg, 5, upstream)
+        assert_matches(got, reference(edge, seg, 5, upstream), torch.float32, f"term {term} only")
+    sums, counts = affinity_sums(edge.clone().requires_grad_(True), seg, 5)
+    assert sums.requires_grad and not counts.requires_grad
+    again = affinity_sums(edge, seg, 5)
+    assert torch.equal(sums.detach(), again[0]) and torch.equal(counts, again[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_affinity_sums_without_valid_pairs(device):
+    """Every label ignored: zero sums and counts, zero gradient (every partial written)."""
+    gen = torch.Generator().manual_seed(3)
+    edge = distinct_edge(2, 12, 12, torch.float32, device, gen)
+    ignored = torch.full((2, 12, 12), 255, dtype=torch.uint8, device=device)
+    ignored[1, ::2] = 21
+    sums, counts, grad = run(affinity_sums, edge, ignored, 5, torch.ones(3, device=device))
+    assert torch.equal(sums, torch.zeros(3, device=device)), sums
+    assert torch.equal(counts, torch.zeros(3, device=device)), counts
+    assert torch.equal(grad, torch.zeros_like(edge))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_affinity_sums_bad_arguments(device):
+    edge = torch.rand(2, 1, 12, 14, device=device)
+    seg = torch.zeros(2, 12, 14, dtype=torch.int64, device=device)
+    with pytest.raises(
+        TypeError, match="edge must have one of the dtypes float32, float16, bfloat16; got torch.float64"
+    ):
+        affinity_sums(edge.double(), seg, 5)
+    with pytest.raises(TypeError, match="seg must be an integer label map .*; got torch.uint16"):
+        affinity_sums(edge, seg.to(torch.uint16), 5)
+    with pytest.raises(AffinityInputError, match=r"seg must be an integer \(B, H, W\) label map, got .* torch.float32"):
+        affinity_sums(edge, seg.float(), 5)
+    with pytest.raises(
+        AffinityInputError, match=r"edge must be a floating \(B, 1, H, W\) tensor, got \(2, 2, 12, 14\)"
+    ):
+        affinity_sums(edge.expand(2, 2, 12, 14), seg, 5)
+    with pytest.raises(AffinityInputError, match=r"got \(2, 12, 14\)"):
+        affinity_sums(edge[:, 0], seg, 5)
+    with pytest.raises(AffinityInputError, match=r"seg \(2, 12, 13\) must be \(B, H, W\) = \(2, 12, 14\)"):
+        affinity_sums(edge, seg[..., :13], 5)
+    with pytest.raises(AffinityInputError, match=r"seg \(1, 12, 14\) must be"):
+        affinity_sums(edge, seg[:1], 5)
+    with pytest.raises(AffinityInputError, match=r"too small for radius 10: pairs need H >= 10 and W >= 19"):
+        affinity_sums(edge, seg, 10)
+    for radius in (1, 2.5, True):
+        with pytest.raises(AffinityInputError, match=f"radius must be an int >= 2, got {radius!r}"):
+            affinity_sums(edge, seg, radius)
+    if device == "cuda":
+        with pytest.raises(AffinityInputError, match="expected one device"):
+            affinity_sums(edge, seg.cpu(), 5)
+
+
+def gpu_cases():
+    shapes = [(8, 64, 64, 10), (3, 37, 53, 10), (4, 48, 40, 5)]
+    if FULL_GRID:
+        shapes += [(32, 128, 128, 10), (1, 11, 200, 10), (5, 96, 70, 5)]
+    return [(b, h, w, r, dtype) for (b, h, w, r) in shapes for dtype in (torch.float32, torch.float16, torch.bfloat16)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", gpu_cases(), ids=lambda c: f"B{c[0]}-{c[1]}x{c[2]}-r{c[3]}-{str(c[4])[6:]}")
+def test_affinity_sums_gpu_batches(case):
+    """Compiled kernels at training-like sizes (several blocks per image; batch 32 at 128 px in the full grid)."""
+    b, h, w, radius, dtype = case
+    gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
+    edge = distinct_edge(b, h, w, dtype, "cuda", gen)
+    seg = random_labels(b, h, w, torch.int64, "cuda", gen)
+    upstream = upstream_for(float(h * w), "cuda", gen)
+    want = reference(edge, seg, radius, upstream)
+    assert_matches(run(affinity_sums, edge, seg, radius, upstream), want, dtype, f"{case}")
