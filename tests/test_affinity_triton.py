@@ -159,6 +159,26 @@ def test_affinity_sums_upstream_and_determinism(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_affinity_sums_with_ties(device):
+    """Coarse edge values, many exact ties at path maxima: the values are unchanged, and each pair's gradient
+    goes to one of its tied elements, so the gradient summed over the pixels of each edge value matches."""
+    gen = torch.Generator().manual_seed(17)
+    edge = ((torch.rand(2, 1, 16, 19, generator=gen) * 8).floor() / 10 + 0.05).to(device)  # 8 values
+    seg = random_labels(2, 16, 19, torch.int64, device, gen)
+    upstream = upstream_for(1.0, device, gen)
+    sums, counts, grad = run(affinity_sums, edge, seg, 5, upstream)
+    ref_sums, ref_counts, ref_grad = reference(edge, seg, 5, upstream)
+    assert torch.equal(counts, ref_counts)
+    torch.testing.assert_close(sums, ref_sums, rtol=SUMS_RTOL, atol=1e-6)
+    values, which = edge.flatten().unique(return_inverse=True)
+    per_value = torch.zeros(len(values), dtype=torch.float64, device=device)
+    ref_per_value = torch.zeros_like(per_value)
+    per_value.index_add_(0, which, grad.flatten().double())
+    ref_per_value.index_add_(0, which, ref_grad.flatten().double())
+    torch.testing.assert_close(per_value, ref_per_value, rtol=1e-5, atol=1e-5 * ref_per_value.abs().max().item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_affinity_sums_without_valid_pairs(device):
     """Every label ignored: zero sums and counts, zero gradient (every partial written)."""
     gen = torch.Generator().manual_seed(3)
