@@ -1,6 +1,7 @@
-"""Models: ResNet (torchvision layout) and ResNeSt (release layout) backbones, the Puzzle-CAM classifier
-(docs/model.md)."""
+"""Models: ResNet (torchvision layout) and ResNeSt (release layout) backbones, the Puzzle-CAM classifier,
+AffinityNet (docs/model.md)."""
 
+from .affinity import AffinityNet, build_affinity_net, stage_channels
 from .classifier import ARCHS, GROUPS, Classifier, build_backbone, build_model, param_groups
 from .norm import BatchNorm2d, FrozenStatsBatchNorm2d, SyncBatchNorm2d, norm_layer
 from .pretrained import PretrainedMismatchError, load_pretrained, read_state_dict
@@ -9,6 +10,7 @@ from .resnet import RESNET_ARCHS, Backbone, BasicBlock, Bottleneck, ResNet
 
 __all__ = [
     "ARCHS",
+    "AffinityNet",
     "GROUPS",
     "RESNEST_ARCHS",
     "RESNET_ARCHS",
@@ -24,10 +26,12 @@ __all__ = [
     "ResNet",
     "SplitAttention",
     "SyncBatchNorm2d",
+    "build_affinity_net",
     "build_backbone",
     "build_model",
     "load_pretrained",
     "norm_layer",
     "param_groups",
     "read_state_dict",
+    "stage_channels",
 ]
