@@ -9,10 +9,13 @@ maximum and the gradient of the max is unambiguous. CPU runs go through the Trit
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import zlib
 
 import pytest
 import torch
+from test_kernels_compile import _astsource_supports_constexprs
 
 from puzzlecam.affinity import AffinityInputError, affinity_sums_reference
 
@@ -241,3 +244,51 @@ def test_affinity_sums_gpu_batches(case):
     upstream = upstream_for(float(h * w), "cuda", gen)
     want = reference(edge, seg, radius, upstream)
     assert_matches(run(affinity_sums, edge, seg, radius, upstream), want, dtype, f"{case}")
+
+
+# Run in a subprocess without TRITON_INTERPRET, so that the kernel is defined as a compiled function.
+COMPILE_SCRIPT = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from test_kernels_compile import _signature
+from puzzlecam.kernels import fused_affinity_loss
+
+kernel = fused_affinity_loss._affinity_kernel
+failures = 0
+for edge_type, seg_type, radius_floor, path_block, backward in (
+    ("*fp32", "*i64", 9, 32, False),
+    ("*fp32", "*i64", 9, 32, True),
+    ("*bf16", "*u8", 9, 32, True),
+    ("*fp16", "*i32", 4, 16, False),
+    ("*fp16", "*i8", 4, 16, True),
+):
+    consts = {"RADIUS_FLOOR": radius_floor, "PATH_BLOCK": path_block, "BLOCK": fused_affinity_loss.BLOCK_SOURCES,
+              "BACKWARD": backward, "EPS": fused_affinity_loss.LOG_EPS, "NUM_LABELS": fused_affinity_loss.NUM_LABELS}
+    pointers = {"default": "*fp32", "edge_ptr": edge_type, "seg_ptr": seg_type,
+                "dest_ptr": "*i32", "path_ptr": "*i32", "length_ptr": "*i32"}
+    what = f"affinity {edge_type} {seg_type} radius_floor={radius_floor} backward={backward}"
+    try:
+        src = ASTSource(fn=kernel, signature=_signature(kernel, pointers, consts), constexprs=consts)
+        triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        print("compiled", what)
+    except Exception as exc:
+        failures += 1
+        print(f"FAILED {what}: {type(exc).__name__}: {exc}")
+sys.exit(1 if failures else 0)
+"""
+
+
+@pytest.mark.skipif(not _astsource_supports_constexprs(), reason="this triton's ASTSource API predates constexprs=")
+def test_affinity_kernel_compiles_for_sm90():
+    """Errors only triton's compiler sees (not the interpreter) fail here rather than on the first GPU run."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run(
+        [sys.executable, "-c", COMPILE_SCRIPT], env=env, cwd=tests_dir, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, (
+        f"compiling the affinity kernel for sm_90 failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    )
+    assert proc.stdout.count("compiled ") == 5, proc.stdout
