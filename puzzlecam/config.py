@@ -129,6 +129,15 @@ class TrainConfig:
 
 
 @dataclass
+class AffinityConfig:
+    """Stage 2 (``task: affinity``, docs/training.md "Tasks")."""
+
+    # Pairs of the loss: every pixel and its neighbours closer than this (at the edge map's stride 4);
+    # the original trains with 10 (152 directions).
+    radius: int = 10
+
+
+@dataclass
 class InferConfig:
     scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
     flip: bool = True
@@ -138,13 +147,14 @@ class InferConfig:
 @dataclass
 class Config:
     name: str = "run"
-    # What the run trains: stage 1 (classification); stages 2 and 3 come with their issues.
+    # What the run trains: stage 1 (classification) or stage 2 (affinity); stage 3 comes with its issue.
     task: Literal["classification", "affinity", "segmentation"] = "classification"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     puzzle: PuzzleConfig = field(default_factory=PuzzleConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    affinity: AffinityConfig = field(default_factory=AffinityConfig)
     infer: InferConfig = field(default_factory=InferConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -443,6 +453,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "train.eval_every": (lambda v: v >= 0, "0 or more (optimizer steps; 0 = off)"),
     "train.seed": (lambda v: v >= 0, "0 or more"),
     "train.zero_stage": (lambda v: v in (0, 1, 2), "0, 1 or 2 (ZeRO stage 3 is not supported)"),
+    "affinity.radius": (lambda v: v >= 2, "at least 2 (pixels of the stride-4 edge map; the original's 10)"),
     "infer.batch_size": (lambda v: v >= 1, "at least 1"),
     "infer.scales": (lambda v: len(v) >= 1 and all(s > 0 for s in v), "one or more positive scales"),
 }
@@ -468,16 +479,18 @@ def validate(cfg: Config) -> None:
             f"({d.max_long_side}): the long side is drawn from [min_long_side, max_long_side]"
         )
     n = cfg.puzzle.num_pieces
-    if t.mode == "puzzle" and d.crop_size % n:
+    if cfg.task == "classification" and t.mode == "puzzle" and d.crop_size % n:
         raise ConfigError(
             f"config key 'data.crop_size' ({d.crop_size}) must be divisible by 'puzzle.num_pieces' ({n}): "
             "the crop is cut into n x n tiles"
         )
-    if cfg.task != "classification":
+    if cfg.task == "segmentation":
         raise ConfigError(
-            f"config key 'task' is {cfg.task!r}: only 'classification' (stage 1) can be trained yet; the "
-            "affinity and segmentation stages come with their own issues (docs/training.md, Tasks)"
+            "config key 'task' is 'segmentation': only 'classification' (stage 1) and 'affinity' (stage 2) can be "
+            "trained yet; the segmentation stage comes with its own issue (docs/training.md, Tasks)"
         )
+    if cfg.task == "affinity":
+        _validate_affinity(cfg)
     if t.eval_every > 0 and not d.eval_shards:
         raise ConfigError(
             f"config key 'train.eval_every' is {t.eval_every} but 'data.eval_shards' is empty: give the evaluation "
@@ -486,6 +499,18 @@ def validate(cfg: Config) -> None:
     if t.epochs == 0 and t.max_steps == 0:
         raise ConfigError(
             "config keys 'train.epochs' and 'train.max_steps' are both 0: set one of them (no step to train)"
+        )
+
+
+def _validate_affinity(cfg: Config) -> None:
+    """The crop's edge map (stride 4) must hold pairs of affinity.radius: W >= 2r - 1 and H >= r."""
+    r, crop = cfg.affinity.radius, cfg.data.crop_size
+    edge = -(-crop // 4)
+    if edge < 2 * r - 1:
+        raise ConfigError(
+            f"config key 'data.crop_size' ({crop}) gives a {edge}x{edge} edge map (stride 4), too small for the "
+            f"pairs of 'affinity.radius' ({r}), which need {2 * r - 1} columns: use data.crop_size >= "
+            f"{4 * (2 * r - 2) + 1} or a smaller affinity.radius"
         )
 
 

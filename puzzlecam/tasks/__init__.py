@@ -7,8 +7,8 @@ optionally, its evaluation (``evaluate``; None: the task has none). The Trainer 
 group, DeepSpeed engine, precision, the poly schedule, accumulation, clipping, bad steps, checkpoints,
 when to evaluate and the best weights, metrics, TensorBoard, export.
 
-``task: classification`` is stage 1 (modes puzzle and baseline); ``affinity`` and ``segmentation`` are
-refused by the config until their stages exist.
+``task: classification`` is stage 1 (modes puzzle and baseline), ``affinity`` stage 2 (AffinityNet's
+edge head); ``segmentation`` is refused by the config until its stage exists.
 """
 
 from __future__ import annotations
@@ -25,7 +25,10 @@ from torch import nn
 from puzzlecam.config import Config
 
 # task name -> "module:class", imported on use.
-TASKS = {"classification": "puzzlecam.tasks.classification:ClassificationTask"}
+TASKS = {
+    "classification": "puzzlecam.tasks.classification:ClassificationTask",
+    "affinity": "puzzlecam.tasks.affinity:AffinityTask",
+}
 
 
 class Evaluation(NamedTuple):
@@ -64,9 +67,26 @@ class Task(ABC):
         """Optimizer groups, each with ``lr``, ``weight_decay``, ``name`` and ``lr_scale`` (the multiplier
         of the base learning rate that the poly schedule keeps)."""
 
-    @abstractmethod
     def train_loader(self, rank: int, world_size: int) -> Any:
-        """This rank's training loader (puzzlecam.data.TrainLoader: len, epoch, state_dict, load_state_dict)."""
+        """This rank's training loader (puzzlecam.data.TrainLoader: len, epoch, state_dict, load_state_dict);
+        by default the augmented crops of data.train_shards (with batch["label"] where the shards carry
+        label maps)."""
+        from puzzlecam.data import train_loader
+
+        d, t = self.cfg.data, self.cfg.train
+        return train_loader(
+            d.train_shards,
+            batch_size=t.micro_batch_size,
+            crop_size=d.crop_size,
+            seed=t.seed,
+            num_workers=d.num_workers,
+            min_long_side=d.min_long_side,
+            max_long_side=d.max_long_side,
+            hflip=d.hflip,
+            shuffle_buffer=d.shuffle_buffer,
+            rank=rank,
+            world_size=world_size,
+        )
 
     def step_values(self, step: int, total_steps: int) -> dict[str, float]:
         """Values the step at ``step`` depends on besides the learning rate (logged with it)."""
