@@ -257,15 +257,18 @@ from puzzlecam.kernels import fused_affinity_loss
 
 kernel = fused_affinity_loss._affinity_kernel
 failures = 0
-for edge_type, seg_type, radius_floor, path_block, backward in (
-    ("*fp32", "*i64", 9, 32, False),
-    ("*fp32", "*i64", 9, 32, True),
-    ("*bf16", "*u8", 9, 32, True),
-    ("*fp16", "*i32", 4, 16, False),
-    ("*fp16", "*i8", 4, 16, True),
+# The JIT turns integer arguments equal to 1 into compile-time constants: contiguous maps' unit strides.
+unit_strides = {"e_sx": 1, "s_sx": 1}
+for edge_type, seg_type, radius_floor, path_block, backward, ones in (
+    ("*fp32", "*i64", 9, 32, False, unit_strides),
+    ("*fp32", "*i64", 9, 32, True, unit_strides),
+    ("*bf16", "*u8", 9, 32, True, {}),
+    ("*fp16", "*i32", 4, 16, False, {}),
+    ("*fp16", "*i8", 4, 16, True, unit_strides),
 ):
     consts = {"RADIUS_FLOOR": radius_floor, "PATH_BLOCK": path_block, "BLOCK": fused_affinity_loss.BLOCK_SOURCES,
-              "BACKWARD": backward, "EPS": fused_affinity_loss.LOG_EPS, "NUM_LABELS": fused_affinity_loss.NUM_LABELS}
+              "BACKWARD": backward, "EPS": fused_affinity_loss.LOG_EPS, "NUM_LABELS": fused_affinity_loss.NUM_LABELS,
+              **ones}
     pointers = {"default": "*fp32", "edge_ptr": edge_type, "seg_ptr": seg_type,
                 "dest_ptr": "*i32", "path_ptr": "*i32", "length_ptr": "*i32"}
     what = f"affinity {edge_type} {seg_type} radius_floor={radius_floor} backward={backward}"
