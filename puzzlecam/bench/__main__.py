@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "data": "training-pipeline images/s from shards against a per-file folder loader",
     "eval": "one-pass threshold-sweep evaluation against a per-threshold loop",
     "train": "full Puzzle-CAM step: reference mode against fast mode",
+    "rw": "random walk per backend against the dense hw x hw method, and the fused affinity loss",
 }
 
 
