@@ -58,6 +58,7 @@ log = logging.getLogger("puzzlecam.rw")  # not __name__: that is "__main__" unde
 # Settings that change the maps: a store never mixes two of them (unless --overwrite).
 SETTINGS = ("weights_sha256", "cams", "beta", "exp_times", "radius", "pad_size")
 MAX_LISTED_IDS = 20
+MAX_EXP_TIMES = 16  # the most puzzlecam.ops.random_walk takes (65,536 steps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,10 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--exp-times",
         type=int,
         default=8,
-        help="the walk takes 2^exp-times steps of the transition matrix (default 8: 256 steps)",
+        help=f"the walk takes 2^exp-times steps of the transition matrix, 0..{MAX_EXP_TIMES} (default 8: 256 steps)",
     )
     p.add_argument(
-        "--radius", type=int, default=5, help="neighbourhood radius of the affinities, at stride 4 (default 5)"
+        "--radius", type=int, default=5, help="neighbourhood radius of the affinities, at stride 4, >= 2 (default 5)"
     )
     p.add_argument(
         "--pad-size",
@@ -264,10 +265,10 @@ def check_flags(args) -> None:
     """Refuse bad flag values before any work, naming the flag."""
     if not args.beta > 0 or args.beta == float("inf"):
         raise InferenceError(f"--beta must be a positive number, got {args.beta}")
-    if args.exp_times < 0:
-        raise InferenceError(f"--exp-times must be 0 or more, got {args.exp_times}")
-    if args.radius < 1:
-        raise InferenceError(f"--radius must be at least 1, got {args.radius}")
+    if not 0 <= args.exp_times <= MAX_EXP_TIMES:
+        raise InferenceError(f"--exp-times must be in 0..{MAX_EXP_TIMES} (2^exp-times steps), got {args.exp_times}")
+    if args.radius < 2:
+        raise InferenceError(f"--radius must be at least 2 (radius 1 has no neighbour), got {args.radius}")
     if args.pad_size < 0:
         raise InferenceError(f"--pad-size must be 0 or more, got {args.pad_size}")
     if args.num_workers < 0:

@@ -236,7 +236,9 @@ def test_bad_input_is_one_line_naming_it(setup, tmp_path, capsys):
     for flag, value in [
         ("--beta", "0"),
         ("--exp-times", "-1"),
-        ("--radius", "0"),
+        ("--exp-times", "17"),
+        ("--radius", "1"),
+        ("--backend", "triton"),
         ("--pad-size", "-1"),
         ("--num-workers", "-1"),
     ]:
