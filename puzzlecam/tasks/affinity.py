@@ -56,7 +56,7 @@ def edge_losses(
 
 
 class AffinityTask(Task):
-    """AffinityNet (docs/model.md, "AffinityNet") trained with the affinity loss (docs/method.md)."""
+    """AffinityNet (docs/model.md, "AffinityNet") trained with the affinity loss (docs/affinity.md)."""
 
     name = "affinity"
 
