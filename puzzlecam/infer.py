@@ -22,9 +22,7 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
-import json
 import logging
 import os
 import sys
@@ -35,13 +33,13 @@ import torch
 import torch.nn.functional as F
 
 from puzzlecam import ops
-from puzzlecam.camstore import is_complete, write_cam, write_index
-from puzzlecam.config import ConfigError, load_config
+from puzzlecam.camstore import RW_META_NAME, changed_settings, finish_store, is_complete, write_cam
+from puzzlecam.config import Config, ConfigError, load_config
 from puzzlecam.errors import InferenceError
 from puzzlecam.puzzle import strided_size
 from puzzlecam.utils.cli import run_command
-from puzzlecam.utils.distributed import barrier, init_distributed, sum_across_ranks
-from puzzlecam.utils.files import atomic_write_json, output_directory, remove_stale_temporaries
+from puzzlecam.utils.distributed import barrier, init_distributed
+from puzzlecam.utils.files import output_directory, remove_stale_temporaries
 from puzzlecam.utils.progress import ProgressBar
 
 log = logging.getLogger("puzzlecam.infer")  # not __name__: that is "__main__" under python -m
@@ -53,41 +51,61 @@ META_NAME = "infer.json"
 # Model
 
 
-def load_classifier(weights: str | Path, config: str | Path | None = None, device: str | torch.device = "cpu"):
-    """(model in eval mode on ``device``, Config) from a trainer's model.safetensors and config.yaml."""
+# task -> (what its network is called in messages, which command reads it)
+_NETWORKS = {"classification": "classifier", "affinity": "AffinityNet"}
+
+
+def load_trained(
+    weights: str | Path, config: str | Path | None, device: str | torch.device, task: str, command: str
+) -> tuple[torch.nn.Module, Config]:
+    """(the network of ``task`` in eval mode on ``device``, its Config) from a trainer's model.safetensors and the
+    config.yaml beside it (or ``config``); a config of another task or weights that do not fit are refused in
+    one line naming the file, ``command`` being the command that asked."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     from puzzlecam.model import build_model
+    from puzzlecam.model.affinity import build_affinity_net
 
+    what = _NETWORKS[task]
     weights = Path(weights)
     if not weights.is_file():
         raise InferenceError(f"--weights {weights}: no such file")
     config = Path(config) if config is not None else weights.parent / "config.yaml"
     if not config.is_file():
-        raise InferenceError(f"no config {config} describing the architecture of {weights}; pass --config FILE")
+        raise InferenceError(f"no config {config} describing the {what} of {weights}; pass --config FILE")
     try:
-        cfg = load_config(config)
+        cfg = load_config(config, ["model.pretrained=null"])  # the weights file has everything
     except ConfigError as e:
         raise InferenceError(f"config {config}: {e}") from None
-    cfg.model = dataclasses.replace(cfg.model, pretrained=None)  # the weights file has everything
-    model = build_model(cfg.model)
+    if cfg.task != task:
+        raise InferenceError(
+            f"--weights {weights}: its config {config} says task {cfg.task!r}; {command} needs the weights of "
+            f"a{'n' if what[0] in 'AEIOU' else ''} {what} (task: {task})"
+        )
+    model = build_affinity_net(cfg.model) if task == "affinity" else build_model(cfg.model)
     try:
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise InferenceError(f"--weights {weights} is not a readable safetensors file: {e}") from None
     missing, unexpected = _key_diff(model.state_dict(), state)
-    if missing or unexpected:
+    problem = f"missing keys {missing[:10]}, unexpected keys {unexpected[:10]}" if missing or unexpected else None
+    if problem is None:
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:  # shape mismatches
+            problem = " ".join(str(e).split())  # one line
+    if problem is not None:  # another task's or architecture's weights
         raise InferenceError(
-            f"--weights {weights} does not fit the model of {config} ({cfg.model.arch}, width {cfg.model.width}): "
-            f"missing keys {missing[:10]}{'...' if len(missing) > 10 else ''}, "
-            f"unexpected keys {unexpected[:10]}{'...' if len(unexpected) > 10 else ''}"
+            f"--weights {weights} does not fit the {what} of {config} ({cfg.model.arch}, width "
+            f"{cfg.model.width}): {problem}"
         )
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:  # shape mismatches
-        raise InferenceError(f"--weights {weights} does not fit the model of {config}: {e}") from None
     return model.to(device).eval(), cfg
+
+
+def load_classifier(weights: str | Path, config: str | Path | None = None, device: str | torch.device = "cpu"):
+    """(classifier in eval mode on ``device``, Config) from a trainer's model.safetensors and config.yaml."""
+    return load_trained(weights, config, device, "classification", "puzzlecam.infer")
 
 
 def _key_diff(expected: dict, got: dict) -> tuple[list[str], list[str]]:
@@ -156,18 +174,17 @@ def _file_digest(path: Path) -> str:
 
 
 def _check_meta(out: Path, meta: dict, overwrite: bool) -> None:
-    """Refuse to mix CAMs of different weights or settings in one store (unless --overwrite)."""
-    path = out / META_NAME
-    if overwrite or not path.is_file():
-        return
-    try:
-        old = json.loads(path.read_text())
-    except ValueError:
-        return  # unreadable metadata: it is rewritten at the end
-    differs = [k for k in ("weights_sha256", "scales", "flip") if old.get(k) != meta[k]]
+    """Refuse to mix CAMs of different weights or settings in one store (unless --overwrite), and to write
+    CAMs into a random-walk store."""
+    if (out / RW_META_NAME).is_file():
+        raise InferenceError(
+            f"--out {out} is a random-walk store (it holds {RW_META_NAME}, written by puzzlecam.rw): "
+            "write the CAMs to another directory"
+        )
+    differs = [] if overwrite else changed_settings(out, META_NAME, meta, ("weights_sha256", "scales", "flip"))
     if differs:
         raise InferenceError(
-            f"--out {out} already holds CAMs made with other {', '.join(differs)} (see {path}); "
+            f"--out {out} already holds CAMs made with other {', '.join(differs)} (see {out / META_NAME}); "
             "use another --out or pass --overwrite to recompute every image"
         )
 
@@ -334,31 +351,8 @@ def _infer(args) -> None:
             progress.advance()
         written += flush()
 
-    written, skipped, empty, corrupt = sum_across_ranks([written, skipped, empty, loader.skipped])
-    barrier()
-    stats = {
-        "written": written,
-        "skipped_complete": skipped,
-        "no_labels": empty,
-        "corrupt_samples": corrupt,
-        "samples": loader.num_samples,
-    }
-    if rank == 0:
-        args.out.mkdir(parents=True, exist_ok=True)  # no image written: the index still says so
-        index = write_index(args.out)
-        meta.update(stats)
-        atomic_write_json(args.out / META_NAME, meta)
-        log.info(
-            "CAMs: %d written (%d without labelled classes), %d already complete, %d corrupt samples skipped, "
-            "%d process(es); index %s",
-            written,
-            empty,
-            skipped,
-            corrupt,
-            world,
-            index,
-        )
-    barrier()
+    counts = {"written": written, "skipped_complete": skipped, "no_labels": empty, "corrupt_samples": loader.skipped}
+    finish_store(args.out, META_NAME, {**meta, "samples": loader.num_samples}, counts, "CAMs")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,10 +43,9 @@ from puzzlecam.camstore import (
     shown_id,
     write_cam,
 )
-from puzzlecam.config import ConfigError, load_config
 from puzzlecam.errors import InferenceError, PuzzleCamError
 from puzzlecam.infer import META_NAME as INFER_META_NAME
-from puzzlecam.infer import _file_digest, _key_diff, normalize
+from puzzlecam.infer import _file_digest, load_trained, normalize
 from puzzlecam.puzzle import strided_size
 from puzzlecam.utils.cli import run_command
 from puzzlecam.utils.distributed import barrier, init_distributed, raise_if_any_rank_failed
@@ -67,44 +66,7 @@ MAX_EXP_TIMES = 16  # the most puzzlecam.ops.random_walk takes (65,536 steps)
 
 def load_affinity_net(weights: str | Path, config: str | Path | None = None, device: str | torch.device = "cpu"):
     """(AffinityNet in eval mode on ``device``, Config) from an affinity run's model.safetensors and config.yaml."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from puzzlecam.model.affinity import build_affinity_net
-
-    weights = Path(weights)
-    if not weights.is_file():
-        raise InferenceError(f"--weights {weights}: no such file")
-    config = Path(config) if config is not None else weights.parent / "config.yaml"
-    if not config.is_file():
-        raise InferenceError(f"no config {config} describing the AffinityNet of {weights}; pass --config FILE")
-    try:
-        cfg = load_config(config, ["model.pretrained=null"])  # the weights file has everything
-    except ConfigError as e:
-        raise InferenceError(f"config {config}: {e}") from None
-    if cfg.task != "affinity":
-        raise InferenceError(
-            f"--weights {weights}: its config {config} says task {cfg.task!r}; puzzlecam.rw needs the weights "
-            "of an AffinityNet (task: affinity, stage 2), not of a classifier's CAMs (those are --cams)"
-        )
-    model = build_affinity_net(cfg.model)
-    try:
-        state = load_file(str(weights), device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise InferenceError(f"--weights {weights} is not a readable safetensors file: {e}") from None
-    missing, unexpected = _key_diff(model.state_dict(), state)
-    problem = f"missing keys {missing[:10]}, unexpected keys {unexpected[:10]}" if missing or unexpected else None
-    if problem is None:
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:  # shape mismatches
-            problem = " ".join(str(e).split())  # one line
-    if problem is not None:  # another task's or architecture's weights
-        raise InferenceError(
-            f"--weights {weights} does not fit the AffinityNet of {config} ({cfg.model.arch}, width "
-            f"{cfg.model.width}): {problem}"
-        )
-    return model.to(device).eval(), cfg
+    return load_trained(weights, config, device, "affinity", "puzzlecam.rw")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -259,7 +259,7 @@ def test_weights_config_mismatch_and_missing_config(setup, tmp_path, capsys):
         )
         == 2
     )
-    assert "does not fit the model" in capsys.readouterr().err
+    assert "does not fit the classifier" in capsys.readouterr().err
     lonely = tmp_path / "lonely" / "model.safetensors"
     lonely.parent.mkdir()
     lonely.write_bytes(weights.read_bytes())
