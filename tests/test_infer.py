@@ -246,6 +246,13 @@ def test_other_settings_refused_unless_overwrite(setup, tmp_path, capsys):
     assert infer.main(base + ["--scales", "1.0,0.5", "--overwrite"]) == 0
     meta = json.loads((out / "infer.json").read_text())
     assert meta["scales"] == [1.0, 0.5] and meta["written"] == len(manifest_ids(shards))
+    # A random-walk store (puzzlecam.rw's rw.json) never receives CAMs, even with --overwrite.
+    rw_store = tmp_path / "rw"
+    rw_store.mkdir()
+    (rw_store / "rw.json").write_text("{}")
+    assert infer.main(base[:-4] + ["--out", str(rw_store), "--num-workers", "0", "--overwrite"]) == 2
+    assert "is a random-walk store" in capsys.readouterr().err
+    assert sorted(p.name for p in rw_store.iterdir()) == ["rw.json"]
 
 
 def test_weights_config_mismatch_and_missing_config(setup, tmp_path, capsys):
