@@ -415,7 +415,7 @@ class Trainer:
         Done here rather than by DeepSpeed so that a skipped step never reaches a clipping routine
         with no gradients, and the norm is logged. fp16: the GradScaler unscales first.
         """
-        params = [p for p in self.engine.module.parameters() if p.grad is not None]
+        params = [p for p in self.engine.module.parameters() if p.requires_grad and p.grad is not None]
         if not params:
             return 0.0
         scaler = getattr(self.engine, "torch_autocast_z0_gradscaler", None)
@@ -427,7 +427,9 @@ class Trainer:
     def _drop_grads(self) -> None:
         """ZeRO stage 0: make the coming optimizer step a no-op on every rank (a skipped non-finite step)."""
         scaler = getattr(self.engine, "torch_autocast_z0_gradscaler", None)
-        for p in self.engine.module.parameters():
+        # Trained parameters only: an Inf gradient left on a frozen one (AffinityNet's backbone) would stay
+        # there, outside the optimizer, and make every later step's norm Inf.
+        for p in (p for p in self.engine.module.parameters() if p.requires_grad):
             if scaler is not None:
                 # fp16: the GradScaler skips the step and lowers its scale when it sees Inf.
                 p.grad = torch.full_like(p, float("inf"))
