@@ -35,4 +35,7 @@ TORCH_LIBRARY(puzzlecam, m) {
   // (cam (K, sh, sw), hr_cam (K, H, W)) fp32; semantics of puzzlecam.puzzle.multiscale_cam.
   // An empty flipped_maps list means "no flipped pass".
   m.def("multiscale_cam(Tensor[] maps, Tensor[] flipped_maps, Tensor keys, int[] image_size) -> (Tensor, Tensor)");
+  // x T^(2^exp_times) (K, h, w) of cams (K, h, w) and edge (h, w), fp32 (fp64 for fp64 cams); semantics of
+  // puzzlecam.affinity.random_walk_reference. Inference only (no gradient).
+  m.def("random_walk(Tensor cams, Tensor edge, float beta, int exp_times, int radius) -> Tensor");
 }

@@ -2,14 +2,16 @@
 
 Importing this module never fails: when ``puzzlecam._C`` is not built (or was built against another
 torch), :func:`available` is False and :func:`load_error` says why. When it is built, importing it
-registers three ops with the dispatcher (CPU kernels, and CUDA kernels when compiled with CUDA):
+registers its ops with the dispatcher (CPU kernels, and CUDA kernels when compiled with CUDA):
 
 * ``puzzlecam::reconstruction_loss(cam, cam_tiles, labels, n, level, kind, masking) -> (re, merged_logits)``
 * ``puzzlecam::reconstruction_loss_backward(grad_re, grad_logits, cam, cam_tiles, labels, n, level, kind, masking)``
 * ``puzzlecam::multiscale_cam(maps, flipped_maps, keys, image_size) -> (cam, hr_cam)``
+* ``puzzlecam::random_walk(cams, edge, beta, exp_times, radius) -> walk``
 
 and this module adds their fake (meta) kernels and the autograd formula of the loss, so the ops work
-under ``torch.compile`` and pass ``torch.library.opcheck``. Semantics: ``puzzlecam.puzzle``.
+under ``torch.compile`` and pass ``torch.library.opcheck``. Semantics: ``puzzlecam.puzzle`` and
+``puzzlecam.affinity``; docs/extension.md.
 """
 
 from __future__ import annotations
@@ -85,6 +87,14 @@ def multiscale_cam(
     return torch.ops.puzzlecam.multiscale_cam(list(maps), list(flipped_maps or []), keys, [height, width])
 
 
+def random_walk(
+    cams: torch.Tensor, edge: torch.Tensor, beta: float = 10, exp_times: int = 8, radius: int = 5
+) -> torch.Tensor:
+    """``x T^(2^exp_times)`` (K, h, w), fp32 (fp64 for fp64 cams); inference only (no gradient)."""
+    _require()
+    return torch.ops.puzzlecam.random_walk(cams, edge, float(beta), int(exp_times), int(radius))
+
+
 # ------------------------------------------------------------------------------------------------
 # Fake kernels and autograd (registered once, when the extension loaded)
 
@@ -109,6 +119,11 @@ def _register() -> None:
         k = keys.shape[0]
         cam = maps[0].new_empty((k, (height - 1) // 4 + 1, (width - 1) // 4 + 1), dtype=torch.float32)
         return cam, maps[0].new_empty((k, height, width), dtype=torch.float32)
+
+    @lib.register_fake("puzzlecam::random_walk")
+    def _random_walk_fake(cams, edge, beta, exp_times, radius):
+        dtype = torch.float64 if cams.dtype == torch.float64 else torch.float32
+        return cams.new_empty(cams.shape, dtype=dtype)
 
     def _setup_context(ctx, inputs, output):
         cam, cam_tiles, labels, n, level, kind, masking = inputs

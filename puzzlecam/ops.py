@@ -300,6 +300,7 @@ def affinity_sums(
     and docs/kernels.md. Float64 edge maps are served by the reference (Triton) or by the C++/CUDA ops."""
     from puzzlecam import affinity
 
+    affinity.check_affinity_args(edge, seg, radius)  # every backend fails the same way
     chosen = resolve_backend("affinity_sums", backend, edge.device)
     if chosen == "triton" and edge.dtype == torch.float64:
         _warn_once(
@@ -326,6 +327,7 @@ def random_walk(
     stencil steps; see :func:`puzzlecam.affinity.random_walk_reference` and docs/kernels.md."""
     from puzzlecam import affinity
 
+    affinity.check_random_walk_args(cams, edge, beta, exp_times, radius)  # every backend fails the same way
     chosen = resolve_backend("random_walk", backend, cams.device)
     if chosen in ("cpp", "cuda"):
         return _ext_module().random_walk(cams, edge, beta, exp_times, radius)
