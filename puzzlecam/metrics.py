@@ -100,9 +100,11 @@ def duration(seconds: float | None) -> str:
 
 def describe(r: dict[str, Any], total_steps: int, eta_s: float | None) -> str:
     """One step's record as the line the trainer shows (users grep it: keep its words)."""
+    # Every loss term of the task (stage 1: cls pcls re conf, then alpha; stage 2: bg fg neg), in record order.
+    terms = "".join(f"{k[len('loss_') :]} {v:.4f} " for k, v in r.items() if k.startswith("loss_"))
+    alpha = f"alpha {r['alpha']:.3f} " if "alpha" in r else ""
     return (
-        f"step {r['step']}/{total_steps} loss {r['loss']:.4f} cls {r['loss_cls']:.4f} pcls {r['loss_pcls']:.4f} "
-        f"re {r['loss_re']:.4f} conf {r['loss_conf']:.4f} alpha {r['alpha']:.3f} lr {r['lr']:.2e} "
+        f"step {r['step']}/{total_steps} loss {r['loss']:.4f} {terms}{alpha}lr {r['lr']:.2e} "
         f"gnorm {r.get('grad_norm', float('nan')):.3g} "
         f"{r['images_per_s']:.1f} img/s eta {duration(eta_s)} "
         f"data-wait {r['data_wait_pct']:.0f}% skipped {r['skipped_samples']} bad-steps {r['skipped_steps']}"

@@ -94,7 +94,7 @@ def test_the_old_masking_key_still_reads(tmp_path):
         ("data.min_long_side=700", r"'data.min_long_side' \(700\) must not exceed 'data.max_long_side' \(640\)"),
         ("data.crop_size=511", r"'data.crop_size' \(511\) must be divisible by 'puzzle.num_pieces' \(2\)"),
         ("train.epochs=0", r"'train.epochs' and 'train.max_steps' are both 0"),
-        ("task=affinity", r"config key 'task' is 'affinity': only 'classification' \(stage 1\) can be trained yet"),
+        ("task=segmentation", r"config key 'task' is 'segmentation': only 'classification' \(stage 1\) and 'affinity'"),
         ("train.eval_every=5", r"'train.eval_every' is 5 but 'data.eval_shards' is empty"),
         ("model.norm=batch", r"'model.norm' must be one of 'train', 'frozen', 'sync'"),
     ],

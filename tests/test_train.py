@@ -312,6 +312,15 @@ def test_step_record_is_logged_where_no_bar_is_drawn(capsys):
         "step 7/10 loss 0.5000 cls 0.2500 pcls 0.1250 re 0.1250 conf 0.0000 alpha 1.000 lr 1.00e-02 gnorm 2 "
         "12.0 img/s eta 1:02:05 data-wait 3% skipped 0 bad-steps 1"
     ]
+    # Another task's terms (stage 2: bg, fg, neg; no alpha), in the record's order.
+    affinity = {k: v for k, v in record.items() if not k.startswith(("loss_", "alpha"))}
+    affinity.update(loss_bg=0.5, loss_fg=0.25, loss_neg=0.125)
+    with ProgressBar("train", 10, enabled=False, info=True) as bar:
+        show_step(bar, 7, affinity, 10, 5.0)
+    assert capsys.readouterr().err.splitlines() == [
+        "step 7/10 loss 0.5000 bg 0.5000 fg 0.2500 neg 0.1250 lr 1.00e-02 gnorm 2 "
+        "12.0 img/s eta 0:00:05 data-wait 3% skipped 0 bad-steps 1"
+    ]
 
 
 @pytest.mark.slow

@@ -206,24 +206,6 @@ class ClassificationTask(Task):
 
         return param_groups(network.classifier, self.cfg.optim.lr, self.cfg.optim.weight_decay, keep_empty=False)
 
-    def train_loader(self, rank: int, world_size: int):
-        from puzzlecam.data import train_loader
-
-        d, t = self.cfg.data, self.cfg.train
-        return train_loader(
-            d.train_shards,
-            batch_size=t.micro_batch_size,
-            crop_size=d.crop_size,
-            seed=t.seed,
-            num_workers=d.num_workers,
-            min_long_side=d.min_long_side,
-            max_long_side=d.max_long_side,
-            hflip=d.hflip,
-            shuffle_buffer=d.shuffle_buffer,
-            rank=rank,
-            world_size=world_size,
-        )
-
     def step_values(self, step: int, total_steps: int) -> dict[str, float]:
         return {"alpha": alpha_for(step, total_steps, self.cfg)}
 
