@@ -38,4 +38,9 @@ TORCH_LIBRARY(puzzlecam, m) {
   // x T^(2^exp_times) (K, h, w) of cams (K, h, w) and edge (h, w), fp32 (fp64 for fp64 cams); semantics of
   // puzzlecam.affinity.random_walk_reference. Inference only (no gradient).
   m.def("random_walk(Tensor cams, Tensor edge, float beta, int exp_times, int radius) -> Tensor");
+  // (sums (3,), counts (3,)) [bg, fg, neg] of the AffinityNet loss over every pair of radius; semantics of
+  // puzzlecam.affinity.affinity_sums_reference. sums fp32 (fp64 for fp64 edge), counts fp32.
+  m.def("affinity_sums(Tensor edge, Tensor seg, int radius) -> (Tensor, Tensor)");
+  // d (grad_sums . sums) / d edge, in edge's dtype and shape.
+  m.def("affinity_sums_backward(Tensor grad_sums, Tensor edge, Tensor seg, int radius) -> Tensor");
 }

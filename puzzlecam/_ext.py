@@ -8,8 +8,10 @@ registers its ops with the dispatcher (CPU kernels, and CUDA kernels when compil
 * ``puzzlecam::reconstruction_loss_backward(grad_re, grad_logits, cam, cam_tiles, labels, n, level, kind, masking)``
 * ``puzzlecam::multiscale_cam(maps, flipped_maps, keys, image_size) -> (cam, hr_cam)``
 * ``puzzlecam::random_walk(cams, edge, beta, exp_times, radius) -> walk``
+* ``puzzlecam::affinity_sums(edge, seg, radius) -> (sums, counts)``
+* ``puzzlecam::affinity_sums_backward(grad_sums, edge, seg, radius) -> grad_edge``
 
-and this module adds their fake (meta) kernels and the autograd formula of the loss, so the ops work
+and this module adds their fake (meta) kernels and the autograd formulas of the two losses, so the ops work
 under ``torch.compile`` and pass ``torch.library.opcheck``. Semantics: ``puzzlecam.puzzle`` and
 ``puzzlecam.affinity``; docs/extension.md.
 """
@@ -95,6 +97,13 @@ def random_walk(
     return torch.ops.puzzlecam.random_walk(cams, edge, float(beta), int(exp_times), int(radius))
 
 
+def affinity_sums(edge: torch.Tensor, seg: torch.Tensor, radius: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sums, counts) (3,) each [bg, fg, neg]: sums fp32 (fp64 for fp64 edge), counts fp32; differentiable
+    w.r.t. ``edge`` (the counts are not)."""
+    _require()
+    return torch.ops.puzzlecam.affinity_sums(edge, seg, int(radius))
+
+
 # ------------------------------------------------------------------------------------------------
 # Fake kernels and autograd (registered once, when the extension loaded)
 
@@ -124,6 +133,29 @@ def _register() -> None:
     def _random_walk_fake(cams, edge, beta, exp_times, radius):
         dtype = torch.float64 if cams.dtype == torch.float64 else torch.float32
         return cams.new_empty(cams.shape, dtype=dtype)
+
+    @lib.register_fake("puzzlecam::affinity_sums")
+    def _affinity_sums_fake(edge, seg, radius):
+        dtype = torch.float64 if edge.dtype == torch.float64 else torch.float32
+        return edge.new_empty((3,), dtype=dtype), edge.new_empty((3,), dtype=torch.float32)
+
+    @lib.register_fake("puzzlecam::affinity_sums_backward")
+    def _affinity_sums_backward_fake(grad_sums, edge, seg, radius):
+        return torch.empty_like(edge, memory_format=torch.contiguous_format)
+
+    def _affinity_setup_context(ctx, inputs, output):
+        edge, seg, radius = inputs
+        ctx.save_for_backward(edge, seg)
+        ctx.radius = radius
+        ctx.mark_non_differentiable(output[1])
+
+    def _affinity_backward(ctx, grad_sums, grad_counts):
+        edge, seg = ctx.saved_tensors
+        if grad_sums is None:
+            return None, None, None
+        return torch.ops.puzzlecam.affinity_sums_backward(grad_sums, edge, seg, ctx.radius), None, None
+
+    lib.register_autograd("puzzlecam::affinity_sums", _affinity_backward, setup_context=_affinity_setup_context)
 
     def _setup_context(ctx, inputs, output):
         cam, cam_tiles, labels, n, level, kind, masking = inputs

@@ -8,6 +8,8 @@ torch.library.opcheck and the dispatch's choices and errors. The CUDA cases run 
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -140,13 +142,130 @@ def test_random_walk_bad_inputs_name_the_shapes():
 
 
 # ------------------------------------------------------------------------------------------------
+# Affinity sums
+
+# Relative tolerance per edge dtype (the sums are fp32 or fp64; the gradient is rounded to the edge dtype).
+SUMS_TOL = {torch.float32: 2e-5, torch.float64: 1e-12, torch.float16: 2e-3}
+
+
+def affinity_inputs(b, h, w, seed, dtype=torch.float32, seg_dtype=torch.int64, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    edge = torch.rand(b, 1, h, w, generator=gen, dtype=torch.float64)
+    seg = torch.randint(0, 4, (b, h, w), generator=gen)
+    seg[torch.rand(b, h, w, generator=gen) < 0.15] = 255
+    seg[torch.rand(b, h, w, generator=gen) < 0.05] = 21  # any value >= 21 is ignored, not only 255
+    seg[torch.rand(b, h, w, generator=gen) < 0.05] = 40
+    grad_sums = torch.randn(3, generator=gen, dtype=torch.float64)
+    return edge.to(device, dtype), seg.to(device, seg_dtype), grad_sums.to(device)
+
+
+def sums_and_grad(fn, edge, seg, radius, grad_sums):
+    edge = edge.detach().clone().requires_grad_(True)
+    sums, counts = fn(edge, seg, radius)
+    (grad,) = torch.autograd.grad((sums * grad_sums.to(sums.dtype)).sum(), [edge])
+    return sums, counts, grad
+
+
+def assert_close_rel(actual, expected, tol, what):
+    scale = expected.detach().abs().max().item() if expected.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * max(scale, 1e-12), msg=lambda m: f"{what}: {m}")
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "b,h,w,radius", [(2, 12, 21, 10), (1, 9, 13, 5), (3, 16, 16, 3), (1, 10, 19, 10), (2, 5, 3, 2)]
+)
+def test_affinity_sums_match_reference(device, dtype, b, h, w, radius):
+    edge, seg, grad_sums = affinity_inputs(b, h, w, seed=b * 100 + h * 10 + w + radius, dtype=dtype, device=device)
+    op = functools.partial(ops.affinity_sums, backend=ext_backend(device))
+    sums, counts, grad = sums_and_grad(op, edge, seg, radius, grad_sums)
+    want_sums, want_counts, want_grad = sums_and_grad(affinity.affinity_sums_reference, edge, seg, radius, grad_sums)
+    assert sums.dtype == want_sums.dtype and counts.dtype == torch.float32 and grad.dtype == dtype
+    assert not counts.requires_grad
+    assert torch.equal(counts, want_counts)
+    assert counts.sum() > 0
+    assert_close_rel(sums, want_sums, SUMS_TOL[dtype], "sums")
+    assert_close_rel(grad, want_grad, SUMS_TOL[dtype], "edge gradient")
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seg_dtype", [torch.uint8, torch.int32], ids=str)
+def test_affinity_sums_label_dtypes_and_layouts(device, seg_dtype):
+    edge, seg, grad_sums = affinity_inputs(2, 14, 22, seed=7, device=device)
+    want = sums_and_grad(affinity.affinity_sums_reference, edge, seg, 10, grad_sums)
+    # Another integer dtype for the labels, a non-contiguous edge map.
+    strided = edge.transpose(2, 3).contiguous().transpose(2, 3)
+    op = functools.partial(ops.affinity_sums, backend=ext_backend(device))
+    got = sums_and_grad(op, strided, seg.to(seg_dtype), 10, grad_sums)
+    for actual, expected, what in zip(got, want, ("sums", "counts", "edge gradient"), strict=True):
+        assert_close_rel(actual, expected, SUMS_TOL[torch.float32], what)
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_affinity_sums_tied_maxima(device):
+    # A coarse edge map: most path maxima tie. Which tied element gets a pair's gradient may differ between
+    # implementations, so compare the sums and the gradient's total, which does not depend on that choice.
+    edge, seg, grad_sums = affinity_inputs(2, 12, 20, seed=3, device=device)
+    edge = (edge * 4).floor() / 4 + 0.1
+    op = functools.partial(ops.affinity_sums, backend=ext_backend(device))
+    sums, counts, grad = sums_and_grad(op, edge, seg, 10, grad_sums)
+    want_sums, want_counts, want_grad = sums_and_grad(affinity.affinity_sums_reference, edge, seg, 10, grad_sums)
+    assert torch.equal(counts, want_counts)
+    assert_close_rel(sums, want_sums, 2e-5, "sums")
+    assert_close_rel(grad.double().sum(), want_grad.double().sum(), 1e-5, "gradient total")
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_affinity_sums_without_valid_pairs(device):
+    edge, seg, grad_sums = affinity_inputs(1, 10, 19, seed=1, device=device)
+    op = functools.partial(ops.affinity_sums, backend=ext_backend(device))
+    sums, counts, grad = sums_and_grad(op, edge, torch.full_like(seg, 255), 10, grad_sums)
+    assert torch.equal(sums, torch.zeros_like(sums)) and torch.equal(counts, torch.zeros_like(counts))
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_affinity_sums_opcheck(device):
+    edge, seg, grad_sums = affinity_inputs(2, 8, 11, seed=2, device=device)
+    torch.library.opcheck(torch.ops.puzzlecam.affinity_sums.default, (edge.requires_grad_(True), seg, 4))
+    torch.library.opcheck(
+        torch.ops.puzzlecam.affinity_sums_backward.default, (grad_sums.float(), edge.detach(), seg, 4)
+    )
+
+
+@needs_ext
+def test_affinity_sums_bad_inputs_name_the_shapes():
+    edge, seg, _ = affinity_inputs(2, 8, 11, seed=2)
+    with pytest.raises(ValueError, match=r"seg \(2, 8, 10\) must be \(B, H, W\) = \(2, 8, 11\)"):
+        ops.affinity_sums(edge, seg[..., :10], 4, backend="cpp")
+    with pytest.raises(ValueError, match="too small for radius 10"):
+        ops.affinity_sums(edge, seg, 10, backend="cpp")
+    # The op itself checks too (called directly, without puzzlecam.ops' checks).
+    with pytest.raises(ValueError, match=r"seg \[2, 8, 10\] must be \(B, H, W\) of edge \[2, 1, 8, 11\]"):
+        torch.ops.puzzlecam.affinity_sums(edge, seg[..., :10], 4)
+    with pytest.raises(TypeError, match="seg must be an integer label map, got Float"):
+        torch.ops.puzzlecam.affinity_sums(edge, seg.float(), 4)
+    with pytest.raises(ValueError, match=r"edge must be \(B, 1, H, W\)"):
+        torch.ops.puzzlecam.affinity_sums(edge[:, 0], seg, 4)
+    with pytest.raises(ValueError, match="grad_sums must hold 3 values"):
+        torch.ops.puzzlecam.affinity_sums_backward(torch.ones(2), edge, seg, 4)
+
+
+# ------------------------------------------------------------------------------------------------
 # Dispatch
 
 
 def test_auto_picks_the_extension_on_cpu_or_the_reference():
     cpu = torch.device("cpu")
-    want = "cpp" if _ext.has_op("random_walk") else "reference"
-    assert ops.resolve_backend("random_walk", "auto", cpu) == want
+    for op in ("random_walk", "affinity_sums"):
+        want = "cpp" if _ext.has_op(op) else "reference"
+        assert ops.resolve_backend(op, "auto", cpu) == want
     assert "triton" not in ops.available_backends("random_walk", cpu)
     with pytest.raises(RuntimeError, match="random_walk has no Triton kernel"):
         ops.resolve_backend("random_walk", "triton", cpu)
@@ -158,3 +277,17 @@ def test_reference_backend_is_the_oracle():
     cams, edge = walk_inputs(2, 6, 7, seed=9)
     got = ops.random_walk(cams, edge, exp_times=3, backend="reference")
     assert torch.equal(got, affinity.random_walk_reference(cams, edge, exp_times=3))
+    edge, seg, _ = affinity_inputs(1, 6, 9, seed=9)
+    for got, want in zip(ops.affinity_sums(edge, seg, 3, backend="reference"),
+                         affinity.affinity_sums_reference(edge, seg, 3), strict=True):  # fmt: skip
+        assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_auto_on_cuda_picks_triton_for_the_loss_and_cuda_for_the_walk():
+    cuda = torch.device("cuda")
+    if _ext.cuda_available() and _ext.has_op("random_walk"):
+        assert ops.resolve_backend("random_walk", "auto", cuda) == "cuda"
+    if "triton" in ops.available_backends("affinity_sums", cuda):
+        assert ops.resolve_backend("affinity_sums", "auto", cuda) == "triton"

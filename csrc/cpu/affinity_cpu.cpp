@@ -1,6 +1,13 @@
 // CPU kernels of the affinity ops (docs/extension.md): the random walk of the stride-4 CAMs and the fused
 // sums of the AffinityNet loss (forward, backward). Semantics: puzzlecam.affinity.
 //
+// Affinity sums: per (image, source row) and direction, the path maxima of the row's sources are taken
+// along the path's points (contiguous rows of the edge map, vectorized), the pair labels read from the
+// label map, and the pair's loss term added to its class's sum: the (B, D, N) tensors of the eager loss
+// are never built. The backward recomputes each maximum and its element (the first maximum in path order,
+// as max's) and adds the pair's d loss / d edge there; source rows are processed in bands of >= R rows,
+// even bands in parallel, then odd ones, so no two threads ever add to one element.
+//
 // Random walk: y <- y T with T = A^beta column-normalized, A the radius neighbourhood's affinities (both
 // directions, 1 on the diagonal). Planes are stored with a zero halo of R = radius - 1 pixels, so every tap
 // of a row is a branch-free, contiguous multiply-add the compiler vectorizes; the per-direction weight
@@ -158,8 +165,176 @@ at::Tensor random_walk_cpu(const at::Tensor& cams_in, const at::Tensor& edge_in,
   return result;
 }
 
+// ------------------------------------------------------------------------------------------------
+// Affinity sums
+
+enum PairClass : int { kBackground = 0, kForeground = 1, kNegative = 2, kIgnored = 3 };
+
+inline int pair_class(int64_t from, int64_t to) {
+  if (from >= kNumLabels || to >= kNumLabels) return kIgnored;
+  if (from != to) return kNegative;
+  if (from == 0) return kBackground;
+  return from > 0 ? kForeground : kIgnored;  // equal negative labels: valid, but neither bg nor fg (as the original)
+}
+
+// The pairs of one source row `y` of image `b`: for each, its class, affinity and (kBackward) the element of
+// the edge map holding its path's maximum. Calls visit(class, affinity, element) for every valid pair.
+template <typename acc_t, bool kBackward, typename Visit>
+void visit_row_pairs(const acc_t* edge, const int64_t* seg, const AffinityGeometry& g,
+                     const std::vector<AffinityDirection>& dirs, int64_t y, std::vector<acc_t>& peak,
+                     std::vector<int32_t>& arg, Visit&& visit) {
+  const int64_t cols = g.cols, W = g.W, x0 = g.R;
+  const int64_t* from = seg + y * W + x0;
+  for (const AffinityDirection& dir : dirs) {
+    const PathPoint first = dir.path[0];
+    const acc_t* row = edge + (y + first.dy) * W + x0 + first.dx;
+    for (int64_t x = 0; x < cols; ++x) peak[x] = row[x];
+    if (kBackward) std::fill(arg.begin(), arg.begin() + cols, 0);
+    for (size_t k = 1; k < dir.path.size(); ++k) {
+      const PathPoint p = dir.path[k];
+      row = edge + (y + p.dy) * W + x0 + p.dx;
+      if (kBackward) {
+        for (int64_t x = 0; x < cols; ++x) {
+          const bool greater = row[x] > peak[x];  // strict: the first maximum in path order keeps it
+          peak[x] = greater ? row[x] : peak[x];
+          arg[x] = greater ? static_cast<int32_t>(k) : arg[x];
+        }
+      } else {
+        for (int64_t x = 0; x < cols; ++x) peak[x] = row[x] > peak[x] ? row[x] : peak[x];
+      }
+    }
+    const int64_t* to = seg + (y + dir.dy) * W + x0 + dir.dx;
+    for (int64_t x = 0; x < cols; ++x) {
+      const int cls = pair_class(from[x], to[x]);
+      if (cls == kIgnored) continue;
+      int64_t element = 0;
+      if (kBackward) {
+        const PathPoint p = dir.path[arg[x]];
+        element = (y + p.dy) * W + x0 + x + p.dx;
+      }
+      visit(cls, acc_t(1) - peak[x], element);
+    }
+  }
+}
+
+template <typename acc_t>
+void affinity_sums_kernel(const acc_t* edge, const int64_t* seg, const AffinityGeometry& g, int64_t radius,
+                          acc_t* sums_out, float* counts_out) {
+  const std::vector<AffinityDirection> dirs = affinity_directions(radius);
+  const int64_t items = g.B * g.rows;
+  // Per (image, row) partials, added in a fixed order afterwards: the result does not depend on threads.
+  std::vector<double> sums(items * 3, 0.0);
+  std::vector<int64_t> counts(items * 3, 0);
+  const acc_t pos_eps = static_cast<acc_t>(kLogEps), neg_one = static_cast<acc_t>(1.0 + kLogEps);
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> peak(g.cols);
+    std::vector<int32_t> arg;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / g.rows, y = item % g.rows;
+      double row_sums[3] = {0.0, 0.0, 0.0};
+      int64_t row_counts[3] = {0, 0, 0};
+      visit_row_pairs<acc_t, false>(edge + b * g.H * g.W, seg + b * g.H * g.W, g, dirs, y, peak, arg,
+                                    [&](int cls, acc_t a, int64_t) {
+                                      const acc_t term = cls == kNegative ? -std::log(neg_one - a)
+                                                                          : -std::log(a + pos_eps);
+                                      row_sums[cls] += term;
+                                      row_counts[cls] += 1;
+                                    });
+      for (int c = 0; c < 3; ++c) sums[item * 3 + c] = row_sums[c], counts[item * 3 + c] = row_counts[c];
+    }
+  });
+  double total[3] = {0.0, 0.0, 0.0};
+  int64_t total_counts[3] = {0, 0, 0};
+  for (int64_t item = 0; item < items; ++item)
+    for (int c = 0; c < 3; ++c) total[c] += sums[item * 3 + c], total_counts[c] += counts[item * 3 + c];
+  for (int c = 0; c < 3; ++c) {
+    sums_out[c] = static_cast<acc_t>(total[c]);
+    counts_out[c] = static_cast<float>(total_counts[c]);
+  }
+}
+
+template <typename acc_t>
+void affinity_sums_backward_kernel(const acc_t* edge, const int64_t* seg, const AffinityGeometry& g, int64_t radius,
+                                   const acc_t* grad_sums, acc_t* grad) {
+  const std::vector<AffinityDirection> dirs = affinity_directions(radius);
+  std::fill_n(grad, g.B * g.H * g.W, acc_t(0));
+  const acc_t pos_eps = static_cast<acc_t>(kLogEps), neg_one = static_cast<acc_t>(1.0 + kLogEps);
+  // d sum / d edge at the path's maximum = -d sum / d a: 1 / (a + eps) for bg and fg, -1 / (1 + eps - a) for neg.
+  const acc_t g_bg = grad_sums[0], g_fg = grad_sums[1], g_neg = grad_sums[2];
+  // A band of `band` source rows adds to edge rows [start, start + band + R): bands two apart never share a row.
+  const int64_t band = std::max<int64_t>(g.R, 8);
+  const int64_t bands = (g.rows + band - 1) / band;
+  for (int64_t parity = 0; parity < 2; ++parity) {
+    const int64_t items = g.B * ((bands - parity + 1) / 2);
+    at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> peak(g.cols);
+      std::vector<int32_t> arg(g.cols);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t per_image = (bands - parity + 1) / 2;
+        const int64_t b = item / per_image, first = (2 * (item % per_image) + parity) * band;
+        acc_t* grad_b = grad + b * g.H * g.W;
+        for (int64_t y = first; y < std::min(first + band, g.rows); ++y) {
+          visit_row_pairs<acc_t, true>(edge + b * g.H * g.W, seg + b * g.H * g.W, g, dirs, y, peak, arg,
+                                       [&](int cls, acc_t a, int64_t element) {
+                                         grad_b[element] += cls == kNegative ? -g_neg / (neg_one - a)
+                                                            : cls == kBackground ? g_bg / (a + pos_eps)
+                                                                                 : g_fg / (a + pos_eps);
+                                       });
+        }
+      }
+    });
+  }
+}
+
+// fp64 edges are computed in fp64, every other dtype in fp32.
+at::ScalarType affinity_acc_type(const at::Tensor& edge) {
+  return edge.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::tuple<at::Tensor, at::Tensor> affinity_sums_cpu(const at::Tensor& edge_in, const at::Tensor& seg_in,
+                                                     int64_t radius) {
+  const AffinityGeometry g = check_affinity_args("puzzlecam::affinity_sums", edge_in, seg_in, radius, at::kCPU);
+  const at::ScalarType acc = affinity_acc_type(edge_in);
+  const at::Tensor edge = edge_in.to(acc).contiguous(), seg = seg_in.to(at::kLong).contiguous();
+  at::Tensor sums = new_output({3}, edge.options());
+  at::Tensor counts = new_output({3}, edge.options().dtype(at::kFloat));
+  if (acc == at::kDouble) {
+    affinity_sums_kernel<double>(edge.data_ptr<double>(), seg.data_ptr<int64_t>(), g, radius,
+                                 sums.data_ptr<double>(), counts.data_ptr<float>());
+  } else {
+    affinity_sums_kernel<float>(edge.data_ptr<float>(), seg.data_ptr<int64_t>(), g, radius, sums.data_ptr<float>(),
+                                counts.data_ptr<float>());
+  }
+  return {sums, counts};
+}
+
+at::Tensor affinity_sums_backward_cpu(const at::Tensor& grad_sums_in, const at::Tensor& edge_in,
+                                      const at::Tensor& seg_in, int64_t radius) {
+  const char* op = "puzzlecam::affinity_sums_backward";
+  const AffinityGeometry g = check_affinity_args(op, edge_in, seg_in, radius, at::kCPU);
+  check_affinity_grad(op, grad_sums_in, at::kCPU);
+  const at::ScalarType acc = affinity_acc_type(edge_in);
+  const at::Tensor edge = edge_in.to(acc).contiguous(), seg = seg_in.to(at::kLong).contiguous();
+  const at::Tensor grad_sums = grad_sums_in.to(acc).contiguous().view({3});
+  // Accumulated in the compute dtype, returned in the edge's dtype (a copy only for fp16/bf16 edges).
+  at::Tensor grad = acc == edge_in.scalar_type() ? new_output(edge_in.sizes(), edge.options())
+                                                 : at::empty(edge_in.sizes(), edge.options());
+  if (acc == at::kDouble) {
+    affinity_sums_backward_kernel<double>(edge.data_ptr<double>(), seg.data_ptr<int64_t>(), g, radius,
+                                          grad_sums.data_ptr<double>(), grad.data_ptr<double>());
+  } else {
+    affinity_sums_backward_kernel<float>(edge.data_ptr<float>(), seg.data_ptr<int64_t>(), g, radius,
+                                         grad_sums.data_ptr<float>(), grad.data_ptr<float>());
+  }
+  return grad.to(edge_in.scalar_type());
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(puzzlecam, CPU, m) { m.impl("random_walk", &random_walk_cpu); }
+TORCH_LIBRARY_IMPL(puzzlecam, CPU, m) {
+  m.impl("random_walk", &random_walk_cpu);
+  m.impl("affinity_sums", &affinity_sums_cpu);
+  m.impl("affinity_sums_backward", &affinity_sums_backward_cpu);
+}
 
 }  // namespace puzzlecam
