@@ -212,6 +212,26 @@ def test_pretrained_safetensors_and_old_files_without_counters(tv_state, tmp_pat
     assert torch.equal(backbone.conv1.weight, tv_state["conv1.weight"])
 
 
+def test_a_puzzlecam_export_initializes_a_backbone_at_any_width(tmp_path):
+    """A stage-1 run's model.safetensors (backbone.* + classifier.weight) starts another network's backbone
+    (the CPU demo's AffinityNet); another width or arch is refused naming the export."""
+    from safetensors.torch import save_file
+
+    from puzzlecam.model.affinity import build_affinity_net
+
+    trained = build_model(ModelConfig(arch="resnet18", width=8))
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(torch.randn_like(p))
+    export = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(export))
+    net = build_affinity_net(ModelConfig(arch="resnet18", width=8, pretrained=str(export)))
+    for k, v in trained.backbone.state_dict().items():
+        assert torch.equal(net.backbone.state_dict()[k], v), k
+    with pytest.raises(PretrainedMismatchError, match="puzzlecam export: its backbone.* keys must fit"):
+        build_model(ModelConfig(arch="resnet18", width=16, pretrained=str(export)))
+
+
 def test_wrong_file_lists_keys_and_shapes(tv_state, tmp_path):
     bad = dict(tv_state)
     del bad["layer2.1.conv2.weight"]

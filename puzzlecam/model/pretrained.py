@@ -8,6 +8,11 @@ does not fit (a missing key, an unexpected key, a shape mismatch) raises
 traps (a reduced ``model.width``; a resnest50 file, whose stem is 32 wide, against another depth).
 Files saved before BatchNorm had ``num_batches_tracked`` load too: those counters are then left at
 their current value. Nothing is downloaded.
+
+A puzzlecam export (a run's ``model.safetensors``: ``backbone.*`` plus its head, e.g. ``classifier.*``)
+loads too: its ``backbone.*`` weights, at any ``model.width``. The CPU demo starts AffinityNet from its
+stage-1 classifier this way, having no ImageNet file (docs/demo.md); the method's stage 2 starts from
+ImageNet.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from puzzlecam.errors import PretrainedMismatchError, UsageError
 from .resnest import RESNEST_ARCHS
 
 IGNORED_PREFIXES = ("fc.",)
+EXPORT_BACKBONE_PREFIX = "backbone."  # a puzzlecam run's export: only these keys are the backbone's
 _OPTIONAL_SUFFIX = ".num_batches_tracked"
 _MAX_LISTED = 20
 _RESNEST_STEM = "conv1.0.weight"
@@ -82,7 +88,12 @@ def load_pretrained(model_or_backbone: nn.Module, path: str | Path) -> nn.Module
     be absent), and only ``fc.*`` may be extra. Returns the backbone.
     """
     backbone = getattr(model_or_backbone, "backbone", model_or_backbone)
-    state = {k: v for k, v in read_state_dict(path).items() if not k.startswith(IGNORED_PREFIXES)}
+    state = read_state_dict(path)
+    export = any(k.startswith(EXPORT_BACKBONE_PREFIX) for k in state)
+    if export:
+        state = {k[len(EXPORT_BACKBONE_PREFIX) :]: v for k, v in state.items() if k.startswith(EXPORT_BACKBONE_PREFIX)}
+    else:
+        state = {k: v for k, v in state.items() if not k.startswith(IGNORED_PREFIXES)}
     own = backbone.state_dict()
 
     missing = [k for k in own if k not in state and not k.endswith(_OPTIONAL_SUFFIX)]
@@ -103,7 +114,9 @@ def load_pretrained(model_or_backbone: nn.Module, path: str | Path) -> nn.Module
             msg += _listing("unexpected keys", unexpected)
         if mismatched:
             msg += _listing("shape mismatches", mismatched)
-        if getattr(backbone, "width", 64) != 64:
+        if export:
+            msg += "\n  note: the file is a puzzlecam export: its backbone.* keys must fit model.arch and model.width"
+        elif getattr(backbone, "width", 64) != 64:
             msg += "\n  note: ImageNet files fit only model.width=64 (the published widths)"
         else:
             msg += _stem_note(state, own, arch)
