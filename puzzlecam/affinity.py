@@ -123,34 +123,29 @@ def pair_masks(seg: torch.Tensor, radius: int = 10) -> tuple[torch.Tensor, torch
     return positive & (label_from == 0), positive & (label_from > 0), ~equal & valid
 
 
-def _pair_indices(h: int, w: int, radius: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(source flat indices (N,), destination flat indices (D, N)) in the original's cropped region."""
+def _sources(h: int, w: int, radius: int, device) -> torch.Tensor:
+    """Flat indices (N,) of the original's cropped source region: rows 0..h-r, columns r-1..w-r."""
     floor = radius - 1
-    full = torch.arange(h * w, device=device).view(h, w)
-    ch, cw = h - floor, w - 2 * floor
-    src = full[:ch, floor : floor + cw].reshape(-1)
-    dst = torch.stack(
-        [full[dy : dy + ch, floor + dx : floor + dx + cw].reshape(-1) for dy, dx in path_directions(radius)]
-    )
-    return src, dst
+    return torch.arange(h * w, device=device).view(h, w)[: h - floor, floor : w - floor].reshape(-1)
+
+
+def _pair_indices(h: int, w: int, radius: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(source flat indices (N,), destination flat indices (D, N)): source + dy * w + dx (no row wraps)."""
+    src = _sources(h, w, radius, device)
+    offsets = torch.tensor([dy * w + dx for dy, dx in path_directions(radius)], device=device)
+    return src, src + offsets[:, None]
 
 
 def path_affinities(edge: torch.Tensor, radius: int = 10) -> torch.Tensor:
     """(B, D, N) affinities 1 - max of edge over each pair's path, the original's gather + max per length group."""
     b, _, h, w = edge.shape
-    floor = radius - 1
-    full = torch.arange(h * w, device=edge.device).view(h, w)
-    ch, cw = h - floor, w - 2 * floor
+    src = _sources(h, w, radius, edge.device)
     flat = edge.reshape(b, h * w)
     parts = []
     for paths, length in _path_groups(radius):
-        index = torch.stack(
-            [
-                torch.stack([full[py : py + ch, floor + px : floor + px + cw].reshape(-1) for py, px in path])
-                for path in paths
-            ]
-        )  # (D_g, L, N)
-        values = flat[:, index.reshape(-1)].view(b, len(paths), length, ch * cw)
+        offsets = torch.tensor([[py * w + px for py, px in path] for path in paths], device=edge.device)
+        index = src + offsets[:, :, None]  # (D_g, L, N), as the original's path indices
+        values = flat[:, index.reshape(-1)].view(b, len(paths), length, src.numel())
         parts.append(1 - values.max(dim=2).values)
     return torch.cat(parts, dim=1)
 

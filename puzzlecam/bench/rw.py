@@ -13,12 +13,14 @@ forward + backward of ``puzzlecam.affinity.affinity_loss`` through every backend
 ``puzzlecam.ops.affinity_sums``, checked against the reference (the four terms and the edge gradient).
 
 Times are medians; peak memory is above the memory before the call (CUDA: max allocated; CPU: peak
-resident set size of the process). Triton under its CPU interpreter is never timed.
+resident set size of the process, with glibc set to map every allocation over 64 KiB on its own so that
+freed memory reused by the next call is counted). Triton under its CPU interpreter is never timed.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import functools
 import logging
@@ -36,7 +38,7 @@ from rich.table import Table
 
 from puzzlecam import ops
 from puzzlecam.affinity import affinity_loss, random_walk_dense, random_walk_reference
-from puzzlecam.bench.kernels import Timer
+from puzzlecam.bench.kernels import Timer, _versions
 from puzzlecam.bench.train import _peak_mib, _reset_peak
 from puzzlecam.errors import RunError, UsageError
 from puzzlecam.utils.cli import run_command
@@ -48,6 +50,7 @@ log = logging.getLogger(__name__)
 
 WALK_TOLERANCE = 1e-3  # max |error| / max |expected|: fp32 over 256 steps (or 8 squarings) of the walk
 LOSS_TOLERANCE = 1e-4  # the same for the loss terms and the edge gradient (fp32 sums of ~10^7 pairs)
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
 @dataclass
@@ -78,6 +81,15 @@ def _size(text: str, flag: str) -> tuple[int, int]:
 def _rel_error(got, want) -> float:
     scale = max(t.abs().max().item() for t in want)
     return max((g.double() - e.double()).abs().max().item() for g, e in zip(got, want, strict=True)) / max(scale, 1e-30)
+
+
+def map_large_allocations() -> bool:
+    """Make glibc serve (and return on free) every allocation over 64 KiB with its own mapping, so that the
+    peak RSS during a call counts what it allocates; without this, freed heap memory is reused unseen."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 64 * 1024))
+    except (OSError, AttributeError):  # not glibc
+        return False
 
 
 def call_with_peak(fn, device: torch.device):
@@ -322,6 +334,8 @@ def run(args: argparse.Namespace) -> None:
         if gpu
         else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     )
+    if not gpu and not map_large_allocations():
+        log.warning("could not set glibc's mmap threshold: CPU peak memory may miss reused heap memory")
     timer = Timer(device)
     rows: list[Row] = []
     with warnings.catch_warnings(), ProgressBar("benchmarking", len(parts), transient=True) as bar:
@@ -346,11 +360,7 @@ def run(args: argparse.Namespace) -> None:
             {
                 "device": device_name,
                 "device_type": device.type,
-                "versions": {
-                    "python": platform.python_version(),
-                    "torch": torch.__version__,
-                    "cuda": torch.version.cuda,
-                },
+                "versions": _versions(),
                 "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 "settings": {
                     k: getattr(args, k)
