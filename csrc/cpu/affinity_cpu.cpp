@@ -11,14 +11,14 @@
 // Random walk: y <- y T with T = A^beta column-normalized, A the radius neighbourhood's affinities (both
 // directions, 1 on the diagonal). Planes are stored with a zero halo of R = radius - 1 pixels, so every tap
 // of a row is a branch-free, contiguous multiply-add the compiler vectorizes; the per-direction weight
-// planes are computed once, and each of the 2^exp_times steps is one parallel pass over (row, class).
+// planes are computed once. Threads split the classes (each walks all 2^exp_times steps alone) when there
+// are at least as many classes as threads, else each step's rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
-#include <utility>
 #include <vector>
 
 #include "affinity_common.h"
@@ -128,23 +128,35 @@ void random_walk_kernel(const acc_t* cams, const acc_t* edge, const WalkGeometry
       for (int64_t x = 0; x < g.w; ++x)
         current[k * P.size + P.at(y, x)] = cams[(k * g.h + y) * g.w + x] * (acc_t(1) - edge[y * g.w + x]);
 
-  // (row, class) items, classes inner: the rows of one thread share their weight rows across classes.
-  const int64_t work = (2 * D + 1) * g.w;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(work, 1));
-  for (int64_t step = 0; step < g.steps; ++step) {
-    at::parallel_for(0, g.h * g.K, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t y = item / g.K, k = item % g.K;
-        const int64_t row = P.at(y, 0);
-        walk_row(current.data() + k * P.size + row, next.data() + k * P.size + row, weight.data() + row,
-                 inv_degree.data() + row, offsets.data(), D, P.size, g.w);
-      }
+  // Step s reads buffer s % 2 and writes the other one. One row of a range of classes per call: the classes
+  // share the row's weights while they are in cache.
+  std::vector<acc_t>* buffers[2] = {&current, &next};
+  auto step_rows = [&](int64_t step, int64_t y0, int64_t y1, int64_t k0, int64_t k1) {
+    const acc_t* src = buffers[step % 2]->data();
+    acc_t* dst = buffers[(step + 1) % 2]->data();
+    for (int64_t y = y0; y < y1; ++y) {
+      const int64_t row = P.at(y, 0);
+      for (int64_t k = k0; k < k1; ++k)
+        walk_row(src + k * P.size + row, dst + k * P.size + row, weight.data() + row, inv_degree.data() + row,
+                 offsets.data(), D, P.size, g.w);
+    }
+  };
+  if (g.K >= at::get_num_threads()) {
+    // Enough classes for every thread: each walks its classes through every step alone, with no barrier
+    // between steps (a per-step barrier costs a time slice whenever a thread is preempted on a busy machine).
+    at::parallel_for(0, g.K, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t step = 0; step < g.steps; ++step) step_rows(step, 0, g.h, k0, k1);
     });
-    std::swap(current, next);
+  } else {
+    // Fewer classes than threads: every step is split over rows.
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>((2 * D + 1) * g.w * g.K, 1));
+    for (int64_t step = 0; step < g.steps; ++step)
+      at::parallel_for(0, g.h, grain, [&](int64_t y0, int64_t y1) { step_rows(step, y0, y1, 0, g.K); });
   }
+  const acc_t* walked = buffers[g.steps % 2]->data();
   for (int64_t k = 0; k < g.K; ++k)
     for (int64_t y = 0; y < g.h; ++y)
-      std::copy_n(current.data() + k * P.size + P.at(y, 0), g.w, result + (k * g.h + y) * g.w);
+      std::copy_n(walked + k * P.size + P.at(y, 0), g.w, result + (k * g.h + y) * g.w);
 }
 
 at::Tensor random_walk_cpu(const at::Tensor& cams_in, const at::Tensor& edge_in, double beta, int64_t exp_times,
