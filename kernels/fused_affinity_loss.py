@@ -116,6 +116,11 @@ def _affinity_kernel(
         ).to(tl.float32)
         peak = tl.max(values, axis=1)
         aff = tl.where(smask, 1.0 - peak, 0.5)  # rows past the last source: -inf, kept out of the logs
+        # A NaN on the path makes all three sums NaN, as the reference's masked products do: a diverged
+        # edge map must not give a finite loss. (Compiled, tl.max ignores NaN; a custom NaN-propagating
+        # reduction would run element by element in the interpreter.)
+        broken = tl.max((values != values).to(tl.int32), axis=1) > 0
+        aff = tl.where(broken, float("nan"), aff)
         if BACKWARD:
             # d(-log(a + eps))/da = -1/(a + eps), d(-log(1 + eps - a))/da = 1/(1 + eps - a), da/d peak = -1.
             coef = tl.where(
@@ -125,13 +130,15 @@ def _affinity_kernel(
             )
             # One element holding the maximum (the lowest offset among exact ties).
             g_off = g_src[:, None] + py[None, :] * W + px[None, :]
-            at_peak = tl.min(tl.where(values == peak[:, None], g_off, 2147483647), axis=1)
-            tl.atomic_add(grad_ptr + at_peak, coef, mask=is_bg | is_fg | is_neg)
+            # (The NaN itself on a broken path, whatever tl.max made of it: the reference's max picks the NaN.)
+            held = tl.where(broken[:, None], values != values, values == peak[:, None])
+            at_peak = tl.min(tl.where(held, g_off, 2147483647), axis=1)
+            tl.atomic_add(grad_ptr + at_peak, coef, mask=is_bg | is_fg | is_neg | broken)
         else:
             pos_loss = -tl.log(aff + EPS)
-            sum_bg += tl.where(is_bg, pos_loss, 0.0)
-            sum_fg += tl.where(is_fg, pos_loss, 0.0)
-            sum_neg += tl.where(is_neg, -tl.log(1.0 + EPS - aff), 0.0)
+            sum_bg += tl.where(is_bg | broken, pos_loss, 0.0)
+            sum_fg += tl.where(is_fg | broken, pos_loss, 0.0)
+            sum_neg += tl.where(is_neg | broken, -tl.log(1.0 + EPS - aff), 0.0)
             cnt_bg += is_bg.to(tl.float32)
             cnt_fg += is_fg.to(tl.float32)
             cnt_neg += is_neg.to(tl.float32)

@@ -182,6 +182,21 @@ def test_affinity_sums_with_ties(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_affinity_sums_nan_edge_propagates(device):
+    """A NaN in the edge map (a diverged network) gives NaN sums and a NaN gradient at that pixel, as the
+    reference does: never a finite loss that hides it."""
+    gen = torch.Generator().manual_seed(23)
+    edge = distinct_edge(1, 12, 14, torch.float32, device, gen)
+    edge[0, 0, 5, 6] = float("nan")
+    seg = random_labels(1, 12, 14, torch.int64, device, gen)
+    sums, counts, grad = run(affinity_sums, edge, seg, 5, torch.ones(3, device=device))
+    ref_sums, ref_counts, ref_grad = reference(edge, seg, 5, torch.ones(3, device=device))
+    assert ref_sums.isnan().all() and sums.isnan().all(), sums
+    assert torch.equal(counts, ref_counts)
+    assert torch.equal(grad.isnan(), ref_grad.isnan()) and grad[0, 0, 5, 6].isnan()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_affinity_sums_without_valid_pairs(device):
     """Every label ignored: zero sums and counts, zero gradient (every partial written)."""
     gen = torch.Generator().manual_seed(3)
