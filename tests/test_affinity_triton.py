@@ -310,3 +310,22 @@ def test_affinity_kernel_compiles_for_sm90():
         f"compiling the affinity kernel for sm_90 failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
     )
     assert proc.stdout.count("compiled ") == 5, proc.stdout
+
+
+@pytest.mark.gpu
+def test_affinity_sums_gpu_memory_stays_at_map_size():
+    """Forward + backward allocate a few map-sized buffers, never anything of the (B, D, N) pairs' size."""
+    b, h, w, radius = 8, 128, 128, 10
+    gen = torch.Generator().manual_seed(29)
+    edge = distinct_edge(b, h, w, torch.float32, "cuda", gen).requires_grad_(True)
+    seg = random_labels(b, h, w, torch.int64, "cuda", gen)
+    affinity_sums(edge, seg, radius)[0].sum().backward()  # kernels compiled, path tables cached
+    edge.grad = None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    affinity_sums(edge, seg, radius)[0].sum().backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    pairs = b * 152 * (h - radius + 1) * (w - 2 * radius + 2)
+    assert extra <= 3 * edge.numel() * 4 + 2**20, f"{extra} bytes beyond the inputs (one pair tensor: {pairs * 4})"
