@@ -20,15 +20,11 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from puzzlecam.errors import UsageError
+from puzzlecam.errors import AffinityInputError
 
 NUM_VOC_LABELS = 21  # label values >= 21 (255: ignore) make a pair invalid, as the original's `< 21`
 LOG_EPS = 1e-5
 COUNT_EPS = 1e-5
-
-
-class AffinityInputError(UsageError, ValueError):
-    """Tensors of the wrong shape, dtype or range for the affinity ops; the message names the shapes."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,6 +60,11 @@ class InferenceError(UsageError, ValueError):
     """Bad inference input (weights, config, flags, output directory); the message names it."""
 
 
+class AffinityInputError(UsageError, ValueError):
+    """Tensors of the wrong shape, dtype or range for the affinity ops (puzzlecam.affinity, puzzlecam.ops);
+    the message names the shapes."""
+
+
 class EvaluationError(UsageError, ValueError):
     """Bad evaluation input (missing CAMs, shape mismatch, bad labels); names the image ids."""
 
