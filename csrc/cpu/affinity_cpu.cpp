@@ -189,6 +189,27 @@ inline int pair_class(int64_t from, int64_t to) {
   return from > 0 ? kForeground : kIgnored;  // equal negative labels: valid, but neither bg nor fg (as the original)
 }
 
+// peak = max(peak, row) elementwise (branch-free and restrict-qualified, so the compiler vectorizes it).
+template <typename acc_t>
+void running_max(const acc_t* __restrict__ row, int64_t cols, acc_t* __restrict__ peak) {
+#pragma omp simd
+  for (int64_t x = 0; x < cols; ++x) peak[x] = row[x] > peak[x] ? row[x] : peak[x];
+}
+
+// The same, also keeping in arg the path index of the maximum; strict >, so the first maximum in path order
+// keeps it (as max's).
+template <typename acc_t>
+void running_argmax(const acc_t* __restrict__ row, int32_t k, int64_t cols, acc_t* __restrict__ peak,
+                    int32_t* __restrict__ arg) {
+#pragma omp simd
+  for (int64_t x = 0; x < cols; ++x) {
+    const acc_t v = row[x], current = peak[x];
+    const int32_t greater = -static_cast<int32_t>(v > current);  // all bits set where v is the new maximum
+    peak[x] = v > current ? v : current;
+    arg[x] = (arg[x] & ~greater) | (k & greater);
+  }
+}
+
 // The pairs of one source row `y` of image `b`: for each, its class, affinity and (kBackward) the element of
 // the edge map holding its path's maximum. Calls visit(class, affinity, element) for every valid pair.
 template <typename acc_t, bool kBackward, typename Visit>
@@ -199,20 +220,15 @@ void visit_row_pairs(const acc_t* edge, const int64_t* seg, const AffinityGeomet
   const int64_t* from = seg + y * W + x0;
   for (const AffinityDirection& dir : dirs) {
     const PathPoint first = dir.path[0];
-    const acc_t* row = edge + (y + first.dy) * W + x0 + first.dx;
-    for (int64_t x = 0; x < cols; ++x) peak[x] = row[x];
+    std::copy_n(edge + (y + first.dy) * W + x0 + first.dx, cols, peak.data());
     if (kBackward) std::fill(arg.begin(), arg.begin() + cols, 0);
     for (size_t k = 1; k < dir.path.size(); ++k) {
       const PathPoint p = dir.path[k];
-      row = edge + (y + p.dy) * W + x0 + p.dx;
+      const acc_t* row = edge + (y + p.dy) * W + x0 + p.dx;
       if (kBackward) {
-        for (int64_t x = 0; x < cols; ++x) {
-          const bool greater = row[x] > peak[x];  // strict: the first maximum in path order keeps it
-          peak[x] = greater ? row[x] : peak[x];
-          arg[x] = greater ? static_cast<int32_t>(k) : arg[x];
-        }
+        running_argmax(row, static_cast<int32_t>(k), cols, peak.data(), arg.data());
       } else {
-        for (int64_t x = 0; x < cols; ++x) peak[x] = row[x] > peak[x] ? row[x] : peak[x];
+        running_max(row, cols, peak.data());
       }
     }
     const int64_t* to = seg + (y + dir.dy) * W + x0 + dir.dx;
