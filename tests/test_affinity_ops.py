@@ -291,3 +291,59 @@ def test_auto_on_cuda_picks_triton_for_the_loss_and_cuda_for_the_walk():
         assert ops.resolve_backend("random_walk", "auto", cuda) == "cuda"
     if "triton" in ops.available_backends("affinity_sums", cuda):
         assert ops.resolve_backend("affinity_sums", "auto", cuda) == "triton"
+
+
+# ------------------------------------------------------------------------------------------------
+# The CUDA glue compiles (syntax and types) against torch's headers on a machine without a CUDA torch
+
+# The CPU torch wheel lacks c10/cuda; these declare just what the glue uses, so g++ checks everything else
+# (ATen calls, the launchers' signatures in the kernel headers) against the real headers.
+C10_CUDA_STUBS = {
+    "CUDAException.h": "#pragma once\n#include <cuda_runtime_api.h>\n#define C10_CUDA_CHECK(x) (void)(x)\n",
+    "CUDAGuard.h": (
+        "#pragma once\n#include <c10/core/Device.h>\n"
+        "namespace c10::cuda { struct CUDAGuard { explicit CUDAGuard(c10::Device) {} }; }\n"
+    ),
+    "CUDAStream.h": (
+        "#pragma once\n#include <cuda_runtime_api.h>\n"
+        "namespace c10::cuda { struct CUDAStream { operator cudaStream_t() const { return nullptr; } };\n"
+        "inline CUDAStream getCurrentCUDAStream() { return {}; } }\n"
+    ),
+}
+
+
+@pytest.mark.slow
+def test_cuda_glue_compiles_against_torch_headers(tmp_path):
+    import glob
+    import os
+    import shutil
+    import subprocess
+
+    from torch.utils import cpp_extension
+
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    if compiler is None:
+        pytest.skip("needs a C++ compiler")
+    nvcc = shutil.which("nvcc")
+    # The toolkit's headers: $CUDA_HOME, the usual install path, or beside nvcc (which may be a wrapper script).
+    homes = [os.environ.get("CUDA_HOME"), "/usr/local/cuda", nvcc and os.path.dirname(os.path.dirname(nvcc))]
+    found = [
+        os.path.join(h, "include")
+        for h in homes
+        if h and os.path.exists(os.path.join(h, "include", "cuda_runtime_api.h"))
+    ]
+    if not found:
+        pytest.skip(f"no CUDA toolkit headers (cuda_runtime_api.h) under {homes}")
+    cuda_include = found[0]
+    stubs = tmp_path / "c10" / "cuda"
+    stubs.mkdir(parents=True)
+    for name, text in C10_CUDA_STUBS.items():
+        (stubs / name).write_text(text)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    includes = [str(tmp_path), os.path.join(root, "csrc"), *cpp_extension.include_paths(), cuda_include]
+    sources = sorted(glob.glob(os.path.join(root, "csrc", "cuda", "*.cpp")))
+    assert sources, "no CUDA glue files in csrc/cuda"
+    for source in sources:
+        cmd = [compiler, "-std=c++20", "-fsyntax-only", "-Wall", *(f"-I{d}" for d in includes), source]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        assert result.returncode == 0, f"{os.path.basename(source)} does not compile:\n{result.stderr[-4000:]}"
