@@ -2,7 +2,9 @@
 
 Generates a synthetic VOC-format set, shards it, trains a baseline and a Puzzle-CAM model with the
 ``deepspeed`` launcher (2 CPU processes by default), runs multi-scale CAM inference and the
-threshold-sweep evaluation on the evaluation split, writes overlays, and prints one comparison table.
+threshold-sweep evaluation on the evaluation split, writes overlays; then stage 2 on the Puzzle-CAM run
+(affinity labels from its CAMs of the training images, labelled shards, AffinityNet, the random walk of
+its evaluation CAMs, their evaluation and overlays); and prints one comparison table.
 
 Every stage runs the same commands a user would run (shown before each stage). A stage is reused
 only when its settings and inputs are those of its recorded complete run (:class:`Stages`,
@@ -40,6 +42,8 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "launch" / "configs" / "demo_cpu.yaml"
 MODES = ("baseline", "puzzle")
+RANDOM_WALK = "random walk"  # the table's row of stage 2 (the Puzzle-CAM CAMs after the walk)
+DEFAULT_AFFINITY_CONFIG = REPO / "launch" / "configs" / "demo_affinity_cpu.yaml"
 STAGE_RECORD = "stages.json"
 
 console = Console(width=max(110, shutil.get_terminal_size((110, 24)).columns))
@@ -184,6 +188,18 @@ def _train_command(launcher: str, procs: int, entry: list[str]) -> list[str]:
     return [sys.executable, *entry]
 
 
+def _per_process_batch(cfg, procs: int, source: str) -> int:
+    """The config's global batch split over ``procs`` processes (each process takes its share)."""
+    t = cfg.train
+    per_proc = t.global_batch_size // (procs * t.grad_accum_steps)
+    if per_proc * procs * t.grad_accum_steps != t.global_batch_size:
+        raise UsageError(
+            f"--procs {procs}: train.global_batch_size={t.global_batch_size} of {source} is not divisible by "
+            f"--procs {procs} x train.grad_accum_steps {t.grad_accum_steps}"
+        )
+    return per_proc
+
+
 def run_demo(args: argparse.Namespace) -> dict[str, dict]:
     out = Path(args.out).resolve()
     voc, shards = out / "voc", out / "shards"
@@ -191,14 +207,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, dict]:
     # Single-threaded math per process: the launcher starts several processes on few cores.
     env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // max(1, args.procs)))}
 
-    # The global batch is the config's; each process takes its share of it.
     cfg = load_config(args.config, args.set)
-    per_proc = cfg.train.global_batch_size // (args.procs * cfg.train.grad_accum_steps)
-    if per_proc * args.procs * cfg.train.grad_accum_steps != cfg.train.global_batch_size:
-        raise UsageError(
-            f"--procs {args.procs}: train.global_batch_size={cfg.train.global_batch_size} is not divisible by "
-            f"--procs {args.procs} x train.grad_accum_steps {cfg.train.grad_accum_steps}"
-        )
+    per_proc = _per_process_batch(cfg, args.procs, "--config")
     stages = Stages(out)
     synth = [py, "-m", "puzzlecam.data", "synth", "--out", str(voc), "--overwrite"]
     synth += ["--num-images", str(args.num_images), "--size", str(args.size), "--seed", str(args.seed)]
@@ -278,7 +288,101 @@ def run_demo(args: argparse.Namespace) -> dict[str, dict]:
         )
         summary = json.loads((evaluation / "summary.json").read_text())
         results[mode] = {"summary": summary, "run": run, "grid": viz / "grid.png"}
+    if not args.no_random_walk:
+        results[RANDOM_WALK] = run_random_walk_stages(args, stages, cfg, out, train_pattern, val_pattern, env)
     return results
+
+
+def run_random_walk_stages(args, stages: Stages, cfg, out: Path, train_pattern: str, val_pattern: str, env) -> dict:
+    """Stage 2 on the Puzzle-CAM run: its CAMs of the training images -> affinity labels (no CRF) ->
+    labelled shards -> AffinityNet -> the random walk of its evaluation CAMs -> evaluation and overlays."""
+    py = sys.executable
+    puzzle, run = out / "runs" / "puzzle", out / "runs" / "affinity"
+    cams_train, labels, shards = puzzle / "cams_train", puzzle / "affinity_labels", out / "shards_affinity"
+    rw, evaluation, viz = run / "rw", run / "rw_eval", run / "viz"
+    stages.run(
+        "infer_train_puzzle",
+        "CAMs of the training images (puzzle)",
+        [py, "-m", "puzzlecam.infer", "--weights", str(puzzle / "model.safetensors"), "--shards", train_pattern]
+        + ["--out", str(cams_train), "--device", "cpu", "--num-workers", "1"],
+        inputs=["train_puzzle", "shard_train"],
+        outputs=[cams_train],
+        complete=(cams_train / "index.parquet").exists,
+        env=env,
+    )
+    stages.run(
+        "affinity_labels",
+        "affinity labels (confident foreground 0.40, background 0.10, no CRF)",
+        [py, "-m", "puzzlecam.labels", "--affinity", "--no-crf", "--cams", str(cams_train), "--out", str(labels)],
+        inputs=["infer_train_puzzle"],
+        outputs=[labels],
+        complete=lambda: any(labels.glob("*.png")),
+    )
+    stages.run(
+        "label_shards",
+        "training shards with the affinity labels",
+        [py, "-m", "puzzlecam.data", "label-shards", "--shards", train_pattern, "--labels", str(labels)]
+        + ["--out", str(shards), "--overwrite"],
+        inputs=["affinity_labels", "shard_train"],
+        complete=lambda: any(shards.glob("train-*.tar")),
+    )
+    # No ImageNet file here: the frozen backbone is the Puzzle-CAM classifier's (docs/demo.md).
+    overrides = [
+        f"data.train_shards={shards / 'train-*.tar'}",
+        f"model.arch={cfg.model.arch}",
+        f"model.width={cfg.model.width}",
+        f"model.pretrained={puzzle / 'model.safetensors'}",
+        f"train.seed={args.seed}",
+        *args.affinity_set,
+    ]
+    affinity_cfg = load_config(args.affinity_config, overrides)
+    overrides.append(f"train.micro_batch_size={_per_process_batch(affinity_cfg, args.procs, '--affinity-config')}")
+    entry = [str(REPO / "launch" / "train.py"), "--config", args.affinity_config, "--run-dir", str(run)]
+    entry += ["--resume", "auto", *overrides]
+    stages.run(
+        "train_affinity",
+        f"train AffinityNet ({args.launcher}, {args.procs} processes)",
+        _train_command(args.launcher, args.procs, entry),
+        settings={
+            "launcher": args.launcher,
+            "procs": args.procs,
+            "entry": entry,
+            "config": load_config(args.affinity_config, overrides).to_dict(),
+        },
+        inputs=["label_shards", "train_puzzle"],
+        outputs=[run],  # a stale checkpoint must not be resumed
+        complete=(run / "model.safetensors").exists,
+        env=env,
+    )
+    stages.run(
+        "rw",
+        "random walk of the evaluation CAMs (puzzle)",
+        [py, "-m", "puzzlecam.rw", "--weights", str(run / "model.safetensors"), "--cams", str(puzzle / "cams")]
+        + ["--shards", val_pattern, "--out", str(rw), "--device", "cpu", "--num-workers", "1"],
+        inputs=["train_affinity", "infer_puzzle", "shard_val"],
+        outputs=[rw],
+        complete=(rw / "index.parquet").exists,
+        env=env,
+    )
+    stages.run(
+        "eval_rw",
+        "threshold-sweep evaluation (random walk)",
+        [py, "-m", "puzzlecam.evaluate", "--cams", str(rw), "--shards", val_pattern, "--out", str(evaluation)],
+        inputs=["rw", "shard_val"],
+        outputs=[evaluation],
+        complete=(evaluation / "summary.json").exists,
+    )
+    stages.run(
+        "viz_rw",
+        "overlays (random walk)",
+        [py, "-m", "puzzlecam.viz", "--cams", str(rw), "--shards", val_pattern, "--out", str(viz)]
+        + ["--n", str(args.pictures), "--summary", str(evaluation / "summary.json")],
+        inputs=["eval_rw", "shard_val"],
+        outputs=[viz],
+        complete=(viz / "grid.png").exists,
+    )
+    summary = json.loads((evaluation / "summary.json").read_text())
+    return {"summary": summary, "run": run, "grid": viz / "grid.png"}
 
 
 def print_table(results: dict[str, dict], out: Path) -> None:
@@ -296,12 +400,15 @@ def print_table(results: dict[str, dict], out: Path) -> None:
             str(r["grid"].relative_to(out)),
         )
     console.print(table)
-    if len(results) == 2:
-        gain = 100 * (results["puzzle"]["summary"]["best_miou"] - results["baseline"]["summary"]["best_miou"])
-        console.print(f"Puzzle-CAM - baseline: {gain:+.1f} mIoU points")
+    miou = {mode: 100 * r["summary"]["best_miou"] for mode, r in results.items()}
+    console.print(f"Puzzle-CAM - baseline: {miou['puzzle'] - miou['baseline']:+.1f} mIoU points")
+    if RANDOM_WALK in miou:
+        console.print(f"random walk - Puzzle-CAM: {miou[RANDOM_WALK] - miou['puzzle']:+.1f} mIoU points")
     console.print(
         f"Everything is under {out}: runs/<mode>/ (config, metrics, checkpoints, model.safetensors, "
-        f"cams/, eval/, viz/), logs/, shards/, voc/"
+        f"cams/, eval/, viz/; puzzle/ also cams_train/, affinity_labels/), runs/affinity/ (AffinityNet, rw/, "
+        "rw_eval/, viz/), logs/, shards/, "
+        "shards_affinity/, voc/"
     )
 
 
@@ -309,8 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m puzzlecam.demo",
         description="The main job on a CPU machine: synthetic VOC-format data -> shards -> baseline and Puzzle-CAM "
-        "training (DeepSpeed, 2 processes) -> multi-scale CAMs -> threshold-sweep mIoU -> overlays -> "
-        "one comparison table. A stage is reused on a rerun when its settings and inputs are unchanged "
+        "training (DeepSpeed, 2 processes) -> multi-scale CAMs -> threshold-sweep mIoU -> overlays; then stage 2 on "
+        "the Puzzle-CAM run: affinity labels -> AffinityNet -> random walk -> mIoU -> overlays; one comparison "
+        "table. A stage is reused on a rerun when its settings and inputs are unchanged "
         "(OUT/stages.json); each stage says whether it ran or was reused.",
     )
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
@@ -339,6 +447,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="a config override for both training runs, e.g. --set train.epochs=5 (repeatable)",
+    )
+    p.add_argument(
+        "--affinity-config",
+        default=str(DEFAULT_AFFINITY_CONFIG),
+        help="run config of stage 2's AffinityNet (default launch/configs/demo_affinity_cpu.yaml)",
+    )
+    p.add_argument(
+        "--affinity-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for the AffinityNet training, e.g. --affinity-set train.epochs=2 (repeatable)",
+    )
+    p.add_argument(
+        "--no-random-walk",
+        action="store_true",
+        help="stop after stage 1 (no affinity labels, AffinityNet or random walk)",
     )
     p.add_argument("--fresh", action="store_true", help="delete --out first instead of reusing completed stages")
     return p

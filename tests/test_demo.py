@@ -22,6 +22,8 @@ STAGES = [
     "shard_train",
     "shard_val",
     *(f"{stage}_{mode}" for mode in demo.MODES for stage in ("train", "infer", "eval", "viz")),
+    # stage 2 on the Puzzle-CAM run
+    *("infer_train_puzzle", "affinity_labels", "label_shards", "train_affinity", "rw", "eval_rw", "viz_rw"),
 ]
 
 
@@ -31,7 +33,7 @@ def _said(text: str) -> dict[str, str]:
 
 
 def _table_row(text: str, mode: str) -> list[str]:
-    (line,) = [line for line in text.splitlines() if re.match(rf"^\W*{mode}\b", line)]
+    (line,) = [line for line in text.splitlines() if re.match(rf"^[│|]\s*{re.escape(mode)}\s*[│|]", line)]
     return [cell.strip() for cell in re.split(r"[│|]", line) if cell.strip()]
 
 
@@ -53,10 +55,24 @@ def test_demo_pipeline_tiny(tmp_path, capsys):
         "data.crop_size=64",
         "--set",
         "infer.scales=[1.0, 0.5]",
+        "--affinity-set",
+        "train.max_steps=2",
     ]
     assert demo.main(args) == 0
     text = capsys.readouterr().out
-    assert "Puzzle-CAM - baseline" in text
+    assert "Puzzle-CAM - baseline" in text and "random walk - Puzzle-CAM" in text
+    affinity = out / "runs" / "affinity"
+    rw_summary = json.loads((affinity / "rw_eval" / "summary.json").read_text())
+    assert rw_summary["thresholds"][0] == 0.05 and rw_summary["thresholds"][-1] == 0.5  # the rw sweep
+    assert _table_row(text, "random walk")[2:4] == [
+        f"{rw_summary['best_threshold']:.2f}",
+        f"{100 * rw_summary['best_miou']:.1f}",
+    ]
+    # The AffinityNet's frozen backbone is the Puzzle-CAM classifier's (no ImageNet file in the demo).
+    assert yaml.safe_load((affinity / "config.yaml").read_text())["model"]["pretrained"].endswith(
+        "runs/puzzle/model.safetensors"
+    )
+    assert (affinity / "viz" / "grid.png").is_file() and any((out / "shards_affinity").glob("train-*.tar"))
     for mode in demo.MODES:
         run = out / "runs" / mode
         summary = json.loads((run / "eval" / "summary.json").read_text())
