@@ -344,7 +344,7 @@ def print_table(results: list[Result], title: str) -> None:
     Console(width=max(150, Console().width)).print(table)
 
 
-def _versions() -> dict:
+def versions() -> dict:
     out = {"python": platform.python_version(), "torch": torch.__version__}
     try:
         import triton
@@ -444,7 +444,7 @@ def run(args: argparse.Namespace) -> None:
         payload = {
             "device": device_name,
             "device_type": device.type,
-            "versions": _versions(),
+            "versions": versions(),
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "dtype": args.dtype,
             "repeats": repeats,

@@ -38,8 +38,8 @@ from rich.table import Table
 
 from puzzlecam import ops
 from puzzlecam.affinity import affinity_loss, random_walk_dense, random_walk_reference
-from puzzlecam.bench.kernels import Timer, _versions
-from puzzlecam.bench.train import _peak_mib, _reset_peak
+from puzzlecam.bench.kernels import Timer, versions
+from puzzlecam.bench.train import peak_mib, reset_peak
 from puzzlecam.errors import RunError, UsageError
 from puzzlecam.utils.cli import run_command
 from puzzlecam.utils.distributed import init_distributed
@@ -94,12 +94,12 @@ def map_large_allocations() -> bool:
 
 def call_with_peak(fn, device: torch.device):
     """(fn(), the MiB the call needed above what was in use before it)."""
-    _reset_peak(device)
-    base = _peak_mib(device)  # right after the reset the peak is the current use
+    reset_peak(device)
+    base = peak_mib(device)  # right after the reset the peak is the current use
     out = fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    peak = _peak_mib(device)
+    peak = peak_mib(device)
     return out, None if base is None or peak is None else peak - base
 
 
@@ -360,7 +360,7 @@ def run(args: argparse.Namespace) -> None:
             {
                 "device": device_name,
                 "device_type": device.type,
-                "versions": _versions(),
+                "versions": versions(),
                 "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 "settings": {
                     k: getattr(args, k)

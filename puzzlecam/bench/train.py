@@ -40,7 +40,7 @@ from puzzlecam.utils.files import atomic_write_json
 log = logging.getLogger(__name__)
 
 
-def _reset_peak(device: torch.device) -> None:
+def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
@@ -52,7 +52,7 @@ def _reset_peak(device: torch.device) -> None:
             pass
 
 
-def _peak_mib(device: torch.device) -> float | None:
+def peak_mib(device: torch.device) -> float | None:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     try:
@@ -126,7 +126,7 @@ def run_mode(mode: str, args, device: torch.device, batches: list[dict]) -> dict
         opt.step()
         return losses.total
 
-    _reset_peak(device)
+    reset_peak(device)
     for i in range(args.warmup):
         step(batches[i % len(batches)])
     _sync(device)
@@ -143,7 +143,7 @@ def run_mode(mode: str, args, device: torch.device, batches: list[dict]) -> dict
         "mode": mode,
         "images_per_s": args.batch_size / median,
         "step_ms": 1000 * median,
-        "peak_mib": _peak_mib(device),
+        "peak_mib": peak_mib(device),
         "dtype": str(dtype).replace("torch.", ""),
         "channels_last": channels_last,
         "ops_backend": cfg.train.ops_backend,
