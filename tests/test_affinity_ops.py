@@ -231,6 +231,24 @@ def test_affinity_sums_without_valid_pairs(device):
 
 @needs_ext
 @pytest.mark.parametrize("device", DEVICES)
+def test_affinity_sums_nan_edges_propagate_as_in_the_reference(device):
+    # A diverged edge head must show as a NaN loss: a NaN in any pair's path (ignored pairs too) makes all
+    # three sums NaN, and the NaN element's gradient NaN; every other element keeps its gradient.
+    edge, seg, grad_sums = affinity_inputs(2, 10, 13, seed=4, device=device)
+    seg[0] = 255
+    edge[0, 0, 5, 6] = float("nan")  # only ignored pairs cross it
+    edge[1, 0, 2, 3] = float("nan")
+    op = functools.partial(ops.affinity_sums, backend=ext_backend(device))
+    sums, counts, grad = sums_and_grad(op, edge, seg, 4, grad_sums)
+    want_sums, want_counts, want_grad = sums_and_grad(affinity.affinity_sums_reference, edge, seg, 4, grad_sums)
+    assert want_sums.isnan().all() and sums.isnan().all()
+    assert torch.equal(counts, want_counts)
+    assert torch.equal(grad.isnan(), want_grad.isnan()) and grad.isnan().sum() == 2
+    assert_close_rel(grad.nan_to_num(), want_grad.nan_to_num(), SUMS_TOL[torch.float32], "finite gradient")
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
 def test_affinity_sums_opcheck(device):
     edge, seg, grad_sums = affinity_inputs(2, 8, 11, seed=2, device=device)
     torch.library.opcheck(torch.ops.puzzlecam.affinity_sums.default, (edge.requires_grad_(True), seg, 4))

@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "affinity_common.h"
@@ -189,29 +190,38 @@ inline int pair_class(int64_t from, int64_t to) {
   return from > 0 ? kForeground : kIgnored;  // equal negative labels: valid, but neither bg nor fg (as the original)
 }
 
+// v replaces the running maximum `current` when greater, or when NaN (and current is not): a NaN stays, as
+// torch's max propagates it.
+template <typename acc_t>
+inline bool takes_over(acc_t v, acc_t current) {
+  return !(v <= current) & (current == current);  // non-short-circuit &: a select, not a branch
+}
+
 // peak = max(peak, row) elementwise (branch-free and restrict-qualified, so the compiler vectorizes it).
 template <typename acc_t>
 void running_max(const acc_t* __restrict__ row, int64_t cols, acc_t* __restrict__ peak) {
 #pragma omp simd
-  for (int64_t x = 0; x < cols; ++x) peak[x] = row[x] > peak[x] ? row[x] : peak[x];
+  for (int64_t x = 0; x < cols; ++x) peak[x] = takes_over(row[x], peak[x]) ? row[x] : peak[x];
 }
 
-// The same, also keeping in arg the path index of the maximum; strict >, so the first maximum in path order
-// keeps it (as max's).
+// The same, also keeping in arg the path index of the maximum: the first maximum (or NaN) in path order
+// keeps it, as max's.
 template <typename acc_t>
 void running_argmax(const acc_t* __restrict__ row, int32_t k, int64_t cols, acc_t* __restrict__ peak,
                     int32_t* __restrict__ arg) {
 #pragma omp simd
   for (int64_t x = 0; x < cols; ++x) {
     const acc_t v = row[x], current = peak[x];
-    const int32_t greater = -static_cast<int32_t>(v > current);  // all bits set where v is the new maximum
-    peak[x] = v > current ? v : current;
-    arg[x] = (arg[x] & ~greater) | (k & greater);
+    const bool replace = takes_over(v, current);
+    const int32_t mask = -static_cast<int32_t>(replace);  // all bits set where v is the new maximum
+    peak[x] = replace ? v : current;
+    arg[x] = (arg[x] & ~mask) | (k & mask);
   }
 }
 
 // The pairs of one source row `y` of image `b`: for each, its class, affinity and (kBackward) the element of
-// the edge map holding its path's maximum. Calls visit(class, affinity, element) for every valid pair.
+// the edge map holding its path's maximum. Calls visit(class, affinity, element) for every valid pair, and
+// for every ignored pair whose path holds a NaN (the reference's masked sums are NaN then too: NaN * 0).
 template <typename acc_t, bool kBackward, typename Visit>
 void visit_row_pairs(const acc_t* edge, const int64_t* seg, const AffinityGeometry& g,
                      const std::vector<AffinityDirection>& dirs, int64_t y, std::vector<acc_t>& peak,
@@ -234,7 +244,7 @@ void visit_row_pairs(const acc_t* edge, const int64_t* seg, const AffinityGeomet
     const int64_t* to = seg + (y + dir.dy) * W + x0 + dir.dx;
     for (int64_t x = 0; x < cols; ++x) {
       const int cls = pair_class(from[x], to[x]);
-      if (cls == kIgnored) continue;
+      if (cls == kIgnored && peak[x] == peak[x]) continue;
       int64_t element = 0;
       if (kBackward) {
         const PathPoint p = dir.path[arg[x]];
@@ -263,6 +273,10 @@ void affinity_sums_kernel(const acc_t* edge, const int64_t* seg, const AffinityG
       int64_t row_counts[3] = {0, 0, 0};
       visit_row_pairs<acc_t, false>(edge + b * g.H * g.W, seg + b * g.H * g.W, g, dirs, y, peak, arg,
                                     [&](int cls, acc_t a, int64_t) {
+                                      if (a != a) {  // a NaN in any pair's path makes all three sums NaN
+                                        for (double& sum : row_sums) sum = std::numeric_limits<double>::quiet_NaN();
+                                        if (cls == kIgnored) return;
+                                      }
                                       const acc_t term = cls == kNegative ? -std::log(neg_one - a)
                                                                           : -std::log(a + pos_eps);
                                       row_sums[cls] += term;
@@ -304,9 +318,11 @@ void affinity_sums_backward_kernel(const acc_t* edge, const int64_t* seg, const 
         for (int64_t y = first; y < std::min(first + band, g.rows); ++y) {
           visit_row_pairs<acc_t, true>(edge + b * g.H * g.W, seg + b * g.H * g.W, g, dirs, y, peak, arg,
                                        [&](int cls, acc_t a, int64_t element) {
-                                         grad_b[element] += cls == kNegative ? -g_neg / (neg_one - a)
+                                         // An ignored pair comes here only with a NaN affinity: NaN, as 0 * NaN.
+                                         grad_b[element] += cls == kNegative     ? -g_neg / (neg_one - a)
                                                             : cls == kBackground ? g_bg / (a + pos_eps)
-                                                                                 : g_fg / (a + pos_eps);
+                                                            : cls == kForeground ? g_fg / (a + pos_eps)
+                                                                                 : a;
                                        });
         }
       }

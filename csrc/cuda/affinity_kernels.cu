@@ -4,7 +4,8 @@
 //
 // Random walk: the per-direction weight planes and the inverse column sums are computed once; then one
 // launch per step, one thread per (class, pixel), reads the 2D + 1 taps from zero-haloed planes (no branch).
-// Affinity sums: one thread per (image, source pixel) loops over the directions. The forward reduces each
+// Affinity sums: one thread per (image, source pixel) loops over the directions (a NaN edge propagates as in
+// the reference: all three sums NaN, NaN gradient at the NaN element). The forward reduces each
 // block's sums in fp64 and a single block adds the block partials in a fixed order (deterministic); the
 // backward adds each pair's gradient at its path's maximum with an atomic add.
 #include <cuda_runtime.h>
@@ -160,8 +161,16 @@ __device__ double block_sum(double v, double* shared) {
   return shared[0];
 }
 
-// Visits every valid pair of one source: visit(class, affinity, flat index of its path's maximum (the first
-// maximum in path order, as max's)).
+// v replaces the running maximum `current` when greater, or when NaN (and current is not): a NaN stays, as
+// torch's max propagates it.
+template <typename T>
+__device__ __forceinline__ bool takes_over(T v, T current) {
+  return !(v <= current) & (current == current);
+}
+
+// Visits every valid pair of one source, and every ignored one whose path holds a NaN (the reference's masked
+// sums are NaN then too: NaN * 0): visit(class, affinity, flat index of its path's maximum (the first maximum,
+// or NaN, in path order, as max's)).
 template <typename T, typename Visit>
 __device__ __forceinline__ void visit_source_pairs(const T* edge, const int64_t* seg, const PathTable& t,
                                                    const AffinityArgs& a, int y, int x, Visit&& visit) {
@@ -169,15 +178,15 @@ __device__ __forceinline__ void visit_source_pairs(const T* edge, const int64_t*
   const int64_t from = seg[y * W + x];
   for (int d = 0; d < a.D; ++d) {
     const int cls = pair_class(from, seg[(y + t.dirs[2 * d]) * W + x + t.dirs[2 * d + 1]]);
-    if (cls == kIgnored) continue;
-    int first = t.starts[d];
+    const int first = t.starts[d];
     int element = (y + t.points[2 * first]) * W + x + t.points[2 * first + 1];
     T peak = edge[element];
     for (int k = first + 1; k < t.starts[d + 1]; ++k) {
       const int e = (y + t.points[2 * k]) * W + x + t.points[2 * k + 1];
       const T v = edge[e];
-      if (v > peak) peak = v, element = e;
+      if (takes_over(v, peak)) peak = v, element = e;
     }
+    if (cls == kIgnored && peak == peak) continue;
     visit(cls, T(1) - peak, element);
   }
 }
@@ -196,6 +205,10 @@ __global__ void affinity_forward_kernel(const T* __restrict__ edge, const int64_
     const int y = static_cast<int>(s / a.cols), x = static_cast<int>(s - y * a.cols + a.R);
     const T pos_eps = static_cast<T>(kLogEps), neg_one = static_cast<T>(1.0 + kLogEps);
     visit_source_pairs<T>(edge + b * a.H * a.W, seg + b * a.H * a.W, t, a, y, x, [&](int cls, T aff, int) {
+      if (aff != aff) {  // a NaN in any pair's path makes all three sums NaN
+        acc[0] = acc[1] = acc[2] = aff;
+        if (cls == kIgnored) return;
+      }
       acc[cls] += cls == kNegative ? -log_t(neg_one - aff) : -log_t(aff + pos_eps);
       acc[3 + cls] += 1.0;
     });
@@ -240,7 +253,11 @@ __global__ void affinity_backward_kernel(const T* __restrict__ edge, const int64
   T* grad_b = grad + b * a.H * a.W;
   // d sum / d edge at the path's maximum = -d sum / d a: 1 / (a + eps) for bg and fg, -1 / (1 + eps - a) for neg.
   visit_source_pairs<T>(edge + b * a.H * a.W, seg + b * a.H * a.W, t, a, y, x, [&](int cls, T aff, int element) {
-    const T g = cls == kNegative ? -g_neg / (neg_one - aff) : (cls == kBackground ? g_bg : g_fg) / (aff + pos_eps);
+    // An ignored pair comes here only with a NaN affinity: NaN, as 0 * NaN.
+    const T g = cls == kNegative     ? -g_neg / (neg_one - aff)
+                : cls == kBackground ? g_bg / (aff + pos_eps)
+                : cls == kForeground ? g_fg / (aff + pos_eps)
+                                     : aff;
     atomicAdd(grad_b + element, g);
   });
 }
