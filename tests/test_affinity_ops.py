@@ -301,6 +301,22 @@ def test_reference_backend_is_the_oracle():
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=DEVICES[1].marks)])
+def test_every_available_backend_agrees_through_ops(device):
+    # The dispatch wiring of each backend that runs here (Triton on CPU only under the interpreter).
+    edge, seg, grad_sums = affinity_inputs(2, 9, 14, seed=12, device=device)
+    want = sums_and_grad(affinity.affinity_sums_reference, edge, seg, 4, grad_sums)
+    for backend in ops.available_backends("affinity_sums", device):
+        got = sums_and_grad(functools.partial(ops.affinity_sums, backend=backend), edge, seg, 4, grad_sums)
+        for actual, expected, what in zip(got, want, ("sums", "counts", "edge gradient"), strict=True):
+            assert_close_rel(actual, expected, SUMS_TOL[torch.float32], f"{backend} {what}")
+    cams, edge = walk_inputs(2, 6, 7, seed=12, device=device)
+    want_walk = affinity.random_walk_reference(cams, edge, exp_times=3)
+    for backend in ops.available_backends("random_walk", device):
+        got_walk = ops.random_walk(cams, edge, exp_times=3, backend=backend)
+        torch.testing.assert_close(got_walk, want_walk, rtol=0, atol=walk_tolerance(3) * want_walk.abs().max())
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_auto_on_cuda_picks_triton_for_the_loss_and_cuda_for_the_walk():
