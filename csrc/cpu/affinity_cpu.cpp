@@ -104,10 +104,11 @@ inline __attribute__((always_inline)) void walk_row_blocks(const acc_t* y, acc_t
 }
 
 template <typename acc_t>
-void walk_row(const acc_t* y, acc_t* out, const acc_t* weight,
-                                                    const acc_t* inv_degree, const int64_t* offsets, int64_t D,
-                                                    int64_t plane, int64_t w) {
-  // 16 lanes measured fastest on x86-64 (8 and 32/64 lanes took 1.5-2x longer: chains, spills).
+void walk_row(const acc_t* y, acc_t* out, const acc_t* weight, const acc_t* inv_degree, const int64_t* offsets,
+              int64_t D, int64_t plane, int64_t w) {
+  // 16 lanes measured fastest on x86-64 (8 and 32/64 lanes took 1.5-2x longer: chains, spills). Measured and
+  // not faster (94x125, 3 classes): an AVX2 clone picked at run time, weights interleaved by row
+  // ([row][direction][x]), explicit 4-float vectors with 8 accumulators per block.
   walk_row_blocks<acc_t, 16>(y, out, weight, inv_degree, offsets, D, plane, w);
 }
 
