@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-from puzzlecam import puzzle
+from puzzlecam import affinity, puzzle
 from puzzlecam.puzzle import PuzzleLosses
 
 BACKENDS = ("auto", "triton", "cpp", "cuda", "reference")
@@ -295,11 +295,10 @@ def multiscale_cam(
 def affinity_sums(
     edge: torch.Tensor, seg: torch.Tensor, radius: int = 10, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sums, counts), each float32 (3,) [bg, fg, neg], of the AffinityNet loss over every pair of
-    ``radius``; differentiable in ``edge``. See :func:`puzzlecam.affinity.affinity_sums_reference`
-    and docs/kernels.md. Float64 edge maps are served by the reference (Triton) or by the C++/CUDA ops."""
-    from puzzlecam import affinity
-
+    """(sums, counts), each (3,) [bg, fg, neg], of the AffinityNet loss over every pair of ``radius``:
+    sums fp32 (fp64 for fp64 edges), counts fp32; differentiable in ``edge``. See
+    :func:`puzzlecam.affinity.affinity_sums_reference` and docs/kernels.md. Float64 edge maps are served by
+    the C++/CUDA ops or by the reference (Triton has none: one warning)."""
     affinity.check_affinity_args(edge, seg, radius)  # every backend fails the same way
     chosen = resolve_backend("affinity_sums", backend, edge.device)
     if chosen == "triton" and edge.dtype == torch.float64:
@@ -325,8 +324,6 @@ def random_walk(
 ) -> torch.Tensor:
     """``x T^(2^exp_times)`` (K, h, w) of the stride-4 ``cams`` (K, h, w) and ``edge`` (h, w) by sparse
     stencil steps; see :func:`puzzlecam.affinity.random_walk_reference` and docs/kernels.md."""
-    from puzzlecam import affinity
-
     affinity.check_random_walk_args(cams, edge, beta, exp_times, radius)  # every backend fails the same way
     chosen = resolve_backend("random_walk", backend, cams.device)
     if chosen in ("cpp", "cuda"):

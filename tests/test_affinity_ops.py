@@ -317,6 +317,19 @@ def test_every_available_backend_agrees_through_ops(device):
         torch.testing.assert_close(got_walk, want_walk, rtol=0, atol=walk_tolerance(3) * want_walk.abs().max())
 
 
+def test_triton_float64_edges_fall_back_to_the_reference_with_one_warning(monkeypatch):
+    if "triton" not in ops.available_backends("affinity_sums", "cpu"):
+        pytest.skip("the Triton affinity kernel cannot run here (CPU tensors need TRITON_INTERPRET=1)")
+    monkeypatch.setattr(ops, "_warned", set())
+    edge, seg, _ = affinity_inputs(1, 6, 9, seed=6, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="triton backend has no float64 edge maps") as caught:
+        for _ in range(2):
+            got = ops.affinity_sums(edge, seg, 3, backend="triton")
+    assert len([w for w in caught if "float64" in str(w.message)]) == 1
+    for actual, expected in zip(got, affinity.affinity_sums_reference(edge, seg, 3), strict=True):
+        assert torch.equal(actual, expected)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_auto_on_cuda_picks_triton_for_the_loss_and_cuda_for_the_walk():
