@@ -44,6 +44,9 @@ DEFAULT_CONFIG = REPO / "launch" / "configs" / "demo_cpu.yaml"
 MODES = ("baseline", "puzzle")
 RANDOM_WALK = "random walk"  # the table's row of stage 2 (the Puzzle-CAM CAMs after the walk)
 DEFAULT_AFFINITY_CONFIG = REPO / "launch" / "configs" / "demo_affinity_cpu.yaml"
+# 2**4 walk steps, not the paper's 2**8: its stride-4 maps are ~32 px across, VOC's ~110, and a walk spreads
+# as the square root of its steps (docs/demo.md has the measured sweep).
+DEMO_EXP_TIMES = 4
 STAGE_RECORD = "stages.json"
 
 console = Console(width=max(110, shutil.get_terminal_size((110, 24)).columns))
@@ -358,7 +361,8 @@ def run_random_walk_stages(args, stages: Stages, cfg, out: Path, train_pattern: 
         "rw",
         "random walk of the evaluation CAMs (puzzle)",
         [py, "-m", "puzzlecam.rw", "--weights", str(run / "model.safetensors"), "--cams", str(puzzle / "cams")]
-        + ["--shards", val_pattern, "--out", str(rw), "--device", "cpu", "--num-workers", "1"],
+        + ["--shards", val_pattern, "--out", str(rw), "--device", "cpu", "--num-workers", "1"]
+        + ["--exp-times", str(DEMO_EXP_TIMES)],
         inputs=["train_affinity", "infer_puzzle", "shard_val"],
         outputs=[rw],
         complete=(rw / "index.parquet").exists,
