@@ -233,30 +233,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="images batched together when they have the same size (default: infer.batch_size, 1); "
         "each image brings its flip",
     )
+    add_store_run_flags(
+        p,
+        precision="autocast dtype of the forward passes (default fp32); fusion is fp32",
+        backend="puzzlecam.ops backend of the multi-scale fusion (default auto)",
+    )
+    return p
+
+
+def add_store_run_flags(p: argparse.ArgumentParser, precision: str, backend: str) -> None:
+    """The flags every store-writing network pass shares (puzzlecam.infer, puzzlecam.rw): --device,
+    --precision, --backend, --num-workers, --overwrite; ``precision`` and ``backend`` are their help texts."""
     p.add_argument(
         "--device",
         default=None,
         help="cpu, cuda or cuda:N (default: cuda when available; under torchrun cuda:LOCAL_RANK)",
     )
-    p.add_argument(
-        "--precision",
-        choices=("fp32", "bf16", "fp16"),
-        default="fp32",
-        help="autocast dtype of the forward passes (default fp32); fusion is fp32",
-    )
-    p.add_argument(
-        "--backend",
-        choices=ops.BACKENDS,
-        default="auto",
-        help="puzzlecam.ops backend of the multi-scale fusion (default auto)",
-    )
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help=precision)
+    p.add_argument("--backend", choices=ops.BACKENDS, default="auto", help=backend)
     p.add_argument("--num-workers", type=int, default=2, help="data loader workers decoding the shards (default 2)")
     p.add_argument(
         "--overwrite",
         action="store_true",
-        help="recompute every image even if its CAM file is complete (and allow other settings)",
+        help="recompute every image even if its file is complete (and allow other settings)",
     )
-    return p
 
 
 def check_flags(args) -> None:

@@ -45,7 +45,7 @@ from puzzlecam.camstore import (
 )
 from puzzlecam.errors import InferenceError, PuzzleCamError
 from puzzlecam.infer import META_NAME as INFER_META_NAME
-from puzzlecam.infer import _file_digest, load_trained, normalize
+from puzzlecam.infer import _file_digest, add_store_run_flags, load_trained, normalize
 from puzzlecam.puzzle import strided_size
 from puzzlecam.utils.cli import run_command
 from puzzlecam.utils.distributed import barrier, init_distributed, raise_if_any_rank_failed
@@ -197,28 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
         "larger image); the edge head's GroupNorm statistics then include the padding as in training on 512 crops "
         "(default 0: the multiple only)",
     )
-    p.add_argument(
-        "--device",
-        default=None,
-        help="cpu, cuda or cuda:N (default: cuda when available; under torchrun cuda:LOCAL_RANK)",
-    )
-    p.add_argument(
-        "--precision",
-        choices=("fp32", "bf16", "fp16"),
-        default="fp32",
-        help="autocast dtype of the AffinityNet's forward pass (default fp32); the walk is fp32",
-    )
-    p.add_argument(
-        "--backend",
-        choices=ops.BACKENDS,
-        default="auto",
-        help="puzzlecam.ops backend of the random walk (default auto: cpp on CPU, cuda on a GPU)",
-    )
-    p.add_argument("--num-workers", type=int, default=2, help="data loader workers decoding the shards (default 2)")
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="recompute every image even if its file is complete (and allow other settings)",
+    add_store_run_flags(
+        p,
+        precision="autocast dtype of the AffinityNet's forward pass (default fp32); the walk is fp32",
+        backend="puzzlecam.ops backend of the random walk (default auto: cpp on CPU, cuda on a GPU)",
     )
     return p
 
