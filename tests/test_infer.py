@@ -293,41 +293,24 @@ def test_weights_config_mismatch_and_missing_config(setup, tmp_path, capsys):
     assert "not a readable safetensors file" in capsys.readouterr().err
 
 
-def test_two_torchrun_ranks_write_each_image_once(setup, tmp_path):
+def torchrun_writes_each_image_once(module: str, args: list[str], out: Path, meta_name: str, shards, first) -> None:
+    """``python -m module args`` on 2 torchrun ranks writes each image of ``shards`` once into ``out`` (the counts
+    of ``meta_name`` summed over the ranks), with the maps of the one-process store ``first``."""
     from puzzlecam.utils.net import free_port
 
-    root, shards, weights, first = setup
-    out = tmp_path / "cams"
     torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [
-        str(torchrun),
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(free_port()),
-        "-m",
-        "puzzlecam.infer",
-        "--weights",
-        str(weights),
-        "--shards",
-        str(shards),
-        "--out",
-        str(out),
-        "--scales",
-        ",".join(map(str, SCALES)),
-        "--num-workers",
-        "0",
-        "--device",
-        "cpu",
-    ]
+    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
     r = subprocess.run(
-        cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180
+        [*cmd, "-m", module, *args],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert r.returncode == 0, r.stdout + r.stderr
     ids = manifest_ids(shards)
-    meta = json.loads((out / "infer.json").read_text())
+    meta = json.loads((out / meta_name).read_text())
     # Counts are summed over both ranks: an image done by both ranks would push this past len(ids).
     assert meta["written"] == len(ids) and meta["skipped_complete"] == 0
     assert sorted(r["id"] for r in read_index(out).to_pylist()) == ids
@@ -337,6 +320,23 @@ def test_two_torchrun_ranks_write_each_image_once(setup, tmp_path):
             read_cam(first, image_id).hr_cam.astype(np.float32),
             atol=2e-3,
         )
+
+
+def test_two_torchrun_ranks_write_each_image_once(setup, tmp_path):
+    root, shards, weights, first = setup
+    out = tmp_path / "cams"
+    args = [
+        "--weights",
+        str(weights),
+        "--shards",
+        str(shards),
+        "--out",
+        str(out),
+        "--scales",
+        ",".join(map(str, SCALES)),
+    ]
+    args += ["--num-workers", "0", "--device", "cpu"]
+    torchrun_writes_each_image_once("puzzlecam.infer", args, out, "infer.json", shards, first)
 
 
 @pytest.mark.gpu

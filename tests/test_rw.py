@@ -8,17 +8,14 @@ an affinity run exports it (model.safetensors + config.yaml with task: affinity)
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_infer import REPO, make_synth_shards, make_tiny_model, manifest_ids
+from test_infer import make_synth_shards, make_tiny_model, manifest_ids, torchrun_writes_each_image_once
 
 from puzzlecam import evaluate, infer, labels, rw
 from puzzlecam.affinity import random_walk_reference
@@ -249,38 +246,9 @@ def test_bad_input_is_one_line_naming_it(setup, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_two_torchrun_ranks_write_each_image_once(setup, tmp_path):
-    from puzzlecam.utils.net import free_port
-
     root, shards, _, cams, weights, first = setup
     out = tmp_path / "rw"
-    torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [
-        str(torchrun),
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(free_port()),
-        "-m",
-        "puzzlecam.rw",
-        *rw_args(weights, cams, shards, out),
-    ]
-    r = subprocess.run(
-        cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240
-    )
-    assert r.returncode == 0, r.stdout + r.stderr
-    ids = manifest_ids(shards)
-    meta = json.loads((out / "rw.json").read_text())
-    # Counts are summed over both ranks: an image done by both ranks would push this past len(ids).
-    assert meta["written"] == len(ids) and meta["skipped_complete"] == 0
-    assert sorted(r["id"] for r in read_index(out).to_pylist()) == ids
-    for image_id in ids:
-        np.testing.assert_allclose(
-            read_cam(out, image_id).hr_cam.astype(np.float32),
-            read_cam(first, image_id).hr_cam.astype(np.float32),
-            atol=2e-3,
-        )
+    torchrun_writes_each_image_once("puzzlecam.rw", rw_args(weights, cams, shards, out), out, "rw.json", shards, first)
 
 
 @pytest.mark.gpu
