@@ -20,7 +20,10 @@ The conversion:
    ``python -m puzzlecam.infer --weights DST`` works directly. Existing outputs are kept unless
    ``--overwrite``; a refused input writes nothing.
 
-``--kind affinity`` and ``--kind deeplab`` (AffinityNet, DeepLabv3+) come with those stages.
+``--kind affinity`` converts the original's AffinityNet the same way: its ``backbone.0..4.*`` (a ModuleList over
+stage1..5) and ``fc_edge1..6.*`` (the same modules as ``edge_layers.0..5.*``, our names) are aliases too, its
+``path_indices_*`` buffers (tables recomputed from the radius) are dropped, and the output feeds
+``python -m puzzlecam.rw --weights``. ``--kind deeplab`` (DeepLabv3+) comes with that stage.
 """
 
 from __future__ import annotations
@@ -60,12 +63,26 @@ STAGE_ALIASES = {
     "stage4.0.": "model.layer3.",
     "stage5.0.": "model.layer4.",
 }
+# AffinityNet adds two ModuleLists over the same modules: backbone = [stage1..stage5] and
+# edge_layers = [fc_edge1..fc_edge6]; ours keeps the name edge_layers.
+AFFINITY_ALIASES = {
+    **{f"backbone.{i}.": f"stage{i + 1}." for i in range(5)},
+    **{f"fc_edge{i + 1}.": f"edge_layers.{i}." for i in range(6)},
+}
+AFFINITY_BUFFER_PREFIX = "path_indices_"  # the original's path index tables: recomputed here, not weights
 _DATA_PARALLEL_PREFIX = "module."
 # Names that only another network of the original holds: (prefixes, its --kind, what it is).
 _OTHER_KINDS = (
     (("fc_edge", "edge_layers.", "path_indices_"), "affinity", "an AffinityNet checkpoint"),
     (("aspp.", "decoder."), "deeplab", "a DeepLabv3+ checkpoint"),
+    (("classifier.",), "classifier", "a classifier checkpoint"),
 )
+# kind -> (the task our network trains under, the tensor whose shape gives the backbone's output channels
+# (dim 1), the network's name in messages)
+KIND_MODELS = {
+    "classifier": ("classification", "classifier.weight", "classifier"),
+    "affinity": ("affinity", "edge_layers.4.0.weight", "AffinityNet"),
+}
 _SHOWN = 5  # names listed per kind of difference
 
 
@@ -116,8 +133,14 @@ def read_original(path: Path) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def canonical_name(name: str) -> str:
-    """``model.*`` for a ``stage*`` alias of the original's Backbone; any other name unchanged."""
+def canonical_name(name: str, kind: str = "classifier") -> str:
+    """``model.*`` for a ``stage*`` alias of the original's Backbone (and, for AffinityNet, ``backbone.*``
+    for its stages and ``edge_layers.*`` for ``fc_edge*``); any other name unchanged."""
+    if kind == "affinity":
+        for alias, target in AFFINITY_ALIASES.items():
+            if name.startswith(alias):
+                name = target + name[len(alias) :]
+                break
     for alias, target in STAGE_ALIASES.items():
         if name.startswith(alias):
             return target + name[len(alias) :]
@@ -134,7 +157,9 @@ def _difference(a: torch.Tensor, b: torch.Tensor) -> str | None:
     return f"largest difference {(a.double() - b.double()).abs().max().item():.3g}"
 
 
-def drop_aliases(state: Mapping[str, torch.Tensor], src: Path) -> tuple[dict[str, torch.Tensor], int]:
+def drop_aliases(
+    state: Mapping[str, torch.Tensor], src: Path, kind: str = "classifier"
+) -> tuple[dict[str, torch.Tensor], int]:
     """(one tensor per canonical name, how many alias entries were dropped); aliases that differ are refused.
 
     The values must be finite (checked first: NaN never equals itself)."""
@@ -142,7 +167,7 @@ def drop_aliases(state: Mapping[str, torch.Tensor], src: Path) -> tuple[dict[str
     source: dict[str, str] = {}  # canonical name -> the file's name that was kept
     dropped = 0
     for name, tensor in state.items():
-        canonical = canonical_name(name)
+        canonical = canonical_name(name, kind)
         if canonical not in kept:
             kept[canonical], source[canonical] = tensor, name
             continue
@@ -180,16 +205,25 @@ def _refuse_other_kind(names: list[str], src: Path, kind: str) -> None:
             )
 
 
-def classifier_state(state: Mapping[str, torch.Tensor], src: Path) -> dict[str, torch.Tensor]:
-    """The original Classifier's de-duplicated names as ours: ``model.*`` -> ``backbone.*``; the rest unchanged
-    (anything else is reported by :func:`detect_model` as not fitting)."""
-    _refuse_other_kind(list(state), src, "classifier")
-    if "classifier.weight" not in state:
+def network_state(state: Mapping[str, torch.Tensor], src: Path, kind: str) -> dict[str, torch.Tensor]:
+    """The original network's de-duplicated names as ours: ``model.*`` -> ``backbone.*``; AffinityNet's path
+    index buffers dropped; the rest unchanged (anything else is reported by :func:`detect_model` as not fitting)."""
+    _refuse_other_kind(list(state), src, kind)
+    _, head, what = KIND_MODELS[kind]
+    if head not in state:
+        saves = {
+            "classifier": "model.*, stage1..5.* and classifier.weight",
+            "affinity": "model.*, stage1..5.*, backbone.*, fc_edge1..6.* and edge_layers.*",
+        }[kind]
         raise UsageError(
-            f"SRC {src} has no classifier.weight: not a classifier checkpoint of the original code (its Classifier "
-            "saves model.*, stage1..5.* and classifier.weight)"
+            f"SRC {src} has no {head}: not a{'n' if what[0] in 'AEIOU' else ''} {what} checkpoint of the original "
+            f"code (its {what} saves {saves})"
         )
-    return {("backbone." + k[len("model.") :] if k.startswith("model.") else k): v for k, v in state.items()}
+    return {
+        ("backbone." + k[len("model.") :] if k.startswith("model.") else k): v
+        for k, v in state.items()
+        if not (kind == "affinity" and k.startswith(AFFINITY_BUFFER_PREFIX))
+    }
 
 
 def configurable_archs() -> tuple[str, ...]:
@@ -198,14 +232,19 @@ def configurable_archs() -> tuple[str, ...]:
 
 
 @functools.cache
-def model_shapes(arch: str, width: int, num_classes: int) -> dict[str, tuple[int, ...]] | None:
-    """name -> shape of our classifier's state dict, built on the meta device; None if puzzlecam.model does
-    not build it (an arch the config names before its backbone exists, a width the arch refuses)."""
+def model_shapes(
+    arch: str, width: int, num_classes: int, kind: str = "classifier"
+) -> dict[str, tuple[int, ...]] | None:
+    """name -> shape of the state dict of our network of ``kind``, built on the meta device; None if
+    puzzlecam.model does not build it (an arch the config names before its backbone exists, a width the arch
+    refuses)."""
     from puzzlecam.model import build_model
+    from puzzlecam.model.affinity import build_affinity_net
 
+    build = build_affinity_net if kind == "affinity" else build_model
     try:
         with torch.device("meta"):
-            model = build_model(ModelConfig(arch=arch, width=width, num_classes=num_classes))
+            model = build(ModelConfig(arch=arch, width=width, num_classes=num_classes))
     except ValueError as e:
         log.debug("not comparing with %s at width %d: %s", arch, width, e)
         return None
@@ -236,20 +275,24 @@ def _describe(differences: dict[str, list[str]]) -> str:
     return "; ".join(parts)
 
 
-def detect_model(shapes: Mapping[str, tuple[int, ...]], src: Path) -> ModelConfig:
-    """The model config (arch, width, number of classes) whose classifier has exactly these names and shapes.
+def detect_model(shapes: Mapping[str, tuple[int, ...]], src: Path, kind: str = "classifier") -> ModelConfig:
+    """The model config (arch, width, number of classes) whose network of ``kind`` has exactly these names and
+    shapes.
 
-    The number of classes and the backbone's output channels come from ``classifier.weight``; each arch's
-    width follows from its output channels at width 64 (they scale with the width)."""
-    num_classes, channels = shapes["classifier.weight"][:2]
+    The backbone's output channels come from the head's first tensor (``classifier.weight``, which also gives
+    the number of classes; AffinityNet's last stage branch ``edge_layers.4.0.weight``); each arch's width
+    follows from its output channels at width 64 (they scale with the width)."""
+    _, head, what = KIND_MODELS[kind]
+    num_classes = shapes[head][0] if kind == "classifier" else ModelConfig().num_classes
+    channels = shapes[head][1]
     closest: tuple[int, str, dict[str, list[str]]] | None = None
     archs = known_archs()
     for arch in archs:
-        at_64 = model_shapes(arch, 64, num_classes)
-        if at_64 is None or (64 * channels) % at_64["classifier.weight"][1]:
+        at_64 = model_shapes(arch, 64, num_classes, kind)
+        if at_64 is None or (64 * channels) % at_64[head][1]:
             continue
-        width = 64 * channels // at_64["classifier.weight"][1]
-        expected = model_shapes(arch, width, num_classes) if width >= 1 else None
+        width = 64 * channels // at_64[head][1]
+        expected = model_shapes(arch, width, num_classes, kind) if width >= 1 else None
         if expected is None:
             continue
         differences = _differences(expected, shapes)
@@ -259,19 +302,23 @@ def detect_model(shapes: Mapping[str, tuple[int, ...]], src: Path) -> ModelConfi
         if closest is None or count < closest[0]:
             closest = (count, f"{arch} at width {width}", differences)
     nearest = f"; closest: {closest[1]}: {_describe(closest[2])}" if closest else ""
+    head_shape = (
+        f"a classifier of {channels} input channels and {num_classes} classes"
+        if kind == "classifier"
+        else (f"an AffinityNet whose last stage has {channels} channels")
+    )
     raise UsageError(
-        f"SRC {src} fits none of the archs puzzlecam.model builds ({', '.join(archs)}) with a classifier of "
-        f"{channels} input channels and {num_classes} classes{nearest}"
+        f"SRC {src} fits none of the archs puzzlecam.model builds ({', '.join(archs)}) with {head_shape}{nearest}"
     )
 
 
-def convert_classifier(src: Path) -> tuple[dict[str, torch.Tensor], ModelConfig, int]:
-    """(our classifier's state dict, its model config, alias entries dropped) from an original checkpoint."""
+def convert_checkpoint(src: Path, kind: str = "classifier") -> tuple[dict[str, torch.Tensor], ModelConfig, int]:
+    """(our network's state dict, its model config, alias entries dropped) from an original checkpoint."""
     state = read_original(src)
     check_finite(state, src)
-    state, dropped = drop_aliases(state, src)
-    state = classifier_state(state, src)
-    cfg = detect_model({k: tuple(v.shape) for k, v in state.items()}, src)
+    state, dropped = drop_aliases(state, src, kind)
+    state = network_state(state, src, kind)
+    cfg = detect_model({k: tuple(v.shape) for k, v in state.items()}, src, kind)
     ours = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
     return ours, cfg, dropped
 
@@ -280,25 +327,30 @@ def convert_classifier(src: Path) -> tuple[dict[str, torch.Tensor], ModelConfig,
 # Writing
 
 
-def config_text(cfg: ModelConfig, src: Path) -> str:
-    """The config.yaml written beside DST: the model section (everything else at its default)."""
-    model = {"arch": cfg.arch, "width": cfg.width, "output_stride": cfg.output_stride, "num_classes": cfg.num_classes}
+def config_text(cfg: ModelConfig, src: Path, kind: str = "classifier") -> str:
+    """The config.yaml written beside DST: the task and the model section (everything else at its default)."""
+    model = {"arch": cfg.arch, "width": cfg.width, "output_stride": cfg.output_stride}
+    if kind == "classifier":
+        model["num_classes"] = cfg.num_classes
     return (
         f"# Written by python -m puzzlecam.convert from {src.name} (the original code's weights; docs/convert.md).\n"
-        + yaml.safe_dump({"task": "classification", "model": model}, sort_keys=False)
+        + yaml.safe_dump({"task": KIND_MODELS[kind][0], "model": model}, sort_keys=False)
     )
 
 
-def write_outputs(state: dict[str, torch.Tensor], cfg: ModelConfig, src: Path, dst: Path) -> Path:
+def write_outputs(
+    state: dict[str, torch.Tensor], cfg: ModelConfig, src: Path, dst: Path, kind: str = "classifier"
+) -> Path:
     """DST (with the trainer's header keys: task, arch) and config.yaml beside it; if the config cannot be
     written, the new DST is removed again."""
     from safetensors.torch import save
 
-    header = {"format": "pt", "task": "classification", "arch": cfg.arch, "converted_from": src.name}
+    task = KIND_MODELS[kind][0]
+    header = {"format": "pt", "task": task, "arch": cfg.arch, "converted_from": src.name}
     config = dst.parent / CONFIG_NAME
     atomic_write_bytes(dst, save(state, metadata=header))
     try:
-        atomic_write_text(config, config_text(cfg, src))
+        atomic_write_text(config, config_text(cfg, src, kind))
     except BaseException:
         remove_quietly(dst)
         raise
@@ -320,8 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--kind",
         required=True,
         choices=KINDS,
-        help="which network SRC holds: classifier (stage 1: Classifier / Classifier_For_Puzzle); affinity "
-        "(AffinityNet) and deeplab (DeepLabv3+) come with those stages",
+        help="which network SRC holds: classifier (stage 1: Classifier / Classifier_For_Puzzle; DST feeds "
+        "puzzlecam.infer), affinity (stage 2: AffinityNet; DST feeds puzzlecam.rw); deeplab (DeepLabv3+) comes with "
+        "that stage",
     )
     p.add_argument("src", type=Path, metavar="SRC", help="the original's checkpoint, e.g. experiments/models/TAG.pth")
     p.add_argument(
@@ -333,11 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_flags(args: argparse.Namespace) -> None:
     """Refuse what needs no reading of SRC: a kind not convertible yet, a bad DST, outputs in the way."""
-    if args.kind != "classifier":
-        stage = {"affinity": "AffinityNet (random-walk) stage", "deeplab": "DeepLabv3+ segmentation stage"}
+    if args.kind not in KIND_MODELS:
         raise UsageError(
-            f"--kind {args.kind}: converting {args.kind} checkpoints comes with the {stage[args.kind]}, "
-            "which puzzlecam does not have yet; only --kind classifier converts now"
+            f"--kind {args.kind}: converting {args.kind} checkpoints comes with the DeepLabv3+ segmentation stage, "
+            f"which puzzlecam does not have yet; --kind {' and --kind '.join(KIND_MODELS)} convert now"
         )
     if args.dst.suffix != ".safetensors":
         raise UsageError(f"DST {args.dst} must end in .safetensors (the format puzzlecam.infer --weights reads)")
@@ -352,11 +404,12 @@ def check_flags(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> None:
     check_flags(args)
     with output_directory(args.dst.parent, flag="DST"):  # created by the first file written into it
-        state, cfg, dropped = convert_classifier(args.src)
-        config = write_outputs(state, cfg, args.src, args.dst)
+        state, cfg, dropped = convert_checkpoint(args.src, args.kind)
+        config = write_outputs(state, cfg, args.src, args.dst, args.kind)
     log.info("%s: %d alias entries checked equal and dropped", args.src, dropped)
+    classes = f", {cfg.num_classes} classes" if args.kind == "classifier" else ""
     print(
-        f"converted {args.src} -> {args.dst} ({args.kind}: {cfg.arch}, width {cfg.width}, {cfg.num_classes} classes, "
+        f"converted {args.src} -> {args.dst} ({args.kind}: {cfg.arch}, width {cfg.width}{classes}, "
         f"{len(state)} tensors) and {config}"
     )
 

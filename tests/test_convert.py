@@ -30,12 +30,16 @@ class OriginalLayout(nn.Module):
 
     def __init__(self, model: Classifier):
         super().__init__()
-        net = model.backbone
-        self.model = net
-        self.stage1 = nn.Sequential(net.conv1, net.bn1, nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
-        for i in range(1, 5):
-            self.add_module(f"stage{i + 1}", nn.Sequential(getattr(net, f"layer{i}")))
+        add_original_stages(self, model.backbone)
         self.classifier = model.classifier
+
+
+def add_original_stages(module: nn.Module, body: nn.Module) -> None:
+    """The original's Backbone: ``model`` (the torchvision net) and ``stage1..5`` sharing its modules."""
+    module.model = body
+    module.stage1 = nn.Sequential(body.conv1, body.bn1, nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
+    for i in range(1, 5):
+        module.add_module(f"stage{i + 1}", nn.Sequential(getattr(body, f"layer{i}")))
 
 
 def random_classifier(arch: str, width: int, num_classes: int = 20, seed: int = 0) -> Classifier:
@@ -142,8 +146,52 @@ def test_refuses_the_wrong_kind(tmp_path, capsys):
         },
     )
     _refused(capsys, tmp_path, src, "an AffinityNet checkpoint", "fc_edge6.weight", "--kind affinity")
-    _refused(capsys, tmp_path, src, "--kind affinity: ", "comes with the AffinityNet", kind="affinity")
     _refused(capsys, tmp_path, src, "--kind deeplab: ", "comes with the DeepLabv3+", kind="deeplab")
+    classifier = tmp_path / "classifier.pth"
+    save_original(model, classifier)
+    _refused(capsys, tmp_path, classifier, "a classifier checkpoint", "--kind classifier", kind="affinity")
+
+
+class OriginalAffinityLayout(nn.Module):
+    """How the original's AffinityNet registers its modules (core/networks.py: Backbone, AffinityNet): ``model``,
+    ``stage1..5``, ``fc_edge1..6``, then ModuleLists ``backbone`` (the stages) and ``edge_layers`` (the
+    fc_edge modules), and its path-index buffers."""
+
+    def __init__(self, net):
+        super().__init__()
+        add_original_stages(self, net.backbone)
+        for i, layer in enumerate(net.edge_layers):
+            self.add_module(f"fc_edge{i + 1}", layer)
+        self.backbone = nn.ModuleList([getattr(self, f"stage{i}") for i in range(1, 6)])
+        self.edge_layers = nn.ModuleList([getattr(self, f"fc_edge{i}") for i in range(1, 7)])
+        self.register_buffer("path_indices_0", torch.arange(12).view(3, 4))
+
+
+@pytest.mark.parametrize(("arch", "width"), [("resnet18", 8), ("resnet50", 8), ("resnest50", 8)])
+def test_affinity_round_trip_gives_the_same_edges(tmp_path, capsys, arch, width):
+    from puzzlecam.model.affinity import build_affinity_net
+    from puzzlecam.rw import load_affinity_net
+
+    torch.manual_seed(1)
+    net = build_affinity_net(ModelConfig(arch=arch, width=width))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    src, dst = tmp_path / "aff.pth", tmp_path / "converted" / "model.safetensors"
+    original = OriginalAffinityLayout(net).state_dict()
+    torch.save(original, src)
+    assert main(["--kind", "affinity", str(src), str(dst)]) == 0, capsys.readouterr().err
+    assert f"(affinity: {arch}, width {width}, {len(net.state_dict())} tensors)" in capsys.readouterr().out
+    config = yaml.safe_load((dst.parent / "config.yaml").read_text())
+    assert config["task"] == "affinity" and config["model"]["arch"] == arch
+    loaded, _ = load_affinity_net(dst)  # strict: every key and shape of our AffinityNet
+    x = torch.randn(1, 3, 40, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), net.eval()(x), rtol=0, atol=0)
+    # An edge_layers alias that differs from its fc_edge twin is refused.
+    original["edge_layers.5.bias"] = original["edge_layers.5.bias"] + 1
+    torch.save(original, src)
+    _refused(capsys, tmp_path, src, "fc_edge6.bias and edge_layers.5.bias must hold the same tensor", kind="affinity")
 
 
 def test_refuses_aliases_that_differ(tmp_path, capsys):
