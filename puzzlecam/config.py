@@ -138,6 +138,23 @@ class AffinityConfig:
 
 
 @dataclass
+class SegmentationConfig:
+    """Stage 3 (``task: segmentation``, docs/training.md "Tasks"): DeepLabv3+ (docs/model.md, "DeepLabv3+").
+    ``model.num_classes`` counts the background there (21 for VOC)."""
+
+    # Norm of the ASPP and decoder: "group" = GroupNorm(4, C) (the original's --use_gn True), "batch" =
+    # BatchNorm with this rank's batch statistics, "sync" = BatchNorm over all ranks' batch.
+    head_norm: Literal["group", "batch", "sync"] = "group"
+    # Width of the ASPP branches and the decoder's 3x3 convs (the original's 256), and of the decoder's
+    # low-level projection (48); smaller values only for CPU runs.
+    head_channels: int = 256
+    low_level_channels: int = 48
+    # The map that trains the network: "label" = the label.png that puzzlecam.data label-shards adds (the
+    # pseudo-labels), "mask" = the shards' ground-truth seg.png (an upper bound, and tests).
+    labels: Literal["label", "mask"] = "label"
+
+
+@dataclass
 class InferConfig:
     scales: tuple[float, ...] = (1.0, 0.5, 1.5, 2.0)
     flip: bool = True
@@ -147,7 +164,7 @@ class InferConfig:
 @dataclass
 class Config:
     name: str = "run"
-    # What the run trains: stage 1 (classification) or stage 2 (affinity); stage 3 comes with its issue.
+    # What the run trains: stage 1 (classification), stage 2 (affinity) or stage 3 (segmentation).
     task: Literal["classification", "affinity", "segmentation"] = "classification"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -155,6 +172,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     affinity: AffinityConfig = field(default_factory=AffinityConfig)
+    segmentation: SegmentationConfig = field(default_factory=SegmentationConfig)
     infer: InferConfig = field(default_factory=InferConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -454,6 +472,11 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "train.seed": (lambda v: v >= 0, "0 or more"),
     "train.zero_stage": (lambda v: v in (0, 1, 2), "0, 1 or 2 (ZeRO stage 3 is not supported)"),
     "affinity.radius": (lambda v: v >= 2, "at least 2 (pixels of the stride-4 edge map; the original's 10)"),
+    "segmentation.head_channels": (lambda v: v >= 4 and v % 4 == 0, "a multiple of 4, at least 4 (GroupNorm(4, C))"),
+    "segmentation.low_level_channels": (
+        lambda v: v >= 4 and v % 4 == 0,
+        "a multiple of 4, at least 4 (GroupNorm(4, C))",
+    ),
     "infer.batch_size": (lambda v: v >= 1, "at least 1"),
     "infer.scales": (lambda v: len(v) >= 1 and all(s > 0 for s in v), "one or more positive scales"),
 }
@@ -484,10 +507,10 @@ def validate(cfg: Config) -> None:
             f"config key 'data.crop_size' ({d.crop_size}) must be divisible by 'puzzle.num_pieces' ({n}): "
             "the crop is cut into n x n tiles"
         )
-    if cfg.task == "segmentation":
+    if cfg.task == "segmentation" and cfg.model.num_classes < 2:
         raise ConfigError(
-            "config key 'task' is 'segmentation': only 'classification' (stage 1) and 'affinity' (stage 2) can be "
-            "trained yet; the segmentation stage comes with its own issue (docs/training.md, Tasks)"
+            f"config key 'model.num_classes' is {cfg.model.num_classes} but task 'segmentation' needs at least 2: "
+            "it counts the background (21 for VOC: background + 20 classes)"
         )
     if cfg.task == "affinity":
         _validate_affinity(cfg)

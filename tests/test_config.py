@@ -94,14 +94,19 @@ def test_the_old_masking_key_still_reads(tmp_path):
         ("data.min_long_side=700", r"'data.min_long_side' \(700\) must not exceed 'data.max_long_side' \(640\)"),
         ("data.crop_size=511", r"'data.crop_size' \(511\) must be divisible by 'puzzle.num_pieces' \(2\)"),
         ("train.epochs=0", r"'train.epochs' and 'train.max_steps' are both 0"),
-        ("task=segmentation", r"config key 'task' is 'segmentation': only 'classification' \(stage 1\) and 'affinity'"),
+        (
+            "task=segmentation model.num_classes=1",
+            r"'model.num_classes' is 1 but task 'segmentation' needs at least 2: it counts the background",
+        ),
+        ("segmentation.head_channels=30", r"'segmentation.head_channels' must be a multiple of 4"),
+        ("segmentation.head_norm=layer", r"'segmentation.head_norm' must be one of 'group', 'batch', 'sync'"),
         ("train.eval_every=5", r"'train.eval_every' is 5 but 'data.eval_shards' is empty"),
         ("model.norm=batch", r"'model.norm' must be one of 'train', 'frozen', 'sync'"),
     ],
 )
 def test_values_out_of_range_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(None, [override])
+        load_config(None, override.split(" ", 1) if override.startswith("task=") else [override])
 
 
 def test_range_edges_that_are_allowed():

@@ -1,8 +1,9 @@
 """Models: ResNet (torchvision layout) and ResNeSt (release layout) backbones, the Puzzle-CAM classifier,
-AffinityNet (docs/model.md)."""
+AffinityNet, DeepLabv3+ (docs/model.md)."""
 
 from .affinity import AffinityNet, build_affinity_net, stage_channels
 from .classifier import ARCHS, GROUPS, Classifier, build_backbone, build_model, param_groups
+from .deeplab import DeepLabV3Plus, build_deeplab, deeplab_v3_plus
 from .norm import BatchNorm2d, FrozenStatsBatchNorm2d, SyncBatchNorm2d, norm_layer
 from .pretrained import PretrainedMismatchError, load_pretrained, read_state_dict
 from .resnest import RESNEST_ARCHS, ResNeSt, ResNeStBottleneck, SplitAttention
@@ -19,6 +20,7 @@ __all__ = [
     "BatchNorm2d",
     "Bottleneck",
     "Classifier",
+    "DeepLabV3Plus",
     "FrozenStatsBatchNorm2d",
     "PretrainedMismatchError",
     "ResNeSt",
@@ -28,7 +30,9 @@ __all__ = [
     "SyncBatchNorm2d",
     "build_affinity_net",
     "build_backbone",
+    "build_deeplab",
     "build_model",
+    "deeplab_v3_plus",
     "load_pretrained",
     "norm_layer",
     "param_groups",
