@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Kernel tests (compiled, full grid), the kernel bench and the training-step bench on a CUDA machine; results under $OUT.
+# Kernel tests (compiled, full grid; the affinity ops' too), the kernel, random-walk and training-step benches on a
+# CUDA machine; results under $OUT.
 #
 #   OUT=/some/dir bash docs/benchmarks/run_gpu.sh [tests|bench|all]     (from the repo root)
 #
@@ -54,6 +55,7 @@ rc=0
 if [ "$what" = "tests" ] || [ "$what" = "all" ]; then
   echo "== kernel tests (compiled, full grid)"
   PUZZLECAM_FULL_GRID=1 "$PY" -m pytest "$REPO/tests/test_kernels.py" "$REPO/tests/test_ops.py" \
+    "$REPO/tests/test_affinity_ops.py" "$REPO/tests/test_affinity_triton.py" \
     -c "$REPO/pyproject.toml" --rootdir "$REPO" -q -rs --durations=15 --junitxml="$OUT/kernel_tests.xml" ${PYTEST_ARGS:-} \
     2>&1 | tee "$OUT/kernel_tests.log"
   test_rc=${PIPESTATUS[0]}
@@ -67,6 +69,10 @@ if [ "$what" = "bench" ] || [ "$what" = "all" ]; then
     bench_rc=${PIPESTATUS[0]}
     [ "$bench_rc" -ne 0 ] && rc=$bench_rc
   done
+  echo "== bench rw (random walk per backend vs the dense method on the same GPU; fused affinity loss at batch 32)"
+  "$PY" -m puzzlecam.bench rw --device cuda --json "$OUT/bench_rw.json" 2>&1 | tee "$OUT/bench_rw.log"
+  bench_rc=${PIPESTATUS[0]}
+  [ "$bench_rc" -ne 0 ] && rc=$bench_rc
   for arch in ${TRAIN_ARCHS:-resnet50 resnest101}; do
     echo "== bench train ($arch)"
     "$PY" -m puzzlecam.bench train --device cuda --arch "$arch" --json "$OUT/bench_train_$arch.json" \
