@@ -57,6 +57,16 @@ def conv_norm_relu(cin: int, cout: int, kernel: int, norm: str, dilation: int = 
     return nn.Sequential(conv, head_norm_layer(norm, cout), nn.ReLU(inplace=True))
 
 
+def _check_head_width(key: str, value: int, head_norm: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"segmentation.{key} must be a positive int, got {value!r}")
+    if head_norm == "group" and value % GROUPS_PER_NORM:
+        raise ConfigError(
+            f"segmentation.{key} must be a multiple of {GROUPS_PER_NORM} with head_norm group "
+            f"(GroupNorm({GROUPS_PER_NORM}, C) splits the channels into {GROUPS_PER_NORM} groups), got {value}"
+        )
+
+
 class ASPP(nn.Module):
     """Atrous spatial pyramid pooling: (B, cin, h, w) -> (B, channels, h, w); see the module doc."""
 
@@ -118,6 +128,8 @@ class DeepLabV3Plus(nn.Module):
                 f"model.output_stride must be 16 for DeepLabv3+ (its ASPP rates 6/12/18 are for stride 16), "
                 f"got {backbone.output_stride}"
             )
+        for key, value in (("head_channels", head_channels), ("low_level_channels", low_level_channels)):
+            _check_head_width(key, value, head_norm)
         self.backbone = backbone
         self.num_classes = num_classes
         channels = stage_channels(backbone)  # stem, then the four stages
@@ -141,8 +153,14 @@ class DeepLabV3Plus(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"DeepLabV3Plus expects images of shape (B, 3, H, W), got {tuple(x.shape)}")
-        features = self.backbone.stage_features(x)
-        logits = self.decoder(self.aspp(features[-1]), features[1])
+        # Not backbone.stage_features(x): only the first stage's output is needed later, and without autograd
+        # the other stages' outputs are then freed as soon as the next stage has read them.
+        first, *rest = self.backbone.stages()
+        low_level = first(self.backbone.stem(x))
+        deep = low_level
+        for stage in rest:
+            deep = stage(deep)
+        logits = self.decoder(self.aspp(deep), low_level)
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=True)
 
 
