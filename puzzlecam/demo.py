@@ -17,29 +17,23 @@ command's output (stdout); see docs/demo.md.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
-import shlex
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from puzzlecam.config import load_config
-from puzzlecam.errors import DemoError, UsageError
+from puzzlecam.errors import UsageError
+from puzzlecam.stages import REPO, Stage, Stages, console, launch_command
 from puzzlecam.utils.cli import run_command
-from puzzlecam.utils.files import atomic_write_json
-from puzzlecam.utils.net import free_port
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "launch" / "configs" / "demo_cpu.yaml"
 MODES = ("baseline", "puzzle")
 RANDOM_WALK = "random walk"  # the table's row of stage 2 (the Puzzle-CAM CAMs after the walk)
@@ -47,148 +41,11 @@ DEFAULT_AFFINITY_CONFIG = REPO / "launch" / "configs" / "demo_affinity_cpu.yaml"
 # 2**4 walk steps, not the paper's 2**8: its stride-4 maps are ~32 px across, VOC's ~110, and a walk spreads
 # as the square root of its steps (docs/demo.md has the measured sweep).
 DEMO_EXP_TIMES = 4
-STAGE_RECORD = "stages.json"
-
-console = Console(width=max(110, shutil.get_terminal_size((110, 24)).columns))
-
-
-def _bin(name: str) -> str:
-    """A console script of this interpreter's environment (deepspeed, torchrun)."""
-    here = Path(sys.executable).parent / name
-    found = str(here) if here.exists() else shutil.which(name)
-    if not found:
-        raise DemoError(f"cannot find the '{name}' command next to {sys.executable} or on PATH; run `make install`")
-    return found
-
-
-def _run(stage: str, cmd: list[str], log: Path, env: dict[str, str] | None = None) -> float:
-    """Run one stage's command, showing it and its output live; returns its seconds, fails naming its log."""
-    console.rule(f"[bold]{stage}")
-    console.print("$ " + shlex.join(cmd), style="dim", soft_wrap=True)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    start = time.monotonic()
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=REPO,
-            env={**os.environ, **(env or {})},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-        )
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            fh.write(line)
-            sys.stdout.write(line)
-        rc = proc.wait()
-    if rc != 0:
-        raise DemoError(f"stage '{stage}' failed with exit code {rc}; full output in {log}")
-    return time.monotonic() - start
-
-
-def fingerprint(obj) -> str:
-    """A hash of JSON-able settings (key order does not matter)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
-
-
-class Stages:
-    """The demo's record of its stages (``OUT/stages.json``) and the rule for reusing one (docs/demo.md).
-
-    A stage's fingerprint covers its settings (its command line unless given) and the fingerprints of
-    the stages whose output it reads, so a change reaches every stage after it. A stage is reused only
-    when the record holds its current fingerprint as finished and its output is there. One recorded as
-    started with the same fingerprint (interrupted, or failed) runs again on its output, which lets
-    training resume from its newest checkpoint. Any other stage (new settings or inputs, no record, a
-    damaged record, missing output) has its ``outputs`` removed first and runs from scratch.
-    """
-
-    def __init__(self, out: Path):
-        self.out = Path(out)
-        self.path = self.out / STAGE_RECORD
-        self.records = self._read()
-
-    def _read(self) -> dict[str, dict]:
-        try:
-            records = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as e:
-            log.warning("%s is unreadable (%s); every stage runs again", self.path, e)
-            return {}
-        return records if isinstance(records, dict) else {}
-
-    def run(
-        self,
-        key: str,
-        title: str,
-        cmd: list[str],
-        *,
-        complete,
-        outputs: tuple[Path, ...] | list[Path] = (),
-        inputs: tuple[str, ...] | list[str] = (),
-        settings=None,
-        env: dict[str, str] | None = None,
-    ) -> None:
-        """Run stage ``key`` (shown as ``title``) unless its recorded run can be reused; ``complete()``
-        says whether its output is there."""
-        current = fingerprint(
-            {
-                "settings": cmd if settings is None else settings,
-                "inputs": {name: self.records[name]["fingerprint"] for name in inputs},
-            }
-        )
-        record = self.records.get(key) or {}
-        same = record.get("fingerprint") == current
-        if same and record.get("state") == "done" and complete():
-            console.print(f"reused: {key} (settings and inputs unchanged)", markup=False, highlight=False)
-            return
-        if same and record.get("state") == "started":
-            why = "resumed"
-        else:
-            why = "output missing" if same else "settings or inputs changed" if record else "no earlier run"
-            for path in outputs:
-                _remove(path)
-        self.records[key] = {"fingerprint": current, "state": "started", "command": shlex.join(cmd)}
-        atomic_write_json(self.path, self.records)
-        seconds = _run(title, cmd, self.out / "logs" / f"{key}.log", env)
-        self.records[key]["state"] = "done"
-        atomic_write_json(self.path, self.records)
-        console.print(f"ran: {key} in {seconds:.0f} s ({why})", markup=False, highlight=False)
 
 
 def _train_command(launcher: str, procs: int, entry: list[str]) -> list[str]:
     """``launch/train.py`` + ``entry`` under ``launcher`` (each launcher on a free port)."""
-    if launcher == "deepspeed":
-        return [
-            _bin("deepspeed"),
-            "--num_gpus",
-            str(procs),
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(free_port()),
-            *entry,
-        ]
-    if launcher == "torchrun":
-        return [
-            _bin("torchrun"),
-            "--nproc-per-node",
-            str(procs),
-            "--rdzv-backend",
-            "c10d",
-            "--rdzv-endpoint",
-            f"127.0.0.1:{free_port()}",
-            *entry,
-        ]
-    return [sys.executable, *entry]
+    return launch_command(launcher, procs, entry)
 
 
 def _per_process_batch(cfg, procs: int, source: str) -> int:
@@ -217,19 +74,23 @@ def run_demo(args: argparse.Namespace) -> dict[str, dict]:
     synth += ["--num-images", str(args.num_images), "--size", str(args.size), "--seed", str(args.seed)]
     # synth and shard --overwrite replace their earlier output atomically: nothing to remove first.
     stages.run(
-        "synth",
-        "synthetic VOC-format data",
-        synth,
-        complete=(voc / "ImageSets" / "Segmentation" / "val.txt").exists,
+        Stage(
+            "synth",
+            "synthetic VOC-format data",
+            synth,
+            complete=(voc / "ImageSets" / "Segmentation" / "val.txt").exists,
+        )
     )
     for split in ("train", "val"):
         stages.run(
-            f"shard_{split}",
-            f"shard the {split} split",
-            [py, "-m", "puzzlecam.data", "shard", "--voc-root", str(voc), "--split", split, "--out", str(shards)]
-            + ["--overwrite"],
-            inputs=["synth"],
-            complete=lambda split=split: any(shards.glob(f"{split}-*.tar")),
+            Stage(
+                f"shard_{split}",
+                f"shard the {split} split",
+                [py, "-m", "puzzlecam.data", "shard", "--voc-root", str(voc), "--split", split, "--out", str(shards)]
+                + ["--overwrite"],
+                inputs=["synth"],
+                complete=lambda split=split: any(shards.glob(f"{split}-*.tar")),
+            )
         )
     train_pattern, val_pattern = str(shards / "train-*.tar"), str(shards / "val-*.tar")
 
@@ -247,47 +108,65 @@ def run_demo(args: argparse.Namespace) -> dict[str, dict]:
         entry = [str(REPO / "launch" / "train.py"), "--config", args.config, "--run-dir", str(run), "--resume", "auto"]
         entry += overrides
         stages.run(
-            f"train_{mode}",
-            f"train {mode} ({args.launcher}, {args.procs} processes)",
-            _train_command(args.launcher, args.procs, entry),
-            # Not the launcher's free port: the resolved config and how many processes share the batch.
-            settings={
-                "launcher": args.launcher,
-                "procs": args.procs,
-                "entry": entry,
-                "config": load_config(args.config, overrides).to_dict(),
-            },
-            inputs=["shard_train"],
-            outputs=[run],  # a stale checkpoint must not be resumed
-            complete=(run / "model.safetensors").exists,
-            env=env,
+            Stage(
+                f"train_{mode}",
+                f"train {mode} ({args.launcher}, {args.procs} processes)",
+                _train_command(args.launcher, args.procs, entry),
+                # Not the launcher's free port: the resolved config and how many processes share the batch.
+                settings={
+                    "launcher": args.launcher,
+                    "procs": args.procs,
+                    "entry": entry,
+                    "config": load_config(args.config, overrides).to_dict(),
+                },
+                inputs=["shard_train"],
+                outputs=[run],  # a stale checkpoint must not be resumed
+                complete=(run / "model.safetensors").exists,
+                env=env,
+            )
         )
         stages.run(
-            f"infer_{mode}",
-            f"multi-scale CAM inference ({mode})",
-            [py, "-m", "puzzlecam.infer", "--weights", str(run / "model.safetensors"), "--shards", val_pattern]
-            + ["--out", str(cams), "--device", "cpu", "--num-workers", "1"],
-            inputs=[f"train_{mode}", "shard_val"],
-            outputs=[cams],  # inference skips the images already in its store
-            complete=(cams / "index.parquet").exists,
-            env=env,
+            Stage(
+                f"infer_{mode}",
+                f"multi-scale CAM inference ({mode})",
+                [py, "-m", "puzzlecam.infer", "--weights", str(run / "model.safetensors"), "--shards", val_pattern]
+                + ["--out", str(cams), "--device", "cpu", "--num-workers", "1"],
+                inputs=[f"train_{mode}", "shard_val"],
+                outputs=[cams],  # inference skips the images already in its store
+                complete=(cams / "index.parquet").exists,
+                env=env,
+            )
         )
         stages.run(
-            f"eval_{mode}",
-            f"threshold-sweep evaluation ({mode})",
-            [py, "-m", "puzzlecam.evaluate", "--cams", str(cams), "--shards", val_pattern, "--out", str(evaluation)],
-            inputs=[f"infer_{mode}", "shard_val"],
-            outputs=[evaluation],
-            complete=(evaluation / "summary.json").exists,
+            Stage(
+                f"eval_{mode}",
+                f"threshold-sweep evaluation ({mode})",
+                [
+                    py,
+                    "-m",
+                    "puzzlecam.evaluate",
+                    "--cams",
+                    str(cams),
+                    "--shards",
+                    val_pattern,
+                    "--out",
+                    str(evaluation),
+                ],
+                inputs=[f"infer_{mode}", "shard_val"],
+                outputs=[evaluation],
+                complete=(evaluation / "summary.json").exists,
+            )
         )
         stages.run(
-            f"viz_{mode}",
-            f"overlays ({mode})",
-            [py, "-m", "puzzlecam.viz", "--cams", str(cams), "--shards", val_pattern, "--out", str(viz)]
-            + ["--n", str(args.pictures), "--summary", str(evaluation / "summary.json")],
-            inputs=[f"eval_{mode}", "shard_val"],
-            outputs=[viz],
-            complete=(viz / "grid.png").exists,
+            Stage(
+                f"viz_{mode}",
+                f"overlays ({mode})",
+                [py, "-m", "puzzlecam.viz", "--cams", str(cams), "--shards", val_pattern, "--out", str(viz)]
+                + ["--n", str(args.pictures), "--summary", str(evaluation / "summary.json")],
+                inputs=[f"eval_{mode}", "shard_val"],
+                outputs=[viz],
+                complete=(viz / "grid.png").exists,
+            )
         )
         summary = json.loads((evaluation / "summary.json").read_text())
         results[mode] = {"summary": summary, "run": run, "grid": viz / "grid.png"}
@@ -304,30 +183,36 @@ def run_random_walk_stages(args, stages: Stages, cfg, out: Path, train_pattern: 
     cams_train, labels, shards = puzzle / "cams_train", puzzle / "affinity_labels", out / "shards_affinity"
     rw, evaluation, viz = run / "rw", run / "rw_eval", run / "viz"
     stages.run(
-        "infer_train_puzzle",
-        "CAMs of the training images (puzzle)",
-        [py, "-m", "puzzlecam.infer", "--weights", str(puzzle / "model.safetensors"), "--shards", train_pattern]
-        + ["--out", str(cams_train), "--device", "cpu", "--num-workers", "1"],
-        inputs=["train_puzzle", "shard_train"],
-        outputs=[cams_train],
-        complete=(cams_train / "index.parquet").exists,
-        env=env,
+        Stage(
+            "infer_train_puzzle",
+            "CAMs of the training images (puzzle)",
+            [py, "-m", "puzzlecam.infer", "--weights", str(puzzle / "model.safetensors"), "--shards", train_pattern]
+            + ["--out", str(cams_train), "--device", "cpu", "--num-workers", "1"],
+            inputs=["train_puzzle", "shard_train"],
+            outputs=[cams_train],
+            complete=(cams_train / "index.parquet").exists,
+            env=env,
+        )
     )
     stages.run(
-        "affinity_labels",
-        "affinity labels (confident foreground 0.40, background 0.10, no CRF)",
-        [py, "-m", "puzzlecam.labels", "--affinity", "--no-crf", "--cams", str(cams_train), "--out", str(labels)],
-        inputs=["infer_train_puzzle"],
-        outputs=[labels],
-        complete=lambda: any(labels.glob("*.png")),
+        Stage(
+            "affinity_labels",
+            "affinity labels (confident foreground 0.40, background 0.10, no CRF)",
+            [py, "-m", "puzzlecam.labels", "--affinity", "--no-crf", "--cams", str(cams_train), "--out", str(labels)],
+            inputs=["infer_train_puzzle"],
+            outputs=[labels],
+            complete=lambda: any(labels.glob("*.png")),
+        )
     )
     stages.run(
-        "label_shards",
-        "training shards with the affinity labels",
-        [py, "-m", "puzzlecam.data", "label-shards", "--shards", train_pattern, "--labels", str(labels)]
-        + ["--out", str(shards), "--overwrite"],
-        inputs=["affinity_labels", "shard_train"],
-        complete=lambda: any(shards.glob("train-*.tar")),
+        Stage(
+            "label_shards",
+            "training shards with the affinity labels",
+            [py, "-m", "puzzlecam.data", "label-shards", "--shards", train_pattern, "--labels", str(labels)]
+            + ["--out", str(shards), "--overwrite"],
+            inputs=["affinity_labels", "shard_train"],
+            complete=lambda: any(shards.glob("train-*.tar")),
+        )
     )
     # No ImageNet file here: the frozen backbone is the Puzzle-CAM classifier's (docs/demo.md).
     overrides = [
@@ -343,47 +228,55 @@ def run_random_walk_stages(args, stages: Stages, cfg, out: Path, train_pattern: 
     entry = [str(REPO / "launch" / "train.py"), "--config", args.affinity_config, "--run-dir", str(run)]
     entry += ["--resume", "auto", *overrides]
     stages.run(
-        "train_affinity",
-        f"train AffinityNet ({args.launcher}, {args.procs} processes)",
-        _train_command(args.launcher, args.procs, entry),
-        settings={
-            "launcher": args.launcher,
-            "procs": args.procs,
-            "entry": entry,
-            "config": load_config(args.affinity_config, overrides).to_dict(),
-        },
-        inputs=["label_shards", "train_puzzle"],
-        outputs=[run],  # a stale checkpoint must not be resumed
-        complete=(run / "model.safetensors").exists,
-        env=env,
+        Stage(
+            "train_affinity",
+            f"train AffinityNet ({args.launcher}, {args.procs} processes)",
+            _train_command(args.launcher, args.procs, entry),
+            settings={
+                "launcher": args.launcher,
+                "procs": args.procs,
+                "entry": entry,
+                "config": load_config(args.affinity_config, overrides).to_dict(),
+            },
+            inputs=["label_shards", "train_puzzle"],
+            outputs=[run],  # a stale checkpoint must not be resumed
+            complete=(run / "model.safetensors").exists,
+            env=env,
+        )
     )
     stages.run(
-        "rw",
-        "random walk of the evaluation CAMs (puzzle)",
-        [py, "-m", "puzzlecam.rw", "--weights", str(run / "model.safetensors"), "--cams", str(puzzle / "cams")]
-        + ["--shards", val_pattern, "--out", str(rw), "--device", "cpu", "--num-workers", "1"]
-        + ["--exp-times", str(DEMO_EXP_TIMES)],
-        inputs=["train_affinity", "infer_puzzle", "shard_val"],
-        outputs=[rw],
-        complete=(rw / "index.parquet").exists,
-        env=env,
+        Stage(
+            "rw",
+            "random walk of the evaluation CAMs (puzzle)",
+            [py, "-m", "puzzlecam.rw", "--weights", str(run / "model.safetensors"), "--cams", str(puzzle / "cams")]
+            + ["--shards", val_pattern, "--out", str(rw), "--device", "cpu", "--num-workers", "1"]
+            + ["--exp-times", str(DEMO_EXP_TIMES)],
+            inputs=["train_affinity", "infer_puzzle", "shard_val"],
+            outputs=[rw],
+            complete=(rw / "index.parquet").exists,
+            env=env,
+        )
     )
     stages.run(
-        "eval_rw",
-        "threshold-sweep evaluation (random walk)",
-        [py, "-m", "puzzlecam.evaluate", "--cams", str(rw), "--shards", val_pattern, "--out", str(evaluation)],
-        inputs=["rw", "shard_val"],
-        outputs=[evaluation],
-        complete=(evaluation / "summary.json").exists,
+        Stage(
+            "eval_rw",
+            "threshold-sweep evaluation (random walk)",
+            [py, "-m", "puzzlecam.evaluate", "--cams", str(rw), "--shards", val_pattern, "--out", str(evaluation)],
+            inputs=["rw", "shard_val"],
+            outputs=[evaluation],
+            complete=(evaluation / "summary.json").exists,
+        )
     )
     stages.run(
-        "viz_rw",
-        "overlays (random walk)",
-        [py, "-m", "puzzlecam.viz", "--cams", str(rw), "--shards", val_pattern, "--out", str(viz)]
-        + ["--n", str(args.pictures), "--summary", str(evaluation / "summary.json")],
-        inputs=["eval_rw", "shard_val"],
-        outputs=[viz],
-        complete=(viz / "grid.png").exists,
+        Stage(
+            "viz_rw",
+            "overlays (random walk)",
+            [py, "-m", "puzzlecam.viz", "--cams", str(rw), "--shards", val_pattern, "--out", str(viz)]
+            + ["--n", str(args.pictures), "--summary", str(evaluation / "summary.json")],
+            inputs=["eval_rw", "shard_val"],
+            outputs=[viz],
+            complete=(viz / "grid.png").exists,
+        )
     )
     summary = json.loads((evaluation / "summary.json").read_text())
     return {"summary": summary, "run": run, "grid": viz / "grid.png"}

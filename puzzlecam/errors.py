@@ -81,8 +81,8 @@ class TrainingError(RunError, RuntimeError):
     """A training run that cannot go on (too many bad steps, replicas out of sync); says why."""
 
 
-class DemoError(RunError, RuntimeError):
-    """A stage of the demo or pipeline that failed; names the stage and its log."""
+class StageError(RunError, RuntimeError):
+    """A stage of the pipeline or the demo that failed; names the stage and its log."""
 
 
 class DiskError(RunError, OSError):

@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from puzzlecam import demo
-from puzzlecam.errors import DemoError
+from puzzlecam.errors import StageError
+from puzzlecam.stages import Stage, Stages
 
 STAGES = [
     "synth",
@@ -127,16 +128,18 @@ def test_a_stage_is_reused_only_with_the_same_settings_and_inputs(tmp_path, caps
     data, result = tmp_path / "data.txt", tmp_path / "result.txt"
 
     def pipeline(data_text: str, result_text: str, env=None) -> dict[str, str]:
-        stages = demo.Stages(tmp_path)  # each invocation reads the record afresh
-        stages.run("data", "make data", _append(data, data_text), outputs=[data], complete=data.exists)
+        stages = Stages(tmp_path)  # each invocation reads the record afresh
+        stages.run(Stage("data", "make data", _append(data, data_text), outputs=[data], complete=data.exists))
         stages.run(
-            "result",
-            "use it",
-            _append(result, result_text),
-            inputs=["data"],
-            outputs=[result],
-            complete=result.exists,
-            env=env,
+            Stage(
+                "result",
+                "use it",
+                _append(result, result_text),
+                inputs=["data"],
+                outputs=[result],
+                complete=result.exists,
+                env=env,
+            )
         )
         return _said(capsys.readouterr().out)
 
@@ -149,7 +152,7 @@ def test_a_stage_is_reused_only_with_the_same_settings_and_inputs(tmp_path, caps
     assert pipeline("z", "w") == {"data": "reused", "result": "ran"}
     assert result.read_text() == "w"
     # A stage that failed with unchanged settings resumes on its output (training resumes from its checkpoint).
-    with pytest.raises(DemoError, match="stage 'use it' failed with exit code 1"):
+    with pytest.raises(StageError, match="stage 'use it' failed with exit code 1"):
         pipeline("z", "v", env={"FAIL": "1"})
     capsys.readouterr()
     assert pipeline("z", "v") == {"data": "reused", "result": "ran"}
