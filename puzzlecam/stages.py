@@ -77,9 +77,8 @@ def run_logged(title: str, cmd: list[str], log_path: Path, env: dict[str, str] |
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     with open(log_path, "w") as fh:
-        proc = subprocess.Popen(
+        proc = subprocess.Popen(  # in the caller's directory: relative paths mean what they meant to the user
             cmd,
-            cwd=REPO,
             env={**os.environ, **(env or {})},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

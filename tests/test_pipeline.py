@@ -1,0 +1,116 @@
+"""python -m puzzlecam.pipeline: the stages in order, their commands, the config's checks (docs/pipeline.md)."""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+import yaml
+
+from puzzlecam import pipeline
+from puzzlecam.errors import ConfigError, UsageError
+from puzzlecam.stages import REPO
+
+STAGES = [
+    "train_classifier",
+    "cams_train",
+    "cams_eval",
+    "eval_cams",
+    "affinity_labels",
+    "affinity_shards",
+    "train_affinity",
+    "rw_train",
+    "rw_eval",
+    "eval_rw",
+    "pseudo_labels",
+    "pseudo_shards",
+    "train_segmentation",
+    "segment_eval",
+    "eval_segmentation",
+]
+
+
+def _commands(text: str) -> dict[str, list[str]]:
+    """stage -> its printed command (argv) from --print-only output."""
+    lines = text.splitlines()
+    out = {}
+    for i, line in enumerate(lines):
+        if line.startswith("# ") and ":" in line:
+            out[line[2:].split(":", 1)[0]] = shlex.split(lines[i + 1])
+    return out
+
+
+@pytest.mark.parametrize("name", ["pipeline_voc_resnet50.yaml", "pipeline_voc_resnest101.yaml"])
+def test_print_only_lists_every_stage_with_its_command(name, tmp_path, capsys):
+    config = REPO / "launch" / "configs" / name
+    assert pipeline.main(["--config", str(config), "--out", str(tmp_path / "run"), "--print-only"]) == 0
+    commands = _commands(capsys.readouterr().out)
+    assert list(commands) == STAGES
+    pc = yaml.safe_load(config.read_text())
+    train = commands["train_classifier"]
+    assert "deepspeed" in train[0] and train[train.index("--num_gpus") + 1] == str(pc["procs"])
+    assert f"model.arch={pc['model']['arch']}" in train and f"data.train_shards={pc['data']['train']}" in train
+    # Stages 2 and 3 start from the ImageNet file, as the method, and read the shards the stages before write.
+    affinity = commands["train_affinity"]
+    assert f"model.pretrained={pc['model']['pretrained']}" in affinity
+    assert f"data.train_shards={tmp_path / 'run' / 'shards_affinity' / '*.tar'}" in affinity
+    seg = commands["train_segmentation"]
+    assert f"data.eval_shards={pc['data']['seg_eval']}" in seg and "segmentation.labels=label" in seg
+    assert commands["pseudo_labels"][commands["pseudo_labels"].index("--threshold") + 1] == "0.35"
+    # Inference runs distributed (torchrun, one process per GPU); evaluation reads the masked split.
+    assert "torchrun" in commands["rw_train"][0] and "puzzlecam.rw" in commands["rw_train"]
+    assert commands["eval_segmentation"][-4:] == [
+        "--shards",
+        pc["data"]["seg_eval"],
+        "--out",
+        commands["eval_segmentation"][-1],
+    ]
+    assert not (tmp_path / "run" / "stages.json").exists()  # nothing ran
+
+
+def _write(tmp_path, **changes) -> str:
+    data = yaml.safe_load((REPO / "launch" / "configs" / "pipeline_voc_resnet50.yaml").read_text())
+    for dotted, value in changes.items():
+        node = data
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            node = node[p]
+        if value is None:
+            node.pop(leaf)
+        else:
+            node[leaf] = value
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"data__train": ""}, r"'data.train' is empty: give a shard pattern"),
+        ({"configs__affinity": ""}, r"'configs.affinity' is empty"),
+        ({"procs": 0}, r"'procs' must be at least 1"),
+        ({"launcher": "mpirun"}, r"'launcher' must be one of 'deepspeed', 'torchrun', 'python'"),
+        ({"model__pretrained": None}, r"'model.later_stages_from' is 'pretrained' but 'model.pretrained' is not set"),
+        ({"data__shards": "x"}, r"unknown config key 'data.shards'"),
+        ({"random_walk__exp_times": "eight"}, r"'random_walk.exp_times' must be int"),
+    ],
+)
+def test_bad_pipeline_configs_name_the_key(tmp_path, changes, message):
+    with pytest.raises(ConfigError, match=message):
+        pipeline.load_pipeline_config(_write(tmp_path, **changes))
+
+
+def test_a_bad_stage_config_fails_before_anything_runs(tmp_path):
+    config = _write(tmp_path, configs__segmentation_set=["segmentation.head_norm=layer"])
+    with pytest.raises(ConfigError, match="'segmentation.head_norm' must be one of"):
+        pipeline.Pipeline(pipeline.load_pipeline_config(config), tmp_path / "run").run()
+    assert not (tmp_path / "run").exists()
+
+
+def test_rerun_names_a_stage(tmp_path, capsys):
+    config = _write(tmp_path)
+    with pytest.raises(
+        UsageError, match=r"--rerun 'train': not a stage of this pipeline; the stages: train_classifier"
+    ):
+        pipeline.Pipeline(pipeline.load_pipeline_config(config), tmp_path / "run").run(rerun="train")
