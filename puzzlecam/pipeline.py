@@ -171,8 +171,23 @@ class Pipeline:
     """The stages of one run directory in order (module doc); ``stage_list()`` builds them, each just before it
     runs, so that a stage can read an earlier one's result (the rw threshold)."""
 
-    def __init__(self, pc: PipelineConfig, out: Path, *, print_only: bool = False):
+    def __init__(
+        self,
+        pc: PipelineConfig,
+        out: Path,
+        *,
+        print_only: bool = False,
+        until: str | None = None,
+        stages: Stages | None = None,
+        key_prefix: str = "",
+        data_inputs: tuple[str, ...] = (),
+    ):
+        """``until``: the last stage to run (None: all); ``stages``: a record shared with other stages (the
+        demo's; default ``out/stages.json``), in which this pipeline's keys start with ``key_prefix`` and every
+        stage also depends on the stages ``data_inputs`` (those that made the shards)."""
         self.pc, self.out, self.print_only = pc, Path(out).resolve(), print_only
+        self.until, self.key_prefix, self.data_inputs = until, key_prefix, tuple(data_inputs)
+        self.stages = stages
         self.py = sys.executable
         threads = pc.threads or max(1, (os.cpu_count() or 2) // pc.procs)
         self.env = {"OMP_NUM_THREADS": str(threads)}
@@ -278,7 +293,7 @@ class Pipeline:
         return "BEST_RW_THRESHOLD"  # --print-only before the rw evaluation has run
 
     # -- the stages --------------------------------------------------------------------------------
-    def stage_builders(self) -> list[tuple[str, Callable[[], Stage | None]]]:
+    def stage_builders(self) -> list[tuple[str, Callable[[], Stage]]]:
         pc, d, dirs = self.pc, self.pc.data, self.dirs
         cls_dir, aff_dir, seg_dir = dirs["classifier"], dirs["affinity"], dirs["segmentation"]
         cams_train, cams_eval = cls_dir / "cams_train", cls_dir / "cams_eval"
@@ -380,19 +395,8 @@ class Pipeline:
             )
 
         classifier_weights = cls_dir / "model.safetensors"
-        builders: list[tuple[str, Callable[[], Stage | None]]] = [
+        builders: list[tuple[str, Callable[[], Stage]]] = [
             ("train_classifier", classifier),
-            (
-                "cams_train",
-                lambda: self._infer(
-                    "cams_train",
-                    "CAMs of the training images",
-                    classifier_weights,
-                    d.train,
-                    cams_train,
-                    ["train_classifier"],
-                ),
-            ),
             (
                 "cams_eval",
                 lambda: self._infer(
@@ -415,6 +419,17 @@ class Pipeline:
                     ["cams_eval"],
                 ),
             ),
+            (
+                "cams_train",
+                lambda: self._infer(
+                    "cams_train",
+                    "CAMs of the training images",
+                    classifier_weights,
+                    d.train,
+                    cams_train,
+                    ["train_classifier"],
+                ),
+            ),
             ("affinity_labels", affinity_labels),
             (
                 "affinity_shards",
@@ -427,17 +442,6 @@ class Pipeline:
                 ),
             ),
             ("train_affinity", affinity),
-            (
-                "rw_train",
-                lambda: self._rw(
-                    "rw_train",
-                    "random walk of the training CAMs",
-                    cams_train,
-                    d.train,
-                    rw_train,
-                    ["train_affinity", "cams_train"],
-                ),
-            ),
             (
                 "rw_eval",
                 lambda: self._rw(
@@ -460,6 +464,17 @@ class Pipeline:
                     ["rw_eval"],
                 ),
             ),
+            (
+                "rw_train",
+                lambda: self._rw(
+                    "rw_train",
+                    "random walk of the training CAMs",
+                    cams_train,
+                    d.train,
+                    rw_train,
+                    ["train_affinity", "cams_train"],
+                ),
+            ),
             ("pseudo_labels", pseudo_labels),
             (
                 "pseudo_shards",
@@ -480,32 +495,41 @@ class Pipeline:
         return builders
 
     def stage_keys(self) -> list[str]:
-        return [key for key, _ in self.stage_builders()]
+        keys = [key for key, _ in self.stage_builders()]
+        if self.until is not None:
+            if self.until not in keys:
+                raise UsageError(f"until {self.until!r}: not a stage of this pipeline; the stages: {', '.join(keys)}")
+            keys = keys[: keys.index(self.until) + 1]
+        return keys
+
+    def _in_record(self, stage: Stage) -> Stage:
+        """The stage under its key in the (possibly shared) record: prefixed, and depending on the data stages."""
+        stage.key = self.key_prefix + stage.key
+        stage.inputs = [self.key_prefix + k for k in stage.inputs] + list(self.data_inputs)
+        return stage
 
     def run(self, rerun: str | None = None) -> list[dict]:
         """Run (or with ``print_only`` print) every stage in order; the summary rows."""
-        stages = Stages(self.out)
+        stages = self.stages if self.stages is not None else Stages(self.out)
         keys = self.stage_keys()
+        builders = [(key, build) for key, build in self.stage_builders() if key in keys]
+        for _, build in builders:  # every stage config checked before anything runs (a stage builds just in time)
+            build()
         if rerun is not None:
             if rerun not in keys:
                 raise UsageError(f"--rerun {rerun!r}: not a stage of this pipeline; the stages: {', '.join(keys)}")
             if not self.print_only:
-                stages.forget(keys[keys.index(rerun) :])
-        builders = self.stage_builders()
-        for _, build in builders:  # every stage config checked before anything runs (a stage builds just in time)
-            build()
+                stages.forget([self.key_prefix + k for k in keys[keys.index(rerun) :]])
         rows = []
         for key, build in builders:
-            stage = build()
-            if stage is None:
-                continue
+            stage = self._in_record(build())
             if self.print_only:
                 state = "done (would be reused)" if stages.reusable(stage) else "to run"
-                console.print(f"# {key}: {stage.title} [{state}]", markup=False, highlight=False)
+                console.print(f"# {stage.key}: {stage.title} [{state}]", markup=False, highlight=False)
                 console.print(shlex.join(stage.cmd), markup=False, highlight=False, soft_wrap=True)
                 continue
             seconds = stages.run(stage)
-            record = stages.records.get(key, {})
+            record = stages.records.get(stage.key, {})
             row = {
                 "stage": key,
                 "ran": seconds is not None,
@@ -556,13 +580,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="run this stage and every later one again, even where their settings are unchanged",
     )
+    p.add_argument(
+        "--until",
+        metavar="STAGE",
+        default=None,
+        help="stop after this stage (e.g. eval_cams: stage 1 only; eval_rw: stages 1 and 2)",
+    )
     return p
 
 
 def run(args: argparse.Namespace) -> None:
     pc = load_pipeline_config(args.config)
     out = Path(args.out).resolve()
-    pipeline = Pipeline(pc, out, print_only=args.print_only)
+    pipeline = Pipeline(pc, out, print_only=args.print_only, until=args.until)
     rows = pipeline.run(rerun=args.rerun)
     if not args.print_only:
         print_summary(rows, out)

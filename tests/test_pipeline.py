@@ -13,15 +13,15 @@ from puzzlecam.stages import REPO
 
 STAGES = [
     "train_classifier",
-    "cams_train",
     "cams_eval",
     "eval_cams",
+    "cams_train",
     "affinity_labels",
     "affinity_shards",
     "train_affinity",
-    "rw_train",
     "rw_eval",
     "eval_rw",
+    "rw_train",
     "pseudo_labels",
     "pseudo_shards",
     "train_segmentation",
@@ -114,3 +114,12 @@ def test_rerun_names_a_stage(tmp_path, capsys):
         UsageError, match=r"--rerun 'train': not a stage of this pipeline; the stages: train_classifier"
     ):
         pipeline.Pipeline(pipeline.load_pipeline_config(config), tmp_path / "run").run(rerun="train")
+
+
+def test_until_stops_after_a_stage(tmp_path, capsys):
+    config = _write(tmp_path)
+    argv = ["--config", config, "--out", str(tmp_path / "run"), "--print-only", "--until", "eval_rw"]
+    assert pipeline.main(argv) == 0
+    assert list(_commands(capsys.readouterr().out)) == STAGES[: STAGES.index("eval_rw") + 1]
+    assert pipeline.main([*argv[:-1], "eval"]) == 2
+    assert "until 'eval': not a stage of this pipeline" in capsys.readouterr().err
