@@ -23,7 +23,15 @@ The conversion:
 ``--kind affinity`` converts the original's AffinityNet the same way: its ``backbone.0..4.*`` (a ModuleList over
 stage1..5) and ``fc_edge1..6.*`` (the same modules as ``edge_layers.0..5.*``, our names) are aliases too, its
 ``path_indices_*`` buffers (tables recomputed from the radius) are dropped, and the output feeds
-``python -m puzzlecam.rw --weights``. ``--kind deeplab`` (DeepLabv3+) comes with that stage.
+``python -m puzzlecam.rw --weights``.
+
+``--kind deeplab`` converts the original's DeepLabv3_Plus (stage 3): ``model.*`` / ``stage1..5.*`` as above, and
+its head (``core/deeplab_utils.py``: ``aspp.aspp1..4.{atrous_conv,bn}``, ``aspp.global_avg_pool.{1,2}``,
+``aspp.{conv1,bn1}``, ``decoder.{conv1,bn1}``, ``decoder.classifier.*``) renamed to ours
+(:data:`DEEPLAB_NAMES`). The head's norm, its widths and the number of classes are read from the file: a
+GroupNorm head (the original's ``--use_gn True``, its default) gives ``segmentation.head_norm: group``; a
+BatchNorm head (``--use_gn False``, its running statistics in the file) gives ``head_norm: batch``, which in
+eval mode computes the same logits. The output feeds ``python -m puzzlecam.segment --weights``.
 """
 
 from __future__ import annotations
@@ -41,7 +49,7 @@ import torch
 import yaml
 
 from puzzlecam.checkpoint import safe_load
-from puzzlecam.config import ModelConfig
+from puzzlecam.config import ModelConfig, SegmentationConfig
 from puzzlecam.deepspeed_logs import DeepSpeedLogs
 from puzzlecam.errors import UsageError
 from puzzlecam.utils.cli import run_command
@@ -49,7 +57,6 @@ from puzzlecam.utils.files import atomic_write_bytes, atomic_write_text, output_
 
 log = logging.getLogger("puzzlecam.convert")  # not __name__: that is "__main__" under python -m
 
-KINDS = ("classifier", "affinity", "deeplab")
 CONFIG_NAME = "config.yaml"
 # Every network of the original is built at output stride 16 (docs/convert.md).
 OUTPUT_STRIDE = 16
@@ -69,6 +76,20 @@ AFFINITY_ALIASES = {
     **{f"backbone.{i}.": f"stage{i + 1}." for i in range(5)},
     **{f"fc_edge{i + 1}.": f"edge_layers.{i}." for i in range(6)},
 }
+# The original DeepLabv3+'s head (core/deeplab_utils.py: ASPP, Decoder) under our names (puzzlecam.model.deeplab):
+# not aliases, each tensor is in the file once. aspp.global_avg_pool and decoder.classifier are Sequentials with
+# the same indices as ours (pool, conv, norm, ReLU; conv, norm, ReLU, dropout, ..., conv).
+DEEPLAB_NAMES = {
+    **{f"aspp.aspp{i + 1}.atrous_conv.": f"aspp.branches.{i}.0." for i in range(4)},
+    **{f"aspp.aspp{i + 1}.bn.": f"aspp.branches.{i}.1." for i in range(4)},
+    "aspp.global_avg_pool.": "aspp.image_pool.",
+    "aspp.conv1.": "aspp.project.0.",
+    "aspp.bn1.": "aspp.project.1.",
+    "decoder.conv1.": "decoder.low_level.0.",
+    "decoder.bn1.": "decoder.low_level.1.",
+}
+DEEPLAB_CLASSES = "decoder.classifier.8.weight"  # the last 1x1 conv: (num_classes, head channels, 1, 1)
+DEEPLAB_LOW_LEVEL = "decoder.low_level.0.weight"  # (low-level channels, layer1's channels, 1, 1)
 AFFINITY_BUFFER_PREFIX = "path_indices_"  # the original's path index tables: recomputed here, not weights
 _DATA_PARALLEL_PREFIX = "module."
 # Names that only another network of the original holds: (prefixes, its --kind, what it is).
@@ -77,12 +98,40 @@ _OTHER_KINDS = (
     (("aspp.", "decoder."), "deeplab", "a DeepLabv3+ checkpoint"),
     (("classifier.",), "classifier", "a classifier checkpoint"),
 )
-# kind -> (the task our network trains under, the tensor whose shape gives the backbone's output channels
-# (dim 1), the network's name in messages)
+
+
+class KindModel(typing.NamedTuple):
+    task: str  # the task our network trains under (config.yaml's task)
+    head: str  # our name of the head tensor whose dim 1 is the backbone's output channels
+    original_head: str  # that tensor's name in the original's file (after the stage aliases)
+    what: str  # the network's name in messages
+    saves: str  # what the original's file of this network holds, for messages
+
+
 KIND_MODELS = {
-    "classifier": ("classification", "classifier.weight", "classifier"),
-    "affinity": ("affinity", "edge_layers.4.0.weight", "AffinityNet"),
+    "classifier": KindModel(
+        "classification",
+        "classifier.weight",
+        "classifier.weight",
+        "classifier",
+        "model.*, stage1..5.* and classifier.weight",
+    ),
+    "affinity": KindModel(
+        "affinity",
+        "edge_layers.4.0.weight",
+        "edge_layers.4.0.weight",
+        "AffinityNet",
+        "model.*, stage1..5.*, backbone.*, fc_edge1..6.* and edge_layers.*",
+    ),
+    "deeplab": KindModel(
+        "segmentation",
+        "aspp.branches.0.0.weight",
+        "aspp.aspp1.atrous_conv.weight",
+        "DeepLabv3+",
+        "model.*, stage1..5.*, aspp.* and decoder.*",
+    ),
 }
+KINDS = tuple(KIND_MODELS)
 _SHOWN = 5  # names listed per kind of difference
 
 
@@ -195,32 +244,45 @@ def check_finite(state: Mapping[str, torch.Tensor], src: Path) -> None:
 # Our names and the arch
 
 
+def _a(what: str) -> str:
+    """``what`` with its article: "a classifier", "an AffinityNet"."""
+    return f"{'an' if what[0] in 'AEIOU' else 'a'} {what}"
+
+
 def _refuse_other_kind(names: list[str], src: Path, kind: str) -> None:
     for prefixes, other, what in _OTHER_KINDS:
         found = [n for n in names if n.startswith(prefixes)]
         if found and other != kind:
             raise UsageError(
-                f"SRC {src} is {what} (it holds {', '.join(found[:3])}, ...), not a {kind}: "
+                f"SRC {src} is {what} (it holds {', '.join(found[:3])}, ...), not {_a(KIND_MODELS[kind].what)}: "
                 f"convert it with --kind {other}"
             )
 
 
+def our_name(name: str, kind: str) -> str:
+    """A de-duplicated name of the original's network as ours: ``model.*`` -> ``backbone.*``, DeepLabv3+'s
+    head by :data:`DEEPLAB_NAMES`; anything else unchanged."""
+    if name.startswith("model."):
+        return "backbone." + name[len("model.") :]
+    if kind == "deeplab":
+        for original, ours in DEEPLAB_NAMES.items():
+            if name.startswith(original):
+                return ours + name[len(original) :]
+    return name
+
+
 def network_state(state: Mapping[str, torch.Tensor], src: Path, kind: str) -> dict[str, torch.Tensor]:
-    """The original network's de-duplicated names as ours: ``model.*`` -> ``backbone.*``; AffinityNet's path
-    index buffers dropped; the rest unchanged (anything else is reported by :func:`detect_model` as not fitting)."""
+    """The original network's de-duplicated names as ours (:func:`our_name`); AffinityNet's path index buffers
+    dropped (anything that fits no network is reported by :func:`detect_model`)."""
     _refuse_other_kind(list(state), src, kind)
-    _, head, what = KIND_MODELS[kind]
-    if head not in state:
-        saves = {
-            "classifier": "model.*, stage1..5.* and classifier.weight",
-            "affinity": "model.*, stage1..5.*, backbone.*, fc_edge1..6.* and edge_layers.*",
-        }[kind]
+    model = KIND_MODELS[kind]
+    if model.original_head not in state:
         raise UsageError(
-            f"SRC {src} has no {head}: not a{'n' if what[0] in 'AEIOU' else ''} {what} checkpoint of the original "
-            f"code (its {what} saves {saves})"
+            f"SRC {src} has no {model.original_head}: not {_a(model.what)} "
+            f"checkpoint of the original code (its {model.what} saves {model.saves})"
         )
     return {
-        ("backbone." + k[len("model.") :] if k.startswith("model.") else k): v
+        our_name(k, kind): v
         for k, v in state.items()
         if not (kind == "affinity" and k.startswith(AFFINITY_BUFFER_PREFIX))
     }
@@ -233,18 +295,21 @@ def configurable_archs() -> tuple[str, ...]:
 
 @functools.cache
 def model_shapes(
-    arch: str, width: int, num_classes: int, kind: str = "classifier"
+    arch: str, width: int, num_classes: int, kind: str = "classifier", head: tuple[str, int, int] | None = None
 ) -> dict[str, tuple[int, ...]] | None:
     """name -> shape of the state dict of our network of ``kind``, built on the meta device; None if
     puzzlecam.model does not build it (an arch the config names before its backbone exists, a width the arch
-    refuses)."""
-    from puzzlecam.model import build_model
+    refuses). ``head``: DeepLabv3+'s (head_norm, head_channels, low_level_channels)."""
+    from puzzlecam.model import build_deeplab, build_model
     from puzzlecam.model.affinity import build_affinity_net
 
-    build = build_affinity_net if kind == "affinity" else build_model
+    cfg = ModelConfig(arch=arch, width=width, num_classes=num_classes)
     try:
         with torch.device("meta"):
-            model = build(ModelConfig(arch=arch, width=width, num_classes=num_classes))
+            if kind == "deeplab":
+                model = build_deeplab(cfg, SegmentationConfig(*(head or ("group", 256, 48))))
+            else:
+                model = (build_affinity_net if kind == "affinity" else build_model)(cfg)
     except ValueError as e:
         log.debug("not comparing with %s at width %d: %s", arch, width, e)
         return None
@@ -275,24 +340,48 @@ def _describe(differences: dict[str, list[str]]) -> str:
     return "; ".join(parts)
 
 
+def detect_head(shapes: Mapping[str, tuple[int, ...]]) -> tuple[SegmentationConfig, int]:
+    """(DeepLabv3+'s head settings, its number of classes) from the names and shapes of its state dict: a head
+    with running statistics has BatchNorm (the original's ``--use_gn False``), else GroupNorm; the widths are
+    the ASPP's and the low-level projection's output channels. A missing tensor leaves the default, and the
+    key is then reported by :func:`detect_model`."""
+    head_keys = [k for k in shapes if k.startswith(("aspp.", "decoder."))]
+    batch = any(k.endswith(".running_mean") for k in head_keys)
+    default, head = SegmentationConfig(), KIND_MODELS["deeplab"].head
+    seg = SegmentationConfig(
+        head_norm="batch" if batch else "group",
+        head_channels=shapes[head][0] if head in shapes else default.head_channels,
+        low_level_channels=shapes[DEEPLAB_LOW_LEVEL][0] if DEEPLAB_LOW_LEVEL in shapes else default.low_level_channels,
+    )
+    num_classes = shapes[DEEPLAB_CLASSES][0] if DEEPLAB_CLASSES in shapes else 21  # VOC's, the original's default
+    return seg, num_classes
+
+
 def detect_model(shapes: Mapping[str, tuple[int, ...]], src: Path, kind: str = "classifier") -> ModelConfig:
-    """The model config (arch, width, number of classes) whose network of ``kind`` has exactly these names and
-    shapes.
+    """The model config (arch, width, number of classes) whose network of ``kind`` (for DeepLabv3+ with the head
+    of :func:`detect_head`) has exactly these names and shapes.
 
     The backbone's output channels come from the head's first tensor (``classifier.weight``, which also gives
-    the number of classes; AffinityNet's last stage branch ``edge_layers.4.0.weight``); each arch's width
-    follows from its output channels at width 64 (they scale with the width)."""
-    _, head, what = KIND_MODELS[kind]
-    num_classes = shapes[head][0] if kind == "classifier" else ModelConfig().num_classes
+    the number of classes; AffinityNet's last stage branch ``edge_layers.4.0.weight``; DeepLabv3+'s first ASPP
+    branch); each arch's width follows from its output channels at width 64 (they scale with the width)."""
+    head = KIND_MODELS[kind].head
+    head_settings = None
+    if kind == "classifier":
+        num_classes = shapes[head][0]
+    elif kind == "deeplab":
+        seg, num_classes = detect_head(shapes)
+        head_settings = (seg.head_norm, seg.head_channels, seg.low_level_channels)
+    else:
+        num_classes = ModelConfig().num_classes
     channels = shapes[head][1]
     closest: tuple[int, str, dict[str, list[str]]] | None = None
     archs = known_archs()
     for arch in archs:
-        at_64 = model_shapes(arch, 64, num_classes, kind)
+        at_64 = model_shapes(arch, 64, num_classes, kind, head_settings)
         if at_64 is None or (64 * channels) % at_64[head][1]:
             continue
         width = 64 * channels // at_64[head][1]
-        expected = model_shapes(arch, width, num_classes, kind) if width >= 1 else None
+        expected = model_shapes(arch, width, num_classes, kind, head_settings) if width >= 1 else None
         if expected is None:
             continue
         differences = _differences(expected, shapes)
@@ -302,55 +391,72 @@ def detect_model(shapes: Mapping[str, tuple[int, ...]], src: Path, kind: str = "
         if closest is None or count < closest[0]:
             closest = (count, f"{arch} at width {width}", differences)
     nearest = f"; closest: {closest[1]}: {_describe(closest[2])}" if closest else ""
-    head_shape = (
-        f"a classifier of {channels} input channels and {num_classes} classes"
-        if kind == "classifier"
-        else (f"an AffinityNet whose last stage has {channels} channels")
-    )
+    head_shape = {
+        "classifier": f"a classifier of {channels} input channels and {num_classes} classes",
+        "affinity": f"an AffinityNet whose last stage has {channels} channels",
+        "deeplab": f"a DeepLabv3+ whose ASPP reads {channels} channels",
+    }[kind]
     raise UsageError(
         f"SRC {src} fits none of the archs puzzlecam.model builds ({', '.join(archs)}) with {head_shape}{nearest}"
     )
 
 
-def convert_checkpoint(src: Path, kind: str = "classifier") -> tuple[dict[str, torch.Tensor], ModelConfig, int]:
-    """(our network's state dict, its model config, alias entries dropped) from an original checkpoint."""
+class Converted(typing.NamedTuple):
+    state: dict[str, torch.Tensor]  # our network's state dict (fp32)
+    model: ModelConfig
+    segmentation: SegmentationConfig | None  # DeepLabv3+'s head; None for the other kinds
+    dropped: int  # alias entries checked equal and dropped
+
+
+def convert_checkpoint(src: Path, kind: str = "classifier") -> Converted:
+    """An original checkpoint as our network's state dict and the config sections that build that network."""
     state = read_original(src)
     check_finite(state, src)
     state, dropped = drop_aliases(state, src, kind)
     state = network_state(state, src, kind)
-    cfg = detect_model({k: tuple(v.shape) for k, v in state.items()}, src, kind)
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    cfg = detect_model(shapes, src, kind)
+    seg = detect_head(shapes)[0] if kind == "deeplab" else None
     ours = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
-    return ours, cfg, dropped
+    return Converted(ours, cfg, seg, dropped)
 
 
 # ---------------------------------------------------------------------------------------------
 # Writing
 
 
-def config_text(cfg: ModelConfig, src: Path, kind: str = "classifier") -> str:
-    """The config.yaml written beside DST: the task and the model section (everything else at its default)."""
+def config_text(converted: Converted, src: Path, kind: str = "classifier") -> str:
+    """The config.yaml written beside DST: the task, the model section and for DeepLabv3+ the segmentation
+    section's head (everything else at its default)."""
+    cfg = converted.model
     model = {"arch": cfg.arch, "width": cfg.width, "output_stride": cfg.output_stride}
-    if kind == "classifier":
+    sections: dict = {"task": KIND_MODELS[kind].task, "model": model}
+    if kind in ("classifier", "deeplab"):
         model["num_classes"] = cfg.num_classes
+    if kind == "deeplab":
+        model["norm"] = "frozen"  # the original's --mode fix (FixedBatchNorm backbone), the recipe of design.md §9
+        seg = converted.segmentation
+        sections["segmentation"] = {
+            "head_norm": seg.head_norm,
+            "head_channels": seg.head_channels,
+            "low_level_channels": seg.low_level_channels,
+        }
     return (
         f"# Written by python -m puzzlecam.convert from {src.name} (the original code's weights; docs/convert.md).\n"
-        + yaml.safe_dump({"task": KIND_MODELS[kind][0], "model": model}, sort_keys=False)
+        + yaml.safe_dump(sections, sort_keys=False)
     )
 
 
-def write_outputs(
-    state: dict[str, torch.Tensor], cfg: ModelConfig, src: Path, dst: Path, kind: str = "classifier"
-) -> Path:
+def write_outputs(converted: Converted, src: Path, dst: Path, kind: str = "classifier") -> Path:
     """DST (with the trainer's header keys: task, arch) and config.yaml beside it; if the config cannot be
     written, the new DST is removed again."""
     from safetensors.torch import save
 
-    task = KIND_MODELS[kind][0]
-    header = {"format": "pt", "task": task, "arch": cfg.arch, "converted_from": src.name}
+    header = {"format": "pt", "task": KIND_MODELS[kind].task, "arch": converted.model.arch, "converted_from": src.name}
     config = dst.parent / CONFIG_NAME
-    atomic_write_bytes(dst, save(state, metadata=header))
+    atomic_write_bytes(dst, save(converted.state, metadata=header))
     try:
-        atomic_write_text(config, config_text(cfg, src, kind))
+        atomic_write_text(config, config_text(converted, src, kind))
     except BaseException:
         remove_quietly(dst)
         raise
@@ -373,8 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         choices=KINDS,
         help="which network SRC holds: classifier (stage 1: Classifier / Classifier_For_Puzzle; DST feeds "
-        "puzzlecam.infer), affinity (stage 2: AffinityNet; DST feeds puzzlecam.rw); deeplab (DeepLabv3+) comes with "
-        "that stage",
+        "puzzlecam.infer), affinity (stage 2: AffinityNet; DST feeds puzzlecam.rw), deeplab (stage 3: "
+        "DeepLabv3_Plus; DST feeds puzzlecam.segment)",
     )
     p.add_argument("src", type=Path, metavar="SRC", help="the original's checkpoint, e.g. experiments/models/TAG.pth")
     p.add_argument(
@@ -385,12 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_flags(args: argparse.Namespace) -> None:
-    """Refuse what needs no reading of SRC: a kind not convertible yet, a bad DST, outputs in the way."""
-    if args.kind not in KIND_MODELS:
-        raise UsageError(
-            f"--kind {args.kind}: converting {args.kind} checkpoints comes with the DeepLabv3+ segmentation stage, "
-            f"which puzzlecam does not have yet; --kind {' and --kind '.join(KIND_MODELS)} convert now"
-        )
+    """Refuse what needs no reading of SRC: a bad DST, outputs in the way."""
     if args.dst.suffix != ".safetensors":
         raise UsageError(f"DST {args.dst} must end in .safetensors (the format puzzlecam.infer --weights reads)")
     if args.dst.resolve() == args.src.resolve():
@@ -404,13 +505,15 @@ def check_flags(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> None:
     check_flags(args)
     with output_directory(args.dst.parent, flag="DST"):  # created by the first file written into it
-        state, cfg, dropped = convert_checkpoint(args.src, args.kind)
-        config = write_outputs(state, cfg, args.src, args.dst, args.kind)
-    log.info("%s: %d alias entries checked equal and dropped", args.src, dropped)
-    classes = f", {cfg.num_classes} classes" if args.kind == "classifier" else ""
+        converted = convert_checkpoint(args.src, args.kind)
+        config = write_outputs(converted, args.src, args.dst, args.kind)
+    log.info("%s: %d alias entries checked equal and dropped", args.src, converted.dropped)
+    cfg = converted.model
+    classes = f", {cfg.num_classes} classes" if args.kind in ("classifier", "deeplab") else ""
+    head = f", head_norm {converted.segmentation.head_norm}" if converted.segmentation else ""
     print(
-        f"converted {args.src} -> {args.dst} ({args.kind}: {cfg.arch}, width {cfg.width}{classes}, "
-        f"{len(state)} tensors) and {config}"
+        f"converted {args.src} -> {args.dst} ({args.kind}: {cfg.arch}, width {cfg.width}{classes}{head}, "
+        f"{len(converted.state)} tensors) and {config}"
     )
 
 

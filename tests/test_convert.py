@@ -16,7 +16,7 @@ import torch.nn as nn
 import yaml
 from safetensors.torch import load_file
 
-from puzzlecam.config import ModelConfig
+from puzzlecam.config import ModelConfig, SegmentationConfig
 from puzzlecam.convert import detect_model, known_archs, main
 from puzzlecam.errors import UsageError
 from puzzlecam.infer import load_classifier
@@ -146,7 +146,7 @@ def test_refuses_the_wrong_kind(tmp_path, capsys):
         },
     )
     _refused(capsys, tmp_path, src, "an AffinityNet checkpoint", "fc_edge6.weight", "--kind affinity")
-    _refused(capsys, tmp_path, src, "--kind deeplab: ", "comes with the DeepLabv3+", kind="deeplab")
+    _refused(capsys, tmp_path, src, "an AffinityNet checkpoint", "--kind affinity", kind="deeplab")
     classifier = tmp_path / "classifier.pth"
     save_original(model, classifier)
     _refused(capsys, tmp_path, classifier, "a classifier checkpoint", "--kind classifier", kind="affinity")
@@ -192,6 +192,134 @@ def test_affinity_round_trip_gives_the_same_edges(tmp_path, capsys, arch, width)
     original["edge_layers.5.bias"] = original["edge_layers.5.bias"] + 1
     torch.save(original, src)
     _refused(capsys, tmp_path, src, "fc_edge6.bias and edge_layers.5.bias must hold the same tensor", kind="affinity")
+
+
+class OriginalDeepLabLayout(nn.Module):
+    """How the original's DeepLabv3_Plus registers its modules (core/networks.py: Backbone, DeepLabv3_Plus;
+    core/deeplab_utils.py: ASPP of ASPPModule aspp1..4 (atrous_conv, bn), global_avg_pool, conv1, bn1; Decoder
+    of conv1, bn1, classifier), around our network's modules."""
+
+    def __init__(self, net):
+        super().__init__()
+        add_original_stages(self, net.backbone)
+        self.aspp = nn.Module()
+        for i, branch in enumerate(net.aspp.branches):
+            module = nn.Module()
+            module.atrous_conv, module.bn = branch[0], branch[1]
+            self.aspp.add_module(f"aspp{i + 1}", module)
+        self.aspp.global_avg_pool = net.aspp.image_pool
+        self.aspp.conv1, self.aspp.bn1 = net.aspp.project[0], net.aspp.project[1]
+        self.decoder = nn.Module()
+        self.decoder.conv1, self.decoder.bn1 = net.decoder.low_level[0], net.decoder.low_level[1]
+        self.decoder.classifier = net.decoder.classifier
+
+
+def random_deeplab(arch: str, head_norm: str = "group", head_channels: int = 256, low_level_channels: int = 48):
+    """A DeepLabv3+ (backbone width 8, 21 classes) with every parameter and norm statistic moved off its init."""
+    from puzzlecam.model import deeplab_v3_plus
+
+    torch.manual_seed(2)
+    net = deeplab_v3_plus(
+        arch, 21, "frozen", head_norm, width=8, head_channels=head_channels, low_level_channels=low_level_channels
+    )
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return net.eval()
+
+
+@pytest.mark.parametrize(
+    ("arch", "head_norm", "head_channels", "low_level_channels"),
+    [("resnet18", "group", 256, 48), ("resnet50", "batch", 16, 8), ("resnest50", "group", 16, 8)],
+)
+def test_deeplab_round_trip_gives_the_same_logits(tmp_path, capsys, arch, head_norm, head_channels, low_level_channels):
+    from puzzlecam.config import load_config
+    from puzzlecam.model import build_deeplab
+
+    net = random_deeplab(arch, head_norm, head_channels, low_level_channels)
+    src, dst = tmp_path / "DeepLabv3+@deeplab.pth", tmp_path / "converted" / "model.safetensors"
+    original = OriginalDeepLabLayout(net).state_dict()
+    assert "aspp.aspp4.atrous_conv.weight" in original and "decoder.classifier.8.bias" in original
+    assert len(original) == len(net.state_dict()) + len(net.backbone.state_dict())  # the backbone twice
+    torch.save(original, src)
+
+    assert main(["--kind", "deeplab", str(src), str(dst)]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert f"(deeplab: {arch}, width 8, 21 classes, head_norm {head_norm}, {len(net.state_dict())} tensors)" in out
+    config = yaml.safe_load((dst.parent / "config.yaml").read_text())
+    assert config["task"] == "segmentation"
+    assert config["model"] == {"arch": arch, "width": 8, "output_stride": 16, "num_classes": 21, "norm": "frozen"}
+    assert config["segmentation"] == {
+        "head_norm": head_norm,
+        "head_channels": head_channels,
+        "low_level_channels": low_level_channels,
+    }
+    cfg = load_config(dst.parent / "config.yaml")
+    loaded = build_deeplab(cfg.model, cfg.segmentation)
+    loaded.load_state_dict(load_file(dst), strict=True)
+    x = torch.randn(2, 3, 50, 37)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), net(x), rtol=0, atol=0)
+
+
+def test_every_known_arch_is_detected_as_a_deeplab_at_width_64():
+    from puzzlecam.convert import detect_head
+    from puzzlecam.model import build_deeplab
+
+    for arch in ARCHS:
+        with torch.device("meta"):
+            model = build_deeplab(ModelConfig(arch=arch, width=64, num_classes=21), SegmentationConfig())
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        assert detect_model(shapes, src="x.pth", kind="deeplab") == ModelConfig(
+            arch=arch, width=64, output_stride=16, num_classes=21
+        )
+        assert detect_head(shapes) == (SegmentationConfig(), 21)
+
+
+def test_deeplab_refusals_name_the_right_kind(tmp_path, capsys):
+    net = random_deeplab("resnet18", head_channels=16, low_level_channels=8)
+    deeplab = tmp_path / "deeplab.pth"
+    torch.save(OriginalDeepLabLayout(net).state_dict(), deeplab)
+    for kind in ("classifier", "affinity"):
+        _refused(capsys, tmp_path, deeplab, "is a DeepLabv3+ checkpoint", "aspp.aspp1.", "--kind deeplab", kind=kind)
+    classifier = tmp_path / "classifier.pth"
+    save_original(random_classifier("resnet18", 8), classifier)
+    _refused(
+        capsys,
+        tmp_path,
+        classifier,
+        "is a classifier checkpoint",
+        "not a DeepLabv3+",
+        "--kind classifier",
+        kind="deeplab",
+    )
+    imagenet = tmp_path / "resnet18.pth"  # an ImageNet file is not a trained network
+    torch.save(net.backbone.state_dict(), imagenet)
+    _refused(
+        capsys,
+        tmp_path,
+        imagenet,
+        "has no aspp.aspp1.atrous_conv.weight",
+        "saves model.*, stage1..5.*, aspp.*",
+        kind="deeplab",
+    )
+    state = OriginalDeepLabLayout(net).state_dict()
+    del state["decoder.bn1.weight"], state["decoder.bn1.bias"]  # a head that is not the original's
+    pruned = tmp_path / "pruned.pth"
+    torch.save(state, pruned)
+    _refused(
+        capsys,
+        tmp_path,
+        pruned,
+        "with a DeepLabv3+ whose ASPP reads 64 channels",
+        "closest: resnet18 at width 8",
+        "2 missing (decoder.low_level.1.weight, decoder.low_level.1.bias)",
+        kind="deeplab",
+    )
 
 
 def test_refuses_aliases_that_differ(tmp_path, capsys):
