@@ -150,7 +150,7 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
     return pc
 
 
-def _stage_config_path(path: str) -> str:
+def stage_config_path(path: str) -> str:
     """A stage config named relative to the current directory or, failing that, to the repository root."""
     p = Path(path)
     if p.is_file() or p.is_absolute():
@@ -210,7 +210,7 @@ class Pipeline:
         return launch_command(launcher, procs, [module, *args], module=True)
 
     def _train(self, key: str, title: str, config: str, run: Path, overrides: list[str], inputs: list[str]) -> Stage:
-        config = _stage_config_path(config)
+        config = stage_config_path(config)
         cfg = load_config(config, overrides)  # a bad stage config fails here, before anything runs
         entry = [str(TRAIN_ENTRY), "--config", config, "--run-dir", str(run), "--resume", "auto", *overrides]
         return Stage(
@@ -508,7 +508,7 @@ class Pipeline:
         stage.inputs = [self.key_prefix + k for k in stage.inputs] + list(self.data_inputs)
         return stage
 
-    def run(self, rerun: str | None = None) -> list[dict]:
+    def run(self, rerun: str | None = None, adopt: tuple[str, ...] = ()) -> list[dict]:
         """Run (or with ``print_only`` print) every stage in order; the summary rows."""
         stages = self.stages if self.stages is not None else Stages(self.out)
         keys = self.stage_keys()
@@ -520,6 +520,9 @@ class Pipeline:
                 raise UsageError(f"--rerun {rerun!r}: not a stage of this pipeline; the stages: {', '.join(keys)}")
             if not self.print_only:
                 stages.forget([self.key_prefix + k for k in keys[keys.index(rerun) :]])
+        for key in adopt:
+            if key not in keys:
+                raise UsageError(f"--adopt {key!r}: not a stage of this pipeline; the stages: {', '.join(keys)}")
         rows = []
         for key, build in builders:
             stage = self._in_record(build())
@@ -528,6 +531,8 @@ class Pipeline:
                 console.print(f"# {stage.key}: {stage.title} [{state}]", markup=False, highlight=False)
                 console.print(shlex.join(stage.cmd), markup=False, highlight=False, soft_wrap=True)
                 continue
+            if key in adopt and not stages.reusable(stage):
+                stages.adopt(stage)
             seconds = stages.run(stage)
             record = stages.records.get(stage.key, {})
             row = {
@@ -581,6 +586,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="run this stage and every later one again, even where their settings are unchanged",
     )
     p.add_argument(
+        "--adopt",
+        metavar="STAGE",
+        action="append",
+        default=[],
+        help="take this stage's output as made with the current settings (its command run by hand, e.g. on a "
+        "cluster) instead of running it; repeatable",
+    )
+    p.add_argument(
         "--until",
         metavar="STAGE",
         default=None,
@@ -593,7 +606,7 @@ def run(args: argparse.Namespace) -> None:
     pc = load_pipeline_config(args.config)
     out = Path(args.out).resolve()
     pipeline = Pipeline(pc, out, print_only=args.print_only, until=args.until)
-    rows = pipeline.run(rerun=args.rerun)
+    rows = pipeline.run(rerun=args.rerun, adopt=tuple(args.adopt))
     if not args.print_only:
         print_summary(rows, out)
 

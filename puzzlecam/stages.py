@@ -160,6 +160,20 @@ class Stages:
             self.records.pop(key, None)
         atomic_write_json(self.path, self.records)
 
+    def adopt(self, stage: Stage) -> None:
+        """Record ``stage`` as finished with its current settings without running it: its output was made by
+        hand (its command run on a cluster, say); a UsageError when that output is not there."""
+        if not stage.complete():
+            raise UsageError(f"--adopt {stage.key}: its output is not there (or not complete): run it first")
+        self.records[stage.key] = {
+            "fingerprint": self.current_fingerprint(stage),
+            "state": "done",
+            "command": shlex.join(stage.cmd),
+            "adopted": True,
+        }
+        atomic_write_json(self.path, self.records)
+        console.print(f"adopted: {stage.key} (made outside the pipeline)", markup=False, highlight=False)
+
     def run(self, stage: Stage) -> float | None:
         """Run ``stage`` unless its recorded run can be reused; its seconds, or None when reused."""
         current = self.current_fingerprint(stage)
