@@ -16,7 +16,9 @@ Convs have no bias except the last. Every head conv gets kaiming normal (fan_in)
 weight 1, bias 0, as the original. Two departures, both for backbones the original could not run: the
 ASPP input and the decoder's low-level input are sized from the backbone's real channels (the original
 hard-codes 2048 and 256, which breaks resnet18/34 and reduced widths), and the head widths are
-parameters (256 and 48 by default; smaller only for CPU runs).
+parameters (256 and 48 by default; smaller only for CPU runs). Output stride 32 is refused: the rates are
+for stride 16. ``python -m puzzlecam.convert --kind deeplab`` maps the original's checkpoints onto these
+modules (docs/convert.md).
 """
 
 from __future__ import annotations
