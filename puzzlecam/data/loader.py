@@ -21,7 +21,8 @@ only), so no sample of the epoch is repeated or skipped beyond what that rule do
 
 In labelled shards (``label.png`` beside the ``jpg``, python -m puzzlecam.data label-shards) every batch
 also holds ``label`` (B, crop, crop) int64: each label map with its image's geometry (the same draw;
-nearest-neighbour resizing), 255 where the image is padded. The draws do not depend on the label, so
+nearest-neighbour resizing), 255 where the image is padded. ``label_member="seg.png"`` makes the
+ground-truth masks that label instead (stage 3's upper bound). The draws do not depend on the label, so
 the images of a batch are the same with or without labels.
 
 A sample that cannot be decoded (bad JPEG/PNG, missing json, labels out of range) is skipped and
@@ -49,6 +50,9 @@ from puzzlecam.errors import CorruptSample, ShardError
 from puzzlecam.utils.labelmap import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
+
+# The members a training batch's ``label`` can come from: the label maps of labelled shards, or the masks.
+LABEL_MEMBERS = (LABEL_KEY, "seg.png")
 
 
 def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -133,6 +137,7 @@ class _TrainBatches(Dataset):
         max_long_side,
         hflip,
         shuffle_buffer,
+        label_member,
     ):
         self.reader, self.refs = reader, refs
         self.shard_of = np.array([r.shard for r in refs], dtype=np.int64)
@@ -140,8 +145,10 @@ class _TrainBatches(Dataset):
         self.crop_size, self.seed, self.hflip = crop_size, seed, hflip
         self.min_long_side, self.max_long_side = min_long_side, max_long_side
         self.shuffle_buffer = shuffle_buffer
-        # Labelled shards (python -m puzzlecam.data label-shards): every sample's label.png goes into the batch.
-        self.with_labels = any(LABEL_KEY in r.members for r in refs)
+        # Labelled shards (python -m puzzlecam.data label-shards, or seg.png with label_member="seg.png"): every
+        # sample's label map goes into the batch; shards where no sample has one give batches without.
+        self.label_member = label_member if any(label_member in r.members for r in refs) else None
+        self.with_labels = self.label_member is not None
         self._order_of = (-1, -1, None)  # (epoch, start, this rank's sample indices)
 
     def per_rank(self, start: int) -> int:
@@ -180,7 +187,7 @@ class _TrainBatches(Dataset):
                 i = pos if attempt == 0 else ((k + 1) * B + attempt - 1) % per_rank
                 ref = self.refs[mine[i]]
                 try:
-                    sample = decode_sample(self.reader, ref, with_mask=False, with_label=self.with_labels)
+                    sample = decode_sample(self.reader, ref, with_mask=False, label_member=self.label_member)
                     break
                 except CorruptSample as e:
                     # Counted at its own slot only, so the count = corrupt samples met in the order.
@@ -231,6 +238,9 @@ def _identity(x):
 class TrainLoader:
     """Iterating yields the remaining batches of the current epoch, then the epoch counter advances.
 
+    ``label_member``: the map that becomes ``batch["label"]`` where the shards carry it: ``label.png``
+    (labelled shards) or ``seg.png`` (the ground-truth masks); :attr:`with_labels` says whether they do.
+
     ``len(loader)`` is the number of batches per epoch, the same on every rank. ``skipped`` counts
     the corrupt samples this rank has skipped so far; ``epoch_corrupt`` those of the epoch of the
     newest batch, per shard (``shard_paths``); both are restored by ``load_state_dict``.
@@ -252,6 +262,7 @@ class TrainLoader:
         rank=None,
         world_size=None,
         pin_memory=None,
+        label_member=LABEL_KEY,
     ):
         if batch_size < 1 or crop_size < 1:
             raise ValueError(f"batch_size ({batch_size}) and crop_size ({crop_size}) must be positive")
@@ -259,6 +270,8 @@ class TrainLoader:
             raise ValueError(f"need 1 <= min_long_side ({min_long_side}) <= max_long_side ({max_long_side})")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if label_member not in LABEL_MEMBERS:
+            raise ValueError(f"label_member must be one of {LABEL_MEMBERS}, got {label_member!r}")
         self.rank, self.world_size = _rank_world(rank, world_size)
         self.seed, self.batch_size = _seed_check(seed), batch_size
         reader, refs = _open(shards)
@@ -276,6 +289,7 @@ class TrainLoader:
             max_long_side=max_long_side,
             hflip=hflip,
             shuffle_buffer=shuffle_buffer,
+            label_member=label_member,
         )
         if self._data.batches(0) == 0:
             raise ShardError(
@@ -302,6 +316,11 @@ class TrainLoader:
 
     def __len__(self) -> int:
         return self._data.batches(0)
+
+    @property
+    def with_labels(self) -> bool:
+        """Whether batches hold ``label``: some sample of the shards has the ``label_member`` map."""
+        return self._data.with_labels
 
     @property
     def position(self) -> int:
@@ -418,6 +437,7 @@ def train_loader(
     rank=None,
     world_size=None,
     pin_memory=None,
+    label_member=LABEL_KEY,
 ) -> TrainLoader:
     """Training batches from shards (a brace/glob pattern, a directory or a list); see :class:`TrainLoader`."""
     return TrainLoader(
@@ -433,6 +453,7 @@ def train_loader(
         rank=rank,
         world_size=world_size,
         pin_memory=pin_memory,
+        label_member=label_member,
     )
 
 

@@ -210,7 +210,7 @@ class Sample:
     image: np.ndarray  # (H, W, 3) uint8 RGB
     labels: list[int]
     mask: np.ndarray | None  # (H, W) uint8 or None
-    label: np.ndarray | None = None  # (H, W) uint8 training label map (label.png) or None
+    label: np.ndarray | None = None  # (H, W) uint8 training label map (decode_sample's label_member) or None
 
 
 def _decode_label_map(reader: ShardReader, ref: SampleRef, ext: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -222,13 +222,17 @@ def _decode_label_map(reader: ShardReader, ref: SampleRef, ext: str, shape: tupl
     if size != shape:
         raise CorruptSample(f"{ext} {size} does not match image {shape}")
     label = decode_label_png(png)
-    check_mask_values(label)
+    try:
+        check_mask_values(label)
+    except ValueError as e:
+        raise CorruptSample(f"{ext}: {e}") from None
     return label
 
 
-def decode_sample(reader: ShardReader, ref: SampleRef, with_mask: bool, with_label: bool = False) -> Sample:
-    """Decode ``jpg`` + ``json`` (+ ``seg.png``, + ``label.png``, which must then be present); any problem
-    raises :class:`CorruptSample`."""
+def decode_sample(reader: ShardReader, ref: SampleRef, with_mask: bool, label_member: str | None = None) -> Sample:
+    """Decode ``jpg`` + ``json`` (+ ``seg.png`` as ``mask`` with ``with_mask``; + the label map ``label_member``,
+    ``label.png`` or ``seg.png``, as ``label``, which must then be present); any problem raises
+    :class:`CorruptSample`."""
     try:
         if "json" not in ref.members:
             raise CorruptSample("no json member")
@@ -249,10 +253,10 @@ def decode_sample(reader: ShardReader, ref: SampleRef, with_mask: bool, with_lab
         if with_mask and "seg.png" in ref.members:
             member = "seg.png"
             mask = _decode_label_map(reader, ref, member, image.shape[:2])
-        if with_label:
-            member = LABEL_KEY
+        if label_member is not None:
+            member = label_member
             if member not in ref.members:
-                raise CorruptSample("no label.png member (the other samples of these shards have one)")
+                raise CorruptSample(f"no {member} member (the other samples of these shards have one)")
             label = _decode_label_map(reader, ref, member, image.shape[:2])
     except ImageTooLarge as e:
         raise CorruptSample(f"{member} {e}") from None
