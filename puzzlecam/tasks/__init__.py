@@ -8,7 +8,7 @@ group, DeepSpeed engine, precision, the poly schedule, accumulation, clipping, b
 when to evaluate and the best weights, metrics, TensorBoard, export.
 
 ``task: classification`` is stage 1 (modes puzzle and baseline), ``affinity`` stage 2 (AffinityNet's
-edge head); ``segmentation`` is refused by the config until its stage exists.
+edge head), ``segmentation`` stage 3 (DeepLabv3+ on pseudo-labels or, as an upper bound, the masks).
 """
 
 from __future__ import annotations
@@ -23,11 +23,14 @@ import torch
 from torch import nn
 
 from puzzlecam.config import Config
+from puzzlecam.errors import ConfigError, PuzzleCamError
+from puzzlecam.utils.distributed import all_reduce_sum, raise_if_any_rank_failed
 
 # task name -> "module:class", imported on use.
 TASKS = {
     "classification": "puzzlecam.tasks.classification:ClassificationTask",
     "affinity": "puzzlecam.tasks.affinity:AffinityTask",
+    "segmentation": "puzzlecam.tasks.segmentation:SegmentationTask",
 }
 
 
@@ -47,9 +50,12 @@ class Task(ABC):
     # rank calls it). The Trainer calls it in eval mode, without gradients, under training's autocast.
     # None: the task has no evaluation (train.eval_every must be 0).
     evaluate: ClassVar[Callable[..., Evaluation] | None] = None
+    # The shards' member that becomes batch["label"] (puzzlecam.data.TrainLoader's label_member).
+    label_member: str = "label.png"
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self._eval = None  # the evaluation loader, made on first use
 
     def check(self) -> None:  # noqa: B027 (a hook with nothing to check by default)
         """Refuse settings this task cannot train, before anything starts (a ConfigError naming the key)."""
@@ -70,7 +76,7 @@ class Task(ABC):
     def train_loader(self, rank: int, world_size: int) -> Any:
         """This rank's training loader (puzzlecam.data.TrainLoader: len, epoch, state_dict, load_state_dict);
         by default the augmented crops of data.train_shards (with batch["label"] where the shards carry
-        label maps)."""
+        ``label_member``)."""
         from puzzlecam.data import train_loader
 
         d, t = self.cfg.data, self.cfg.train
@@ -86,6 +92,7 @@ class Task(ABC):
             shuffle_buffer=d.shuffle_buffer,
             rank=rank,
             world_size=world_size,
+            label_member=self.label_member,
         )
 
     def step_values(self, step: int, total_steps: int) -> dict[str, float]:
@@ -107,6 +114,48 @@ class Task(ABC):
     def export_metadata(self) -> dict[str, str]:
         """Text metadata stored in ``model.safetensors`` besides the step."""
         return {}
+
+    def eval_loader(self, rank: int, world_size: int):
+        """This rank's share of data.eval_shards (samples r, r + W, ...; one full image per batch), indexed once
+        per run."""
+        if self._eval is None:
+            from puzzlecam.data import eval_loader
+
+            self._eval = eval_loader(
+                self.cfg.data.eval_shards, num_workers=self.cfg.data.num_workers, rank=rank, world_size=world_size
+            )
+        return self._eval
+
+    def sum_over_masked_images(
+        self, score: Callable[[dict], torch.Tensor], size: int, device: torch.device, rank: int, world_size: int
+    ) -> tuple[torch.Tensor, int, int]:
+        """``score(batch)`` (``size`` int64 counts of one image) summed over this rank's images of
+        data.eval_shards that have a mask, then over the ranks (a collective: every rank calls it). Returns
+        (sums, images scored, corrupt samples skipped), the same on every rank. A PuzzleCamError on any rank (a
+        mask with values out of range, say) is raised on every rank, so none waits; no image with a mask at all
+        is a ConfigError."""
+        failed = None
+        sums = torch.zeros(size + 2, dtype=torch.long)
+        try:
+            loader = self.eval_loader(rank, world_size)
+            skipped_before = loader.skipped
+            for batch in loader:
+                if not bool(batch["has_mask"][0]):
+                    continue  # nothing to score
+                sums[:-2] += score(batch).flatten().cpu()
+                sums[-2] += 1
+            sums[-1] = loader.skipped - skipped_before  # corrupt samples (each one is a warning)
+        except PuzzleCamError as e:
+            failed = e
+        raise_if_any_rank_failed(failed)
+        sums = all_reduce_sum(sums.to(device)).cpu()
+        scored, skipped = int(sums[-2]), int(sums[-1])
+        if scored == 0:
+            raise ConfigError(
+                f"data.eval_shards={self.cfg.data.eval_shards} holds no sample with a mask: nothing to evaluate "
+                "(give shards of a split with masks, or set train.eval_every=0)"
+            )
+        return sums[:-2], scored, skipped
 
 
 def build_task(cfg: Config) -> Task:

@@ -25,9 +25,8 @@ from torch import nn
 
 from puzzlecam import NUM_CLASSES, ops, puzzle
 from puzzlecam.config import Config
-from puzzlecam.errors import ConfigError, PuzzleCamError
+from puzzlecam.errors import ConfigError
 from puzzlecam.tasks import Evaluation, Task
-from puzzlecam.utils.distributed import all_reduce_sum, raise_if_any_rank_failed
 
 # The original's thresholds: np.arange(0.10, 0.50, 0.05).
 EVAL_THRESHOLDS = "0.10:0.45:0.05"
@@ -150,6 +149,32 @@ def overlay(image_id: str, image: np.ndarray, raw: torch.Tensor, keys: torch.Ten
     return np.asarray(overlay_row(image_id, image, record, mask, threshold, height=128))
 
 
+def check_split_attention_batch(cfg: Config) -> None:
+    """ResNeSt's split-attention bn1 normalizes a pooled (B, C, 1, 1) input: batch statistics need more than
+    one image per norm, and the full-image pass holds train.micro_batch_size of them per process
+    (docs/model.md, "Normalization")."""
+    from puzzlecam.model import RESNEST_ARCHS
+
+    m, micro_batch = cfg.model, cfg.train.micro_batch_size
+    if m.arch not in RESNEST_ARCHS or micro_batch > 1 or m.norm == "frozen":
+        return
+    world_size = launch_world_size()
+    if m.norm == "sync" and world_size > 1:
+        return  # the statistics of world_size images
+    alone = " on one process (where it is plain batch norm)" if m.norm == "sync" else ""
+    raise ConfigError(
+        f"model.arch={m.arch} with model.norm={m.norm}{alone} cannot train on train.micro_batch_size=1: its "
+        "split-attention blocks batch-normalize a pooled (B, C, 1, 1) input, one value per channel for one "
+        "image. Set model.norm=frozen, or model.norm=sync with more than one process, or train.micro_batch_size "
+        "of 2 or more (with train.grad_accum_steps lowered to keep train.global_batch_size)"
+    )
+
+
+def launch_world_size() -> int:
+    """The launcher's world size (WORLD_SIZE; 1 under plain python): the process group does not exist yet."""
+    return int(os.environ.get("WORLD_SIZE") or 1)
+
+
 def alpha_for(step: int, total_steps: int, cfg: Config) -> float:
     if cfg.train.mode == "baseline":
         return 0.0
@@ -161,37 +186,13 @@ class ClassificationTask(Task):
 
     name = "classification"
 
-    def __init__(self, cfg: Config):
-        super().__init__(cfg)
-        self._eval = None  # the evaluation loader, made on first use
-
     def check(self) -> None:
         if self.cfg.model.num_classes != NUM_CLASSES:
             raise ConfigError(
                 f"model.num_classes={self.cfg.model.num_classes} but the training data's label vectors have "
                 f"{NUM_CLASSES} classes (the PASCAL VOC classes the shards hold): set model.num_classes={NUM_CLASSES}"
             )
-        self._check_split_attention_batch()
-
-    def _check_split_attention_batch(self) -> None:
-        """ResNeSt's split-attention bn1 normalizes a pooled (B, C, 1, 1) input: batch statistics need more than
-        one image per norm, and the full-image pass holds train.micro_batch_size of them per process
-        (docs/model.md, "Normalization")."""
-        from puzzlecam.model import RESNEST_ARCHS
-
-        m, micro_batch = self.cfg.model, self.cfg.train.micro_batch_size
-        if m.arch not in RESNEST_ARCHS or micro_batch > 1 or m.norm == "frozen":
-            return
-        world_size = int(os.environ.get("WORLD_SIZE") or 1)  # the launcher's; the group does not exist yet
-        if m.norm == "sync" and world_size > 1:
-            return  # the statistics of world_size images
-        alone = " on one process (where it is plain batch norm)" if m.norm == "sync" else ""
-        raise ConfigError(
-            f"model.arch={m.arch} with model.norm={m.norm}{alone} cannot train on train.micro_batch_size=1: its "
-            "split-attention blocks batch-normalize a pooled (B, C, 1, 1) input, one value per channel for one "
-            "image. Set model.norm=frozen, or model.norm=sync with more than one process, or train.micro_batch_size "
-            "of 2 or more (with train.grad_accum_steps lowered to keep train.global_batch_size)"
-        )
+        check_split_attention_batch(self.cfg)
 
     def build_network(self) -> nn.Module:
         from puzzlecam.model import build_model
@@ -220,33 +221,19 @@ class ClassificationTask(Task):
         from puzzlecam.evaluate import NUM_LABELS, miou, parse_thresholds
 
         thresholds = parse_thresholds(EVAL_THRESHOLDS)
-        failed, shown = None, []
-        sums = torch.zeros(len(thresholds) * NUM_LABELS * NUM_LABELS + 2, dtype=torch.long)
-        try:
-            loader = self._eval_loader(rank, world_size)
-            skipped_before = loader.skipped
-            for batch in loader:
-                if not bool(batch["has_mask"][0]):
-                    continue  # nothing to score
-                raw = image_cams(network, batch["image"].to(device), channels_last)[0]
-                keys = batch["labels"][0].nonzero().flatten().to(raw.device)
-                mask = batch["mask"][0]
-                sums[:-2] += cam_grid_sweep(raw, keys, mask.to(raw.device), thresholds).flatten()
-                sums[-2] += 1
-                if rank == 0 and len(shown) < OVERLAY_IMAGES:
-                    shown.append((batch["id"][0], batch["image"][0].numpy(), raw.cpu(), keys.cpu(), mask.numpy()))
-            sums[-1] = loader.skipped - skipped_before  # corrupt samples (each one is a warning)
-        except PuzzleCamError as e:  # a mask with values out of range, say: every rank stops, none waits
-            failed = e
-        raise_if_any_rank_failed(failed)
-        sums = all_reduce_sum(sums.to(device)).cpu()
-        scored, skipped = int(sums[-2]), int(sums[-1])
-        if scored == 0:
-            raise ConfigError(
-                f"data.eval_shards={self.cfg.data.eval_shards} holds no sample with a mask: nothing to evaluate "
-                "(give shards of a split with masks, or set train.eval_every=0)"
-            )
-        means, _ = miou(sums[:-2].reshape(len(thresholds), NUM_LABELS, NUM_LABELS))
+        shown = []
+
+        def score(batch: dict) -> torch.Tensor:
+            raw = image_cams(network, batch["image"].to(device), channels_last)[0]
+            keys = batch["labels"][0].nonzero().flatten().to(raw.device)
+            mask = batch["mask"][0]
+            if rank == 0 and len(shown) < OVERLAY_IMAGES:
+                shown.append((batch["id"][0], batch["image"][0].numpy(), raw.cpu(), keys.cpu(), mask.numpy()))
+            return cam_grid_sweep(raw, keys, mask.to(raw.device), thresholds)
+
+        size = len(thresholds) * NUM_LABELS * NUM_LABELS
+        sums, scored, skipped = self.sum_over_masked_images(score, size, device, rank, world_size)
+        means, _ = miou(sums.reshape(len(thresholds), NUM_LABELS, NUM_LABELS))
         best = int(torch.nan_to_num(means, nan=-1.0).argmax())  # the first of equal ones, as the original
         metrics = {
             "eval_miou": float(means[best]),
@@ -256,13 +243,3 @@ class ClassificationTask(Task):
         }
         images = {f"cam/{i}": overlay(*item, thresholds[best]) for i, item in enumerate(shown)}
         return Evaluation(metrics, "eval_miou", images)
-
-    def _eval_loader(self, rank: int, world_size: int):
-        """This rank's share of data.eval_shards, indexed once per run."""
-        if self._eval is None:
-            from puzzlecam.data import eval_loader
-
-            self._eval = eval_loader(
-                self.cfg.data.eval_shards, num_workers=self.cfg.data.num_workers, rank=rank, world_size=world_size
-            )
-        return self._eval
