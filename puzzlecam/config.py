@@ -152,6 +152,10 @@ class SegmentationConfig:
     # The map that trains the network: "label" = the label.png that puzzlecam.data label-shards adds (the
     # pseudo-labels), "mask" = the shards' ground-truth seg.png (an upper bound, and tests).
     labels: Literal["label", "mask"] = "label"
+    # The head's dropout in training (0.5 after the ASPP and the decoder's first conv, 0.1 after its second, as
+    # the original). false turns it off: each rank draws its own masks, so only then do N processes train
+    # exactly as one (the equivalence test); not for real runs.
+    dropout: bool = True
 
 
 @dataclass

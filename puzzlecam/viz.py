@@ -105,6 +105,20 @@ def overlay_row(
     return _hstack(panels)
 
 
+def segmentation_row(
+    image_id: str, image: np.ndarray, prediction: np.ndarray, mask: np.ndarray, height: int = 160
+) -> Image.Image:
+    """image | predicted label map | ground truth (VOC palette), side by side: a segmentation network's view of
+    one image."""
+    return _hstack(
+        [
+            _panel(image, shown_id(image_id), height),
+            _panel(colorize(prediction), "prediction", height, nearest=True),
+            _panel(colorize(mask), "ground truth", height, nearest=True),
+        ]
+    )
+
+
 def write_png(path: Path, im: Image.Image) -> None:
     atomic_write(path, lambda f: im.save(f, format="PNG"))
 

@@ -166,6 +166,14 @@ def deepspeed_launch(
     return Launch(cmd, log, env)
 
 
+def two_process_run(run_dir: Path, overrides: list[str], log: Path) -> list[dict]:
+    """A 2-process DeepSpeed run of ``overrides`` to its end (replicas checked equal): its metrics records."""
+    run_all([deepspeed_launch(run_dir, overrides, log)])
+    s = summary(run_dir)
+    assert s["world_size"] == 2 and len(set(s["param_digest_per_rank"])) == 1, s
+    return metrics(run_dir)
+
+
 def torchrun_launch(
     run_dir: Path, overrides: list[str], log: Path, nprocs: int = 2, extra: list[str] = (), env: dict | None = None
 ) -> Launch:
