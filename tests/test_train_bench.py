@@ -76,3 +76,14 @@ def test_bench_train_gpu_fast_mode_is_bf16_channels_last(tmp_path):
     res = _run(tmp_path, "--device", "cuda", "--arch", "resnet50")
     fast = next(r for r in res["results"] if r["mode"] == "fast")
     assert fast["dtype"] == "bfloat16" and fast["channels_last"] and fast["peak_mib"] > 0
+
+
+def test_bench_train_segmentation_step_on_cpu(tmp_path, capsys):
+    res = _run(tmp_path, "--device", "cpu", "--task", "segmentation", "--head-channels", "8")
+    assert res["task"] == "segmentation" and res["head_channels"] == 8 and res["params"] > 0
+    assert {r["mode"] for r in res["results"]} == {"reference", "fast"}
+    for r in res["results"]:
+        assert r["images_per_s"] > 0 and 0 < r["final_loss"] < 10  # cross entropy of 21 classes: ~log 21 at first
+    assert "DeepLabv3+ (head 8) train step: resnet18 width 8" in capsys.readouterr().out
+    assert main(["--device", "cpu", "--task", "segmentation", "--head-channels", "30"]) == 2
+    assert "error: --head-channels 30: segmentation.head_channels must be a multiple of 4" in capsys.readouterr().err

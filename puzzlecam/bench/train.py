@@ -1,8 +1,11 @@
-"""``python -m puzzlecam.bench train``: the full Puzzle-CAM training step, reference against fast.
+"""``python -m puzzlecam.bench train``: the full training step of a task, reference against fast.
 
-Both modes run the same step as the Trainer (puzzlecam.tasks.classification: uint8 batch -> normalized
-images + tiles on the device -> two forward passes -> L_cls + L_pcls + alpha L_re -> backward ->
-SGD nesterov with the four parameter groups) on the same random uint8 batches:
+Both modes run the same step as the Trainer on the same random uint8 batches. ``--task classification``
+(the default; puzzlecam.tasks.classification): uint8 batch -> normalized images + tiles on the device -> two
+forward passes -> L_cls + L_pcls + alpha L_re -> backward -> SGD nesterov with the four parameter groups.
+``--task segmentation`` (puzzlecam.tasks.segmentation): DeepLabv3+ (frozen backbone norms, GroupNorm head of
+``--head-channels``) on the images -> logits at the crop size -> the fp32 pixel cross entropy against random
+label maps (255 outside each image's valid region) -> backward -> SGD with the four groups. The modes:
 
 * ``reference``: how the original research code runs: fp32 (TF32 off, as on the GPUs it was
   written for; ``--reference-tf32`` allows it), NCHW, the pure-torch reference ops, eager.
@@ -10,7 +13,7 @@ SGD nesterov with the four parameter groups) on the same random uint8 batches:
   fused ops (``backend=auto``: Triton on CUDA, the C++ extension on CPU), cudnn autotuning, fused
   SGD where torch has it, and ``--compile`` for torch.compile.
 
-Reported per mode: images/s (median over timed steps; one image = one full image and its tiles)
+Reported per mode: images/s (median over timed steps; one image = one crop, with its tiles for classification)
 and peak memory (CUDA: max allocated; CPU: peak RSS of the process since the mode started).
 Data loading is left out of both (see ``python -m puzzlecam.bench data``). DeepSpeed is not needed.
 """
@@ -29,10 +32,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from puzzlecam.config import Config, ModelConfig
+from puzzlecam.config import Config, ModelConfig, SegmentationConfig
 from puzzlecam.errors import UsageError
-from puzzlecam.model import build_model, param_groups
+from puzzlecam.model import build_deeplab, build_model, param_groups
 from puzzlecam.tasks.classification import PuzzleNet, forward_losses
+from puzzlecam.tasks.segmentation import segmentation_losses
 from puzzlecam.utils.cli import run_command
 from puzzlecam.utils.distributed import init_distributed
 from puzzlecam.utils.files import atomic_write_json
@@ -70,7 +74,8 @@ def _sync(device: torch.device) -> None:
 
 
 def make_batches(count: int, batch_size: int, size: int, device: torch.device, seed: int) -> list[dict]:
-    """Loader-shaped uint8 batches (random content, random valid regions, 1-3 labels each)."""
+    """Loader-shaped uint8 batches (random content, random valid regions, 1-3 labels each, label maps of
+    classes 0..20 with 255 outside the valid region)."""
     g = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(count):
@@ -79,16 +84,36 @@ def make_batches(count: int, batch_size: int, size: int, device: torch.device, s
             labels[b, torch.randperm(20, generator=g)[: int(torch.randint(1, 4, (1,), generator=g))]] = 1.0
         valid = torch.randint(size // 2, size + 1, (batch_size, 2), generator=g)
         image = torch.randint(0, 256, (batch_size, size, size, 3), dtype=torch.uint8, generator=g)
-        batches.append({k: v.to(device) for k, v in {"image": image, "valid": valid, "labels": labels}.items()})
+        label = torch.randint(0, 21, (batch_size, size, size), generator=g)
+        for b, (h, w) in enumerate(valid.tolist()):
+            label[b, h:], label[b, :, w:] = 255, 255
+        batch = {"image": image, "valid": valid, "labels": labels, "label": label}
+        batches.append({k: v.to(device) for k, v in batch.items()})
     return batches
+
+
+def bench_config(args, mode: str) -> Config:
+    """The run config the step of ``mode`` reads: the model, and the ops backend (reference or fused)."""
+    cfg = Config()
+    cfg.model = ModelConfig(arch=args.arch, width=args.width, output_stride=16, norm="train")
+    if args.task == "segmentation":  # the recipe's: frozen backbone norms, GroupNorm head
+        cfg.model = ModelConfig(arch=args.arch, width=args.width, output_stride=16, norm="frozen", num_classes=21)
+        cfg.segmentation = SegmentationConfig(head_channels=args.head_channels)
+    cfg.train.mode = "puzzle"
+    cfg.train.ops_backend = "auto" if mode == "fast" else "reference"
+    return cfg
+
+
+def bench_network(args, cfg: Config) -> torch.nn.Module:
+    """The network the step trains: the classifier (``--task classification``) or DeepLabv3+."""
+    if args.task == "segmentation":
+        return build_deeplab(cfg.model, cfg.segmentation)
+    return build_model(cfg.model)
 
 
 def run_mode(mode: str, args, device: torch.device, batches: list[dict]) -> dict:
     fast = mode == "fast"
-    cfg = Config()
-    cfg.model = ModelConfig(arch=args.arch, width=args.width, output_stride=16, norm="train")
-    cfg.train.mode = "puzzle"
-    cfg.train.ops_backend = "auto" if fast else "reference"
+    cfg = bench_config(args, mode)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = fast
         tf32 = fast or args.reference_tf32
@@ -100,7 +125,7 @@ def run_mode(mode: str, args, device: torch.device, batches: list[dict]) -> dict
     channels_last = fast and (device.type == "cuda" or args.channels_last_cpu)
 
     torch.manual_seed(0)
-    classifier = build_model(cfg.model)
+    classifier = bench_network(args, cfg)
     if channels_last:
         classifier = classifier.to(memory_format=torch.channels_last)
     classifier = classifier.to(device)
@@ -117,10 +142,16 @@ def run_mode(mode: str, args, device: torch.device, batches: list[dict]) -> dict
     net: torch.nn.Module = PuzzleNet(classifier)
     if fast and args.compile:
         net.classifier = torch.compile(classifier)
+    backend = cfg.train.ops_backend
+
+    def losses_of(batch: dict):
+        if args.task == "segmentation":  # autocast around the network only: the loss is fp32 either way
+            return segmentation_losses(net.classifier, batch, device, dtype, channels_last, backend)
+        return forward_losses(net, batch, cfg, alpha=2.0, device=device, dtype=dtype, channels_last=channels_last)
 
     def step(batch: dict) -> float:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            losses = forward_losses(net, batch, cfg, alpha=2.0, device=device, dtype=dtype, channels_last=channels_last)
+            losses = losses_of(batch)
         opt.zero_grad(set_to_none=True)
         losses.total.backward()
         opt.step()
@@ -152,15 +183,21 @@ def run_mode(mode: str, args, device: torch.device, batches: list[dict]) -> dict
     }
 
 
-def check_model(arch: str, width: int, batch_size: int, image_size: int) -> int:
-    """The classifier's parameter count; a model puzzlecam.model does not build, or that cannot train on this
-    batch, is a UsageError naming the flag. Built and run on the meta device: no weights, no compute."""
+def check_model(arch: str, width: int, batch_size: int, image_size: int, args=None) -> int:
+    """The benchmarked network's parameter count; a model puzzlecam.model does not build, or that cannot train
+    on this batch, is a UsageError naming the flag. Built and run on the meta device: no weights, no compute."""
     for flag, value, at_width in (("--arch", repr(arch), 64), ("--width", width, width)):
         try:
             with torch.device("meta"):
                 model = build_model(ModelConfig(arch=arch, width=at_width))
         except ValueError as e:
             raise UsageError(f"{flag} {value}: {e}") from None
+    if args is not None and args.task == "segmentation":
+        try:
+            with torch.device("meta"):
+                model = bench_network(args, bench_config(args, "reference"))
+        except ValueError as e:
+            raise UsageError(f"--head-channels {args.head_channels}: {e}") from None
     try:  # the full-image pass: ResNeSt's split attention batch-normalizes one value per image and channel
         model.train()(torch.empty(batch_size, 3, image_size, image_size, device="meta"))
     except ValueError as e:
@@ -175,6 +212,18 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cpu")
+    p.add_argument(
+        "--task",
+        choices=("classification", "segmentation"),
+        default="classification",
+        help="the step timed: stage 1's Puzzle-CAM step (default) or stage 3's DeepLabv3+ step",
+    )
+    p.add_argument(
+        "--head-channels",
+        type=int,
+        default=None,
+        help="--task segmentation: the ASPP / decoder width (default: 256 on GPU, the original's; 32 on CPU)",
+    )
     p.add_argument("--arch", default=None, help="backbone, any model.arch (default: resnet50 on GPU, resnet18 on CPU)")
     p.add_argument(
         "--width", type=int, default=None, help="model.width: 64 = the ImageNet widths (default: 64 on GPU, 16 on CPU)"
@@ -208,6 +257,7 @@ def run(args: argparse.Namespace) -> None:
     args.image_size = args.image_size if args.image_size is not None else (512 if gpu else 96)
     args.batch_size = args.batch_size if args.batch_size is not None else (16 if gpu else 8)
     args.warmup = args.warmup if args.warmup is not None else (10 if args.compile else 5)
+    args.head_channels = args.head_channels if args.head_channels is not None else (256 if gpu else 32)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = set(modes) - {"reference", "fast"}
     if unknown:
@@ -220,17 +270,19 @@ def run(args: argparse.Namespace) -> None:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
-    params = check_model(args.arch, args.width, args.batch_size, args.image_size)
+    params = check_model(args.arch, args.width, args.batch_size, args.image_size, args)
     batches = make_batches(4, args.batch_size, args.image_size, device, seed=0)
     name = torch.cuda.get_device_name(device) if gpu else platform.processor() or platform.machine()
+    what = f"DeepLabv3+ (head {args.head_channels})" if args.task == "segmentation" else "Puzzle-CAM"
     print(
-        f"Puzzle-CAM train step: {args.arch} width {args.width} ({params / 1e6:.1f}M parameters), "
+        f"{what} train step: {args.arch} width {args.width} ({params / 1e6:.1f}M parameters), "
         f"{args.batch_size} x {args.image_size}px, "
         f"{args.steps} timed steps after {args.warmup} warm-up, on {device} ({name}), torch {torch.__version__}"
     )
     results = [run_mode(m, args, device, batches) for m in modes]
 
-    table = Table(title="full training step (forward x2, losses, backward, SGD)")
+    passes = "forward, pixel cross entropy" if args.task == "segmentation" else "forward x2, losses"
+    table = Table(title=f"full training step ({passes}, backward, SGD)")
     for col in ("mode", "images/s", "step ms", "peak MiB", "dtype", "channels_last", "ops", "compile"):
         table.add_column(col)
     for r in results:
@@ -256,8 +308,10 @@ def run(args: argparse.Namespace) -> None:
                 "device": str(device),
                 "device_name": name,
                 "torch": torch.__version__,
+                "task": args.task,
                 "arch": args.arch,
                 "width": args.width,
+                "head_channels": args.head_channels if args.task == "segmentation" else None,
                 "params": params,
                 "image_size": args.image_size,
                 "batch_size": args.batch_size,
