@@ -152,7 +152,8 @@ def test_round_trip_is_identical(tmp_path):
 
 
 def test_shipped_configs_load_and_round_trip(tmp_path):
-    files = sorted(CONFIG_DIR.glob("*.yaml"))
+    # Run configs; the pipeline configs (pipeline_*.yaml) are another schema (tests/test_pipeline.py).
+    files = sorted(f for f in CONFIG_DIR.glob("*.yaml") if not f.name.startswith("pipeline_"))
     if not files:
         pytest.skip("no YAML configs under launch/configs yet")
     for f in files:

@@ -68,6 +68,14 @@ def test_print_only_lists_every_stage_with_its_command(name, tmp_path, capsys):
     assert not (tmp_path / "run" / "stages.json").exists()  # nothing ran
 
 
+def test_every_shipped_pipeline_config_loads_with_its_stage_configs(tmp_path):
+    files = sorted((REPO / "launch" / "configs").glob("pipeline_*.yaml"))
+    assert len(files) >= 3
+    for f in files:
+        pc = pipeline.load_pipeline_config(f)
+        assert len(pipeline.Pipeline(pc, tmp_path / f.stem, print_only=True).run()) == 0  # each stage config loads
+
+
 def _write(tmp_path, **changes) -> str:
     data = yaml.safe_load((REPO / "launch" / "configs" / "pipeline_voc_resnet50.yaml").read_text())
     for dotted, value in changes.items():
