@@ -55,6 +55,8 @@ log = logging.getLogger("puzzlecam.labels")  # not __name__: that is "__main__" 
 
 CRF_GAUSSIAN = dict(sxy=3, compat=3)
 CRF_BILATERAL = dict(sxy=50, srgb=5, compat=10)
+# The segmentation CRF of puzzlecam.segment (design.md §9): a wider, softer appearance kernel than the labels'.
+SEGMENTATION_CRF_BILATERAL = dict(sxy=80, srgb=13, compat=10)
 # --affinity: the original README's make_affinity_labels.py values (fg 0.40, bg 0.10, CRF on both maps).
 AFFINITY_PRESET = dict(threshold=0.40, bg_threshold=0.10, crf=True)
 
@@ -86,28 +88,48 @@ def to_class_indices(local: np.ndarray, keys: np.ndarray) -> np.ndarray:
 def _crf_module(flag: str = "--crf"):
     try:
         import pydensecrf.densecrf as dcrf
-        from pydensecrf.utils import unary_from_labels
+        import pydensecrf.utils as crf_utils
     except ImportError:
         raise LabelsError(
             f"{flag} needs the optional dense CRF package: pip install .[crf]  (installs pydensecrf2)"
         ) from None
-    return dcrf, unary_from_labels
+    return dcrf, crf_utils
+
+
+def require_crf(flag: str = "--crf") -> None:
+    """Refuse ``flag`` (naming it and the fix) when the optional dense CRF package is not installed."""
+    _crf_module(flag)
+
+
+def dense_crf(image: np.ndarray, unary: np.ndarray, iters: int, bilateral: dict = CRF_BILATERAL) -> np.ndarray:
+    """Mean-field marginals (L, H, W) of a dense CRF on the RGB ``image`` (H, W, 3): ``unary`` (L, H*W) float32
+    energies, the Gaussian kernel :data:`CRF_GAUSSIAN`, the bilateral kernel ``bilateral``, ``iters`` steps."""
+    dcrf, _ = _crf_module()
+    h, w = image.shape[:2]
+    crf = dcrf.DenseCRF2D(w, h, unary.shape[0])
+    crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
+    crf.addPairwiseGaussian(**CRF_GAUSSIAN)
+    crf.addPairwiseBilateral(rgbim=np.ascontiguousarray(image, dtype=np.uint8), **bilateral)
+    return np.asarray(crf.inference(iters), dtype=np.float32).reshape(unary.shape[0], h, w)
 
 
 def crf_refine(
     image: np.ndarray, local: np.ndarray, num_labels: int, iters: int = 10, gt_prob: float = 0.7
 ) -> np.ndarray:
     """Dense-CRF refinement of a local label map (indices 0..num_labels-1) on the RGB ``image`` (H, W, 3)."""
-    dcrf, unary_from_labels = _crf_module()
-    h, w = local.shape
+    _, crf_utils = _crf_module()
     if num_labels < 2:
         return local
-    crf = dcrf.DenseCRF2D(w, h, num_labels)
-    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_labels(local, num_labels, gt_prob=gt_prob, zero_unsure=False)))
-    crf.addPairwiseGaussian(**CRF_GAUSSIAN)
-    crf.addPairwiseBilateral(rgbim=np.ascontiguousarray(image, dtype=np.uint8), **CRF_BILATERAL)
-    q = np.asarray(crf.inference(iters)).reshape(num_labels, h, w)
-    return q.argmax(0).astype(np.uint8)
+    unary = crf_utils.unary_from_labels(local, num_labels, gt_prob=gt_prob, zero_unsure=False)
+    return dense_crf(image, unary, iters).argmax(0).astype(np.uint8)
+
+
+def crf_probabilities(image: np.ndarray, probs: np.ndarray, iters: int = 10) -> np.ndarray:
+    """The segmentation CRF: marginals (C, H, W) after ``iters`` mean-field steps from the softmax ``probs``
+    (C, H, W) as unaries (-log p), with :data:`SEGMENTATION_CRF_BILATERAL`."""
+    _, crf_utils = _crf_module()
+    unary = crf_utils.unary_from_softmax(np.ascontiguousarray(probs, dtype=np.float32))
+    return dense_crf(image, unary, iters, SEGMENTATION_CRF_BILATERAL)
 
 
 def make_label_map(
@@ -267,7 +289,7 @@ def run(args) -> None:
     check_flags(args)
     if args.crf:
         given = "--affinity (which turns --crf on; --no-crf turns it off)" if args.affinity else "--crf"
-        _crf_module(given)
+        require_crf(given)
         if args.shards is None:
             raise LabelsError(f"{given} needs --shards PATTERN: the CRF works on the RGB images")
     if not args.cams.is_dir():
