@@ -431,15 +431,26 @@ def changed_settings(directory: str | Path, meta_name: str, meta: dict, keys: tu
     return [k for k in keys if not isinstance(old, dict) or old.get(k) != meta[k]]
 
 
+def finish_run(directory: str | Path, counts: dict[str, int], on_rank0) -> dict[str, int]:
+    """The end of a run that writes ``directory`` on every rank (a collective): ``counts`` are summed over the
+    ranks, and after a barrier (every rank's files are written) rank 0 calls ``on_rank0(totals)`` (an index,
+    the settings file, ...); the others wait for it. Returns the totals on every rank."""
+    totals = dict(zip(counts, sum_across_ranks(list(counts.values())), strict=True))
+    barrier()
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        Path(directory).mkdir(parents=True, exist_ok=True)  # no image written: the settings still say so
+        on_rank0(totals)
+    barrier()
+    return totals
+
+
 def finish_store(directory: str | Path, meta_name: str, meta: dict, counts: dict[str, int], what: str) -> None:
     """The end of a store-writing run, on every rank (a collective): ``counts`` (written, skipped_complete,
     no_labels, corrupt_samples) are summed over the ranks; rank 0 rebuilds ``index.parquet`` from the files
     present, writes ``meta`` with the totals as ``meta_name`` and logs one line about ``what``."""
-    totals = dict(zip(counts, sum_across_ranks(list(counts.values())), strict=True))
-    barrier()
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)  # no image written: the index still says so
+    d = Path(directory)
+
+    def index_and_meta(totals: dict[str, int]) -> None:
         index = write_index(d)
         atomic_write_json(d / meta_name, {**meta, **totals})
         log.info(
@@ -453,7 +464,8 @@ def finish_store(directory: str | Path, meta_name: str, meta: dict, counts: dict
             dist.get_world_size() if dist.is_initialized() else 1,
             index,
         )
-    barrier()
+
+    finish_run(d, counts, index_and_meta)
 
 
 # ---------------------------------------------------------------------------------------------

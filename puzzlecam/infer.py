@@ -51,8 +51,8 @@ META_NAME = "infer.json"
 # Model
 
 
-# task -> (what its network is called in messages, which command reads it)
-_NETWORKS = {"classification": "classifier", "affinity": "AffinityNet"}
+# task -> what its network is called in messages
+_NETWORKS = {"classification": "classifier", "affinity": "AffinityNet", "segmentation": "DeepLabv3+ network"}
 
 
 def load_trained(
@@ -63,9 +63,6 @@ def load_trained(
     one line naming the file, ``command`` being the command that asked."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from puzzlecam.model import build_model
-    from puzzlecam.model.affinity import build_affinity_net
 
     what = _NETWORKS[task]
     weights = Path(weights)
@@ -83,7 +80,7 @@ def load_trained(
             f"--weights {weights}: its config {config} says task {cfg.task!r}; {command} needs the weights of "
             f"a{'n' if what[0] in 'AEIOU' else ''} {what} (task: {task})"
         )
-    model = build_affinity_net(cfg.model) if task == "affinity" else build_model(cfg.model)
+    model = _build_network(cfg, task)
     try:
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
@@ -101,6 +98,18 @@ def load_trained(
             f"{cfg.model.width}): {problem}"
         )
     return model.to(device).eval(), cfg
+
+
+def _build_network(cfg: Config, task: str) -> torch.nn.Module:
+    from puzzlecam.model import build_model
+    from puzzlecam.model.affinity import build_affinity_net
+    from puzzlecam.model.deeplab import build_deeplab
+
+    if task == "affinity":
+        return build_affinity_net(cfg.model)
+    if task == "segmentation":
+        return build_deeplab(cfg.model, cfg.segmentation)
+    return build_model(cfg.model)
 
 
 def load_classifier(weights: str | Path, config: str | Path | None = None, device: str | torch.device = "cpu"):
@@ -241,22 +250,52 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_store_run_flags(p: argparse.ArgumentParser, precision: str, backend: str) -> None:
-    """The flags every store-writing network pass shares (puzzlecam.infer, puzzlecam.rw): --device,
-    --precision, --backend, --num-workers, --overwrite; ``precision`` and ``backend`` are their help texts."""
+def add_store_run_flags(p: argparse.ArgumentParser, precision: str, backend: str | None) -> None:
+    """The flags every store-writing network pass shares (puzzlecam.infer, puzzlecam.rw, puzzlecam.segment):
+    --device, --precision, --backend, --num-workers, --overwrite; ``precision`` and ``backend`` are their help
+    texts (no --backend where ``backend`` is None: a command without puzzlecam.ops calls)."""
     p.add_argument(
         "--device",
         default=None,
         help="cpu, cuda or cuda:N (default: cuda when available; under torchrun cuda:LOCAL_RANK)",
     )
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help=precision)
-    p.add_argument("--backend", choices=ops.BACKENDS, default="auto", help=backend)
+    if backend is not None:
+        p.add_argument("--backend", choices=ops.BACKENDS, default="auto", help=backend)
     p.add_argument("--num-workers", type=int, default=2, help="data loader workers decoding the shards (default 2)")
     p.add_argument(
         "--overwrite",
         action="store_true",
         help="recompute every image even if its file is complete (and allow other settings)",
     )
+
+
+def start_ranks(device_flag: str | None) -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of a store-writing run: a process group under torchrun, none for a plain
+    run; a bare ``cuda`` becomes cuda:LOCAL_RANK (a bad --device is refused there)."""
+    dist_info = init_distributed(device_flag, single_process_group=False)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if dist_info.device.type == "cpu" and local_world > 1:  # share the cores instead of oversubscribing them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    return dist_info.rank, dist_info.world_size, dist_info.device
+
+
+def claim_out(out: Path | list[Path], rank: int, check) -> None:
+    """``check()`` (which refuses an --out of other settings) on every rank, then rank 0 removes the temporary
+    files a crashed run left in ``out`` (a directory or several): no rank is writing yet, and none has removed
+    anything before every rank has checked."""
+    check()
+    barrier()
+    if rank == 0:
+        for directory in [out] if isinstance(out, Path) else out:
+            remove_stale_temporaries(directory)  # never a complete file
+    barrier()
+
+
+def autocast_for(device: torch.device, precision: str):
+    """The autocast context of --precision (fp32: none)."""
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def check_flags(args) -> None:
@@ -276,13 +315,7 @@ def run(args) -> None:
 def _infer(args) -> None:
     from puzzlecam.data import eval_loader
 
-    # A bare `cuda` becomes cuda:LOCAL_RANK (a bad --device is refused there); without a launcher there is
-    # no process group.
-    dist_info = init_distributed(args.device, single_process_group=False)
-    rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if device.type == "cpu" and local_world > 1:  # share the cores instead of oversubscribing them
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    rank, world, device = start_ranks(args.device)
     model, cfg = load_classifier(args.weights, args.config, device)
     scales = parse_scales(args.scales) if args.scales is not None else tuple(cfg.infer.scales)
     flip = cfg.infer.flip and not args.no_flip
@@ -301,14 +334,8 @@ def _infer(args) -> None:
         "resize": "bicubic (F.interpolate, antialias, clamped to [0, 1])",
         "precision": args.precision,
     }
-    _check_meta(args.out, meta, args.overwrite)
-    barrier()  # every rank has checked the old metadata before rank 0 touches the directory
-    if rank == 0:
-        remove_stale_temporaries(args.out)  # left by a crashed run; never a complete file
-    barrier()
-
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    claim_out(args.out, rank, lambda: _check_meta(args.out, meta, args.overwrite))
+    autocast = autocast_for(device, args.precision)
     loader = eval_loader(args.shards, num_workers=args.num_workers, rank=rank, world_size=world)
     written = skipped = empty = 0
     pending: list[tuple[str, torch.Tensor, torch.Tensor]] = []

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -45,11 +44,19 @@ from puzzlecam.camstore import (
 )
 from puzzlecam.errors import InferenceError, PuzzleCamError
 from puzzlecam.infer import META_NAME as INFER_META_NAME
-from puzzlecam.infer import _file_digest, add_store_run_flags, load_trained, normalize
+from puzzlecam.infer import (
+    _file_digest,
+    add_store_run_flags,
+    autocast_for,
+    claim_out,
+    load_trained,
+    normalize,
+    start_ranks,
+)
 from puzzlecam.puzzle import strided_size
 from puzzlecam.utils.cli import run_command
-from puzzlecam.utils.distributed import barrier, init_distributed, raise_if_any_rank_failed
-from puzzlecam.utils.files import output_directory, remove_stale_temporaries
+from puzzlecam.utils.distributed import raise_if_any_rank_failed
+from puzzlecam.utils.files import output_directory
 from puzzlecam.utils.progress import ProgressBar
 
 log = logging.getLogger("puzzlecam.rw")  # not __name__: that is "__main__" under python -m
@@ -230,11 +237,7 @@ def run(args) -> None:
 def _rw(args) -> None:
     from puzzlecam.data import eval_loader
 
-    dist_info = init_distributed(args.device, single_process_group=False)
-    rank, world, device = dist_info.rank, dist_info.world_size, dist_info.device
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if device.type == "cpu" and local_world > 1:  # share the cores instead of oversubscribing them
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    rank, world, device = start_ranks(args.device)
     try:
         ops.resolve_backend("random_walk", args.backend, device)
     except RuntimeError as e:
@@ -252,14 +255,8 @@ def _rw(args) -> None:
         "shards": args.shards,
         "precision": args.precision,
     }
-    _check_out(args, meta)
-    barrier()  # every rank has checked the old metadata before rank 0 touches the directory
-    if rank == 0:
-        remove_stale_temporaries(args.out)  # left by a crashed run; never a complete file
-    barrier()
-
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else None
+    claim_out(args.out, rank, lambda: _check_out(args, meta))
+    autocast = autocast_for(device, args.precision)
     loader = eval_loader(args.shards, num_workers=args.num_workers, rank=rank, world_size=world)
     written = skipped = empty = 0
     missing: list[str] = []
