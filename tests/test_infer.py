@@ -73,17 +73,21 @@ def make_synth_shards(root: Path, num_images: int = 8, size: int = 48, unlabeled
     return root / "shards"
 
 
-def make_tiny_model(root: Path, width: int = 8, seed: int = 0) -> Path:
-    """A random reduced-width ResNet-18 classifier saved as model.safetensors + config.yaml."""
+def save_trained(root: Path, cfg: Config, model: torch.nn.Module) -> Path:
+    """``model`` saved as a run exports it: root/model.safetensors (its state dict) + root/config.yaml."""
     from safetensors.torch import save_file
 
-    cfg = Config(model=ModelConfig(arch="resnet18", width=width))
-    torch.manual_seed(seed)
-    model = build_model(cfg.model)
     root.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "model.safetensors"))
     save_config(cfg, root / "config.yaml")
     return root / "model.safetensors"
+
+
+def make_tiny_model(root: Path, width: int = 8, seed: int = 0) -> Path:
+    """A random reduced-width ResNet-18 classifier saved as model.safetensors + config.yaml."""
+    cfg = Config(model=ModelConfig(arch="resnet18", width=width))
+    torch.manual_seed(seed)
+    return save_trained(root, cfg, build_model(cfg.model))
 
 
 def manifest_ids(shards: Path) -> list[str]:
@@ -293,9 +297,12 @@ def test_weights_config_mismatch_and_missing_config(setup, tmp_path, capsys):
     assert "not a readable safetensors file" in capsys.readouterr().err
 
 
-def torchrun_writes_each_image_once(module: str, args: list[str], out: Path, meta_name: str, shards, first) -> None:
+def torchrun_writes_each_image_once(
+    module: str, args: list[str], out: Path, meta_name: str, shards, first, same_outputs=None
+) -> None:
     """``python -m module args`` on 2 torchrun ranks writes each image of ``shards`` once into ``out`` (the counts
-    of ``meta_name`` summed over the ranks), with the maps of the one-process store ``first``."""
+    of ``meta_name`` summed over the ranks), with the outputs of the one-process run ``first``: compared by
+    ``same_outputs(out, first, ids)`` (default: CAM stores with the same index and maps)."""
     from puzzlecam.utils.net import free_port
 
     torchrun = Path(sys.executable).parent / "torchrun"
@@ -313,6 +320,10 @@ def torchrun_writes_each_image_once(module: str, args: list[str], out: Path, met
     meta = json.loads((out / meta_name).read_text())
     # Counts are summed over both ranks: an image done by both ranks would push this past len(ids).
     assert meta["written"] == len(ids) and meta["skipped_complete"] == 0
+    (same_outputs or same_cam_stores)(out, first, ids)
+
+
+def same_cam_stores(out: Path, first: Path, ids: list[str]) -> None:
     assert sorted(r["id"] for r in read_index(out).to_pylist()) == ids
     for image_id in ids:
         np.testing.assert_allclose(

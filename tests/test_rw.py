@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_infer import make_synth_shards, make_tiny_model, manifest_ids, torchrun_writes_each_image_once
+from test_infer import make_synth_shards, make_tiny_model, manifest_ids, save_trained, torchrun_writes_each_image_once
 
 from puzzlecam import evaluate, infer, labels, rw
 from puzzlecam.affinity import random_walk_reference
 from puzzlecam.camstore import read_cam, read_index, write_cam
-from puzzlecam.config import Config, ModelConfig, save_config
+from puzzlecam.config import Config, ModelConfig
 from puzzlecam.data import IMAGENET_MEAN, IMAGENET_STD, eval_loader
 
 BETA, EXP_TIMES, RADIUS = 10.0, 8, 5
@@ -28,17 +28,11 @@ BETA, EXP_TIMES, RADIUS = 10.0, 8, 5
 
 def make_affinity_net(root: Path, width: int = 8, seed: int = 0) -> Path:
     """A random width-8 ResNet-18 AffinityNet saved as model.safetensors + config.yaml (task: affinity)."""
-    from safetensors.torch import save_file
-
     from puzzlecam.model.affinity import build_affinity_net
 
     cfg = Config(task="affinity", model=ModelConfig(arch="resnet18", width=width))
     torch.manual_seed(seed)
-    model = build_affinity_net(cfg.model)
-    root.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "model.safetensors"))
-    save_config(cfg, root / "config.yaml")
-    return root / "model.safetensors"
+    return save_trained(root, cfg, build_affinity_net(cfg.model))
 
 
 def rw_args(weights: Path, cams: Path, shards: Path, out: Path, *extra: str) -> list[str]:
