@@ -85,11 +85,27 @@ def default_thresholds(cams_dir: str | Path) -> str:
     return RW_DEFAULT_THRESHOLDS if is_rw_store(cams_dir) else DEFAULT_THRESHOLDS
 
 
+def _outside(num_labels: int) -> str:
+    return f"outside 0..{num_labels - 1} and {IGNORE_INDEX}"
+
+
+def _label_bytes(labels: torch.Tensor) -> torch.Tensor | None:
+    """``labels`` as uint8; None where a value does not fit 0..255 (then it is neither a class nor 255)."""
+    if labels.dtype == torch.uint8:
+        return labels
+    labels = labels.long()
+    return None if bool(((labels < 0) | (labels > 255)).any()) else labels.to(torch.uint8)
+
+
+def _values_outside(labels: torch.Tensor, num_labels: int) -> list[int]:
+    bad = (labels >= num_labels) & (labels != IGNORE_INDEX) | (labels < 0)
+    return sorted({int(v) for v in labels[bad].unique()[:10]})
+
+
 def _check_gt(gt: torch.Tensor, num_labels: int) -> None:
     bad = (gt >= num_labels) & (gt != IGNORE_INDEX) | (gt < 0)
     if bool(bad.any()):
-        values = sorted({int(v) for v in gt[bad].unique()[:10]})
-        raise EvaluationError(f"ground truth holds values {values} outside 0..{num_labels - 1} and {IGNORE_INDEX}")
+        raise EvaluationError(f"ground truth holds values {_values_outside(gt, num_labels)} {_outside(num_labels)}")
 
 
 def confusion_sweep(cams, keys, gt, thresholds, num_labels: int = NUM_LABELS) -> torch.Tensor:
@@ -150,24 +166,35 @@ def confusion_sweep(cams, keys, gt, thresholds, num_labels: int = NUM_LABELS) ->
 
 
 def confusion_from_labels(pred, gt, num_labels: int = NUM_LABELS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Confusion (21, 21) of a label map against a mask, and the undecided (pred 255) pixels per gt class."""
-    pred = torch.as_tensor(pred).long()
-    gt = torch.as_tensor(gt).long()
+    """Confusion (21, 21) of a label map against a mask, and the undecided (pred 255) pixels per gt class.
+
+    One histogram of (gt, pred) byte pairs (256 x 256 bins) gives both, and its bins outside the classes show
+    values that are neither a class nor 255 (refused, naming them): one pass over the pixels.
+    """
+    pred = torch.as_tensor(pred)
+    gt = torch.as_tensor(gt)
     if pred.shape != gt.shape:
         raise EvaluationError(f"label map shape {tuple(pred.shape)} differs from the mask's {tuple(gt.shape)}")
-    _check_gt(gt, num_labels)
-    bad = (pred >= num_labels) & (pred != IGNORE_INDEX) | (pred < 0)
-    if bool(bad.any()):
-        raise EvaluationError(
-            f"label map holds values {sorted({int(v) for v in pred[bad].unique()[:10]})} "
-            f"outside 0..{num_labels - 1} and {IGNORE_INDEX}"
-        )
-    valid = gt != IGNORE_INDEX
-    g, p = gt[valid], pred[valid]
-    decided = p != IGNORE_INDEX
-    conf = torch.bincount(g[decided] * num_labels + p[decided], minlength=num_labels * num_labels)
-    undecided = torch.bincount(g[~decided], minlength=num_labels)
-    return conf.reshape(num_labels, num_labels), undecided
+    if not 1 <= num_labels <= IGNORE_INDEX:
+        raise EvaluationError(f"num_labels must be in 1..{IGNORE_INDEX}, got {num_labels}")
+    g, p = _label_bytes(gt), _label_bytes(pred)
+    if g is None:  # values outside 0..255: refused, naming them
+        _check_gt(gt.long(), num_labels)
+    if p is None:
+        bad = _values_outside(pred.long(), num_labels)
+        raise EvaluationError(f"label map holds values {bad} {_outside(num_labels)}")
+    # numpy's bincount of 16-bit keys is ~10x faster than torch's on CPU (VOC val: ~0.5 ms an image); the few
+    # sums over the 256 x 256 bins are numpy's too (torch's thread pool costs more than they do).
+    pairs = (g.cpu().numpy().astype(np.uint16) << 8) | p.cpu().numpy()
+    hist = np.bincount(pairs.reshape(-1), minlength=256 * 256).reshape(256, 256)
+    bad_gt = np.flatnonzero(hist[num_labels:IGNORE_INDEX].any(1)) + num_labels
+    if bad_gt.size:
+        raise EvaluationError(f"ground truth holds values {bad_gt[:10].tolist()} {_outside(num_labels)}")
+    bad_pred = np.flatnonzero(hist[:, num_labels:IGNORE_INDEX].any(0)) + num_labels
+    if bad_pred.size:
+        raise EvaluationError(f"label map holds values {bad_pred[:10].tolist()} {_outside(num_labels)}")
+    conf = torch.from_numpy(np.ascontiguousarray(hist[:num_labels, :num_labels], dtype=np.int64))
+    return conf, torch.from_numpy(np.ascontiguousarray(hist[:num_labels, IGNORE_INDEX], dtype=np.int64))
 
 
 def _rates(confusion, undecided=None):

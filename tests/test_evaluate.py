@@ -206,6 +206,36 @@ def _png(labels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def test_confusion_from_labels_equals_the_pixel_loop():
+    """The one-histogram confusion against a pixel-by-pixel count, for uint8 and int64 maps; values that are
+    neither a class nor 255 are refused, naming them (also outside 0..255)."""
+    rng = np.random.default_rng(5)
+    gt = rng.integers(0, 21, (13, 17)).astype(np.uint8)
+    pred = rng.integers(0, 21, (13, 17)).astype(np.uint8)
+    gt[rng.random(gt.shape) < 0.2] = IGNORE_INDEX
+    pred[rng.random(pred.shape) < 0.2] = IGNORE_INDEX
+    want_conf, want_undecided = np.zeros((21, 21), np.int64), np.zeros(21, np.int64)
+    for g, p in zip(gt.ravel(), pred.ravel(), strict=True):
+        if g == IGNORE_INDEX:
+            continue
+        if p == IGNORE_INDEX:
+            want_undecided[g] += 1
+        else:
+            want_conf[g, p] += 1
+    for dtype in (torch.uint8, torch.int64):
+        conf, undecided = confusion_from_labels(torch.from_numpy(pred).to(dtype), torch.from_numpy(gt).to(dtype))
+        assert conf.dtype == undecided.dtype == torch.long
+        np.testing.assert_array_equal(conf.numpy(), want_conf)
+        np.testing.assert_array_equal(undecided.numpy(), want_undecided)
+    for bad in (30, 300, -1):
+        wrong = torch.from_numpy(pred).long()
+        wrong[0, 0] = bad
+        with pytest.raises(EvaluationError, match=rf"label map holds values \[{bad}\]"):
+            confusion_from_labels(wrong, torch.from_numpy(gt))
+        with pytest.raises(EvaluationError, match=rf"ground truth holds values \[{bad}\]"):
+            confusion_from_labels(torch.from_numpy(pred), wrong)
+
+
 def test_labels_mode(shards, tmp_path):
     labels = tmp_path / "labels"
     labels.mkdir()
