@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "eval": "one-pass threshold-sweep evaluation against a per-threshold loop",
     "train": "full Puzzle-CAM step: reference mode against fast mode",
     "rw": "random walk per backend against the dense hw x hw method, and the fused affinity loss",
+    "segment": "multi-scale + flip DeepLabv3+ inference: one forward per pass against batched / bf16 / channels_last",
 }
 
 
