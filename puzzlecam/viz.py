@@ -1,10 +1,12 @@
-"""CAM overlays: ``python -m puzzlecam.viz --cams DIR --shards PATTERN --out DIR [--n 16]``.
+"""Overlays: ``python -m puzzlecam.viz --cams DIR --shards PATTERN --out DIR [--n 16] [--rw DIR]
+[--segmentation DIR]``.
 
 For each of the first ``n`` images of the shards that have a CAM, one row of panels:
-image | one heat map per labelled class (jet colours blended over the image) | pseudo-label at
-``--threshold`` | ground truth (VOC palette; grey when the sample has no mask). Written as
-``{id}.png`` per image plus ``grid.png`` (all rows stacked). No matplotlib: the colour map is a
-small numpy jet; Pillow draws the captions.
+image | one heat map per labelled class (jet colours blended over the image) | the CAMs' labels at
+``--threshold`` (the stage-1 pseudo-label) | with ``--rw``, the random walk's labels at ``--rw-threshold``
+(what stage 3 trains on) | with ``--segmentation``, DeepLabv3+'s prediction | ground truth (VOC palette; grey
+when the sample has no mask). Written as ``{id}.png`` per image plus ``grid.png`` (all rows stacked). No
+matplotlib: the colour map is a small numpy jet; Pillow draws the captions.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from puzzlecam.errors import UsageError
 from puzzlecam.labels import predict_labels
 from puzzlecam.utils.cli import run_command
 from puzzlecam.utils.files import atomic_write, output_directory
-from puzzlecam.utils.labelmap import voc_colormap
+from puzzlecam.utils.labelmap import decode_label_png, voc_colormap
 
 log = logging.getLogger("puzzlecam.viz")  # not __name__: that is "__main__" under python -m
 
@@ -85,9 +87,16 @@ def _vstack(rows: list[Image.Image]) -> Image.Image:
 
 
 def overlay_row(
-    image_id: str, image: np.ndarray, record, mask: np.ndarray | None, threshold: float, height: int = 160
+    image_id: str,
+    image: np.ndarray,
+    record,
+    mask: np.ndarray | None,
+    threshold: float,
+    height: int = 160,
+    later: list[tuple[str, np.ndarray]] = (),
 ) -> Image.Image:
-    """One image's panels side by side (see the module docstring)."""
+    """One image's panels side by side (see the module docstring); ``later`` adds (caption, label map) panels
+    before the ground truth (the random walk's labels, a segmentation)."""
     if tuple(image.shape[:2]) != record.size:
         raise CamStoreError(
             f"{shown_id(image_id)}: image is {image.shape[0]}x{image.shape[1]} "
@@ -97,7 +106,10 @@ def overlay_row(
     for k, cam in zip(record.keys, record.hr_cam, strict=True):
         panels.append(_panel(heat_overlay(image, cam.astype(np.float32)), VOC_CLASSES[int(k)], height))
     pred = predict_labels(record.hr_cam, record.keys, threshold)
-    panels.append(_panel(colorize(pred), f"pseudo-label t={threshold:.2f}", height, nearest=True))
+    caption = f"CAM t={threshold:.2f}" if later else f"pseudo-label t={threshold:.2f}"
+    panels.append(_panel(colorize(pred), caption, height, nearest=True))
+    for caption, labels in later:
+        panels.append(_panel(colorize(labels), caption, height, nearest=True))
     if mask is None:
         panels.append(_panel(np.full_like(image, 128), "no mask", height))
     else:
@@ -126,8 +138,8 @@ def write_png(path: Path, im: Image.Image) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m puzzlecam.viz",
-        description="PNG overlays of CAMs: image | heat map per labelled class | pseudo-label | ground truth, "
-        "one {id}.png per image and grid.png.",
+        description="PNG overlays of CAMs: image | heat map per labelled class | pseudo-label | [random-walk "
+        "labels (--rw) | DeepLabv3+ (--segmentation) |] ground truth, one {id}.png per image and grid.png.",
     )
     p.add_argument("--cams", type=Path, required=True, help="CAM store directory ({id}.npz) written by puzzlecam.infer")
     p.add_argument("--shards", required=True, help="shard pattern holding the images (and masks)")
@@ -144,22 +156,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--summary", type=Path, default=None, help="summary.json of puzzlecam.evaluate: take its best threshold"
     )
+    p.add_argument(
+        "--rw", type=Path, default=None, help="a random-walk store of puzzlecam.rw: adds its label map (a panel)"
+    )
+    p.add_argument(
+        "--rw-threshold",
+        type=float,
+        default=None,
+        help="background threshold of the random-walk panel (default: best_threshold of --rw-summary, else 0.35)",
+    )
+    p.add_argument("--rw-summary", type=Path, default=None, help="summary.json of the random walk's evaluation")
+    p.add_argument(
+        "--segmentation",
+        type=Path,
+        default=None,
+        help="a directory of {id}.png label maps of puzzlecam.segment: adds the segmentation (a panel)",
+    )
     p.add_argument("--height", type=int, default=160, help="panel height in pixels (default 160)")
     return p
 
 
-def _threshold(args) -> float:
-    """--threshold, else the best threshold of --summary, else 0.20."""
-    if args.threshold is not None:
-        if not math.isfinite(args.threshold):
-            raise UsageError(f"--threshold must be a finite number, got {args.threshold}")
-        return args.threshold
-    if args.summary is None:
-        return 0.20
+def _threshold(args, flag: str = "--threshold", summary_flag: str = "--summary", default: float = 0.20) -> float:
+    """``flag``'s value, else the best threshold of ``summary_flag``'s summary.json, else ``default``."""
+    value, summary = (getattr(args, f.lstrip("-").replace("-", "_")) for f in (flag, summary_flag))
+    if value is not None:
+        if not math.isfinite(value):
+            raise UsageError(f"{flag} must be a finite number, got {value}")
+        return value
+    if summary is None:
+        return default
     try:
-        return float(json.loads(args.summary.read_text())["best_threshold"])
+        return float(json.loads(summary.read_text())["best_threshold"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"--summary {args.summary}: cannot read best_threshold ({e})") from None
+        raise UsageError(f"{summary_flag} {summary}: cannot read best_threshold ({e})") from None
 
 
 def run(args) -> None:
@@ -168,13 +197,37 @@ def run(args) -> None:
     if args.height < 1:
         raise UsageError(f"--height must be at least 1 pixel, got {args.height}")
     threshold = _threshold(args)
-    if not args.cams.is_dir():
-        raise UsageError(f"--cams {args.cams}: no such directory")
+    rw_threshold = _threshold(args, "--rw-threshold", "--rw-summary", 0.35)
+    for flag, path in (("--cams", args.cams), ("--rw", args.rw), ("--segmentation", args.segmentation)):
+        if path is not None and not path.is_dir():
+            raise UsageError(f"{flag} {path}: no such directory")
     with output_directory(args.out):
-        _write_overlays(args, threshold)
+        _write_overlays(args, threshold, rw_threshold)
 
 
-def _write_overlays(args, threshold: float) -> None:
+def _later_panels(args, image_id: str, size: tuple[int, int], rw_threshold: float) -> list[tuple[str, np.ndarray]]:
+    """The random walk's label map and the segmentation of one image, where asked for."""
+    panels = []
+    if args.rw is not None:
+        rw = read_cam(args.rw, image_id, size=size)
+        panels.append((f"random walk t={rw_threshold:.2f}", predict_labels(rw.hr_cam, rw.keys, rw_threshold)))
+    if args.segmentation is not None:
+        path = args.segmentation / file_name(image_id, ".png")
+        try:
+            labels = decode_label_png(path.read_bytes())
+        except (OSError, ValueError) as e:
+            raise UsageError(
+                f"--segmentation: no readable label map for {shown_id(image_id)} at {path} ({e})"
+            ) from None
+        if labels.shape != size:
+            raise UsageError(
+                f"--segmentation {path}: {labels.shape[0]}x{labels.shape[1]}, the image is {size[0]}x{size[1]}"
+            )
+        panels.append(("DeepLabv3+", labels))
+    return panels
+
+
+def _write_overlays(args, threshold: float, rw_threshold: float) -> None:
     from puzzlecam.data import eval_loader
 
     rows = []
@@ -185,7 +238,8 @@ def _write_overlays(args, threshold: float) -> None:
         image = np.asarray(batch["image"][0])
         record = read_cam(args.cams, image_id, size=image.shape[:2])
         mask = np.asarray(batch["mask"][0]) if bool(batch["has_mask"][0]) else None
-        row = overlay_row(image_id, image, record, mask, threshold, args.height)
+        later = _later_panels(args, image_id, tuple(image.shape[:2]), rw_threshold)
+        row = overlay_row(image_id, image, record, mask, threshold, args.height, later)
         write_png(args.out / file_name(image_id, ".png"), row)
         rows.append(row)
         if len(rows) == args.n:

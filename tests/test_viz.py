@@ -105,3 +105,34 @@ def test_heat_overlay_blends(value):
     np.testing.assert_array_equal(
         out, np.round(0.5 * 100 + 0.5 * viz.jet(np.full((2, 2), value)).astype(float)).astype(np.uint8)
     )
+
+
+def test_random_walk_and_segmentation_panels(shards, tmp_path, capsys):
+    from puzzlecam.utils.labelmap import encode_label_png
+
+    cams = tmp_path / "cams"
+    cams.mkdir()
+    write_noisy_cams(cams, shards)
+    seg = tmp_path / "seg"
+    seg.mkdir()
+    first = samples(shards)[:2]
+    for image_id, _, mask in first:
+        # A "prediction" that differs from the mask: everything of class 7 (cat), so its panel is all one colour.
+        (seg / f"{image_id}.png").write_bytes(encode_label_png(np.full_like(mask, 7)))
+    out, height = tmp_path / "viz", 40
+    argv = ["--cams", str(cams), "--shards", str(shards), "--out", str(out), "--n", "2", "--height", str(height)]
+    # The CAM store stands in for a random-walk store: the same layout.
+    assert viz.main([*argv, "--rw", str(cams), "--rw-threshold", "0.3", "--segmentation", str(seg)]) == 0
+    for image_id, keys, _ in first:
+        h, w = read_cam(cams, image_id).size
+        width = round(w * height / h)
+        panels = 5 + len(keys)  # image, one per class, CAM labels, random-walk labels, DeepLabv3+, ground truth
+        row = np.array(Image.open(out / f"{image_id}.png").convert("RGB"))
+        assert row.shape[1] == panels * width + viz.GAP * (panels - 1)
+        # The DeepLabv3+ panel (second to last) shows the written map in exact VOC colours.
+        start = row.shape[1] - 2 * width - viz.GAP
+        shown = np.unique(row[viz.CAPTION_H :, start : start + width].reshape(-1, 3), axis=0)
+        assert shown.tolist() == [voc_colormap()[7].tolist()]
+    (seg / f"{first[1][0]}.png").unlink()
+    assert viz.main([*argv, "--segmentation", str(seg)]) == 2
+    assert f"--segmentation: no readable label map for {first[1][0]}" in capsys.readouterr().err
