@@ -55,7 +55,7 @@ rc=0
 if [ "$what" = "tests" ] || [ "$what" = "all" ]; then
   echo "== kernel tests (compiled, full grid)"
   PUZZLECAM_FULL_GRID=1 "$PY" -m pytest "$REPO/tests/test_kernels.py" "$REPO/tests/test_ops.py" \
-    "$REPO/tests/test_affinity_ops.py" "$REPO/tests/test_affinity_triton.py" \
+    "$REPO/tests/test_affinity_ops.py" "$REPO/tests/test_affinity_triton.py" "$REPO/tests/test_segment.py" \
     -c "$REPO/pyproject.toml" --rootdir "$REPO" -q -rs --durations=15 --junitxml="$OUT/kernel_tests.xml" ${PYTEST_ARGS:-} \
     2>&1 | tee "$OUT/kernel_tests.log"
   test_rc=${PIPESTATUS[0]}
@@ -71,6 +71,15 @@ if [ "$what" = "bench" ] || [ "$what" = "all" ]; then
   done
   echo "== bench rw (random walk per backend vs the dense method on the same GPU; fused affinity loss at batch 32)"
   "$PY" -m puzzlecam.bench rw --device cuda --json "$OUT/bench_rw.json" 2>&1 | tee "$OUT/bench_rw.log"
+  bench_rc=${PIPESTATUS[0]}
+  [ "$bench_rc" -ne 0 ] && rc=$bench_rc
+  echo "== bench segment (multi-scale + flip DeepLabv3+ inference)"
+  "$PY" -m puzzlecam.bench segment --device cuda --json "$OUT/bench_segment.json" 2>&1 | tee "$OUT/bench_segment.log"
+  bench_rc=${PIPESTATUS[0]}
+  [ "$bench_rc" -ne 0 ] && rc=$bench_rc
+  echo "== bench train --task segmentation (resnet50)"
+  "$PY" -m puzzlecam.bench train --task segmentation --device cuda --arch resnet50 \
+    --json "$OUT/bench_train_segmentation.json" 2>&1 | tee "$OUT/bench_train_segmentation.log"
   bench_rc=${PIPESTATUS[0]}
   [ "$bench_rc" -ne 0 ] && rc=$bench_rc
   for arch in ${TRAIN_ARCHS:-resnet50 resnest101}; do
