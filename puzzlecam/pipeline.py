@@ -95,6 +95,8 @@ class PipelinePseudoLabels:
 @dataclass
 class PipelineSegment:
     crf: bool = True  # dense CRF on the softmax (design.md §9)
+    # Scales of the multi-scale inference, each with its flip (the original's 0.5, 1.0, 1.5, 2.0).
+    scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5, 2.0])
     # Which DeepLabv3+ weights segment: "last" (the end of training) or "best" (selected on seg_eval: a
     # number from it is selected on the split it is reported on).
     weights: Literal["last", "best"] = "last"
@@ -365,6 +367,7 @@ class Pipeline:
 
         def segment(key: str, shards: str, out: Path, submission: bool) -> Stage:
             args = ["--weights", str(weights), "--shards", shards, "--out", str(out), *self._device()]
+            args += ["--scales", ",".join(f"{x:g}" for x in pc.segment.scales)]
             args += ["--crf"] if pc.segment.crf else []
             args += ["--submission"] if submission else []
             cmd = self._module("puzzlecam.segment", *args)
@@ -375,7 +378,7 @@ class Pipeline:
                 settings=cmd[cmd.index("puzzlecam.segment") :] + [f"procs={self.pc.procs}"],
                 inputs=["train_segmentation"],
                 outputs=[out],
-                complete=(out / "done.json").exists,
+                complete=(out / "segment.json").exists,  # written when every image is done
                 env=self.env,
                 where=out,
             )

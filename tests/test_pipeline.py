@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 
 import pytest
@@ -131,3 +132,44 @@ def test_until_stops_after_a_stage(tmp_path, capsys):
     assert list(_commands(capsys.readouterr().out)) == STAGES[: STAGES.index("eval_rw") + 1]
     assert pipeline.main([*argv[:-1], "eval"]) == 2
     assert "until 'eval': not a stage of this pipeline" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_pipeline_runs_end_to_end_and_resumes(tmp_path, capsys):
+    """Every stage on a tiny synthetic set (one process, a few steps per training): summary.json holds each
+    stage with the mIoU of the three evaluations; a rerun reuses everything; --rerun runs a stage and those after."""
+    from test_infer import make_synth_shards
+
+    from tests.test_demo import _said
+
+    shards = make_synth_shards(tmp_path / "data", num_images=12, size=64, unlabeled=0, shard_size=6)
+    config = yaml.safe_load((REPO / "launch" / "configs" / "pipeline_demo_cpu.yaml").read_text())
+    config.update(launcher="python", procs=1)
+    config["data"] = {"train": str(shards), "cam_eval": str(shards), "seg_eval": str(shards)}
+    steps = ["train.max_steps=2", "train.global_batch_size=4", "train.micro_batch_size=4", "train.log_every=1"]
+    config["configs"] = {
+        **config["configs"],
+        "classifier_set": [*steps, "data.crop_size=64", "infer.scales=[1.0]"],
+        "affinity_set": steps,
+        "segmentation_set": [*steps, "train.eval_every=0"],
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "run"
+    assert pipeline.main(["--config", str(path), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert _said(text) == dict.fromkeys(STAGES, "ran")
+    rows = {row["stage"]: row for row in json.loads((out / "summary.json").read_text())["stages"]}
+    assert list(rows) == STAGES
+    for key in ("eval_cams", "eval_rw", "eval_segmentation"):
+        assert 0.0 <= rows[key]["miou"] <= 1.0 and rows[key]["images"] == 12
+    assert rows["eval_rw"]["threshold"] <= 0.5  # the random walk's sweep (0.05..0.50)
+    assert (out / "segmentation" / "seg_eval_png" / "segment.json").is_file()
+    assert yaml.safe_load((out / "affinity" / "config.yaml").read_text())["model"]["pretrained"] == str(
+        out / "classifier" / "model.safetensors"
+    )  # later_stages_from: classifier
+    assert pipeline.main(["--config", str(path), "--out", str(out)]) == 0
+    assert _said(capsys.readouterr().out) == dict.fromkeys(STAGES, "reused")
+    assert pipeline.main(["--config", str(path), "--out", str(out), "--rerun", "segment_eval"]) == 0
+    said = _said(capsys.readouterr().out)
+    assert said == {k: "ran" if k in ("segment_eval", "eval_segmentation") else "reused" for k in STAGES}
