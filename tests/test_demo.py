@@ -15,24 +15,9 @@ import pytest
 import yaml
 
 from puzzlecam import demo
+from tests.test_pipeline import STAGES as PIPELINE
+from tests.test_stages import _said
 
-PIPELINE = [
-    "train_classifier",
-    "cams_eval",
-    "eval_cams",
-    "cams_train",
-    "affinity_labels",
-    "affinity_shards",
-    "train_affinity",
-    "rw_eval",
-    "eval_rw",
-    "rw_train",
-    "pseudo_labels",
-    "pseudo_shards",
-    "train_segmentation",
-    "segment_eval",
-    "eval_segmentation",
-]
 # The test's run: the whole pipeline for Puzzle-CAM, stage 1 for the baseline (--baseline-until cams).
 STAGES = [
     "synth",
@@ -43,11 +28,6 @@ STAGES = [
     *(f"puzzle/{k}" for k in PIPELINE),
     "puzzle/viz",
 ]
-
-
-def _said(text: str) -> dict[str, str]:
-    """Stage -> "ran" | "reused", from the demo's "ran: STAGE ..." / "reused: STAGE ..." lines."""
-    return {m[2]: m[1] for m in re.finditer(r"^(ran|reused|adopted): ([\w/]+)", text, re.MULTILINE)}
 
 
 def _table_row(text: str, mode: str) -> list[str]:

@@ -11,6 +11,7 @@ import yaml
 from puzzlecam import pipeline
 from puzzlecam.errors import ConfigError, UsageError
 from puzzlecam.stages import REPO
+from tests.test_stages import _said
 
 STAGES = [
     "train_classifier",
@@ -139,8 +140,6 @@ def test_the_pipeline_runs_end_to_end_and_resumes(tmp_path, capsys):
     """Every stage on a tiny synthetic set (one process, a few steps per training): summary.json holds each
     stage with the mIoU of the three evaluations; a rerun reuses everything; --rerun runs a stage and those after."""
     from test_infer import make_synth_shards
-
-    from tests.test_demo import _said
 
     shards = make_synth_shards(tmp_path / "data", num_images=12, size=64, unlabeled=0, shard_size=6)
     config = yaml.safe_load((REPO / "launch" / "configs" / "pipeline_demo_cpu.yaml").read_text())

@@ -1,12 +1,17 @@
 """puzzlecam.stages: the record that decides whether a stage of the pipeline or the demo runs again."""
 
+import re
 import sys
 
 import pytest
 
 from puzzlecam.errors import StageError, UsageError
 from puzzlecam.stages import Stage, Stages
-from tests.test_demo import _said
+
+
+def _said(text: str) -> dict[str, str]:
+    """Stage -> "ran" | "reused" | "adopted", from the "ran: STAGE ..." lines of a pipeline or the demo."""
+    return {m[2]: m[1] for m in re.finditer(r"^(ran|reused|adopted): ([\w/]+)", text, re.MULTILINE)}
 
 
 def _append(path, text: str) -> list[str]:
