@@ -150,3 +150,31 @@ def test_command_exit_codes_in_a_subprocess(voc, tmp_path):
     assert usage.returncode == 2 and "invalid choice" in usage.stderr  # argparse's own check
     good = data("shard", "--voc-root", str(voc), "--split", "val", "--out", str(tmp_path / "o"))
     assert good.returncode == 0 and "val: wrote 3 images" in good.stdout and good.stderr == ""
+
+
+def test_synth_layout_changes_the_scenes_and_the_default_keeps_them(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from puzzlecam.data.synth import DEFAULT_LAYOUT, parse_layout
+
+    assert parse_layout("1-3:0.3-0.6") == DEFAULT_LAYOUT
+    for bad in ("1-3", "0-3:0.3-0.6", "3-1:0.3-0.6", "1-3:0.05-0.6", "a-b:c-d"):
+        with pytest.raises(UsageError, match="--layout"):
+            parse_layout(bad)
+    default, same, other = tmp_path / "d", tmp_path / "s", tmp_path / "o"
+    synthesize(default, num_images=6, size=64, seed=5)
+    synthesize(same, num_images=6, size=64, seed=5, layout=parse_layout("1-3:0.3-0.6"))
+    synthesize(other, num_images=6, size=64, seed=5, layout=parse_layout("4-4:0.15-0.2"))
+
+    def objects(root):
+        return [(root / "Annotations" / f"synth_{i:06d}.xml").read_text().count("<object>") for i in range(6)]
+
+    def masks(root):
+        return [np.array(Image.open(root / "SegmentationClass" / f"synth_{i:06d}.png")) for i in range(6)]
+
+    assert all(np.array_equal(a, b) for a, b in zip(masks(default), masks(same), strict=True))
+    assert all(1 <= n <= 3 for n in objects(default))
+    # Four small objects (a few may not fit): more objects, each a small part of the image.
+    assert sum(objects(other)) > sum(objects(default))
+    assert np.mean([(m > 0).mean() for m in masks(other)]) < np.mean([(m > 0).mean() for m in masks(default)])

@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
         "synth",
         help="generate a procedural VOC-format data set with exact masks",
         description="Write a VOC-format folder (JPEGImages, Annotations, SegmentationClass, ImageSets/Segmentation/"
-        "{train,val,trainval}.txt) of scenes with 1-3 objects; each class is a body shape/colour with a small "
-        "distinctive pattern part. Deterministic for a seed; `shard --voc-root DIR` accepts it unchanged.",
+        "{train,val,trainval}.txt) of scenes with 1-3 objects (--layout); each class is a body shape/colour with a "
+        "small distinctive pattern part. Deterministic for a seed; `shard --voc-root DIR` accepts it unchanged.",
     )
     g.add_argument("--out", required=True, help="output folder (written under a temporary name, then renamed)")
     g.add_argument("--num-images", type=int, required=True, help="number of images")
@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--val-fraction", type=float, default=0.25, help="fraction of images listed in val.txt (default 0.25)"
+    )
+    g.add_argument(
+        "--layout",
+        default="1-3:0.3-0.6",
+        help="objects per image and their size as a fraction of the short side, MIN-MAX:MINSCALE-MAXSCALE "
+        "(default 1-3:0.3-0.6; another layout makes a different set of the same classes, e.g. for pretraining)",
     )
     g.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
@@ -185,7 +191,7 @@ def run(args: argparse.Namespace) -> None:
         )
         print_shard_report(console, result)
         return
-    from puzzlecam.data.synth import DEFAULT_CLASSES, synthesize
+    from puzzlecam.data.synth import DEFAULT_CLASSES, parse_layout, synthesize
 
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else list(DEFAULT_CLASSES)
     result = synthesize(
@@ -196,6 +202,7 @@ def run(args: argparse.Namespace) -> None:
         classes=classes,
         val_fraction=args.val_fraction,
         overwrite=args.overwrite,
+        layout=parse_layout(args.layout),
     )
     print_synth_report(console, result)
 

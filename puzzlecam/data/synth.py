@@ -144,7 +144,38 @@ def _void_border(label: np.ndarray, width: int) -> np.ndarray:
     return out
 
 
-def make_scene(seed: int, index: int, size: int, classes: list[int]):
+@dataclass(frozen=True)
+class Layout:
+    """How a scene is laid out: how many objects (uniform in [min_objects, max_objects]) and how large (each
+    side a uniform fraction in [min_scale, max_scale] of the image's short side, jittered by 0.8-1.2)."""
+
+    min_objects: int = 1
+    max_objects: int = 3
+    min_scale: float = 0.3
+    max_scale: float = 0.6
+
+
+DEFAULT_LAYOUT = Layout()
+
+
+def parse_layout(text: str) -> Layout:
+    """``--layout OBJECTS:SCALE``, e.g. ``2-5:0.2-0.45`` -> Layout (the default is ``1-3:0.3-0.6``)."""
+    try:
+        objects, scale = text.split(":")
+        lo_n, hi_n = (int(v) for v in objects.split("-"))
+        lo_s, hi_s = (float(v) for v in scale.split("-"))
+    except ValueError:
+        raise UsageError(
+            f"--layout must look like MIN-MAX:MINSCALE-MAXSCALE (e.g. 1-3:0.3-0.6), got {text!r}"
+        ) from None
+    if not (1 <= lo_n <= hi_n <= 8 and 0.1 <= lo_s <= hi_s <= 0.9):
+        raise UsageError(
+            f"--layout {text!r}: objects must satisfy 1 <= MIN <= MAX <= 8 and scales 0.1 <= MIN <= MAX <= 0.9"
+        )
+    return Layout(lo_n, hi_n, lo_s, hi_s)
+
+
+def make_scene(seed: int, index: int, size: int, classes: list[int], layout: Layout = DEFAULT_LAYOUT):
     """Image ``index`` of the set: (rgb uint8 (H, W, 3), mask uint8 (H, W), objects [(class, box)])."""
     rng = np.random.default_rng([seed, index])
     short = int(rng.integers(int(0.75 * size), size + 1))
@@ -152,10 +183,10 @@ def make_scene(seed: int, index: int, size: int, classes: list[int]):
     img = _background(rng, h, w)
     label = np.zeros((h, w), dtype=np.uint8)
     boxes, part_boxes, objects = [], [], []
-    for _ in range(int(rng.integers(1, 4))):
+    for _ in range(int(rng.integers(layout.min_objects, layout.max_objects + 1))):
         for _ in range(30):
-            oh = int(rng.uniform(0.3, 0.6) * min(h, w) * rng.uniform(0.8, 1.2))
-            ow = int(rng.uniform(0.3, 0.6) * min(h, w) * rng.uniform(0.8, 1.2))
+            oh = int(rng.uniform(layout.min_scale, layout.max_scale) * min(h, w) * rng.uniform(0.8, 1.2))
+            ow = int(rng.uniform(layout.min_scale, layout.max_scale) * min(h, w) * rng.uniform(0.8, 1.2))
             oh, ow = max(12, min(oh, h)), max(12, min(ow, w))
             y0, x0 = int(rng.integers(0, h - oh + 1)), int(rng.integers(0, w - ow + 1))
             box = (y0, x0, y0 + oh, x0 + ow)
@@ -269,6 +300,7 @@ def synthesize(
     classes=DEFAULT_CLASSES,
     val_fraction: float = 0.25,
     overwrite: bool = False,
+    layout: Layout = DEFAULT_LAYOUT,
 ) -> SynthResult:
     """Write ``out``/{JPEGImages, Annotations, SegmentationClass, ImageSets/Segmentation}; returns what it wrote.
 
@@ -288,7 +320,7 @@ def synthesize(
             d.mkdir(parents=True)
         with ProgressBar("synthesizing", total=num_images, transient=True) as bar:
             for i, image_id in enumerate(ids):
-                rgb, mask, objects = make_scene(seed, i, size, class_ids)
+                rgb, mask, objects = make_scene(seed, i, size, class_ids, layout)
                 buf = io.BytesIO()
                 Image.fromarray(rgb).save(buf, format="JPEG", quality=90)
                 (dirs["JPEGImages"] / f"{image_id}.jpg").write_bytes(buf.getvalue())
