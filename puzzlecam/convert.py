@@ -476,7 +476,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--kind",
-        required=True,
         choices=KINDS,
         help="which network SRC holds: classifier (stage 1: Classifier / Classifier_For_Puzzle; DST feeds "
         "puzzlecam.infer), affinity (stage 2: AffinityNet; DST feeds puzzlecam.rw), deeplab (stage 3: "
@@ -487,6 +486,12 @@ def build_parser() -> argparse.ArgumentParser:
         "dst", type=Path, metavar="DST", help=f"output .safetensors file; {CONFIG_NAME} is written beside it"
     )
     p.add_argument("--overwrite", action="store_true", help=f"replace an existing DST and {CONFIG_NAME} beside it")
+    p.add_argument(
+        "--to-torchvision",
+        action="store_true",
+        help="the other direction, instead of --kind: SRC is a puzzlecam run's model.safetensors, DST a .pth of its "
+        "backbone in the torchvision / ResNeSt layout (what model.pretrained reads, like an ImageNet file)",
+    )
     return p
 
 
@@ -502,7 +507,26 @@ def check_flags(args: argparse.Namespace) -> None:
                 raise UsageError(f"{path} exists: pass --overwrite to replace it, or choose another DST directory")
 
 
+def export_to_torchvision(args: argparse.Namespace) -> None:
+    from puzzlecam.model.pretrained import export_backbone
+
+    if args.kind is not None:
+        raise UsageError("--to-torchvision reads a puzzlecam export, not the original's checkpoints: drop --kind")
+    if args.dst.suffix not in (".pth", ".pt"):
+        raise UsageError(f"DST {args.dst} must end in .pth or .pt (a torch.save state dict, as ImageNet files are)")
+    if args.dst.exists() and not args.overwrite:
+        raise UsageError(f"{args.dst} exists: pass --overwrite to replace it")
+    with output_directory(args.dst.parent, flag="DST"):
+        tensors = export_backbone(args.src, args.dst)
+    print(f"wrote the backbone of {args.src} ({tensors} tensors) to {args.dst} (torchvision / ResNeSt layout)")
+
+
 def run(args: argparse.Namespace) -> None:
+    if args.to_torchvision:
+        export_to_torchvision(args)
+        return
+    if args.kind is None:
+        raise UsageError("--kind is required: classifier, affinity or deeplab (or --to-torchvision)")
     check_flags(args)
     with output_directory(args.dst.parent, flag="DST"):  # created by the first file written into it
         converted = convert_checkpoint(args.src, args.kind)

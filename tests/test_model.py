@@ -230,6 +230,18 @@ def test_a_puzzlecam_export_initializes_a_backbone_at_any_width(tmp_path):
         assert torch.equal(net.backbone.state_dict()[k], v), k
     with pytest.raises(PretrainedMismatchError, match="puzzlecam export: its backbone.* keys must fit"):
         build_model(ModelConfig(arch="resnet18", width=16, pretrained=str(export)))
+    # convert --to-torchvision: the same backbone as a torchvision-layout .pth (what an ImageNet file is).
+    from puzzlecam import convert
+
+    pth = tmp_path / "tv" / "resnet18_w8.pth"
+    assert convert.main(["--to-torchvision", str(export), str(pth)]) == 0
+    tv = torch.load(pth, weights_only=True)
+    assert set(tv) == set(trained.backbone.state_dict()) and "conv1.weight" in tv
+    fresh = build_model(ModelConfig(arch="resnet18", width=8, pretrained=str(pth)))
+    for k, v in trained.backbone.state_dict().items():
+        assert torch.equal(fresh.backbone.state_dict()[k], v), k
+    assert convert.main(["--to-torchvision", str(export), str(pth)]) == 2  # exists: --overwrite
+    assert convert.main(["--to-torchvision", str(pth), str(tmp_path / "again.pth")]) == 2  # not an export
 
 
 def test_wrong_file_lists_keys_and_shapes(tv_state, tmp_path):

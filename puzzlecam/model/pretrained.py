@@ -127,3 +127,17 @@ def load_pretrained(model_or_backbone: nn.Module, path: str | Path) -> nn.Module
             state[k] = own[k]
     backbone.load_state_dict(state, strict=True)
     return backbone
+
+
+def export_backbone(src: str | Path, dst: str | Path) -> int:
+    """Write the backbone of a puzzlecam export (``model.safetensors``: ``backbone.*`` keys) as a torchvision /
+    ResNeSt-layout state dict (``torch.save``; names without the prefix, as ImageNet files have them), which
+    ``model.pretrained`` and other code read; atomically. Returns the number of tensors."""
+    from puzzlecam.utils.files import atomic_write
+
+    state = read_state_dict(src)
+    backbone = {k[len(EXPORT_BACKBONE_PREFIX) :]: v for k, v in state.items() if k.startswith(EXPORT_BACKBONE_PREFIX)}
+    if not backbone:
+        raise UsageError(f"{src} holds no {EXPORT_BACKBONE_PREFIX}* tensors: it is not a puzzlecam run's export")
+    atomic_write(dst, lambda f: torch.save(backbone, f))
+    return len(backbone)
