@@ -25,10 +25,11 @@ from pathlib import Path
 
 from rich.table import Table
 
+from puzzlecam import VOC_CLASSES
 from puzzlecam.config import load_config
 from puzzlecam.errors import UsageError
 from puzzlecam.pipeline import Pipeline, PipelineConfig, load_pipeline_config, stage_config_path
-from puzzlecam.stages import REPO, Stage, Stages, console
+from puzzlecam.stages import REPO, Stage, Stages, console, launch_command
 from puzzlecam.utils.cli import run_command
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,63 @@ def _per_process_batch(cfg, procs: int, source: str) -> int:
             f"--procs {procs} x train.grad_accum_steps {t.grad_accum_steps}"
         )
     return per_proc
+
+
+# --pretrain: the offline analogue of ImageNet initialization (docs/demo.md, "Pretraining"): a separate synthetic
+# set of all 20 classes (its own seed, more and smaller objects), a baseline classifier trained on it once, its
+# backbone saved as a torchvision-format file that every stage starts from (model.pretrained), as the recipe
+# starts from ImageNet. Independent of --seed: one pretraining serves every seed.
+PRETRAIN_SET = {"num_images": 2000, "seed": 1000, "layout": "2-5:0.2-0.45", "classes": ",".join(VOC_CLASSES)}
+PRETRAIN_KEYS = ("train.mode=baseline", "train.epochs=15", "train.seed=1000")
+
+
+def run_pretraining(args: argparse.Namespace, stages: Stages, out: Path) -> Path:
+    """The --pretrain stages; the backbone file they write."""
+    py, root = sys.executable, out / "pretrain"
+    voc, shards, run, backbone = root / "voc", root / "shards", root / "run", root / "backbone.pth"
+    synth = [py, "-m", "puzzlecam.data", "synth", "--out", str(voc), "--overwrite", "--val-fraction", "0"]
+    settings = {**PRETRAIN_SET, "num_images": args.pretrain_images}
+    synth += ["--size", str(args.size), *(f"--{k.replace('_', '-')}={v}" for k, v in settings.items())]
+    stages.run(Stage("pretrain/synth", "pretraining set", synth, complete=(voc / "ImageSets").exists))
+    shard = [py, "-m", "puzzlecam.data", "shard", "--voc-root", str(voc), "--split", "train", "--out", str(shards)]
+    stages.run(
+        Stage(
+            "pretrain/shard",
+            "shard the pretraining set",
+            [*shard, "--overwrite"],
+            inputs=["pretrain/synth"],
+            complete=lambda: any(shards.glob("train-*.tar")),
+        )
+    )
+    config = stage_config_path(load_pipeline_config(args.pipeline).configs.classifier)
+    overrides = [f"data.train_shards={shards / 'train-*.tar'}", *PRETRAIN_KEYS]
+    cfg = load_config(config, overrides)
+    overrides.append(f"train.micro_batch_size={_per_process_batch(cfg, args.procs, f'classifier config {config}')}")
+    entry = [str(REPO / "launch" / "train.py"), "--config", config, "--run-dir", str(run), "--resume", "auto"]
+    entry += overrides
+    stages.run(
+        Stage(
+            "pretrain/train",
+            f"pretrain the backbone: a baseline classifier of the pretraining set ({args.launcher})",
+            launch_command(args.launcher, args.procs, entry),
+            settings={"launcher": args.launcher, "procs": args.procs, "entry": entry, "config": cfg.to_dict()},
+            inputs=["pretrain/shard"],
+            outputs=[run],
+            complete=(run / "model.safetensors").exists,
+        )
+    )
+    export = [py, "-m", "puzzlecam.convert", "--to-torchvision", str(run / "model.safetensors"), str(backbone)]
+    stages.run(
+        Stage(
+            "pretrain/export",
+            "its backbone as a torchvision-format file",
+            [*export, "--overwrite"],
+            inputs=["pretrain/train"],
+            outputs=[backbone],
+            complete=backbone.exists,
+        )
+    )
+    return backbone
 
 
 def demo_pipeline(args: argparse.Namespace, train_pattern: str, val_pattern: str, mode: str) -> PipelineConfig:
@@ -104,17 +162,18 @@ def run_demo(args: argparse.Namespace) -> dict[str, dict]:
                 complete=lambda split=split: any(shards.glob(f"{split}-*.tar")),
             )
         )
+    data_stages: tuple[str, ...] = ("shard_train", "shard_val")
+    if args.pretrain:
+        backbone = run_pretraining(args, stages, out)
+        for pc in configs.values():  # every stage starts from it, as the recipe starts from ImageNet
+            pc.model.pretrained, pc.model.later_stages_from = str(backbone), "pretrained"
+        data_stages += ("pretrain/export",)
     results = {}
     for mode in MODES:
         run = out / "runs" / mode
         until = UNTIL[args.until if mode == "puzzle" else args.baseline_until]
         pipeline = Pipeline(
-            configs[mode],
-            run,
-            until=until,
-            stages=stages,
-            key_prefix=f"{mode}/",
-            data_inputs=("shard_train", "shard_val"),
+            configs[mode], run, until=until, stages=stages, key_prefix=f"{mode}/", data_inputs=data_stages
         )
         rows = {row["stage"]: row for row in pipeline.run()}
         viz, inputs = run / "viz", [f"{mode}/eval_cams", "shard_val"]
@@ -242,6 +301,15 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="KEY=VALUE",
             help=f"a config override for {what}, e.g. --{stage}set {example} (repeatable)",
         )
+    p.add_argument(
+        "--pretrain",
+        action="store_true",
+        help="start every stage from a backbone pretrained once on a separate synthetic set (2,000 images of all 20 "
+        "classes, another seed and layout), the offline analogue of ImageNet initialization (docs/demo.md)",
+    )
+    p.add_argument(
+        "--pretrain-images", type=int, default=PRETRAIN_SET["num_images"], help="images of the pretraining set (2000)"
+    )
     p.add_argument("--fresh", action="store_true", help="delete --out first instead of reusing completed stages")
     return p
 
