@@ -303,9 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
         )
     p.add_argument(
         "--pretrain",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="start every stage from a backbone pretrained once on a separate synthetic set (2,000 images of all 20 "
-        "classes, another seed and layout), the offline analogue of ImageNet initialization (docs/demo.md)",
+        "classes, another seed and layout), the offline analogue of the recipe's ImageNet initialization (default; "
+        "docs/demo.md); --no-pretrain trains every stage from scratch",
     )
     p.add_argument(
         "--pretrain-images", type=int, default=PRETRAIN_SET["num_images"], help="images of the pretraining set (2000)"

@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from puzzlecam import demo
@@ -23,6 +24,7 @@ STAGES = [
     "synth",
     "shard_train",
     "shard_val",
+    *("pretrain/synth", "pretrain/shard", "pretrain/train", "pretrain/export"),
     *(f"baseline/{k}" for k in PIPELINE[: PIPELINE.index("eval_cams") + 1]),
     "baseline/viz",
     *(f"puzzle/{k}" for k in PIPELINE),
@@ -39,6 +41,7 @@ def _table_row(text: str, mode: str) -> list[str]:
 def test_demo_pipeline_tiny(tmp_path, capsys):
     out = tmp_path / "demo"
     args = ["--out", str(out), "--num-images", "24", "--size", "64", "--pictures", "2", "--baseline-until", "cams"]
+    args += ["--pretrain-images", "16"]  # the default --pretrain on a tiny pretraining set (15 steps)
     args += ["--set", "train.max_steps=2", "--set", "data.crop_size=64", "--set", "infer.scales=[1.0, 0.5]"]
     args += ["--affinity-set", "train.max_steps=2", "--segmentation-set", "train.max_steps=2"]
     assert demo.main(args) == 0
@@ -55,10 +58,12 @@ def test_demo_pipeline_tiny(tmp_path, capsys):
     assert _table_row(text, "baseline")[2:4] == ["-", "-"]  # the baseline stopped after stage 1
     rw = json.loads((puzzle / "affinity" / "rw_eval" / "summary.json").read_text())
     assert rw["thresholds"][0] == 0.05 and rw["thresholds"][-1] == 0.5  # the random walk's sweep
-    # Stages 2 and 3 start from the Puzzle-CAM classifier's backbone (no ImageNet file in the demo).
-    for stage in ("affinity", "segmentation"):
+    # Every stage starts from the pretrained backbone, a torchvision-format file (the recipe's ImageNet file).
+    backbone = out / "pretrain" / "backbone.pth"
+    assert "conv1.weight" in torch.load(backbone, weights_only=True)
+    for stage in ("classifier", "affinity", "segmentation"):
         config = yaml.safe_load((puzzle / stage / "config.yaml").read_text())
-        assert config["model"]["pretrained"] == str(puzzle / "classifier" / "model.safetensors")
+        assert config["model"]["pretrained"] == str(backbone)
     assert (puzzle / "viz" / "grid.png").is_file() and any((puzzle / "segmentation" / "seg_eval_png").glob("*.png"))
     for mode in demo.MODES:
         run = out / "runs" / mode / "classifier"
