@@ -29,7 +29,7 @@ from puzzlecam import VOC_CLASSES
 from puzzlecam.config import load_config
 from puzzlecam.errors import UsageError
 from puzzlecam.pipeline import Pipeline, PipelineConfig, load_pipeline_config, stage_config_path
-from puzzlecam.stages import REPO, Stage, Stages, console, launch_command
+from puzzlecam.stages import REPO, Stage, Stages, console, launch_command, threads_env
 from puzzlecam.utils.cli import run_command
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ def run_pretraining(args: argparse.Namespace, stages: Stages, out: Path) -> Path
             inputs=["pretrain/shard"],
             outputs=[run],
             complete=(run / "model.safetensors").exists,
+            env=threads_env(args.procs),
         )
     )
     export = [py, "-m", "puzzlecam.convert", "--to-torchvision", str(run / "model.safetensors"), str(backbone)]

@@ -30,7 +30,7 @@ from rich.table import Table
 
 from puzzlecam.config import _from_dict, load_config
 from puzzlecam.errors import ConfigError, UsageError
-from puzzlecam.stages import TRAIN_ENTRY, Stage, Stages, console, launch_command
+from puzzlecam.stages import TRAIN_ENTRY, Stage, Stages, console, launch_command, threads_env
 from puzzlecam.utils.cli import run_command
 from puzzlecam.utils.files import atomic_write_json
 
@@ -191,8 +191,7 @@ class Pipeline:
         self.until, self.key_prefix, self.data_inputs = until, key_prefix, tuple(data_inputs)
         self.stages = stages
         self.py = sys.executable
-        threads = pc.threads or max(1, (os.cpu_count() or 2) // pc.procs)
-        self.env = {"OMP_NUM_THREADS": str(threads)}
+        self.env = threads_env(pc.procs, pc.threads)
         d = self.out
         self.dirs = {
             "classifier": d / "classifier",

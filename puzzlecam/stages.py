@@ -52,6 +52,12 @@ def fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def threads_env(procs: int, threads: int = 0) -> dict[str, str]:
+    """``OMP_NUM_THREADS`` for ``procs`` processes sharing this machine: ``threads`` each, or cores / procs
+    (torch's default, every core in every process, oversubscribes the cores several times over)."""
+    return {"OMP_NUM_THREADS": str(threads or max(1, (os.cpu_count() or 2) // max(1, procs)))}
+
+
 def launch_command(launcher: str, procs: int, entry: Sequence[str], module: bool = False) -> list[str]:
     """``entry`` (a script and its arguments, or with ``module`` a ``-m`` module and its arguments) started as
     ``procs`` processes on this machine by ``launcher`` (deepspeed | torchrun | python = one process), each
