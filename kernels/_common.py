@@ -6,6 +6,16 @@ import os
 
 import torch
 
+try:
+    from torch.library import wrap_triton
+except ImportError:  # torch < 2.6: no Triton ops (puzzlecam.library says so); launch the kernels directly
+
+    def wrap_triton(kernel):
+        return kernel
+
+
+from . import INTERPRETED
+
 # Tests switch this on: every buffer a launcher allocates starts as NaN, so an element that a
 # kernel forgot to write shows up in the comparison with the reference.
 POISON = os.environ.get("PUZZLECAM_KERNEL_POISON", "0") == "1"
@@ -63,3 +73,12 @@ def check_same_device(op: str, **tensors: torch.Tensor) -> torch.device:
             f"{op}: all tensors must be on one device, got " + ", ".join(f"{k} on {v}" for k, v in devices.items())
         )
     return first
+
+
+def skip_launch(t: torch.Tensor) -> bool:
+    """True when a launcher meets fake tensors under the Triton interpreter (shape propagation: opcheck's
+    fake-tensor test, tracing): the interpreter would run the kernel on them, while wrap_triton, which traces
+    compiled kernels into the graph instead, returns interpreted kernels as they are."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return INTERPRETED and is_fake(t)

@@ -25,13 +25,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_float, check_size, empty
+from ._common import check_float, check_size, empty, skip_launch, wrap_triton
 
 OP = "affinity_sums"
 # The loss's epsilon inside both logarithms (docs/kernels.md).
 LOG_EPS = 1e-5
-# Labels below this value are valid (0 background, 1..20 classes); 255 and anything >= 21 is ignored.
-NUM_LABELS = 21
+# Labels below this value are valid (0 background, 1..C classes: VOC 20, COCO 80); 255 and above are ignored.
+IGNORE_LABEL = 255
 INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 # Sources per program: a (block x padded path length) tile of edge values per direction. The
 # interpreter's cost is per program and operation, not per element: larger blocks there.
@@ -63,7 +63,7 @@ def _affinity_kernel(
     BLOCK: tl.constexpr,
     BACKWARD: tl.constexpr,
     EPS: tl.constexpr,
-    NUM_LABELS: tl.constexpr,
+    IGNORE_LABEL: tl.constexpr,
 ):
     pid_s = tl.program_id(0)
     b = tl.program_id(1)
@@ -78,7 +78,8 @@ def _affinity_kernel(
     x = s - y * crop_w + RADIUS_FLOOR
     e_src = b * e_sb + y * e_sy + x * e_sx
     s_src = b * s_sb + y * s_sy + x * s_sx
-    label_src = tl.load(seg_ptr + s_src, mask=smask, other=0)
+    # int32 labels: the ignore value 255 does not fit an int8 map's type (there it reads as -1).
+    label_src = tl.load(seg_ptr + s_src, mask=smask, other=0).to(tl.int32)
     k = tl.arange(0, PATH_BLOCK)
 
     if BACKWARD:
@@ -97,8 +98,8 @@ def _affinity_kernel(
     for d in range(num_directions):
         dy = tl.load(dest_ptr + 2 * d)
         dx = tl.load(dest_ptr + 2 * d + 1)
-        label_dst = tl.load(seg_ptr + s_src + dy * s_sy + dx * s_sx, mask=smask, other=0)
-        valid = smask & (label_src < NUM_LABELS) & (label_dst < NUM_LABELS)
+        label_dst = tl.load(seg_ptr + s_src + dy * s_sy + dx * s_sx, mask=smask, other=0).to(tl.int32)
+        valid = smask & (label_src < IGNORE_LABEL) & (label_dst < IGNORE_LABEL)
         same = label_src == label_dst
         is_bg = valid & same & (label_src == 0)
         is_fg = valid & same & (label_src > 0)
@@ -153,9 +154,24 @@ def _affinity_kernel(
         tl.store(out + 5, tl.sum(cnt_neg, axis=0))
 
 
+def _path_tables(radius: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(destinations (D, 2), path points (D, 2, PATH_BLOCK) as dy then dx rows, lengths (D,), PATH_BLOCK) on
+    ``like``'s device: cached for real tensors, made afresh (graph constants) while tracing fake ones."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(like):
+        dest, points, lengths, path_block = _path_tables_cpu(radius)
+        return dest.to(like.device), points.to(like.device), lengths.to(like.device), path_block
+    return _path_tables_on(radius, like.device)
+
+
 @functools.lru_cache(maxsize=16)
-def _path_tables(radius: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """(destinations (D, 2), path points (D, 2, PATH_BLOCK) as dy then dx rows, lengths (D,), PATH_BLOCK)."""
+def _path_tables_on(radius: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    dest, points, lengths, path_block = _path_tables_cpu(radius)
+    return dest.to(device), points.to(device), lengths.to(device), path_block
+
+
+def _path_tables_cpu(radius: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     from puzzlecam.affinity import direction_paths, path_directions
 
     directions = path_directions(radius)
@@ -166,12 +182,12 @@ def _path_tables(radius: int, device: torch.device) -> tuple[torch.Tensor, torch
         points[d, :, : len(path)] = torch.tensor(path, dtype=torch.int32).reshape(-1, 2).T
     dest = torch.tensor(directions, dtype=torch.int32).reshape(-1, 2)
     lengths = torch.tensor([len(p) for p in paths], dtype=torch.int32)
-    return dest.to(device), points.to(device), lengths.to(device), path_block
+    return dest, points, lengths, path_block
 
 
 def _launch(edge, seg, radius, *, backward, gsums=None):
     b, _, h, w = edge.shape
-    dest, points, lengths, path_block = _path_tables(radius, edge.device)
+    dest, points, lengths, path_block = _path_tables(radius, edge)
     radius_floor = radius - 1
     num_sources = (h - radius_floor) * (w - 2 * radius_floor)  # > 0: check_args refuses smaller maps
     block = BLOCK_SOURCES_INTERPRETED if edge.device.type == "cpu" else BLOCK_SOURCES
@@ -183,8 +199,8 @@ def _launch(edge, seg, radius, *, backward, gsums=None):
     else:
         partial = empty((b * num_blocks, 6), torch.float32, edge.device)
         gsums = grad = partial  # unused placeholders
-    if b * num_blocks > 0:
-        _affinity_kernel[(num_blocks, b)](
+    if b * num_blocks > 0 and not skip_launch(edge):
+        wrap_triton(_affinity_kernel)[(num_blocks, b)](
             edge,
             seg,
             dest,
@@ -205,7 +221,7 @@ def _launch(edge, seg, radius, *, backward, gsums=None):
             BLOCK=block,
             BACKWARD=backward,
             EPS=LOG_EPS,
-            NUM_LABELS=NUM_LABELS,
+            IGNORE_LABEL=IGNORE_LABEL,
         )
     return grad if backward else partial
 
@@ -223,32 +239,17 @@ def check_args(edge, seg, radius) -> None:
     check_size(OP, "seg", seg)
 
 
-class AffinitySumsFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, edge, seg, radius):
-        check_args(edge, seg, radius)
-        partial = _launch(edge, seg, radius, backward=False)
-        # float64 over the partials: exact counts beyond 2^24 pairs, and a fixed summation order.
-        totals = partial.to(torch.float64).sum(0).to(torch.float32)
-        sums, counts = totals[:3].clone(), totals[3:].clone()
-        ctx.save_for_backward(edge, seg)
-        ctx.radius = radius
-        ctx.mark_non_differentiable(counts)
-        ctx.set_materialize_grads(False)
-        return sums, counts
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_sums, grad_counts):
-        if grad_sums is None or not ctx.needs_input_grad[0]:
-            return None, None, None
-        edge, seg = ctx.saved_tensors
-        gsums = grad_sums.to(torch.float32).contiguous()
-        grad = _launch(edge, seg, ctx.radius, backward=True, gsums=gsums)
-        return grad.view(edge.shape).to(edge.dtype), None, None
+def forward(edge, seg, radius):
+    """``puzzlecam::triton_affinity_sums`` (registered by puzzlecam.library with its autograd): (sums, counts),
+    each float32 (3,) [bg, fg, neg]; semantics of :func:`puzzlecam.affinity.affinity_sums_reference`."""
+    check_args(edge, seg, radius)
+    partial = _launch(edge, seg, radius, backward=False)
+    # float64 over the partials: exact counts beyond 2^24 pairs, and a fixed summation order.
+    totals = partial.to(torch.float64).sum(0).to(torch.float32)
+    return totals[:3].clone(), totals[3:].clone()
 
 
-def affinity_sums(edge: torch.Tensor, seg: torch.Tensor, radius: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused (sums, counts), each float32 (3,) [bg, fg, neg]; semantics of
-    :func:`puzzlecam.affinity.affinity_sums_reference` (docs/kernels.md), differentiable in ``edge``."""
-    return AffinitySumsFunction.apply(edge, seg, radius)
+def backward(grad_sums, edge, seg, radius):
+    """``puzzlecam::triton_affinity_sums_backward``: d (grad_sums . sums) / d edge, in edge's dtype and shape."""
+    grad = _launch(edge, seg, radius, backward=True, gsums=grad_sums.to(torch.float32).contiguous())
+    return grad.view(edge.shape).to(edge.dtype)

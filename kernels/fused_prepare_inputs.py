@@ -14,7 +14,7 @@ import triton.language as tl
 
 from puzzlecam import puzzle
 
-from ._common import FLOAT_DTYPES, check_size, empty
+from ._common import FLOAT_DTYPES, check_size, empty, skip_launch, wrap_triton
 
 MAX_BLOCK = 1024
 
@@ -90,14 +90,9 @@ def _prepare_inputs_kernel(
     _normalize_store(img_ptr, x_ptr, tiles_ptr, img_off, x_off, t_off, mask, keep, mean2, std2, 2, i_sc, x_sc, t_sc)
 
 
-def prepare_inputs(
-    images: torch.Tensor,
-    valid: torch.Tensor,
-    n: int = 2,
-    dtype: torch.dtype = torch.float32,
-    channels_last: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton prepare_inputs; semantics of :func:`puzzlecam.puzzle.prepare_inputs` (no autograd)."""
+def prepare_inputs(images, valid, n, dtype, channels_last):
+    """``puzzlecam::triton_prepare_inputs`` (registered by puzzlecam.library; no autograd): the arguments of
+    puzzlecam.library.SCHEMAS, semantics of :func:`puzzlecam.puzzle.prepare_inputs`."""
     puzzle.check_prepare_args(images, valid, n)
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"prepare_inputs: dtype must be one of float32, float16, bfloat16; got {dtype}")
@@ -106,14 +101,14 @@ def prepare_inputs(
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = empty((b, 3, h, w), dtype, images.device, fmt)
     tiles = empty((n * n * b, 3, h // n, w // n), dtype, images.device, fmt)
-    if images.numel() == 0:
+    if images.numel() == 0 or skip_launch(images):
         return x, tiles
     valid = valid.to(device=images.device, dtype=torch.int32).contiguous()
     th, tw = h // n, w // n
     block = min(triton.next_power_of_2(tw), MAX_BLOCK)
     s_b, s_y, s_x, s_c = images.stride()
     grid = (b * h, n, triton.cdiv(tw, block))
-    _prepare_inputs_kernel[grid](
+    wrap_triton(_prepare_inputs_kernel)[grid](
         images,
         valid,
         x,

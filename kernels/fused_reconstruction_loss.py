@@ -7,6 +7,8 @@ the exact gradient of the max, how many elements tie at it) before the normalize
 formed, so that level makes one more pass over the same map; with maps of at most a few thousand
 elements the second pass is served from L1/L2, not from memory.
 
+Registered by puzzlecam.library as ``puzzlecam::triton_reconstruction_loss`` and its ``_backward``.
+
 The forward writes per-program loss partials (summed afterwards in a fixed order by torch: no float
 atomics, so the result is deterministic) and the merged logits. The backward recomputes the
 differences from cam and cam_tiles and writes both gradients once, already scaled by the upstream
@@ -26,7 +28,7 @@ import triton.language as tl
 
 from puzzlecam import puzzle
 
-from ._common import check_float, check_same_device, check_size, empty, empty_like
+from ._common import check_float, check_same_device, check_size, empty, empty_like, skip_launch, wrap_triton
 
 MAX_BLOCK = 4096
 
@@ -399,12 +401,12 @@ def _launch(cam, cam_tiles, labels, n, level, kind, masking, *, backward, gloss=
         logits = empty((b, c), torch.float32, cam.device)
         grad_cam = grad_tiles = gloss = cam  # unused placeholders
         outs = (partial, logits)
-    if b * c == 0:
+    if b * c == 0 or skip_launch(cam):
         return outs
     has_glogits = glogits is not None
     if not has_glogits:
         glogits = labels
-    _re_loss_kernel[(b * c,)](
+    wrap_triton(_re_loss_kernel)[(b * c,)](
         cam,
         cam_tiles,
         labels,
@@ -445,7 +447,7 @@ def check_args(cam, cam_tiles, labels, n, level, kind) -> None:
     check_float(op, "cam_tiles", cam_tiles)
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{op}: labels must be a torch.Tensor, got {type(labels).__name__}")
-    puzzle.check_loss_args(cam, cam_tiles, labels, n, level, kind)
+    puzzle.check_loss_args(cam, cam_tiles, labels, puzzle.PuzzleSpec(n, level, kind))
     if cam_tiles.dtype != cam.dtype:
         raise TypeError(f"{op}: cam ({cam.dtype}) and cam_tiles ({cam_tiles.dtype}) must have one dtype")
     check_same_device(op, cam=cam, cam_tiles=cam_tiles, labels=labels)
@@ -453,51 +455,30 @@ def check_args(cam, cam_tiles, labels, n, level, kind) -> None:
     check_size(op, "cam_tiles", cam_tiles)
 
 
-class ReconstructionLossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, cam, cam_tiles, labels, n, level, kind, masking):
-        check_args(cam, cam_tiles, labels, n, level, kind)
-        cam, cam_tiles = _dense(cam), _dense(cam_tiles)
-        weights = labels.detach().to(torch.float32).contiguous()
-        partial, logits = _launch(cam, cam_tiles, weights, n, level, kind, masking, backward=False)
-        ctx.save_for_backward(cam, cam_tiles, weights)
-        ctx.args = (n, level, kind, masking)
-        ctx.set_materialize_grads(False)
-        return partial.sum(), logits
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, grad_logits):
-        cam, cam_tiles, weights = ctx.saved_tensors
-        if grad_loss is None and grad_logits is None:
-            return None, None, None, None, None, None, None
-        if grad_loss is None:
-            grad_loss = torch.zeros((), dtype=torch.float32, device=cam.device)
-        grad_loss = grad_loss.to(torch.float32)
-        if grad_logits is not None:
-            grad_logits = grad_logits.to(torch.float32)  # any strides (often an expanded scalar)
-        grad_cam, grad_tiles = _launch(
-            cam, cam_tiles, weights, *ctx.args, backward=True, gloss=grad_loss, glogits=grad_logits
-        )
-        return (
-            grad_cam if ctx.needs_input_grad[0] else None,
-            grad_tiles if ctx.needs_input_grad[1] else None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+def forward(cam, cam_tiles, labels, n, level, kind, masking):
+    """``puzzlecam::triton_reconstruction_loss``: (re fp32 scalar, merged_logits fp32 (B, C)); the arguments of
+    puzzlecam.library.SCHEMAS, semantics of the reference. puzzlecam.library registers it with its autograd."""
+    check_args(cam, cam_tiles, labels, n, level, kind)
+    cam, cam_tiles = _dense(cam), _dense(cam_tiles)
+    weights = labels.detach().to(torch.float32).contiguous()
+    partial, logits = _launch(cam, cam_tiles, weights, n, level, kind, masking, backward=False)
+    return partial.sum(), logits
 
 
-def reconstruction_loss(
-    cam: torch.Tensor,
-    cam_tiles: torch.Tensor,
-    labels: torch.Tensor,
-    n: int = 2,
-    level: str = "feature",
-    kind: str = "l1",
-    masking: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused (re_loss fp32 scalar, merged_logits fp32 (B, C)); semantics of the reference."""
-    return ReconstructionLossFunction.apply(cam, cam_tiles, labels, n, level, kind, masking)
+def backward(grad_re, grad_logits, cam, cam_tiles, labels, n, level, kind, masking):
+    """``puzzlecam::triton_reconstruction_loss_backward``: (grad_cam, grad_cam_tiles) in the inputs' dtypes, from
+    the upstream gradients of both outputs (any strides: often expanded scalars)."""
+    dense_cam, dense_tiles = _dense(cam), _dense(cam_tiles)
+    weights = labels.detach().to(torch.float32).contiguous()
+    return _launch(
+        dense_cam,
+        dense_tiles,
+        weights,
+        n,
+        level,
+        kind,
+        masking,
+        backward=True,
+        gloss=grad_re.to(torch.float32),
+        glogits=grad_logits.to(torch.float32),
+    )

@@ -3,7 +3,8 @@
 ``tile(x, n)``: (B, C, H, W) -> (n*n*B, C, H/n, W/n), piece p = i*n + j of image b at batch index
 p*B + b; ``merge`` is its exact inverse. Each is the other's backward. Any strides are accepted
 (channels_last included); the output keeps the input's memory format. Float and integer element
-types are moved as they are (autograd for the float ones).
+types are moved as they are. Registered as the ops ``puzzlecam::triton_tile`` / ``triton_merge`` (with
+their autograd) by puzzlecam.library.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import triton.language as tl
 
 from puzzlecam import puzzle
 
-from ._common import COPY_DTYPES, check_float, check_size, empty, memory_format_of
+from ._common import COPY_DTYPES, check_float, check_size, empty, memory_format_of, skip_launch, wrap_triton
 
 MAX_BLOCK = 4096
 
@@ -86,7 +87,7 @@ def _tile_copy_kernel(
 
 def _launch(full: torch.Tensor, tiles: torch.Tensor, n: int, to_tiles: bool) -> None:
     b, c, h, w = full.shape
-    if full.numel() == 0:
+    if full.numel() == 0 or skip_launch(full):
         return
     # Walk in the destination's memory order so that stores coalesce.
     channels_last = memory_format_of(tiles if to_tiles else full) == torch.channels_last
@@ -96,7 +97,7 @@ def _launch(full: torch.Tensor, tiles: torch.Tensor, n: int, to_tiles: bool) -> 
     block_i = min(triton.next_power_of_2(inner), MAX_BLOCK)
     block_r = max(1, MAX_BLOCK // block_i)
     grid = (triton.cdiv(rows, block_r), triton.cdiv(inner, block_i))
-    _tile_copy_kernel[grid](
+    wrap_triton(_tile_copy_kernel)[grid](
         full,
         tiles,
         rows,
@@ -120,6 +121,7 @@ def _launch(full: torch.Tensor, tiles: torch.Tensor, n: int, to_tiles: bool) -> 
 
 
 def tile_forward(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``puzzlecam::triton_tile`` (puzzlecam.library registers it with merge_forward as its backward)."""
     puzzle._check_pieces(n)
     puzzle._check_4d("x", x)
     check_float("tile", "x", x, COPY_DTYPES)
@@ -132,48 +134,17 @@ def tile_forward(x: torch.Tensor, n: int) -> torch.Tensor:
     return out
 
 
-def merge_forward(t: torch.Tensor, n: int) -> torch.Tensor:
+def merge_forward(tiles: torch.Tensor, n: int) -> torch.Tensor:
+    """``puzzlecam::triton_merge`` (its backward is tile_forward)."""
     puzzle._check_pieces(n)
-    puzzle._check_4d("tiles", t)
-    check_float("merge", "tiles", t, COPY_DTYPES)
-    check_size("merge", "tiles", t)
-    nb, c, th, tw = t.shape
+    puzzle._check_4d("tiles", tiles)
+    check_float("merge", "tiles", tiles, COPY_DTYPES)
+    check_size("merge", "tiles", tiles)
+    nb, c, th, tw = tiles.shape
     if nb % (n * n):
         raise ValueError(
-            f"merge: the tile batch {nb} (tiles of shape {tuple(t.shape)}) is not a multiple of n*n={n * n}"
+            f"merge: the tile batch {nb} (tiles of shape {tuple(tiles.shape)}) is not a multiple of n*n={n * n}"
         )
-    out = empty((nb // (n * n), c, th * n, tw * n), t.dtype, t.device, memory_format_of(t))
-    _launch(out, t, n, to_tiles=False)
+    out = empty((nb // (n * n), c, th * n, tw * n), tiles.dtype, tiles.device, memory_format_of(tiles))
+    _launch(out, tiles, n, to_tiles=False)
     return out
-
-
-class TileFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, n):
-        ctx.n = n
-        return tile_forward(x, n)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return merge_forward(grad, ctx.n), None
-
-
-class MergeFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, t, n):
-        ctx.n = n
-        return merge_forward(t, n)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return tile_forward(grad, ctx.n), None
-
-
-def tile(x: torch.Tensor, n: int = 2) -> torch.Tensor:
-    """Triton ``tile`` (differentiable); semantics of :func:`puzzlecam.puzzle.tile`."""
-    return TileFunction.apply(x, n)
-
-
-def merge(t: torch.Tensor, n: int = 2) -> torch.Tensor:
-    """Triton ``merge`` (differentiable); semantics of :func:`puzzlecam.puzzle.merge`."""
-    return MergeFunction.apply(t, n)

@@ -2,26 +2,8 @@
 
 __version__ = "0.1.0"
 
-VOC_CLASSES = (
-    "aeroplane",
-    "bicycle",
-    "bird",
-    "boat",
-    "bottle",
-    "bus",
-    "car",
-    "cat",
-    "chair",
-    "cow",
-    "diningtable",
-    "dog",
-    "horse",
-    "motorbike",
-    "person",
-    "pottedplant",
-    "sheep",
-    "sofa",
-    "train",
-    "tvmonitor",
-)
-NUM_CLASSES = len(VOC_CLASSES)
+from puzzlecam.datasets import VOC as _VOC
+
+# PASCAL VOC's classes (puzzlecam.datasets holds every dataset's): the default dataset.
+VOC_CLASSES = _VOC.classes
+NUM_CLASSES = _VOC.num_classes

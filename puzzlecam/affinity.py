@@ -22,8 +22,16 @@ import torch.distributed as dist
 
 from puzzlecam.errors import AffinityInputError
 
-NUM_VOC_LABELS = 21  # label values >= 21 (255: ignore) make a pair invalid, as the original's `< 21`
+# Label values >= 255 (the ignore value) make a pair invalid: 0 background and 1..C classes (VOC 20, COCO 80) are
+# valid. The original tests `< 21` for VOC: the same pairs on every label map the pipeline makes (0..C and 255).
+IGNORE_LABEL = 255
 LOG_EPS = 1e-5
+# The original's settings, the defaults of every function here and in puzzlecam.ops: the loss's pair radius,
+# the walk's beta, exp_times and radius.
+LOSS_RADIUS = 10
+WALK_BETA = 10
+WALK_EXP_TIMES = 8
+WALK_RADIUS = 5
 COUNT_EPS = 1e-5
 
 
@@ -106,14 +114,14 @@ def check_affinity_args(edge: torch.Tensor, seg: torch.Tensor, radius: int) -> N
         raise AffinityInputError(f"seg is on {seg.device}, edge on {edge.device}: expected one device")
 
 
-def pair_masks(seg: torch.Tensor, radius: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pair_masks(seg: torch.Tensor, radius: int = LOSS_RADIUS) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(bg, fg, neg) bool masks (B, D, N) of the original's pairs: source n of the cropped region, direction d."""
     b, h, w = seg.shape
     src, dst = _pair_indices(h, w, radius, seg.device)
     flat = seg.reshape(b, h * w).long()
     label_from = flat[:, src].unsqueeze(1)  # (B, 1, N)
     label_to = flat[:, dst.reshape(-1)].view(b, *dst.shape)  # (B, D, N)
-    valid = (label_from < NUM_VOC_LABELS) & (label_to < NUM_VOC_LABELS)
+    valid = (label_from < IGNORE_LABEL) & (label_to < IGNORE_LABEL)
     equal = label_from == label_to
     positive = equal & valid
     return positive & (label_from == 0), positive & (label_from > 0), ~equal & valid
@@ -132,7 +140,7 @@ def _pair_indices(h: int, w: int, radius: int, device) -> tuple[torch.Tensor, to
     return src, src + offsets[:, None]
 
 
-def path_affinities(edge: torch.Tensor, radius: int = 10) -> torch.Tensor:
+def path_affinities(edge: torch.Tensor, radius: int = LOSS_RADIUS) -> torch.Tensor:
     """(B, D, N) affinities 1 - max of edge over each pair's path, the original's gather + max per length group."""
     b, _, h, w = edge.shape
     src = _sources(h, w, radius, edge.device)
@@ -147,12 +155,12 @@ def path_affinities(edge: torch.Tensor, radius: int = 10) -> torch.Tensor:
 
 
 def affinity_sums_reference(
-    edge: torch.Tensor, seg: torch.Tensor, radius: int = 10
+    edge: torch.Tensor, seg: torch.Tensor, radius: int = LOSS_RADIUS
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sums, counts), fp32 (3,) each: [bg, fg, neg] sums of -log(a + 1e-5) / -log(1 + 1e-5 - a) and pair counts.
 
     ``edge`` (B, 1, H, W): the sigmoid of the edge logits; ``seg`` (B, H, W): labels 0 (background),
-    1..20, >= 21 ignored (255). Differentiable in ``edge``; float64 edges are summed in float64.
+    1..C (VOC 20, COCO 80), 255 and above ignored. Differentiable in ``edge``; float64 edges are summed in float64.
     """
     check_affinity_args(edge, seg, radius)
     dtype = torch.float64 if edge.dtype == torch.float64 else torch.float32
@@ -175,23 +183,25 @@ class AffinityLosses(NamedTuple):
 def affinity_loss(
     edge: torch.Tensor,
     seg: torch.Tensor,
-    radius: int = 10,
+    radius: int = LOSS_RADIUS,
     backend: str = "auto",
     group: dist.ProcessGroup | None = None,
 ) -> AffinityLosses:
-    """AffinityNet's loss ((bg + fg) / 2 + neg) / 2, each term normalized by the global batch's pair count.
+    """AffinityNet's loss ((bg + fg) / 2 + neg) / 2, each term normalized by the global batch's pair count:
+    :func:`normalized_losses` of ``puzzlecam.ops.affinity_sums``."""
+    sums, counts = _ops().affinity_sums(edge, seg, radius, backend)
+    return normalized_losses(sums, counts, group)
+
+
+def normalized_losses(
+    sums: torch.Tensor, counts: torch.Tensor, group: dist.ProcessGroup | None = None
+) -> AffinityLosses:
+    """The losses from this rank's (sums, counts) (3,) each [bg, fg, neg].
 
     With a process group of world size W > 1, the counts are summed over its ranks (no gradient) and
     each term is ``W * local_sum / (global_count + 1e-5)``: DeepSpeed's gradient averaging then gives
     exactly the one-process gradient, and the mean over ranks of each value is the one-process loss.
     """
-    op = getattr(_ops(), "affinity_sums", None)
-    if op is not None:
-        sums, counts = op(edge, seg, radius, backend)
-    elif backend in ("auto", "reference"):
-        sums, counts = affinity_sums_reference(edge, seg, radius)
-    else:
-        raise RuntimeError(f"affinity_sums: backend {backend!r} is unavailable: puzzlecam.ops has no affinity_sums")
     world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
     if world > 1:
         counts = counts.detach().clone()
@@ -239,7 +249,7 @@ def _walk_dtype(cams: torch.Tensor) -> torch.dtype:
     return torch.float64 if cams.dtype == torch.float64 else torch.float32
 
 
-def stencil_affinities(edge: torch.Tensor, beta: float = 10, radius: int = 5) -> torch.Tensor:
+def stencil_affinities(edge: torch.Tensor, beta: float = WALK_BETA, radius: int = WALK_RADIUS) -> torch.Tensor:
     """(D, h, w): per direction d and pixel p, (1 - max of edge over the path p -> p + d) ** beta; 0 where
     p + d lies outside the image (such neighbours have no affinity)."""
     h, w = edge.shape
@@ -255,7 +265,11 @@ def stencil_affinities(edge: torch.Tensor, beta: float = 10, radius: int = 5) ->
 
 
 def random_walk_reference(
-    cams: torch.Tensor, edge: torch.Tensor, beta: float = 10, exp_times: int = 8, radius: int = 5
+    cams: torch.Tensor,
+    edge: torch.Tensor,
+    beta: float = WALK_BETA,
+    exp_times: int = WALK_EXP_TIMES,
+    radius: int = WALK_RADIUS,
 ) -> torch.Tensor:
     """(K, h, w): x T^(2**exp_times) with x = cams * (1 - edge), by 2**exp_times sparse stencil steps.
 
@@ -292,7 +306,11 @@ def random_walk_reference(
 
 
 def random_walk_dense(
-    cams: torch.Tensor, edge: torch.Tensor, beta: float = 10, exp_times: int = 8, radius: int = 5
+    cams: torch.Tensor,
+    edge: torch.Tensor,
+    beta: float = WALK_BETA,
+    exp_times: int = WALK_EXP_TIMES,
+    radius: int = WALK_RADIUS,
 ) -> torch.Tensor:
     """(K, h, w): the original's definition: the hw x hw affinity matrix over an edge map padded with 1,
     cropped to the image, A ** beta, columns normalized, squared ``exp_times`` times, x T.

@@ -48,6 +48,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    # Local shards (a brace/glob pattern or a directory), or URLs streamed through webdataset (pipe:CMD,
+    # http(s)://...; they need shuffle_buffer > 0 and a manifest.parquet beside them or data.samples_per_epoch:
+    # docs/data.md "Remote shards").
     train_shards: str = ""
     # Shards of the in-training evaluation (train.eval_every); they need masks.
     eval_shards: str = ""
@@ -58,8 +61,11 @@ class DataConfig:
     hflip: bool = True
     num_workers: int = 4
     # 0 = exact full shuffle per epoch; N > 0 = shards in seeded order, shuffled in windows of N
-    # samples (for slow-seek storage).
+    # samples (for slow-seek storage; remote shards, URLs, need it: the window within each shard).
     shuffle_buffer: int = 0
+    # Remote shards (URLs): the samples of an epoch, when no manifest.parquet is served beside them (0: read it
+    # from the manifest). Every rank then yields samples_per_epoch // (world size x micro_batch_size) batches.
+    samples_per_epoch: int = 0
     # Stop the run when more than this fraction of an epoch's samples could not be decoded (each is
     # skipped, logged and counted); the error names the shards with the most.
     max_corrupt_fraction: float = 0.01
@@ -116,7 +122,15 @@ class TrainConfig:
     zero_stage: int = 0
     ops_backend: Literal["auto", "triton", "cpp", "cuda", "reference"] = "auto"
     channels_last: bool = True
+    # torch.compile the whole step (input preparation, the network's passes, the losses) as one graph,
+    # fullgraph (docs/training.md, "The compiled step").
     compile: bool = False
+    # torch.compile's backend: inductor (generated kernels), or aot_eager / eager to debug a graph without
+    # code generation (the tests use aot_eager on CPU, where Inductor's C++ builds take minutes).
+    compile_backend: Literal["inductor", "aot_eager", "eager"] = "inductor"
+    # CUDA graphs for the compiled step (torch.compile mode "reduce-overhead"): needs train.compile and a CUDA
+    # device; the loader's fixed crop size and micro-batch keep the shapes static.
+    cuda_graphs: bool = False
     log_every: int = 10
     ckpt_every: int = 500
     keep_last: int = 3
@@ -453,6 +467,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "data.max_long_side": (lambda v: v >= 1, "at least 1 (pixels)"),
     "data.num_workers": (lambda v: v >= 0, "0 or more"),
     "data.shuffle_buffer": (lambda v: v >= 0, "0 or more"),
+    "data.samples_per_epoch": (lambda v: v >= 0, "0 (from the manifest) or more"),
     "data.max_corrupt_fraction": (lambda v: 0 <= v <= 1, "a fraction in [0, 1]"),
     "puzzle.num_pieces": (lambda v: v >= 1, "at least 1 (pieces per side)"),
     "puzzle.alpha_max": (lambda v: v >= 0, "0 or more"),
@@ -554,6 +569,17 @@ def validate_for_run(cfg: Config, world_size: int, cuda_available: bool) -> None
         )
     if t.precision == "fp16" and not cuda_available:
         raise ConfigError("train.precision=fp16 needs a CUDA GPU (dynamic loss scaling); use bf16 or fp32 on CPU")
+    if t.cuda_graphs and not t.compile:
+        raise ConfigError(
+            "train.cuda_graphs=true captures the compiled step: set train.compile=true too (or train.cuda_graphs=false)"
+        )
+    if t.cuda_graphs and t.compile_backend != "inductor":
+        raise ConfigError(
+            f"train.cuda_graphs=true runs Inductor's CUDA graphs: set train.compile_backend=inductor (it is "
+            f"{t.compile_backend})"
+        )
+    if t.cuda_graphs and not cuda_available:
+        raise ConfigError("train.cuda_graphs=true needs a CUDA GPU; set train.cuda_graphs=false on CPU")
 
 
 def dump_config(cfg: Config) -> str:

@@ -1,12 +1,15 @@
 """Backend dispatch of the puzzle and affinity ops (docs/kernels.md): the only entry point the trainer calls.
 
-Every function has the signature of its :mod:`puzzlecam.puzzle` (or :mod:`puzzlecam.affinity`) reference
-plus ``backend``:
+Every function takes its :mod:`puzzlecam.puzzle` (or :mod:`puzzlecam.affinity`) reference's arguments (the
+loss settings as one :class:`puzzlecam.puzzle.PuzzleSpec`; the other defaults are here, the references and
+kernels take every argument) plus ``backend``, and calls one op of
+``torch.ops.puzzlecam`` (puzzlecam.library: one signature per op, fake kernels and autograd, so every backend
+runs inside ``torch.compile(fullgraph=True)``):
 
 * ``"reference"`` -- the pure-torch oracle (any device);
-* ``"triton"`` -- the Triton kernels of :mod:`puzzlecam.kernels` (CUDA tensors; CPU tensors only
-  under the Triton interpreter, ``TRITON_INTERPRET=1``, which is for tests);
-* ``"cpp"`` / ``"cuda"`` -- the C++ / CUDA extension ``puzzlecam._C`` through :mod:`puzzlecam._ext`
+* ``"triton"`` -- the ops ``puzzlecam::triton_<op>`` of :mod:`puzzlecam.kernels` (CUDA tensors; CPU tensors
+  only under the Triton interpreter, ``TRITON_INTERPRET=1``, which is for tests; torch >= 2.6);
+* ``"cpp"`` / ``"cuda"`` -- the ops ``puzzlecam::<op>`` of the C++ / CUDA extension ``puzzlecam._C``
   (reconstruction_loss, puzzle_losses, multiscale_cam, affinity_sums and random_walk);
 * ``"auto"`` -- Triton for CUDA tensors (the CUDA extension for multiscale_cam and random_walk, which
   have no Triton kernel), the C++ extension for CPU tensors, and the reference where neither is
@@ -14,30 +17,28 @@ plus ``backend``:
 
 A backend asked for by name that cannot serve the call raises a RuntimeError that says why. An
 option that only the reference implements (``reduction="selection"``, float64 maps) makes any
-backend fall back to the reference, with one warning per backend and option.
+backend fall back to the reference, with one warning per backend and option. The choice depends only on
+the op, the backend asked for, the device and those options; torch.compile makes it once per graph.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 import warnings
 
 import torch
 
-from puzzlecam import affinity, puzzle
-from puzzlecam.puzzle import PuzzleLosses
+from puzzlecam import affinity, library, puzzle
+from puzzlecam.puzzle import DEFAULT_SPEC, PuzzleLosses, PuzzleSpec
 
 BACKENDS = ("auto", "triton", "cpp", "cuda", "reference")
 
-# Which ops each non-reference backend implements.
+# Which functions of this module each non-reference backend serves.
 TRITON_OPS = frozenset({"tile", "merge", "reconstruction_loss", "puzzle_losses", "prepare_inputs", "affinity_sums"})
 EXT_OPS = frozenset({"reconstruction_loss", "puzzle_losses", "multiscale_cam", "affinity_sums", "random_walk"})
-# Triton ops whose kernel module is imported on its own (so a missing or broken one disables only that op).
-_TRITON_MODULES = {"affinity_sums": "puzzlecam.kernels.fused_affinity_loss"}
-# The extension's op behind each ops function (a _C built before an op existed lacks it).
-_EXT_OP_NAMES = {"puzzle_losses": "reconstruction_loss"}
+# The library op behind each function, where the names differ (a _C built before an op existed lacks it).
+_LIBRARY_OP_NAMES = {"puzzle_losses": "reconstruction_loss"}
 
 _warned: set[str] = set()
 
@@ -52,33 +53,8 @@ def _kernels_or_error():
     return kernels, None
 
 
-@functools.cache
-def _triton_module_or_error(name: str):
-    """(the Triton kernel module ``name``, None) or (None, why it cannot be imported)."""
-    try:
-        module = importlib.import_module(name)
-    except Exception as exc:  # not written yet, or broken
-        return None, f"{name} cannot be imported ({type(exc).__name__}: {exc})"
-    return module, None
-
-
-def _ext_module():
-    """puzzlecam._ext, or None while it does not exist (it is built separately)."""
-    try:
-        from puzzlecam import _ext
-    except ImportError:
-        return None
-    return _ext
-
-
 def _ext_available(kind: str) -> bool:
-    ext = _ext_module()
-    if ext is None:
-        return False
-    try:
-        return bool(ext.available() if kind == "cpp" else ext.cuda_available())
-    except AttributeError:
-        return False
+    return library.available() if kind == "cpp" else library.cuda_available()
 
 
 def _interpreter_on() -> bool:
@@ -112,9 +88,7 @@ def _why_not(op: str, backend: str, device: torch.device) -> str | None:
                 "puzzlecam.kernels was imported with TRITON_INTERPRET=1 (interpreter only); "
                 "unset it to run compiled kernels on CUDA"
             )
-        if op in _TRITON_MODULES:
-            return _triton_module_or_error(_TRITON_MODULES[op])[1]
-        return None
+        return kernels.UNREGISTERED
     if op not in EXT_OPS:
         return f"{op} has no C++/CUDA extension implementation (backends: reference, triton)"
     if backend == "cpp":
@@ -140,8 +114,8 @@ def _why_not(op: str, backend: str, device: torch.device) -> str | None:
 
 def _ext_lacks(op: str) -> str | None:
     """Why the built extension cannot run ``op`` (it was built before the op existed), or None."""
-    name = _EXT_OP_NAMES.get(op, op)
-    if _ext_module().has_op(name):
+    name = _LIBRARY_OP_NAMES.get(op, op)
+    if library.has_op(name):
         return None
     return (
         f"the built puzzlecam._C has no {name} op (built from older sources: "
@@ -151,9 +125,15 @@ def _ext_lacks(op: str) -> str | None:
 
 def resolve_backend(op: str, backend: str, device: torch.device) -> str:
     """The concrete backend that runs ``op`` on ``device`` for the requested ``backend``."""
+    return _resolve(op, backend, torch.device(device).type, torch.device(device).index)
+
+
+@torch.compiler.assume_constant_result
+def _resolve(op: str, backend: str, device_type: str, device_index: int | None) -> str:
+    # Made once per compiled graph (a constant to torch.compile: no graph break for the checks and warnings).
+    device = torch.device(device_type, device_index)
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
-    device = torch.device(device)
     if backend != "auto":
         why = _why_not(op, backend, device)
         if why:
@@ -188,22 +168,38 @@ def available_backends(op: str, device: torch.device | str) -> list[str]:
     return [b for b in BACKENDS[1:] if _why_not(op, b, device) is None]
 
 
-def _kernels():
-    return _kernels_or_error()[0]
+def _torch_op(backend: str, name: str):
+    """The library op that ``backend`` runs ``name`` with (importing puzzlecam.kernels registers the Triton ones)."""
+    if backend == "triton":
+        _kernels_or_error()
+        return library.op(library.TRITON_PREFIX + name)
+    return library.op(name)
 
 
 def tile(x: torch.Tensor, n: int = 2, backend: str = "auto") -> torch.Tensor:
     """Split each image into n*n tiles, piece-major; see :func:`puzzlecam.puzzle.tile`."""
     if resolve_backend("tile", backend, x.device) == "triton":
-        return _kernels().tile(x, n)
+        return _torch_op("triton", "tile")(x, n)
     return puzzle.tile(x, n)
 
 
 def merge(t: torch.Tensor, n: int = 2, backend: str = "auto") -> torch.Tensor:
     """Inverse of :func:`tile`; see :func:`puzzlecam.puzzle.merge`."""
     if resolve_backend("merge", backend, t.device) == "triton":
-        return _kernels().merge(t, n)
+        return _torch_op("triton", "merge")(t, n)
     return puzzle.merge(t, n)
+
+
+@torch.compiler.assume_constant_result
+def _loss_backend(backend: str, device_type: str, device_index: int | None, lacking: str | None) -> str:
+    chosen = _resolve("reconstruction_loss", backend, device_type, device_index)
+    if chosen != "reference" and lacking is not None:
+        _warn_once(
+            f"{chosen}:{lacking}",
+            f"puzzlecam.ops: the {chosen} backend has no {lacking}; reconstruction_loss uses the pure-torch reference",
+        )
+        return "reference"
+    return chosen
 
 
 def _reference_only_option(reduction: str, *maps: torch.Tensor) -> str | None:
@@ -219,45 +215,29 @@ def reconstruction_loss(
     cam: torch.Tensor,
     cam_tiles: torch.Tensor,
     labels: torch.Tensor,
-    n: int = 2,
-    level: str = "feature",
-    kind: str = "l1",
-    reduction: str = "masking",
+    spec: PuzzleSpec = DEFAULT_SPEC,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(re_loss scalar, merged_logits (B, C)), fp32 (float64 for float64 maps); see
     :func:`puzzlecam.puzzle.reconstruction_loss`. The kernels implement reductions masking and none."""
-    puzzle.check_loss_args(cam, cam_tiles, labels, n, level, kind, reduction)
-    chosen = resolve_backend("reconstruction_loss", backend, cam.device)
-    lacking = _reference_only_option(reduction, cam, cam_tiles)
-    if chosen != "reference" and lacking is not None:
-        _warn_once(
-            f"{chosen}:{lacking}",
-            f"puzzlecam.ops: the {chosen} backend has no {lacking}; reconstruction_loss uses the pure-torch reference",
-        )
-        chosen = "reference"
-    masking = reduction == "masking"
-    if chosen == "triton":
-        return _kernels().reconstruction_loss(cam, cam_tiles, labels, n, level, kind, masking)
-    if chosen in ("cpp", "cuda"):
-        return _ext_module().reconstruction_loss(cam, cam_tiles, labels, n, level, kind, masking)
-    return puzzle.reconstruction_loss(cam, cam_tiles, labels, n, level, kind, reduction)
+    puzzle.check_loss_args(cam, cam_tiles, labels, spec)
+    lacking = _reference_only_option(spec.reduction, cam, cam_tiles)
+    chosen = _loss_backend(backend, cam.device.type, cam.device.index, lacking)
+    if chosen == "reference":
+        return puzzle.reconstruction_loss(cam, cam_tiles, labels, spec)
+    return _torch_op(chosen, "reconstruction_loss")(cam, cam_tiles, labels, spec.n, spec.level, spec.kind, spec.masking)
 
 
 def puzzle_losses(
     cam: torch.Tensor,
     cam_tiles: torch.Tensor,
     labels: torch.Tensor,
-    n: int = 2,
-    level: str = "feature",
-    kind: str = "l1",
-    reduction: str = "masking",
-    with_conf: bool = False,
+    spec: PuzzleSpec = DEFAULT_SPEC,
     backend: str = "auto",
 ) -> PuzzleLosses:
     """The Puzzle-CAM terms (cls, pcls, re, conf); see :func:`puzzlecam.puzzle.puzzle_losses`."""
-    re, merged_logits = reconstruction_loss(cam, cam_tiles, labels, n, level, kind, reduction, backend=backend)
-    return puzzle.combine_losses(cam, cam_tiles, labels, re, merged_logits, with_conf)
+    re, merged_logits = reconstruction_loss(cam, cam_tiles, labels, spec, backend=backend)
+    return puzzle.combine_losses(cam, cam_tiles, labels, re, merged_logits, spec)
 
 
 def prepare_inputs(
@@ -272,7 +252,7 @@ def prepare_inputs(
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"prepare_inputs: images must be a torch.Tensor, got {type(images).__name__}")
     if resolve_backend("prepare_inputs", backend, images.device) == "triton":
-        return _kernels().prepare_inputs(images, valid, n, dtype, channels_last)
+        return _torch_op("triton", "prepare_inputs")(images, valid, n, dtype, channels_last)
     return puzzle.prepare_inputs(images, valid, n, dtype, channels_last)
 
 
@@ -287,45 +267,51 @@ def multiscale_cam(
     if len(maps) == 0:
         raise ValueError("multiscale_cam: no scale maps given")
     chosen = resolve_backend("multiscale_cam", backend, maps[0].device)
-    if chosen in ("cpp", "cuda"):
-        return _ext_module().multiscale_cam(maps, flipped_maps, keys, image_size)
-    return puzzle.multiscale_cam(maps, flipped_maps, keys, image_size)
+    if chosen == "reference":
+        return puzzle.multiscale_cam(maps, flipped_maps, keys, image_size)
+    keys = torch.as_tensor(keys).to(device=maps[0].device, dtype=torch.long)
+    height, width = (int(v) for v in image_size)
+    return _torch_op(chosen, "multiscale_cam")(list(maps), list(flipped_maps or []), keys, [height, width])
+
+
+@torch.compiler.assume_constant_result
+def _affinity_backend(backend: str, device_type: str, device_index: int | None, float64: bool) -> str:
+    chosen = _resolve("affinity_sums", backend, device_type, device_index)
+    if chosen == "triton" and float64:
+        _warn_once(
+            "triton:affinity_sums:float64",
+            "puzzlecam.ops: the triton backend has no float64 edge maps; affinity_sums uses the pure-torch reference",
+        )
+        return "reference"
+    return chosen
 
 
 def affinity_sums(
-    edge: torch.Tensor, seg: torch.Tensor, radius: int = 10, backend: str = "auto"
+    edge: torch.Tensor, seg: torch.Tensor, radius: int = affinity.LOSS_RADIUS, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sums, counts), each (3,) [bg, fg, neg], of the AffinityNet loss over every pair of ``radius``:
     sums fp32 (fp64 for fp64 edges), counts fp32; differentiable in ``edge``. See
     :func:`puzzlecam.affinity.affinity_sums_reference` and docs/kernels.md. Float64 edge maps are served by
     the C++/CUDA ops or by the reference (Triton has none: one warning)."""
     affinity.check_affinity_args(edge, seg, radius)  # every backend fails the same way
-    chosen = resolve_backend("affinity_sums", backend, edge.device)
-    if chosen == "triton" and edge.dtype == torch.float64:
-        _warn_once(
-            "triton:affinity_sums:float64",
-            "puzzlecam.ops: the triton backend has no float64 edge maps; affinity_sums uses the pure-torch reference",
-        )
-        chosen = "reference"
-    if chosen == "triton":
-        return _triton_module_or_error(_TRITON_MODULES["affinity_sums"])[0].affinity_sums(edge, seg, radius)
-    if chosen in ("cpp", "cuda"):
-        return _ext_module().affinity_sums(edge, seg, radius)
-    return affinity.affinity_sums_reference(edge, seg, radius)
+    chosen = _affinity_backend(backend, edge.device.type, edge.device.index, edge.dtype == torch.float64)
+    if chosen == "reference":
+        return affinity.affinity_sums_reference(edge, seg, radius)
+    return _torch_op(chosen, "affinity_sums")(edge, seg, int(radius))
 
 
 def random_walk(
     cams: torch.Tensor,
     edge: torch.Tensor,
-    beta: float = 10,
-    exp_times: int = 8,
-    radius: int = 5,
+    beta: float = affinity.WALK_BETA,
+    exp_times: int = affinity.WALK_EXP_TIMES,
+    radius: int = affinity.WALK_RADIUS,
     backend: str = "auto",
 ) -> torch.Tensor:
     """``x T^(2^exp_times)`` (K, h, w) of the stride-4 ``cams`` (K, h, w) and ``edge`` (h, w) by sparse
     stencil steps; see :func:`puzzlecam.affinity.random_walk_reference` and docs/kernels.md."""
     affinity.check_random_walk_args(cams, edge, beta, exp_times, radius)  # every backend fails the same way
     chosen = resolve_backend("random_walk", backend, cams.device)
-    if chosen in ("cpp", "cuda"):
-        return _ext_module().random_walk(cams, edge, beta, exp_times, radius)
-    return affinity.random_walk_reference(cams, edge, beta, exp_times, radius)
+    if chosen == "reference":
+        return affinity.random_walk_reference(cams, edge, beta, exp_times, radius)
+    return _torch_op(chosen, "random_walk")(cams, edge, float(beta), int(exp_times), int(radius))

@@ -19,6 +19,7 @@ in fp32 for fp32, bf16 and fp16 maps.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -46,7 +47,7 @@ def _check_4d(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be 4-D (B, C, H, W), got shape {tuple(t.shape)}")
 
 
-def tile(x: torch.Tensor, n: int = 2) -> torch.Tensor:
+def tile(x: torch.Tensor, n: int) -> torch.Tensor:
     """Split each image of ``x`` into n*n tiles, piece-major: (B,C,H,W) -> (n*n*B, C, H/n, W/n)."""
     _check_pieces(n)
     _check_4d("x", x)
@@ -58,7 +59,7 @@ def tile(x: torch.Tensor, n: int = 2) -> torch.Tensor:
     return x.reshape(b, c, n, th, n, tw).permute(2, 4, 0, 1, 3, 5).reshape(n * n * b, c, th, tw)
 
 
-def merge(t: torch.Tensor, n: int = 2) -> torch.Tensor:
+def merge(t: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of :func:`tile`: (n*n*B, C, h, w) -> (B, C, n*h, n*w)."""
     _check_pieces(n)
     _check_4d("tiles", t)
@@ -87,23 +88,49 @@ def alpha_at(step: float, total_steps: float, alpha_max: float = 4.0, schedule: 
     return float(min(alpha_max * step / (total_steps * schedule), alpha_max))
 
 
-def check_loss_args(
-    cam: torch.Tensor,
-    cam_tiles: torch.Tensor,
-    labels: torch.Tensor,
-    n: int,
-    level: str,
-    kind: str,
-    reduction: str = "masking",
-) -> None:
+@dataclass(frozen=True)
+class PuzzleSpec:
+    """The settings of the reconstruction loss and the Puzzle-CAM terms: the one place their defaults live.
+
+    Every backend takes one (``puzzlecam.ops``, this module's reference); the trainer builds it from the
+    ``puzzle`` section of the config (:meth:`from_config`). Checked when made: a bad value is a ValueError
+    naming the field."""
+
+    n: int = 2  # pieces per side
+    level: str = "feature"  # "feature" (raw maps) | "cam" (make_cam of both)
+    kind: str = "l1"  # "l1" | "l2"
+    reduction: str = "masking"  # the original's re_loss_option: "masking" | "selection" | "none"
+    with_conf: bool = False  # the Shannon-entropy term of the tiles' logits (0 otherwise)
+
+    def __post_init__(self):
+        _check_pieces(self.n)
+        if self.level not in LEVELS:
+            raise ValueError(f"level must be one of {LEVELS}, got {self.level!r}")
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if not isinstance(self.reduction, str) or self.reduction not in RE_REDUCTIONS:
+            raise ValueError(f"reduction must be one of {RE_REDUCTIONS}, got {self.reduction!r}")
+
+    @classmethod
+    def from_config(cls, puzzle_cfg) -> PuzzleSpec:
+        """From the config's ``puzzle`` section (num_pieces, level, kind, re_reduction, conf_weight)."""
+        p = puzzle_cfg
+        return cls(p.num_pieces, p.level, p.kind, p.re_reduction, p.conf_weight > 0)
+
+    @property
+    def masking(self) -> bool:
+        """The kernels' flag: reduction "masking" (else "none"; "selection" is the reference's only)."""
+        return self.reduction == "masking"
+
+
+DEFAULT_SPEC = PuzzleSpec()
+
+
+def check_loss_args(cam: torch.Tensor, cam_tiles: torch.Tensor, labels: torch.Tensor, spec: PuzzleSpec) -> None:
     """Validate the arguments shared by every reconstruction-loss backend (clear ValueErrors)."""
-    _check_pieces(n)
-    if level not in LEVELS:
-        raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if not isinstance(reduction, str) or reduction not in RE_REDUCTIONS:
-        raise ValueError(f"reduction must be one of {RE_REDUCTIONS}, got {reduction!r}")
+    if not isinstance(spec, PuzzleSpec):
+        raise TypeError(f"spec must be a puzzlecam.puzzle.PuzzleSpec, got {type(spec).__name__}")
+    n = spec.n
     _check_4d("cam", cam)
     _check_4d("cam_tiles", cam_tiles)
     b, c, h, w = cam.shape
@@ -123,36 +150,30 @@ def check_loss_args(
 
 
 def reconstruction_loss(
-    cam: torch.Tensor,
-    cam_tiles: torch.Tensor,
-    labels: torch.Tensor,
-    n: int = 2,
-    level: str = "feature",
-    kind: str = "l1",
-    reduction: str = "masking",
+    cam: torch.Tensor, cam_tiles: torch.Tensor, labels: torch.Tensor, spec: PuzzleSpec = DEFAULT_SPEC
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """L_re and the merged map's GAP logits.
 
     Returns ``(re_loss, merged_logits)`` with ``re_loss`` a scalar and ``merged_logits`` =
-    GAP(merge(cam_tiles)) of shape (B, C), both in :func:`compute_dtype`. ``reduction``:
+    GAP(merge(cam_tiles, spec.n)) of shape (B, C), both in :func:`compute_dtype`. ``spec.reduction``:
 
     * "masking": mean over all B*C*h*w elements of err * label (masked ones count in the divisor);
     * "selection": per image, the mean of err over the maps of its labelled classes (label != 0),
       then the mean over the B images; an image without labels adds 0 (the original divides 0 by 0);
     * "none": mean of err over all elements.
     """
-    check_loss_args(cam, cam_tiles, labels, n, level, kind, reduction)
+    check_loss_args(cam, cam_tiles, labels, spec)
     dtype = compute_dtype(cam, cam_tiles)
     full = cam.to(dtype)
-    merged = merge(cam_tiles, n).to(dtype)
+    merged = merge(cam_tiles, spec.n).to(dtype)
     merged_logits = merged.mean(dim=(2, 3))
-    if level == "cam":
+    if spec.level == "cam":
         full, merged = make_cam(full), make_cam(merged)
     diff = full - merged
-    err = diff.abs() if kind == "l1" else diff * diff
-    if reduction == "none":
+    err = diff.abs() if spec.kind == "l1" else diff * diff
+    if spec.reduction == "none":
         return err.mean(), merged_logits
-    if reduction == "masking":
+    if spec.reduction == "masking":
         return (err * labels.to(dtype)[:, :, None, None]).mean(), merged_logits
     selected = (labels != 0).to(dtype)
     per_image_sum = (err * selected[:, :, None, None]).sum(dim=(1, 2, 3))
@@ -194,28 +215,23 @@ def combine_losses(
     labels: torch.Tensor,
     re: torch.Tensor,
     merged_logits: torch.Tensor,
-    with_conf: bool,
+    spec: PuzzleSpec,
 ) -> PuzzleLosses:
     """The four terms from a reconstruction loss and its merged logits (shared by every backend)."""
     cls = classification_loss(gap(cam), labels)
-    conf = shannon_entropy_loss(gap(cam_tiles)) if with_conf else torch.zeros((), dtype=cls.dtype, device=cls.device)
+    conf = (
+        shannon_entropy_loss(gap(cam_tiles)) if spec.with_conf else torch.zeros((), dtype=cls.dtype, device=cls.device)
+    )
     return PuzzleLosses(cls=cls, pcls=classification_loss(merged_logits, labels), re=re, conf=conf)
 
 
 def puzzle_losses(
-    cam: torch.Tensor,
-    cam_tiles: torch.Tensor,
-    labels: torch.Tensor,
-    n: int = 2,
-    level: str = "feature",
-    kind: str = "l1",
-    reduction: str = "masking",
-    with_conf: bool = False,
+    cam: torch.Tensor, cam_tiles: torch.Tensor, labels: torch.Tensor, spec: PuzzleSpec = DEFAULT_SPEC
 ) -> PuzzleLosses:
-    """The Puzzle-CAM terms: L_cls on GAP(cam), L_pcls on GAP(merged tiles), L_re, and (``with_conf``)
+    """The Puzzle-CAM terms: L_cls on GAP(cam), L_pcls on GAP(merged tiles), L_re, and (``spec.with_conf``)
     the Shannon-entropy loss of the tiles' logits GAP(cam_tiles) (a zero scalar otherwise)."""
-    re, merged_logits = reconstruction_loss(cam, cam_tiles, labels, n=n, level=level, kind=kind, reduction=reduction)
-    return combine_losses(cam, cam_tiles, labels, re, merged_logits, with_conf)
+    re, merged_logits = reconstruction_loss(cam, cam_tiles, labels, spec)
+    return combine_losses(cam, cam_tiles, labels, re, merged_logits, spec)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,9 +331,9 @@ def check_prepare_args(images: torch.Tensor, valid: torch.Tensor, n: int) -> Non
 def prepare_inputs(
     images: torch.Tensor,
     valid: torch.Tensor,
-    n: int = 2,
-    dtype: torch.dtype = torch.float32,
-    channels_last: bool = False,
+    n: int,
+    dtype: torch.dtype,
+    channels_last: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 (B, H, W, 3) images -> (x (B, 3, H, W), tile(x, n)) in ``dtype``.
 

@@ -46,6 +46,8 @@ ALLOWED = frozenset(
         "train.ops_backend",
         "train.channels_last",
         "train.compile",
+        "train.cuda_graphs",
+        "train.compile_backend",
         "train.log_every",
         "train.ckpt_every",
         "train.keep_last",

@@ -57,7 +57,7 @@ from .deepspeed_logs import DeepSpeedLogs
 from .metrics import Eta, MetricsLog, describe_evaluation, read_jsonl, show_step
 from .precision import autocast_dtype, deepspeed_config, size_zero_buckets
 from .resume import Comparison, check_resume
-from .tasks import Evaluation, Task, build_task
+from .tasks import Evaluation, StepModule, Task, build_task
 from .tensorboard_log import TensorBoardLog
 from .utils.cli import run_command
 from .utils.distributed import (
@@ -112,6 +112,15 @@ def check_run(cfg: Config, task: Task, world_size: int) -> dict[str, Any]:
             f"train.eval_every={cfg.train.eval_every} but task '{task.name}' has no evaluation: set train.eval_every=0"
         )
     return ds_config
+
+
+def compile_options(t) -> dict[str, Any]:
+    """torch.compile's options for the step (train.compile): one graph, static shapes (the loader's crops have
+    one size and every micro-batch is full), CUDA graphs with train.cuda_graphs."""
+    options: dict[str, Any] = {"fullgraph": True, "dynamic": False}
+    if t.cuda_graphs:
+        options["mode"] = "reduce-overhead"
+    return options
 
 
 def count_steps(cfg: Config, loader: Any) -> tuple[int, int]:
@@ -205,6 +214,8 @@ class Trainer:
             network = network.to(memory_format=torch.channels_last)
         network = network.to(self.device)
         self.model = self.task.exported(network)
+        # DeepSpeed wraps the whole step up to the losses (its state dict is the network's).
+        step_module = StepModule(self.task, network, self.dtype, self.channels_last)
         optimizer = torch.optim.SGD(
             self.task.param_groups(network),
             lr=cfg.optim.lr,
@@ -213,12 +224,14 @@ class Trainer:
             weight_decay=cfg.optim.weight_decay,
         )
         ds_config = size_zero_buckets(ds_config, sum(p.numel() for p in network.parameters()))
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=network, optimizer=optimizer, config=ds_config)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=step_module, optimizer=optimizer, config=ds_config
+        )
         self.checkpointer = ckpt.Checkpointer(
             self.ckpt_dir, self.engine, self.dist.rank, self.dist.world_size, t.keep_last
         )
         if t.compile:
-            self.engine.compile()
+            step_module.compile_step(t.compile_backend, **compile_options(t))
         seed_everything(t.seed, self.dist.rank)
 
         self.loader = self.task.train_loader(self.dist.rank, self.dist.world_size)
@@ -463,10 +476,12 @@ class Trainer:
         self.engine.train()
         grad_norm = float("nan")
         for micro in range(t.grad_accum_steps):
+            if t.cuda_graphs:  # a new iteration: the previous one's graph outputs may be overwritten
+                torch.compiler.cudagraph_mark_step_begin()
             tw = time.perf_counter()
             batch = self._next_batch()
             data_wait += time.perf_counter() - tw
-            losses = self.task.losses(self.engine, batch, values, self.device, self.dtype, self.channels_last)
+            losses = self.task.losses(self.engine, batch, values, self.device)
             parts = torch.stack(list(losses)).detach().float()  # total first, then every named term
             finite = torch.isfinite(parts[0])
             # One all-reduce: the sum of every rank's losses, the count of non-finite ones, the corrupt
@@ -750,6 +765,7 @@ def dry_run(cfg: Config, run_dir: Path, resume: str, resume_force: bool) -> None
         from puzzlecam.data import eval_loader
 
         evaluated = eval_loader(cfg.data.eval_shards, rank=0, world_size=1).num_samples
+        evaluated = "an unknown number of" if evaluated is None else evaluated  # URLs without a manifest
     resume_from = ckpt.resolve_resume(resume, run_dir / "checkpoints")
     if resume_from is not None:
         ckpt.check_files(resume_from)

@@ -13,11 +13,11 @@ import functools
 import pytest
 import torch
 
-from puzzlecam import _ext, affinity, ops
+from puzzlecam import affinity, library, ops
 
 needs_ext = pytest.mark.skipif(
-    not _ext.has_op("random_walk"),
-    reason=f"puzzlecam._C lacks the affinity ops ({_ext.load_error() or 'built from older sources'})",
+    not library.has_op("random_walk"),
+    reason=f"puzzlecam._C lacks the affinity ops ({library.load_error() or 'built from older sources'})",
 )
 
 DEVICES = [
@@ -28,7 +28,7 @@ DEVICES = [
             pytest.mark.gpu,
             pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
             pytest.mark.skipif(
-                torch.cuda.is_available() and not _ext.cuda_available(),
+                torch.cuda.is_available() and not library.cuda_available(),
                 reason="puzzlecam._C was built without CUDA kernels (rebuild with FORCE_CUDA=1)",
             ),
         ],
@@ -153,7 +153,7 @@ def affinity_inputs(b, h, w, seed, dtype=torch.float32, seg_dtype=torch.int64, d
     edge = torch.rand(b, 1, h, w, generator=gen, dtype=torch.float64)
     seg = torch.randint(0, 4, (b, h, w), generator=gen)
     seg[torch.rand(b, h, w, generator=gen) < 0.15] = 255
-    seg[torch.rand(b, h, w, generator=gen) < 0.05] = 21  # any value >= 21 is ignored, not only 255
+    seg[torch.rand(b, h, w, generator=gen) < 0.05] = 21  # classes of a larger dataset (COCO's 1..80) are valid
     seg[torch.rand(b, h, w, generator=gen) < 0.05] = 40
     grad_sums = torch.randn(3, generator=gen, dtype=torch.float64)
     return edge.to(device, dtype), seg.to(device, seg_dtype), grad_sums.to(device)
@@ -282,7 +282,7 @@ def test_affinity_sums_bad_inputs_name_the_shapes():
 def test_auto_picks_the_extension_on_cpu_or_the_reference():
     cpu = torch.device("cpu")
     for op in ("random_walk", "affinity_sums"):
-        want = "cpp" if _ext.has_op(op) else "reference"
+        want = "cpp" if library.has_op(op) else "reference"
         assert ops.resolve_backend(op, "auto", cpu) == want
     assert "triton" not in ops.available_backends("random_walk", cpu)
     with pytest.raises(RuntimeError, match="random_walk has no Triton kernel"):
@@ -334,7 +334,7 @@ def test_triton_float64_edges_fall_back_to_the_reference_with_one_warning(monkey
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_auto_on_cuda_picks_triton_for_the_loss_and_cuda_for_the_walk():
     cuda = torch.device("cuda")
-    if _ext.cuda_available() and _ext.has_op("random_walk"):
+    if library.cuda_available() and library.has_op("random_walk"):
         assert ops.resolve_backend("random_walk", "auto", cuda) == "cuda"
     if "triton" in ops.available_backends("affinity_sums", cuda):
         assert ops.resolve_backend("affinity_sums", "auto", cuda) == "triton"

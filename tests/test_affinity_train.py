@@ -36,8 +36,8 @@ from puzzlecam.errors import ConfigError
 from puzzlecam.model import build_affinity_net
 from puzzlecam.precision import deepspeed_config
 from puzzlecam.rw import load_affinity_net
-from puzzlecam.tasks import TASKS, build_task
-from puzzlecam.tasks.affinity import edge_losses, label_at
+from puzzlecam.tasks import TASKS, StepModule, build_task
+from puzzlecam.tasks.affinity import label_at
 from puzzlecam.utils.distributed import seed_everything
 
 LOSS_KEYS = ("loss", "loss_bg", "loss_fg", "loss_neg")
@@ -71,19 +71,21 @@ def test_only_the_edge_head_is_optimized():
 
 
 def test_unlabelled_batches_are_refused_naming_label_shards():
-    cfg = affinity_config()
-    network = build_task(cfg).build_network()
+    cfg = affinity_config("train.ops_backend=reference")
+    task = build_task(cfg)
+    network = task.build_network()
+    step = StepModule(task, network, torch.float32, False)
     batch = {
         "image": torch.zeros(2, 96, 96, 3, dtype=torch.uint8),
         "valid": torch.tensor([[96, 96], [96, 96]]),
         "labels": torch.zeros(2, 20),
     }
     with pytest.raises(ConfigError, match="label-shards"):
-        edge_losses(network, batch, 10, torch.device("cpu"), torch.float32, False, "reference")
+        task.losses(step, batch, {}, torch.device("cpu"))
     batch["label"] = torch.full((2, 96, 96), 255, dtype=torch.int64)
     batch["label"][:, 20:70, 10:60] = 0
     batch["label"][0, 30:50, 30:50] = 4
-    losses = edge_losses(network, batch, 10, torch.device("cpu"), torch.float32, False, "reference")
+    losses = task.losses(step, batch, {}, torch.device("cpu"))
     assert losses._fields == ("total", "bg", "fg", "neg")
     assert all(torch.isfinite(v) and v > 0 for v in losses)
     losses.total.backward()

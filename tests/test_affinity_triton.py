@@ -17,6 +17,7 @@ import pytest
 import torch
 from test_kernels_compile import _astsource_supports_constexprs
 
+from puzzlecam import ops
 from puzzlecam.affinity import AffinityInputError, affinity_sums_reference
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -43,9 +44,9 @@ def poison_outputs(monkeypatch):
 
 
 def affinity_sums(edge, seg, radius):
-    from puzzlecam.kernels.fused_affinity_loss import affinity_sums as fused
+    import puzzlecam.kernels  # noqa: F401 (registers the Triton ops)
 
-    return fused(edge, seg, radius)
+    return torch.ops.puzzlecam.triton_affinity_sums(edge, seg, radius)
 
 
 def distinct_edge(b: int, h: int, w: int, dtype: torch.dtype, device, gen: torch.Generator) -> torch.Tensor:
@@ -61,7 +62,7 @@ def distinct_edge(b: int, h: int, w: int, dtype: torch.dtype, device, gen: torch
 
 def random_labels(b: int, h: int, w: int, dtype: torch.dtype, device, gen: torch.Generator) -> torch.Tensor:
     """Label maps with regions (so that positive pairs exist) of background 0 and classes 1..3, 20,
-    then scattered ignored pixels: 255 and invalid values >= 21."""
+    then scattered ignored pixels (255) and pixels of other classes 21..254 (valid: COCO's go to 80)."""
     coarse = torch.tensor([0, 1, 2, 3, 20])[torch.randint(0, 5, (b, 1, (h + 3) // 4, (w + 3) // 4), generator=gen)]
     seg = torch.nn.functional.interpolate(coarse.float(), scale_factor=4, mode="nearest")[:, 0, :h, :w].long()
     draw = torch.rand(b, h, w, generator=gen)
@@ -202,7 +203,7 @@ def test_affinity_sums_without_valid_pairs(device):
     gen = torch.Generator().manual_seed(3)
     edge = distinct_edge(2, 12, 12, torch.float32, device, gen)
     ignored = torch.full((2, 12, 12), 255, dtype=torch.uint8, device=device)
-    ignored[1, ::2] = 21
+    ignored[1, ::2] = 255
     sums, counts, grad = run(affinity_sums, edge, ignored, 5, torch.ones(3, device=device))
     assert torch.equal(sums, torch.zeros(3, device=device)), sums
     assert torch.equal(counts, torch.zeros(3, device=device)), counts
@@ -233,9 +234,12 @@ def test_affinity_sums_bad_arguments(device):
         affinity_sums(edge, seg[:1], 5)
     with pytest.raises(AffinityInputError, match=r"too small for radius 10: pairs need H >= 10 and W >= 19"):
         affinity_sums(edge, seg, 10)
-    for radius in (1, 2.5, True):
+    with pytest.raises(AffinityInputError, match="radius must be an int >= 2, got 1"):
+        affinity_sums(edge, seg, 1)
+    # Not an int at all: puzzlecam.ops names it before the op's schema (int radius) refuses it.
+    for radius in (2.5, True):
         with pytest.raises(AffinityInputError, match=f"radius must be an int >= 2, got {radius!r}"):
-            affinity_sums(edge, seg, radius)
+            ops.affinity_sums(edge, seg, radius, backend="triton")
     if device == "cuda":
         with pytest.raises(AffinityInputError, match="expected one device"):
             affinity_sums(edge, seg.cpu(), 5)
@@ -282,8 +286,8 @@ for edge_type, seg_type, radius_floor, path_block, backward, ones in (
     ("*fp16", "*i8", 4, 16, True, unit_strides),
 ):
     consts = {"RADIUS_FLOOR": radius_floor, "PATH_BLOCK": path_block, "BLOCK": fused_affinity_loss.BLOCK_SOURCES,
-              "BACKWARD": backward, "EPS": fused_affinity_loss.LOG_EPS, "NUM_LABELS": fused_affinity_loss.NUM_LABELS,
-              **ones}
+              "BACKWARD": backward, "EPS": fused_affinity_loss.LOG_EPS,
+              "IGNORE_LABEL": fused_affinity_loss.IGNORE_LABEL, **ones}
     pointers = {"default": "*fp32", "edge_ptr": edge_type, "seg_ptr": seg_type,
                 "dest_ptr": "*i32", "path_ptr": "*i32", "length_ptr": "*i32"}
     what = f"affinity {edge_type} {seg_type} radius_floor={radius_floor} backward={backward}"

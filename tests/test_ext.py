@@ -15,11 +15,12 @@ import zlib
 import pytest
 import torch
 
-from puzzlecam import _ext, puzzle
+from puzzlecam import library, puzzle
+from puzzlecam.puzzle import PuzzleSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-needs_ext = pytest.mark.skipif(not _ext.available(), reason=f"puzzlecam._C is not built ({_ext.load_error()})")
+needs_ext = pytest.mark.skipif(not library.available(), reason=f"puzzlecam._C is not built ({library.load_error()})")
 
 DEVICES = [
     "cpu",
@@ -28,7 +29,7 @@ DEVICES = [
         marks=[
             pytest.mark.gpu,
             pytest.mark.skipif(
-                torch.cuda.is_available() and not _ext.cuda_available(),
+                torch.cuda.is_available() and not library.cuda_available(),
                 reason="puzzlecam._C was built without CUDA kernels (rebuild with FORCE_CUDA=1)",
             ),
         ],
@@ -49,18 +50,20 @@ def test_extension_is_built_where_a_compiler_exists():
     # `make install` builds it; a silently failed build would otherwise skip every test below.
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler on this machine: the reference backend serves")
-    assert _ext.available(), f"puzzlecam._C failed to load: {_ext.load_error()}"
+    assert library.available(), f"puzzlecam._C failed to load: {library.load_error()}"
 
 
 def test_import_without_the_extension():
-    # `import puzzlecam._ext` must work when puzzlecam._C is missing (a None entry blocks the import).
+    # `import puzzlecam.library` must work when puzzlecam._C is missing (a None entry blocks the import), and
+    # puzzlecam.ops then says why the cpp backend cannot serve.
     code = (
         "import sys; sys.modules['puzzlecam._C'] = None\n"
-        "import puzzlecam._ext as e\n"
+        "import torch\n"
+        "import puzzlecam.library as e, puzzlecam.ops as ops\n"
         "assert not e.available() and not e.cuda_available(), 'available without _C'\n"
         "assert 'puzzlecam._C' in e.load_error(), e.load_error()\n"
         "try:\n"
-        "    e.multiscale_cam([], None, None, (1, 1))\n"
+        "    ops.multiscale_cam([torch.zeros(2, 1, 1)], None, torch.tensor([0]), (1, 1), backend='cpp')\n"
         "except RuntimeError as exc:\n"
         "    assert 'not built' in str(exc), exc\n"
         "else:\n"
@@ -83,6 +86,19 @@ def loss_inputs(b, c, h, w, n, dtype, device, seed):
     return cam, tiles, labels, grad_re, grad_logits
 
 
+def ext_loss(cam, tiles, labels, n=2, level="feature", kind="l1", masking=True):
+    return torch.ops.puzzlecam.reconstruction_loss(cam, tiles, labels, n, level, kind, masking)
+
+
+def reference_loss(cam, tiles, labels, **spec):
+    return puzzle.reconstruction_loss(cam, tiles, labels, PuzzleSpec(**spec))
+
+
+def ext_multiscale_cam(maps, flipped, keys, image_size):
+    keys = keys.to(maps[0].device)
+    return torch.ops.puzzlecam.multiscale_cam(list(maps), list(flipped or []), keys, list(image_size))
+
+
 def run_loss(fn, cam, tiles, labels, grad_re, grad_logits, **kw):
     cam = cam.detach().requires_grad_(True)
     tiles = tiles.detach().requires_grad_(True)
@@ -101,8 +117,8 @@ def test_reconstruction_loss_matches_reference(device, dtype, shape, level, kind
     b, c, h, w, n = shape
     inputs = loss_inputs(b, c, h, w, n, dtype, device, seed=zlib.crc32(repr((shape, level, kind, masking)).encode()))
     kw = dict(n=n, level=level, kind=kind)
-    got = run_loss(_ext.reconstruction_loss, *inputs, masking=masking, **kw)
-    want = run_loss(puzzle.reconstruction_loss, *inputs, reduction="masking" if masking else "none", **kw)
+    got = run_loss(ext_loss, *inputs, masking=masking, **kw)
+    want = run_loss(reference_loss, *inputs, reduction="masking" if masking else "none", **kw)
     assert got[0].dtype == got[1].dtype == torch.float32
     assert got[2].dtype == got[3].dtype == dtype
     for name, g, r in zip(["re", "merged_logits", "grad cam", "grad cam_tiles"], got, want, strict=True):
@@ -119,8 +135,8 @@ def test_reconstruction_loss_of_matching_maps(device, level):
     cam[0, 0] = -1.0  # a plane with no positive value (make_cam peak 0)
     cam[1, 1, 2:4, 3] = 5.0  # tied maxima
     tiles = puzzle.tile(cam, 2)
-    got = run_loss(_ext.reconstruction_loss, cam, tiles, labels, grad_re, grad_logits, level=level)
-    want = run_loss(puzzle.reconstruction_loss, cam, tiles, labels, grad_re, grad_logits, level=level)
+    got = run_loss(ext_loss, cam, tiles, labels, grad_re, grad_logits, level=level)
+    want = run_loss(reference_loss, cam, tiles, labels, grad_re, grad_logits, level=level)
     assert got[0].item() == 0.0
     assert got[2].abs().max().item() == 0.0
     for g, r in zip(got, want, strict=True):
@@ -137,8 +153,8 @@ def test_reconstruction_loss_tied_peaks_and_layouts(device):
     cam = cam.to(memory_format=torch.channels_last)
     labels = labels.to(torch.int64)
     for level in ("feature", "cam"):
-        got = run_loss(_ext.reconstruction_loss, cam, tiles, labels, grad_re, grad_logits, level=level)
-        want = run_loss(puzzle.reconstruction_loss, cam, tiles, labels, grad_re, grad_logits, level=level)
+        got = run_loss(ext_loss, cam, tiles, labels, grad_re, grad_logits, level=level)
+        want = run_loss(reference_loss, cam, tiles, labels, grad_re, grad_logits, level=level)
         for g, r in zip(got, want, strict=True):
             torch.testing.assert_close(g, r, rtol=2e-5, atol=2e-6)
 
@@ -149,9 +165,11 @@ def test_reconstruction_loss_one_output_used(device):
     cam, tiles, labels, _, _ = loss_inputs(2, 3, 8, 8, 2, torch.float32, device, seed=3)
     for pick in (0, 1):
         grads = []
-        for fn, reduction in ((_ext.reconstruction_loss, True), (puzzle.reconstruction_loss, "masking")):
+        for fn, reduction in ((ext_loss, True), (reference_loss, "masking")):
             c, t = cam.clone().requires_grad_(True), tiles.clone().requires_grad_(True)
-            fn(c, t, labels, 2, "cam", "l1", reduction)[pick].sum().backward()
+            fn(c, t, labels, n=2, level="cam", kind="l1", **{"masking" if fn is ext_loss else "reduction": reduction})[
+                pick
+            ].sum().backward()
             # the reference leaves cam.grad None when only merged_logits is used: that is a zero gradient
             grads.append(tuple(torch.zeros_like(x) if x.grad is None else x.grad for x in (c, t)))
         for g, r in zip(*grads, strict=True):
@@ -192,7 +210,7 @@ def test_multiscale_cam_matches_reference(device, dtype, image_size, with_flip):
     maps, flipped = fusion_inputs(*image_size, 20, (1.0, 0.5, 1.5, 2.0), dtype, device, seed=sum(image_size))
     flipped = flipped if with_flip else None
     keys = torch.tensor([14, 2, 14])  # unsorted, repeated
-    got = _ext.multiscale_cam(maps, flipped, keys, image_size)
+    got = ext_multiscale_cam(maps, flipped, keys, image_size)
     want = puzzle.multiscale_cam(maps, flipped, keys, image_size)
     for name, g, r in zip(["cam", "hr_cam"], got, want, strict=True):
         assert g.dtype == torch.float32 and g.shape == r.shape, name
@@ -207,12 +225,12 @@ def test_multiscale_cam_many_scales_and_no_keys(device):
     maps = [m.transpose(1, 2).contiguous().transpose(1, 2) for m in maps]
     keys = torch.tensor([4, 0, 1])
     for got, want in zip(
-        _ext.multiscale_cam(maps, flipped, keys, (40, 56)),
+        ext_multiscale_cam(maps, flipped, keys, (40, 56)),
         puzzle.multiscale_cam(maps, flipped, keys, (40, 56)),
         strict=True,
     ):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
-    cam, hr = _ext.multiscale_cam(maps, flipped, torch.tensor([], dtype=torch.long), (40, 56))
+    cam, hr = ext_multiscale_cam(maps, flipped, torch.tensor([], dtype=torch.long), (40, 56))
     assert cam.shape == (0, 10, 14) and hr.shape == (0, 40, 56)
 
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from puzzlecam import ops
+from puzzlecam.puzzle import PuzzleSpec
 
 FULL_GRID = os.environ.get("PUZZLECAM_FULL_GRID", "0") == "1"
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -100,7 +101,9 @@ def run_loss(backend, cam, tiles, labels, n, level, kind, masking, g_loss, g_log
     cam = cam.detach().requires_grad_(True)  # detach keeps the strides of views
     tiles = tiles.detach().requires_grad_(True)
     reduction = "masking" if masking else "none"
-    loss, logits = ops.reconstruction_loss(cam, tiles, labels, n, level, kind, reduction, backend=backend)
+    loss, logits = ops.reconstruction_loss(
+        cam, tiles, labels, PuzzleSpec(n=n, level=level, kind=kind, reduction=reduction), backend=backend
+    )
     objective = loss * g_loss + (logits * g_logits).sum()
     objective.backward()
     return loss, logits, cam.grad, tiles.grad
@@ -170,7 +173,9 @@ def test_reconstruction_loss_large_maps_and_layouts(device, level):
     for name, (cam_l, tiles_l) in layouts.items():
         cam_in = cam_l.detach().requires_grad_(True)
         tiles_in = tiles_l.detach().requires_grad_(True)
-        loss, logits = ops.reconstruction_loss(cam_in, tiles_in, labels, n, level, "l1", "masking", backend="triton")
+        loss, logits = ops.reconstruction_loss(
+            cam_in, tiles_in, labels, PuzzleSpec(n=n, level=level, kind="l1", reduction="masking"), backend="triton"
+        )
         (loss + (logits * g_logits).sum()).backward()
         for what, a, e in zip(
             ("re_loss", "merged_logits", "grad cam", "grad cam_tiles"),
@@ -211,7 +216,9 @@ def test_reconstruction_loss_gradient_paths(device):
         grads = []
         for backend in ("triton", "reference"):
             cam_in, tiles_in = cam.clone().requires_grad_(True), tiles.clone().requires_grad_(True)
-            loss, _ = ops.reconstruction_loss(cam_in, tiles_in, labels, n, level, "l2", "none", backend=backend)
+            loss, _ = ops.reconstruction_loss(
+                cam_in, tiles_in, labels, PuzzleSpec(n=n, level=level, kind="l2", reduction="none"), backend=backend
+            )
             loss.backward()
             grads.append((cam_in.grad, tiles_in.grad))
         for a, e, what in zip(grads[0], grads[1], ("cam", "cam_tiles"), strict=True):
@@ -220,7 +227,9 @@ def test_reconstruction_loss_gradient_paths(device):
         grads = []
         for backend in ("triton", "reference"):
             tiles_in = tiles.clone().requires_grad_(True)
-            loss, logits = ops.reconstruction_loss(cam, tiles_in, labels, n, level, "l1", "masking", backend=backend)
+            loss, logits = ops.reconstruction_loss(
+                cam, tiles_in, labels, PuzzleSpec(n=n, level=level, kind="l1", reduction="masking"), backend=backend
+            )
             assert loss.item() == 0.0
             logits.sum().backward()
             grads.append(tiles_in.grad)
@@ -250,11 +259,11 @@ def test_reconstruction_loss_bad_arguments(device):
     with pytest.raises(ValueError, match="labels must have shape"):
         ops.reconstruction_loss(cam, tiles, labels[:, :2], backend="triton")
     with pytest.raises(ValueError, match="level must be one of"):
-        ops.reconstruction_loss(cam, tiles, labels, level="pixel", backend="triton")
+        ops.reconstruction_loss(cam, tiles, labels, PuzzleSpec(level="pixel"), backend="triton")
     with pytest.raises(ValueError, match="kind must be one of"):
-        ops.reconstruction_loss(cam, tiles, labels, kind="huber", backend="triton")
+        ops.reconstruction_loss(cam, tiles, labels, PuzzleSpec(kind="huber"), backend="triton")
     with pytest.raises(ValueError, match="positive int"):
-        ops.reconstruction_loss(cam, tiles, labels, n=0, backend="triton")
+        ops.reconstruction_loss(cam, tiles, labels, PuzzleSpec(n=0), backend="triton")
     if device == "cuda":
         with pytest.raises(ValueError, match="one device"):
             ops.reconstruction_loss(cam, tiles, labels.cpu(), backend="triton")

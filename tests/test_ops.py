@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from puzzlecam import ops, puzzle
+from puzzlecam.puzzle import PuzzleSpec
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -96,11 +97,13 @@ DEVICES = [
 @pytest.mark.parametrize("device", DEVICES)
 def test_puzzle_losses_agree_on_every_available_backend(device):
     cam, tiles, labels = loss_inputs(device, c=4, seed=5)
-    want = puzzle.puzzle_losses(cam, tiles, labels, 2, "cam", "l1", "masking")
+    want = puzzle.puzzle_losses(cam, tiles, labels, PuzzleSpec(n=2, level="cam", kind="l1", reduction="masking"))
     backends = ops.available_backends("puzzle_losses", device)
     assert "reference" in backends and ((device == "cpu" and not INTERPRETER) or "triton" in backends)
     for backend in backends:
-        got = ops.puzzle_losses(cam, tiles, labels, 2, "cam", "l1", "masking", backend=backend)
+        got = ops.puzzle_losses(
+            cam, tiles, labels, PuzzleSpec(n=2, level="cam", kind="l1", reduction="masking"), backend=backend
+        )
         for name in ("cls", "pcls", "re"):
             torch.testing.assert_close(
                 getattr(got, name),
@@ -133,14 +136,14 @@ def test_reference_only_options_fall_back_with_one_warning(monkeypatch, option, 
     """A backend without an option (selection, float64) serves it from the reference, saying so once."""
     monkeypatch.setattr(ops, "_warned", set())
     cam, tiles, labels = loss_inputs(dtype=dtype)
-    want = puzzle.puzzle_losses(cam, tiles, labels, level="cam", reduction=reduction, with_conf=True)
+    want = puzzle.puzzle_losses(cam, tiles, labels, PuzzleSpec(level="cam", reduction=reduction, with_conf=True))
     backends = [b for b in ops.available_backends("reconstruction_loss", "cpu") if b != "reference"]
     for backend in ["auto", *backends]:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             for _ in range(2):
                 got = ops.puzzle_losses(
-                    cam, tiles, labels, level="cam", reduction=reduction, with_conf=True, backend=backend
+                    cam, tiles, labels, PuzzleSpec(level="cam", reduction=reduction, with_conf=True), backend=backend
                 )
         for name, a, e in zip(got._fields, got, want, strict=True):
             assert a.dtype == e.dtype and torch.equal(a, e), f"{backend} {name}"
@@ -158,9 +161,11 @@ def test_reference_only_options_fall_back_with_one_warning(monkeypatch, option, 
 def test_kernel_reductions_agree_with_the_reference_on_every_backend():
     cam, tiles, labels = loss_inputs(seed=5)
     for reduction in ("masking", "none"):
-        want = puzzle.reconstruction_loss(cam, tiles, labels, level="feature", kind="l2", reduction=reduction)
+        want = puzzle.reconstruction_loss(
+            cam, tiles, labels, PuzzleSpec(level="feature", kind="l2", reduction=reduction)
+        )
         for backend in ops.available_backends("reconstruction_loss", "cpu"):
             got = ops.reconstruction_loss(
-                cam, tiles, labels, level="feature", kind="l2", reduction=reduction, backend=backend
+                cam, tiles, labels, PuzzleSpec(level="feature", kind="l2", reduction=reduction), backend=backend
             )
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=lambda m, b=backend: f"{b}: {m}")

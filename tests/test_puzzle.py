@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from puzzlecam import puzzle
+from puzzlecam.puzzle import PuzzleSpec
 
 EPS = 1e-5
 
@@ -103,7 +104,9 @@ def test_cam_level_sums_are_close_to_the_rounded_hand_values():
 @pytest.mark.parametrize("level,kind,reduction", sorted(EXPECTED_RE))
 def test_reconstruction_loss_hand_example(level, kind, reduction):
     cam, tiles, labels = _example()
-    re, merged_logits = puzzle.reconstruction_loss(cam, tiles, labels, n=2, level=level, kind=kind, reduction=reduction)
+    re, merged_logits = puzzle.reconstruction_loss(
+        cam, tiles, labels, PuzzleSpec(n=2, level=level, kind=kind, reduction=reduction)
+    )
     assert re.dtype == torch.float32 and re.dim() == 0
     assert re.item() == pytest.approx(EXPECTED_RE[(level, kind, reduction)], rel=1e-6, abs=1e-7)
     assert torch.allclose(merged_logits, torch.tensor([[1.0, 0.0]]))
@@ -112,7 +115,7 @@ def test_reconstruction_loss_hand_example(level, kind, reduction):
 @pytest.mark.parametrize("level,kind,reduction", sorted(EXPECTED_RE))
 def test_puzzle_losses_hand_example(level, kind, reduction):
     cam, tiles, labels = _example()
-    losses = puzzle.puzzle_losses(cam, tiles, labels, n=2, level=level, kind=kind, reduction=reduction)
+    losses = puzzle.puzzle_losses(cam, tiles, labels, PuzzleSpec(n=2, level=level, kind=kind, reduction=reduction))
     # GAP(A) = (2.5, 0.25); GAP(M) = (1, 0); label (1, 0); MLSM averages over the C=2 classes.
     want_cls = -(math.log(_sig(2.5)) + math.log(1 - _sig(0.25))) / 2
     want_pcls = -(math.log(_sig(1.0)) + math.log(1 - _sig(0.0))) / 2
@@ -130,10 +133,10 @@ def test_selection_averages_per_image_and_counts_an_unlabelled_image_as_zero():
     tiles2 = torch.zeros(8, 2, 1, 1)
     tiles2[0::2] = tiles  # piece-major: piece p of image b at index p*B + b
     labels2 = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
-    re, _ = puzzle.reconstruction_loss(cam2, tiles2, labels2, reduction="selection")
+    re, _ = puzzle.reconstruction_loss(cam2, tiles2, labels2, PuzzleSpec(reduction="selection"))
     assert re.item() == pytest.approx((6 / 4 + 0) / 2, rel=1e-6)
     # Two labelled classes: the mean over both maps of the image.
-    re_both, _ = puzzle.reconstruction_loss(cam, tiles, torch.tensor([[1.0, 1.0]]), reduction="selection")
+    re_both, _ = puzzle.reconstruction_loss(cam, tiles, torch.tensor([[1.0, 1.0]]), PuzzleSpec(reduction="selection"))
     assert re_both.item() == pytest.approx((6 + 3) / 8, rel=1e-6)
 
 
@@ -142,7 +145,7 @@ def test_shannon_entropy_loss_hand_example():
     cam, tiles, labels = _example()
     v1 = _sig(1.0)
     want = -(v1 * math.log(v1 + EPS) + 0.5 * math.log(0.5 + EPS))
-    losses = puzzle.puzzle_losses(cam, tiles, labels, with_conf=True)
+    losses = puzzle.puzzle_losses(cam, tiles, labels, PuzzleSpec(with_conf=True))
     assert losses.conf.item() == pytest.approx(want, rel=1e-6)
     rows = torch.tensor([[0.0, 100.0], [-100.0, 2.0]])  # rows are averaged; sigmoid(100) = 1, sigmoid(-100) = 0
     row0 = -(0.5 * math.log(0.5 + EPS) + 1.0 * math.log(1.0 + EPS))
@@ -159,7 +162,7 @@ def test_gradients_reach_both_inputs(level, kind, reduction):
     cam = torch.randn(b, c, 4, 6, requires_grad=True)
     tiles = torch.randn(n * n * b, c, 2, 3, requires_grad=True)
     labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
-    losses = puzzle.puzzle_losses(cam, tiles, labels, n=n, level=level, kind=kind, reduction=reduction)
+    losses = puzzle.puzzle_losses(cam, tiles, labels, PuzzleSpec(n=n, level=level, kind=kind, reduction=reduction))
     gc, gt = torch.autograd.grad(losses.re, (cam, tiles))
     assert gc.abs().sum() > 0 and gt.abs().sum() > 0
     assert torch.isfinite(gc).all() and torch.isfinite(gt).all()
@@ -189,7 +192,7 @@ def test_reconstruction_loss_gradcheck(level, kind, reduction):
     cam, tiles, labels = _float64_inputs(seed=zlib.crc32(f"{level}{kind}{reduction}".encode()))
 
     def fn(a, t):
-        return puzzle.reconstruction_loss(a, t, labels, n=2, level=level, kind=kind, reduction=reduction)
+        return puzzle.reconstruction_loss(a, t, labels, PuzzleSpec(n=2, level=level, kind=kind, reduction=reduction))
 
     assert torch.autograd.gradcheck(fn, (cam, tiles))
 
@@ -198,7 +201,7 @@ def test_puzzle_losses_and_entropy_gradcheck():
     cam, tiles, labels = _float64_inputs(seed=3)
 
     def fn(a, t):
-        return tuple(puzzle.puzzle_losses(a, t, labels, level="cam", reduction="selection", with_conf=True))
+        return tuple(puzzle.puzzle_losses(a, t, labels, PuzzleSpec(level="cam", reduction="selection", with_conf=True)))
 
     assert torch.autograd.gradcheck(fn, (cam, tiles))
     logits = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
@@ -214,14 +217,14 @@ def test_make_cam_gradcheck():
 
 def test_float64_maps_give_float64_losses_and_others_fp32():
     cam, tiles, labels = _float64_inputs(seed=1)
-    losses = puzzle.puzzle_losses(cam, tiles, labels, with_conf=True)
+    losses = puzzle.puzzle_losses(cam, tiles, labels, PuzzleSpec(with_conf=True))
     assert all(t.dtype == torch.float64 for t in losses)
     # The float64 loss is not a rounded fp32 value: it differs from the fp32 computation.
-    fp32 = puzzle.puzzle_losses(cam.float(), tiles.float(), labels.float(), with_conf=True)
+    fp32 = puzzle.puzzle_losses(cam.float(), tiles.float(), labels.float(), PuzzleSpec(with_conf=True))
     assert all(t.dtype == torch.float32 for t in fp32)
     assert losses.re.item() == pytest.approx(fp32.re.item(), rel=1e-5)
     for dtype in (torch.bfloat16, torch.float16):
-        half = puzzle.puzzle_losses(cam.to(dtype), tiles.to(dtype), labels.to(dtype), with_conf=True)
+        half = puzzle.puzzle_losses(cam.to(dtype), tiles.to(dtype), labels.to(dtype), PuzzleSpec(with_conf=True))
         assert all(t.dtype == torch.float32 for t in half)
 
 
@@ -262,11 +265,11 @@ def test_loss_argument_errors_name_shapes():
     with pytest.raises(ValueError, match=r"labels must have shape \(B, C\)=\(2, 3\).*got \(2, 4\)"):
         puzzle.reconstruction_loss(cam, torch.zeros(8, 3, 2, 2), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="level must be one of"):
-        puzzle.reconstruction_loss(cam, torch.zeros(8, 3, 2, 2), torch.zeros(2, 3), level="pixel")
+        puzzle.reconstruction_loss(cam, torch.zeros(8, 3, 2, 2), torch.zeros(2, 3), PuzzleSpec(level="pixel"))
     with pytest.raises(ValueError, match="kind must be one of"):
-        puzzle.reconstruction_loss(cam, torch.zeros(8, 3, 2, 2), torch.zeros(2, 3), kind="l3")
+        puzzle.reconstruction_loss(cam, torch.zeros(8, 3, 2, 2), torch.zeros(2, 3), PuzzleSpec(kind="l3"))
     with pytest.raises(ValueError, match="reduction must be one of"):
-        puzzle.reconstruction_loss(cam, torch.zeros(8, 3, 2, 2), torch.zeros(2, 3), reduction=True)
+        puzzle.reconstruction_loss(cam, torch.zeros(8, 3, 2, 2), torch.zeros(2, 3), PuzzleSpec(reduction=True))
 
 
 def test_multiscale_cam_flip_and_keys():

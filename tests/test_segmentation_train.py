@@ -37,7 +37,7 @@ from puzzlecam.data import train_loader
 from puzzlecam.errors import ConfigError
 from puzzlecam.evaluate import miou
 from puzzlecam.precision import deepspeed_config
-from puzzlecam.tasks import TASKS, build_task
+from puzzlecam.tasks import TASKS, StepModule, build_task
 from puzzlecam.tasks.segmentation import pixel_cross_entropy
 from puzzlecam.train import evaluate_network
 from puzzlecam.utils.labelmap import encode_label_png
@@ -132,7 +132,7 @@ def test_registered_with_the_four_groups_and_the_network_exported():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["model.num_classes=20"], r"model.num_classes=20 but .* set model.num_classes=21"),
+        (["model.num_classes=20"], r"model.num_classes=20 but .* hold VOC samples: .* Set model.num_classes=21"),
         (
             ["segmentation.head_norm=batch", "train.micro_batch_size=1", "train.global_batch_size=1"],
             r"segmentation.head_norm=batch cannot train on train.micro_batch_size=1 .* segmentation.head_norm=group",
@@ -143,9 +143,9 @@ def test_registered_with_the_four_groups_and_the_network_exported():
         ),
     ],
 )
-def test_settings_it_cannot_train_are_refused_naming_the_keys(overrides, message):
+def test_settings_it_cannot_train_are_refused_naming_the_keys(shards, overrides, message):
     with pytest.raises(ConfigError, match=message):
-        build_task(segmentation_config(*overrides))
+        build_task(segmentation_config(f"data.train_shards={shards}/trainval-*.tar", *overrides))
 
 
 def test_the_loss_is_fp32_cross_entropy_over_labelled_pixels():
@@ -167,13 +167,14 @@ def test_the_loss_goes_down_on_the_ground_truth_masks(shards):
     task = build_task(cfg)
     torch.manual_seed(0)
     network = task.build_network()
+    step = StepModule(task, network, torch.float32, False)
     optimizer = torch.optim.SGD(task.param_groups(network), lr=0.01, momentum=0.9)
     batches = iter(task.train_loader(0, 1))
     losses = []
     for _ in range(6):
         batch = next(batches)
         assert set(batch["label"].unique().tolist()) <= set(range(21)) | {255}
-        total = task.losses(network, batch, {}, CPU, torch.float32, False).total
+        total = task.losses(step, batch, {}, CPU).total
         optimizer.zero_grad()
         total.backward()
         optimizer.step()

@@ -352,11 +352,30 @@ def test_gpu_mixed_precision_run(shards, tmp_path, precision):
     assert all(v.dtype == torch.float32 for v in weights(run).values() if v.is_floating_point())
 
 
-@pytest.mark.parametrize("name", ["voc_resnet50_puzzle", "voc_resnet50_baseline", "demo_cpu"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "voc_resnet50_puzzle",
+        "voc_resnet50_baseline",
+        "demo_cpu",
+        "coco_resnet50_puzzle",
+        "coco_resnet50_affinity",
+        "coco_resnet50_deeplab",
+    ],
+)
 def test_shipped_configs_are_consistent(name):
     cfg = load_config(ROOT / "launch" / "configs" / f"{name}.yaml")
     validate_for_run(cfg, 1, cuda_available=True)
     assert deepspeed_config(cfg)["train_batch_size"] == cfg.train.global_batch_size
+    if name.startswith("coco"):  # the VOC recipe with COCO's classes and another length (each header says why)
+        voc = load_config(ROOT / "launch" / "configs" / f"{name.replace('coco', 'voc')}.yaml")
+        assert cfg.task == voc.task and cfg.optim == voc.optim and cfg.puzzle == voc.puzzle
+        assert cfg.train.global_batch_size == voc.train.global_batch_size
+        assert (
+            cfg.model.num_classes
+            == {"classification": 80, "affinity": voc.model.num_classes, "segmentation": 81}[cfg.task]
+        )
+        assert "coco" in cfg.data.train_shards and cfg.train.epochs < voc.train.epochs
     if name.startswith("voc"):
         assert cfg.train.global_batch_size == 32 and cfg.train.epochs == 15 and cfg.optim.lr == 0.1
         assert cfg.train.mode == name.rsplit("_", 1)[1]

@@ -150,12 +150,12 @@ def test_the_loader_counts_corrupt_samples_per_shard(shards, tmp_path):
     assert again.epoch == 1 and sum(again.epoch_corrupt) <= 3 and again.skipped >= 3
 
 
-def test_model_num_classes_must_match_the_data(tmp_path, capsys):
+def test_model_num_classes_must_match_the_data(shards, tmp_path, capsys):
     run = tmp_path / "run"
-    argv = ["--config", DEMO_CONFIG, "--run-dir", str(run), f"data.train_shards={tmp_path}/none-*.tar"]
+    argv = ["--config", DEMO_CONFIG, "--run-dir", str(run), f"data.train_shards={shards}/trainval-*.tar"]
     assert train_main([*argv, "model.num_classes=10"]) == 2
     (line,) = error_lines(capsys.readouterr().err)
-    assert "model.num_classes=10" in line and "20 classes" in line
+    assert "model.num_classes=10" in line and "hold VOC samples" in line and "Set model.num_classes=20" in line
     assert not run.exists()
 
 

@@ -7,6 +7,7 @@ import torch
 
 from puzzlecam import puzzle
 from puzzlecam.config import load_config
+from puzzlecam.puzzle import PuzzleSpec
 from puzzlecam.tasks.classification import step_losses
 
 
@@ -25,7 +26,7 @@ def test_total_is_cls_pcls_alpha_re_and_weighted_conf(reduction, conf_weight):
     cfg = load_config(None, [f"puzzle.re_reduction={reduction}", f"puzzle.conf_weight={conf_weight}"])
     cams, tiles, labels = _maps()
     got = step_losses(cams, tiles, labels, cfg, alpha=2.0)
-    want = puzzle.puzzle_losses(cams, tiles, labels, reduction=reduction, with_conf=True)
+    want = puzzle.puzzle_losses(cams, tiles, labels, PuzzleSpec(reduction=reduction, with_conf=True))
     # The step runs the C++ backend here (its sums may differ from the reference's in the last bit).
     for name in ("cls", "pcls", "re"):
         torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-6, atol=0)

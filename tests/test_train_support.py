@@ -82,7 +82,7 @@ def tiny_overrides(shards: Path, **extra) -> list[str]:
 
 
 def train_args(run_dir: Path, overrides: list[str], env: dict | None = None) -> list[str]:
-    script = FAULT_TRAIN if env and "PUZZLECAM_FAULT_KILL" in env else TRAIN
+    script = FAULT_TRAIN if env and ("PUZZLECAM_FAULT_KILL" in env or "PUZZLECAM_FAULT_NAN" in env) else TRAIN
     return [script, "--config", DEMO_CONFIG, "--run-dir", str(run_dir), *overrides]
 
 

@@ -1,36 +1,57 @@
 #!/usr/bin/env bash
-# Kernel tests (compiled, full grid; the affinity ops' too), the kernel, random-walk and training-step benches on a
-# CUDA machine; results under $OUT.
+# Every GPU check of the project in one device call of under 10 minutes: build the extension, run the compiled
+# tests (kernels, ops, the op library's opcheck, the compiled step with Triton ops + Inductor + CUDA graphs), then
+# the benchmarks (kernels: device and host time; the training step: reference / strongest plain PyTorch / fast with
+# MFU and a profile; the random walk). Results under $OUT.
 #
-#   OUT=/some/dir bash docs/benchmarks/run_gpu.sh [tests|bench|all]     (from the repo root)
+#   OUT=/some/dir bash docs/benchmarks/run_gpu.sh [build|tests|bench|all]     (from the repo root)
 #
-# Each part takes a few minutes (the tests compile a few hundred kernel variants; the bench
-# compiles the reference with torch.compile for every op and shape): run `tests` and `bench` as
-# two commands where one command is limited to 10 minutes.
+# Every part runs under its own time limit (seconds; override with the environment variables below), so the whole
+# script ends in time whatever hangs; a part cut off says so in summary.txt. The device tool brings back at most 8
+# files: everything is packed into $OUT/results.tar.gz, with $OUT/summary.txt (the exit status and time of every
+# part) and $OUT/bench_train.log (the training-step table) beside it.
 #
 # Works whether or not `pip install --no-build-isolation --no-deps -e .` has run: puzzlecam and
 # puzzlecam.kernels are imported from this source tree through a throwaway package directory of
 # symlinks (puzzlecam/* plus kernels/ as puzzlecam/kernels) put first on PYTHONPATH, with
 # PYTHONSAFEPATH=1 so the repo root itself (whose puzzlecam/ has no kernels/) is not on sys.path.
-# The C++/CUDA extension is used when puzzlecam/_C*.so exists; BUILD_EXT=1 builds it in place first.
 #
-# Environment: OUT (default ./gpu_out), PYTHON (default python), BENCH_DTYPES (default "fp32"; e.g. "fp32 bf16"),
-# BENCH_ARGS (extra flags for the kernel bench), TRAIN_ARCHS (archs of `bench train`, default resnet50
-# resnest101), PYTEST_ARGS (extra flags for pytest).
+# Environment: OUT (default ./gpu_out), PYTHON (default python), BUILD_EXT (default 1: build puzzlecam._C in place
+# with the system compiler, docs/extension.md), limits T_BUILD (170), T_TESTS (150), T_KERNELS (70), T_TRAIN (210),
+# T_RW (25), BENCH_DTYPE (bf16), TRAIN_ARCH (resnet50), PYTEST_ARGS (extra pytest flags).
 set -uo pipefail
 
 what=${1:-all}
 REPO=$(pwd)
 OUT=${OUT:-$REPO/gpu_out}
 PY=${PYTHON:-python}
-mkdir -p "$OUT"
+WORK="$OUT/work"
+mkdir -p "$WORK"
 [ -f "$REPO/kernels/__init__.py" ] && [ -f "$REPO/puzzlecam/__init__.py" ] || { echo "run from the repo root" >&2; exit 2; }
+START=$(date +%s)
+: >"$OUT/summary.txt"
 
-if [ "${BUILD_EXT:-0}" = "1" ]; then
-  echo "== building puzzlecam._C in place" | tee -a "$OUT/build_ext.log"
-  # CC/CXX: build with the system compiler where the default one mismatches the runtime libstdc++
-  # (docs/extension.md, Troubleshooting).
-  "$PY" setup.py build_ext --inplace >>"$OUT/build_ext.log" 2>&1 || echo "extension build failed (see build_ext.log); going on without it"
+# part NAME LIMIT COMMAND...: run COMMAND under LIMIT seconds, its output in $WORK/NAME.log; record the status.
+rc=0
+part() {
+  local name=$1 limit=$2
+  shift 2
+  local t0
+  t0=$(date +%s)
+  echo "== $name (limit ${limit}s)"
+  timeout --signal=INT --kill-after=15 "$limit" "$@" >"$WORK/$name.log" 2>&1
+  local status=$?
+  local note=""
+  [ "$status" -eq 124 ] && note=" (cut off at ${limit}s)"
+  echo "$name: exit $status, $(($(date +%s) - t0)) s$note" | tee -a "$OUT/summary.txt"
+  tail -n 30 "$WORK/$name.log"
+  [ "$status" -ne 0 ] && rc=$status
+  return 0
+}
+
+if [ "${BUILD_EXT:-1}" = "1" ] && { [ "$what" = "build" ] || [ "$what" = "all" ]; }; then
+  # The system compiler: an image whose default g++ mismatches the runtime libstdc++ builds a broken _C.
+  part build_ext "${T_BUILD:-170}" env CC=/usr/bin/gcc CXX=/usr/bin/g++ MAX_JOBS=16 "$PY" setup.py build_ext --inplace
 fi
 
 SRC=$(mktemp -d)
@@ -45,50 +66,35 @@ unset TRITON_INTERPRET
 {
   echo "date: $(date -u +%FT%TZ)"
   nvidia-smi -L || true
-  "$PY" -c "import sys, torch, triton, puzzlecam, puzzlecam.kernels as k, puzzlecam.ops as ops
+  "$PY" -c "import sys, torch, triton, puzzlecam, puzzlecam.kernels as k, puzzlecam.ops as ops, puzzlecam.library as lib
 print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)
 print('puzzlecam from', puzzlecam.__file__, '| kernels from', k.__file__, '| interpreted:', k.INTERPRETED)
-print('backends on cuda:', {op: ops.available_backends(op, 'cuda') for op in ('reconstruction_loss', 'prepare_inputs', 'multiscale_cam')})"
+print('extension:', lib.available(), lib.load_error(), '| triton ops:', k.UNREGISTERED or 'registered')
+print('backends on cuda:', {op: ops.available_backends(op, 'cuda') for op in ('reconstruction_loss', 'prepare_inputs', 'affinity_sums', 'random_walk')})"
 } 2>&1 | tee "$OUT/env.txt"
 
-rc=0
 if [ "$what" = "tests" ] || [ "$what" = "all" ]; then
-  echo "== kernel tests (compiled, full grid)"
-  PUZZLECAM_FULL_GRID=1 "$PY" -m pytest "$REPO/tests/test_kernels.py" "$REPO/tests/test_ops.py" \
-    "$REPO/tests/test_affinity_ops.py" "$REPO/tests/test_affinity_triton.py" "$REPO/tests/test_segment.py" \
-    -c "$REPO/pyproject.toml" --rootdir "$REPO" -q -rs --durations=15 --junitxml="$OUT/kernel_tests.xml" ${PYTEST_ARGS:-} \
-    2>&1 | tee "$OUT/kernel_tests.log"
-  test_rc=${PIPESTATUS[0]}
-  [ "$test_rc" -ne 0 ] && rc=$test_rc
+  # The compiled kernels against the reference (default grid), the extension's CUDA ops, opcheck of every op, and
+  # the compiled step on the GPU (Triton ops inside Inductor's graph, CUDA graphs) against the eager step.
+  part tests "${T_TESTS:-150}" "$PY" -m pytest -c "$REPO/pyproject.toml" --rootdir "$REPO" -q -rs -x --durations=10 \
+    "$REPO/tests/test_library.py" "$REPO/tests/test_kernels.py" "$REPO/tests/test_ops.py" "$REPO/tests/test_ext.py" \
+    "$REPO/tests/test_affinity_ops.py" "$REPO/tests/test_affinity_triton.py" "$REPO/tests/test_compiled_step.py" \
+    -m "gpu or not slow" -k "cuda or gpu or triton or library" --junitxml="$WORK/tests.xml" ${PYTEST_ARGS:-}
 fi
+
 if [ "$what" = "bench" ] || [ "$what" = "all" ]; then
-  for dt in ${BENCH_DTYPES:-fp32}; do
-    echo "== bench kernels ($dt)"
-    "$PY" -m puzzlecam.bench kernels --dtype "$dt" --json "$OUT/bench_kernels_$dt.json" ${BENCH_ARGS:-} \
-      2>&1 | tee "$OUT/bench_kernels_$dt.log"
-    bench_rc=${PIPESTATUS[0]}
-    [ "$bench_rc" -ne 0 ] && rc=$bench_rc
-  done
-  echo "== bench rw (random walk per backend vs the dense method on the same GPU; fused affinity loss at batch 32)"
-  "$PY" -m puzzlecam.bench rw --device cuda --json "$OUT/bench_rw.json" 2>&1 | tee "$OUT/bench_rw.log"
-  bench_rc=${PIPESTATUS[0]}
-  [ "$bench_rc" -ne 0 ] && rc=$bench_rc
-  echo "== bench segment (multi-scale + flip DeepLabv3+ inference)"
-  "$PY" -m puzzlecam.bench segment --device cuda --json "$OUT/bench_segment.json" 2>&1 | tee "$OUT/bench_segment.log"
-  bench_rc=${PIPESTATUS[0]}
-  [ "$bench_rc" -ne 0 ] && rc=$bench_rc
-  echo "== bench train --task segmentation (resnet50)"
-  "$PY" -m puzzlecam.bench train --task segmentation --device cuda --arch resnet50 \
-    --json "$OUT/bench_train_segmentation.json" 2>&1 | tee "$OUT/bench_train_segmentation.log"
-  bench_rc=${PIPESTATUS[0]}
-  [ "$bench_rc" -ne 0 ] && rc=$bench_rc
-  for arch in ${TRAIN_ARCHS:-resnet50 resnest101}; do
-    echo "== bench train ($arch)"
-    "$PY" -m puzzlecam.bench train --device cuda --arch "$arch" --json "$OUT/bench_train_$arch.json" \
-      2>&1 | tee "$OUT/bench_train_$arch.log"
-    bench_rc=${PIPESTATUS[0]}
-    [ "$bench_rc" -ne 0 ] && rc=$bench_rc
-  done
+  # Kernels: device time (CUDA-graph replay) and host time per call, the paper's and the large shape.
+  part bench_kernels "${T_KERNELS:-70}" "$PY" -m puzzlecam.bench kernels --dtype "${BENCH_DTYPE:-bf16}" \
+    --json "$WORK/bench_kernels.json"
+  # The training step: reference / plain (reference ops, bf16, channels_last, torch.compile) / fast (fused ops in
+  # the compiled step, CUDA graphs); MFU; a profile of each mode (the fused ops' share of the step).
+  part bench_train "${T_TRAIN:-210}" "$PY" -m puzzlecam.bench train --device cuda --arch "${TRAIN_ARCH:-resnet50}" \
+    --steps 10 --warmup 5 --profile "$WORK" --json "$WORK/bench_train.json"
+  cp "$WORK/bench_train.log" "$OUT/bench_train.log" 2>/dev/null
+  part bench_rw "${T_RW:-25}" "$PY" -m puzzlecam.bench rw --device cuda --json "$WORK/bench_rw.json"
 fi
-echo "results in $OUT (exit $rc)"
+
+echo "total: $(($(date +%s) - START)) s, exit $rc" | tee -a "$OUT/summary.txt"
+tar -czf "$OUT/results.tar.gz" -C "$OUT" work env.txt summary.txt 2>/dev/null
+rm -rf "$WORK"
 exit $rc

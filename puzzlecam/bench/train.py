@@ -9,13 +9,24 @@ label maps (255 outside each image's valid region) -> backward -> SGD with the f
 
 * ``reference``: how the original research code runs: fp32 (TF32 off, as on the GPUs it was
   written for; ``--reference-tf32`` allows it), NCHW, the pure-torch reference ops, eager.
-* ``fast``: bf16 autocast on GPU (fp32 on CPU unless ``--fast-dtype bf16``), channels_last, the
-  fused ops (``backend=auto``: Triton on CUDA, the C++ extension on CPU), cudnn autotuning, fused
-  SGD where torch has it, and ``--compile`` for torch.compile.
+* ``plain``: the strongest step a user assembles from plain PyTorch: the same pure-torch reference ops
+  under bf16 autocast (GPU; fp32 on CPU unless ``--fast-dtype bf16``), channels_last, TF32, cudnn
+  autotuning, fused SGD where torch has it, and the whole step under ``torch.compile`` (Inductor).
+* ``fast``: what ``train.compile`` + ``train.cuda_graphs`` run: plain's settings with the fused ops
+  (``backend=auto``: Triton on CUDA, the C++ extension on CPU) inside the compiled step, and CUDA graphs
+  (torch.compile mode ``reduce-overhead``) on a GPU.
 
-Reported per mode: images/s (median over timed steps; one image = one crop, with its tiles for classification)
-and peak memory (CUDA: max allocated; CPU: peak RSS of the process since the mode started).
-Data loading is left out of both (see ``python -m puzzlecam.bench data``). DeepSpeed is not needed.
+The step is the Trainer's: :class:`puzzlecam.tasks.StepModule` (input preparation, the passes, the loss terms)
+then the Task's losses, backward, SGD. ``--no-compile`` leaves plain and fast eager (the default on CPU, where
+Inductor's C++ builds take minutes), ``--no-cuda-graphs`` leaves out the graphs.
+
+Reported per mode: images/s (median over timed steps; one image = one crop, with its tiles for classification),
+peak memory (CUDA: max allocated; CPU: peak RSS of the process since the mode started) and MFU: the step's
+matmul / convolution FLOPs (counted once on the eager reference step by torch's FlopCounterMode, 2 per
+multiply-accumulate, forward and backward as autograd runs them: puzzlecam.bench.flops) per second over the
+GPU's dense datasheet peak in the mode's matmul precision (bf16 for plain and fast on a GPU, fp32 -- TF32 with
+``--reference-tf32`` -- for the reference). Data loading is left out (see ``python -m puzzlecam.bench data``).
+DeepSpeed is not needed.
 """
 
 from __future__ import annotations
@@ -32,11 +43,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from puzzlecam.bench import flops as flop_count
 from puzzlecam.config import Config, ModelConfig, SegmentationConfig
 from puzzlecam.errors import UsageError
-from puzzlecam.model import build_deeplab, build_model, param_groups
-from puzzlecam.tasks.classification import PuzzleNet, forward_losses
-from puzzlecam.tasks.segmentation import segmentation_losses
+from puzzlecam.model import build_deeplab, build_model
+from puzzlecam.tasks import StepModule, build_task
+from puzzlecam.train import compile_options
 from puzzlecam.utils.cli import run_command
 from puzzlecam.utils.distributed import init_distributed
 from puzzlecam.utils.files import atomic_write_json
@@ -92,15 +104,22 @@ def make_batches(count: int, batch_size: int, size: int, device: torch.device, s
     return batches
 
 
+MODES = ("reference", "plain", "fast")
+
+
 def bench_config(args, mode: str) -> Config:
-    """The run config the step of ``mode`` reads: the model, and the ops backend (reference or fused)."""
+    """The run config the step of ``mode`` reads: the task, the model, the ops backend (reference or fused) and
+    the compile settings."""
     cfg = Config()
     cfg.model = ModelConfig(arch=args.arch, width=args.width, output_stride=16, norm="train")
     if args.task == "segmentation":  # the recipe's: frozen backbone norms, GroupNorm head
+        cfg.task = "segmentation"
         cfg.model = ModelConfig(arch=args.arch, width=args.width, output_stride=16, norm="frozen", num_classes=21)
         cfg.segmentation = SegmentationConfig(head_channels=args.head_channels)
     cfg.train.mode = "puzzle"
     cfg.train.ops_backend = "auto" if mode == "fast" else "reference"
+    cfg.train.compile = mode != "reference" and args.compile
+    cfg.train.cuda_graphs = mode == "fast" and cfg.train.compile and args.cuda_graphs
     return cfg
 
 
@@ -111,52 +130,107 @@ def bench_network(args, cfg: Config) -> torch.nn.Module:
     return build_model(cfg.model)
 
 
-def run_mode(mode: str, args, device: torch.device, batches: list[dict]) -> dict:
-    fast = mode == "fast"
+def mode_settings(mode: str, args, device: torch.device) -> tuple[torch.dtype, bool]:
+    """(autocast dtype, channels_last) of ``mode``."""
+    if mode == "reference":
+        return torch.float32, False
+    gpu = device.type == "cuda"
+    bf16 = args.fast_dtype == "bf16" or (args.fast_dtype == "auto" and gpu)
+    return (torch.bfloat16 if bf16 else torch.float32), (gpu or args.channels_last_cpu)
+
+
+def make_step(mode: str, args, device: torch.device):
+    """(one training step on a batch -> its total loss, the config, the step module) of ``mode``."""
     cfg = bench_config(args, mode)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = fast
-        tf32 = fast or args.reference_tf32
+        torch.backends.cudnn.benchmark = mode != "reference"
+        tf32 = mode != "reference" or args.reference_tf32
         torch.backends.cudnn.allow_tf32 = tf32
         torch.backends.cuda.matmul.allow_tf32 = tf32
-    dtype = torch.float32
-    if fast and (device.type == "cuda" or args.fast_dtype == "bf16") and args.fast_dtype != "fp32":
-        dtype = torch.bfloat16
-    channels_last = fast and (device.type == "cuda" or args.channels_last_cpu)
-
+    dtype, channels_last = mode_settings(mode, args, device)
+    task = build_task(cfg)
     torch.manual_seed(0)
-    classifier = bench_network(args, cfg)
+    network = task.build_network()
     if channels_last:
-        classifier = classifier.to(memory_format=torch.channels_last)
-    classifier = classifier.to(device)
-    groups = param_groups(classifier, cfg.optim.lr, cfg.optim.weight_decay, keep_empty=False)
-    extra = {}
-    if fast and device.type == "cuda":
-        extra["fused"] = True
+        network = network.to(memory_format=torch.channels_last)
+    network = network.to(device)
+    extra = {"fused": True} if mode != "reference" and device.type == "cuda" else {}
+    o = cfg.optim
     try:
         opt = torch.optim.SGD(
-            groups, lr=cfg.optim.lr, momentum=0.9, nesterov=True, weight_decay=cfg.optim.weight_decay, **extra
+            task.param_groups(network), lr=o.lr, momentum=0.9, nesterov=True, weight_decay=o.weight_decay, **extra
         )
     except (TypeError, RuntimeError):  # torch without fused SGD
-        opt = torch.optim.SGD(groups, lr=cfg.optim.lr, momentum=0.9, nesterov=True, weight_decay=cfg.optim.weight_decay)
-    net: torch.nn.Module = PuzzleNet(classifier)
-    if fast and args.compile:
-        net.classifier = torch.compile(classifier)
-    backend = cfg.train.ops_backend
+        opt = torch.optim.SGD(
+            task.param_groups(network), lr=o.lr, momentum=0.9, nesterov=True, weight_decay=o.weight_decay
+        )
+    module = StepModule(task, network, dtype, channels_last)
+    if cfg.train.compile:
+        module.compile_step(cfg.train.compile_backend, **compile_options(cfg.train))
+    values = {"alpha": 2.0}
 
-    def losses_of(batch: dict):
-        if args.task == "segmentation":  # autocast around the network only: the loss is fp32 either way
-            return segmentation_losses(net.classifier, batch, device, dtype, channels_last, backend)
-        return forward_losses(net, batch, cfg, alpha=2.0, device=device, dtype=dtype, channels_last=channels_last)
-
-    def step(batch: dict) -> float:
+    def step(batch: dict) -> torch.Tensor:
+        if cfg.train.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            losses = losses_of(batch)
+            losses = task.losses(module, batch, values, device)
         opt.zero_grad(set_to_none=True)
         losses.total.backward()
         opt.step()
-        return losses.total
+        return losses.total.detach()
 
+    return step, cfg, module
+
+
+def count_flops(args, device: torch.device, batch: dict) -> int:
+    """Matmul / convolution FLOPs of one reference step (forward and backward; puzzlecam.bench.flops)."""
+    cfg = bench_config(args, "reference")
+    task = build_task(cfg)
+    module = StepModule(task, task.build_network().to(device), torch.float32, False)
+    return flop_count.step_flops(lambda: task.losses(module, batch, {"alpha": 2.0}, device).total)
+
+
+# Names (substrings) of puzzlecam's own kernels and ops in a profile: the Triton kernels, the extension's ops.
+OUR_KERNELS = ("_re_loss_kernel", "_prepare_inputs_kernel", "_tile_copy_kernel", "_affinity_kernel", "puzzlecam::")
+
+
+def profile_steps(step, batches: list[dict], device: torch.device, path: Path, steps: int = 3) -> dict:
+    """Profile ``steps`` steps (torch.profiler): the top kernels by self device time (self CPU time on CPU) go to
+    ``path``; returns the total per step and the share of puzzlecam's own kernels and ops (OUR_KERNELS)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for i in range(steps):
+            step(batches[i % len(batches)])
+        _sync(device)
+    events = prof.key_averages()
+
+    def self_time(e) -> float:  # microseconds
+        if cuda:
+            return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
+        return float(e.self_cpu_time_total)
+
+    # On a GPU the device time of kernels (CPU-side ops have none); on CPU every op's self time.
+    timed = [e for e in events if self_time(e) > 0]
+    total = sum(self_time(e) for e in timed)
+    ours = sum(self_time(e) for e in timed if any(k in e.key for k in OUR_KERNELS))
+    sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(events.table(sort_by=sort_by, row_limit=40) + "\n")
+    return {
+        "profiled_steps": steps,
+        "profile_ms_per_step": total / 1000 / steps,
+        "puzzlecam_ops_ms_per_step": ours / 1000 / steps,
+        "puzzlecam_ops_share": ours / total if total else None,
+        "profile_table": str(path),
+    }
+
+
+def run_mode(mode: str, args, device: torch.device, batches: list[dict], step_flops: int) -> dict:
+    step, cfg, _ = make_step(mode, args, device)
+    dtype, channels_last = mode_settings(mode, args, device)
     reset_peak(device)
     for i in range(args.warmup):
         step(batches[i % len(batches)])
@@ -168,8 +242,13 @@ def run_mode(mode: str, args, device: torch.device, batches: list[dict]) -> dict
         last = step(batches[i % len(batches)])
         _sync(device)
         times.append(time.perf_counter() - t0)
-    loss = float(last.detach())
+    loss = float(last)
     median = statistics.median(times)
+    tf32 = mode != "reference" or args.reference_tf32
+    peak = flop_count.peak_flops(device, dtype, tf32=tf32) if device.type == "cuda" else None
+    profiled = {}
+    if args.profile:
+        profiled = profile_steps(step, batches, device, Path(args.profile) / f"profile_{args.task}_{mode}.txt")
     return {
         "mode": mode,
         "images_per_s": args.batch_size / median,
@@ -178,8 +257,13 @@ def run_mode(mode: str, args, device: torch.device, batches: list[dict]) -> dict
         "dtype": str(dtype).replace("torch.", ""),
         "channels_last": channels_last,
         "ops_backend": cfg.train.ops_backend,
-        "compile": bool(fast and args.compile),
+        "compile": cfg.train.compile,
+        "cuda_graphs": cfg.train.cuda_graphs,
+        "tflops": step_flops / median / 1e12,
+        "mfu": flop_count.mfu(step_flops, median, peak),
+        "peak_tflops": None if peak is None else peak / 1e12,
         "final_loss": loss,
+        **profiled,
     }
 
 
@@ -232,17 +316,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=None, help="images per step (default: 16 on GPU, 8 on CPU)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per mode (default 20)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5; 10 with --compile)")
-    p.add_argument("--modes", default="reference,fast", help="comma-separated modes to run (default reference,fast)")
-    p.add_argument("--compile", action="store_true", help="fast mode: torch.compile the network")
+    p.add_argument(
+        "--modes",
+        default=",".join(MODES),
+        help="comma-separated modes to run, of reference, plain, fast (default all three; see above)",
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="plain and fast: torch.compile the whole step (default: on a GPU yes, on CPU no)",
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fast on a GPU with --compile: CUDA graphs (torch.compile mode reduce-overhead; default yes)",
+    )
     p.add_argument(
         "--fast-dtype",
         choices=("auto", "bf16", "fp32"),
         default="auto",
-        help="fast mode precision (auto: bf16 on GPU, fp32 on CPU)",
+        help="plain and fast precision (auto: bf16 on GPU, fp32 on CPU)",
     )
-    p.add_argument("--channels-last-cpu", action="store_true", help="fast mode on CPU: use channels_last too")
+    p.add_argument("--channels-last-cpu", action="store_true", help="plain and fast on CPU: use channels_last too")
     p.add_argument(
         "--reference-tf32", action="store_true", help="reference mode on GPU: allow TF32 (default off: true fp32)"
+    )
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="DIR",
+        help="after timing, profile 3 steps of each mode (torch.profiler): the top kernels go to DIR/profile_TASK_"
+        "MODE.txt, and the table gets the share of the step's device time (CPU time on CPU) in puzzlecam's own "
+        "kernels and ops",
     )
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     return p
@@ -256,12 +363,14 @@ def run(args: argparse.Namespace) -> None:
     args.width = args.width if args.width is not None else (64 if gpu else 16)
     args.image_size = args.image_size if args.image_size is not None else (512 if gpu else 96)
     args.batch_size = args.batch_size if args.batch_size is not None else (16 if gpu else 8)
+    args.compile = gpu if args.compile is None else args.compile
+    args.cuda_graphs = args.cuda_graphs and gpu
     args.warmup = args.warmup if args.warmup is not None else (10 if args.compile else 5)
     args.head_channels = args.head_channels if args.head_channels is not None else (256 if gpu else 32)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = set(modes) - {"reference", "fast"}
+    unknown = set(modes) - set(MODES)
     if unknown:
-        raise UsageError(f"--modes: unknown mode(s) {sorted(unknown)}; choose from reference, fast")
+        raise UsageError(f"--modes: unknown mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
     if args.image_size < 32 or args.image_size % 32:
         raise UsageError(
             f"--image-size must be a positive multiple of 32 (2x2 tiles at output stride 16), got {args.image_size}"
@@ -279,11 +388,13 @@ def run(args: argparse.Namespace) -> None:
         f"{args.batch_size} x {args.image_size}px, "
         f"{args.steps} timed steps after {args.warmup} warm-up, on {device} ({name}), torch {torch.__version__}"
     )
-    results = [run_mode(m, args, device, batches) for m in modes]
+    step_flops = count_flops(args, device, batches[0])
+    results = [run_mode(m, args, device, batches, step_flops) for m in modes]
 
     passes = "forward, pixel cross entropy" if args.task == "segmentation" else "forward x2, losses"
-    table = Table(title=f"full training step ({passes}, backward, SGD)")
-    for col in ("mode", "images/s", "step ms", "peak MiB", "dtype", "channels_last", "ops", "compile"):
+    table = Table(title=f"full training step ({passes}, backward, SGD); {step_flops / 1e9:.1f} GFLOP per step")
+    columns = ("mode", "images/s", "step ms", "TFLOP/s", "MFU", "peak MiB", "dtype", "channels_last", "ops")
+    for col in (*columns, "compile", "CUDA graphs"):
         table.add_column(col)
     for r in results:
         peak = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "n/a"
@@ -291,16 +402,31 @@ def run(args: argparse.Namespace) -> None:
             r["mode"],
             f"{r['images_per_s']:.1f}",
             f"{r['step_ms']:.1f}",
+            f"{r['tflops']:.2f}",
+            "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
             peak,
             r["dtype"],
             str(r["channels_last"]),
             r["ops_backend"],
             str(r["compile"]),
+            str(r["cuda_graphs"]),
         )
-    Console(width=max(Console().width, 110)).print(table)
+    Console(width=max(Console().width, 130)).print(table)
+    for r in results:
+        if r.get("puzzlecam_ops_share") is not None:
+            print(
+                f"{r['mode']}: puzzlecam's kernels and ops {r['puzzlecam_ops_ms_per_step']:.3f} ms of "
+                f"{r['profile_ms_per_step']:.1f} ms profiled per step ({100 * r['puzzlecam_ops_share']:.2f}%; "
+                f"{r['profile_table']})"
+            )
+    print(
+        "MFU: the step's matmul/conv FLOPs (FlopCounterMode on the eager reference step) per second over the GPU's "
+        "dense datasheet peak in the mode's precision; '-' where no peak is known (CPU, other GPUs)."
+    )
     by = {r["mode"]: r for r in results}
-    if "reference" in by and "fast" in by:
-        print(f"fast / reference: {by['fast']['images_per_s'] / by['reference']['images_per_s']:.2f}x images/s")
+    for a, b in (("fast", "reference"), ("plain", "reference"), ("fast", "plain")):
+        if a in by and b in by:
+            print(f"{a} / {b}: {by[a]['images_per_s'] / by[b]['images_per_s']:.2f}x images/s")
     if args.json:
         atomic_write_json(
             args.json,
@@ -315,6 +441,9 @@ def run(args: argparse.Namespace) -> None:
                 "params": params,
                 "image_size": args.image_size,
                 "batch_size": args.batch_size,
+                "step_gflop": step_flops / 1e9,
+                "flops_counted": "matmul/conv FLOPs of one eager reference step, forward + backward "
+                "(torch.utils.flop_counter.FlopCounterMode; puzzlecam.bench.flops)",
                 "results": results,
             },
         )

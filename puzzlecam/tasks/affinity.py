@@ -1,7 +1,8 @@
 """Stage 2, ``task: affinity``: AffinityNet's edge head trained on affinity labels (docs/training.md, "Tasks").
 
 Step: uint8 batch -> normalized images (zero where padded) -> edge logits at stride 4 -> sigmoid ->
-``puzzlecam.affinity.affinity_loss`` against the label map resized to the edge map's size by nearest
+``puzzlecam.affinity.affinity_loss`` (``ops.affinity_sums`` in the compiled step, then the normalization)
+against the label map resized to the edge map's size by nearest
 neighbour (the pixel nearest each output pixel's centre, as the original's PIL resize of the 512 crop to
 128), pairs of ``affinity.radius``. The loss normalizes each term by the pair counts summed over the
 ranks, so N processes with B/N images each give the loss and gradient of one process with B images.
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from puzzlecam import ops
-from puzzlecam.affinity import AffinityLosses, affinity_loss
+from puzzlecam.affinity import AffinityLosses, normalized_losses
 from puzzlecam.errors import ConfigError
 from puzzlecam.tasks import Task
 
@@ -32,27 +33,31 @@ def label_at(label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return small[:, 0].long()
 
 
-def edge_losses(
-    network: nn.Module,
-    batch: dict,
-    radius: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    channels_last: bool,
-    backend: str,
-) -> AffinityLosses:
-    """The affinity losses of one loader batch (see the module doc), fp32."""
+def batch_inputs(batch: dict, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(images, valid, label) of a loader batch on ``device``."""
     if "label" not in batch:
         raise ConfigError(
             "task affinity trains on labelled shards (a label.png per sample) but data.train_shards has none: "
             "make them with python -m puzzlecam.data label-shards (docs/data.md)"
         )
-    images = batch["image"].to(device, non_blocking=True)
-    valid = batch["valid"].to(device, non_blocking=True)
-    label = batch["label"].to(device, non_blocking=True)
-    x, _ = ops.prepare_inputs(images, valid, n=1, dtype=dtype, channels_last=channels_last, backend=backend)
-    edge = torch.sigmoid(network(x).float())
-    return affinity_loss(edge, label_at(label, tuple(edge.shape[-2:])), radius=radius, backend=backend)
+    return tuple(batch[k].to(device, non_blocking=True) for k in ("image", "valid", "label"))
+
+
+def edge_sums(
+    network: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    radius: int,
+    dtype: torch.dtype,
+    channels_last: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's (sums, counts) of the affinity loss (see the module doc) from :func:`batch_inputs`."""
+    images, valid, label = inputs
+    x, _ = ops.prepare_inputs(images, valid, 1, dtype, channels_last, backend=backend)
+    logits = network(x)
+    with torch.autocast(logits.device.type, enabled=False):
+        edge = torch.sigmoid(logits.float())
+        return ops.affinity_sums(edge, label_at(label, tuple(edge.shape[-2:])), radius, backend=backend)
 
 
 class AffinityTask(Task):
@@ -87,10 +92,14 @@ class AffinityTask(Task):
             }
         ]
 
-    def losses(self, network, batch, values, device, dtype, channels_last) -> AffinityLosses:
-        return edge_losses(
-            network, batch, self.cfg.affinity.radius, device, dtype, channels_last, self.cfg.train.ops_backend
-        )
+    def step_inputs(self, batch, values, device):
+        return batch_inputs(batch, device)
+
+    def local_terms(self, network, inputs, dtype, channels_last):
+        return edge_sums(network, inputs, self.cfg.affinity.radius, dtype, channels_last, self.cfg.train.ops_backend)
+
+    def reduce_terms(self, terms) -> AffinityLosses:
+        return normalized_losses(*terms)
 
     def export_metadata(self) -> dict[str, str]:
         return {"arch": self.cfg.model.arch, "radius": str(self.cfg.affinity.radius)}

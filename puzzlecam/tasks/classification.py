@@ -23,22 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from puzzlecam import NUM_CLASSES, ops, puzzle
+from puzzlecam import ops, puzzle
 from puzzlecam.config import Config
 from puzzlecam.errors import ConfigError
+from puzzlecam.puzzle import PuzzleSpec
 from puzzlecam.tasks import Evaluation, Task
 
 # The original's thresholds: np.arange(0.10, 0.50, 0.05).
 EVAL_THRESHOLDS = "0.10:0.45:0.05"
 # Images of rank 0's share shown as CAM overlays in TensorBoard (the first ones with a mask: fixed).
 OVERLAY_IMAGES = 4
-
-
-def prepare_inputs(
-    images: torch.Tensor, valid: torch.Tensor, n: int, dtype: torch.dtype, channels_last: bool, backend: str
-):
-    """uint8 (B,H,W,3) on the device -> (normalized x (B,3,H,W), tiles (n*n*B,3,H/n,W/n))."""
-    return ops.prepare_inputs(images, valid, n=n, dtype=dtype, channels_last=channels_last, backend=backend)
 
 
 class PuzzleNet(nn.Module):
@@ -67,7 +61,7 @@ class StepLosses(NamedTuple):
 
 
 def step_losses(
-    cams: torch.Tensor, cams_tiles: torch.Tensor | None, labels: torch.Tensor, cfg: Config, alpha: float
+    cams: torch.Tensor, cams_tiles: torch.Tensor | None, labels: torch.Tensor, cfg: Config, alpha: torch.Tensor | float
 ) -> StepLosses:
     """L = L_cls + L_pcls + alpha * L_re + conf_weight * L_conf (puzzle) or L_cls (baseline), all in fp32."""
     labels = labels.float()
@@ -76,39 +70,34 @@ def step_losses(
         zero = torch.zeros((), device=cls.device)
         return StepLosses(cls, cls, zero, zero, zero)
     p = cfg.puzzle
-    parts = ops.puzzle_losses(
-        cams,
-        cams_tiles,
-        labels,
-        n=p.num_pieces,
-        level=p.level,
-        kind=p.kind,
-        reduction=p.re_reduction,
-        with_conf=p.conf_weight > 0,
-        backend=cfg.train.ops_backend,
-    )
+    parts = ops.puzzle_losses(cams, cams_tiles, labels, PuzzleSpec.from_config(p), backend=cfg.train.ops_backend)
     total = parts.cls + parts.pcls + alpha * parts.re
     if p.conf_weight > 0:
         total = total + p.conf_weight * parts.conf
     return StepLosses(total, parts.cls, parts.pcls, parts.re, parts.conf)
 
 
-def forward_losses(
-    net: nn.Module,
-    batch: dict,
-    cfg: Config,
-    alpha: float,
-    device: torch.device,
-    dtype: torch.dtype,
-    channels_last: bool,
+def batch_inputs(batch: dict, alpha: float, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(images, valid, labels, alpha) of a loader batch on ``device`` (alpha a 0-d fp32 tensor)."""
+    return (
+        batch["image"].to(device, non_blocking=True),
+        batch["valid"].to(device, non_blocking=True),
+        batch["labels"].to(device, non_blocking=True),
+        torch.tensor(alpha, dtype=torch.float32, device=device),
+    )
+
+
+def local_losses(
+    net: nn.Module, inputs: tuple[torch.Tensor, ...], cfg: Config, dtype: torch.dtype, channels_last: bool
 ) -> StepLosses:
-    """Move a loader batch to the device, prepare inputs, run the passes, return the losses."""
-    images = batch["image"].to(device, non_blocking=True)
-    valid = batch["valid"].to(device, non_blocking=True)
-    labels = batch["labels"].to(device, non_blocking=True)
-    x, tiles = prepare_inputs(images, valid, cfg.puzzle.num_pieces, dtype, channels_last, cfg.train.ops_backend)
+    """The step from :func:`batch_inputs`: normalized images and tiles, the passes, the losses (fp32, autocast off)."""
+    images, valid, labels, alpha = inputs
+    x, tiles = ops.prepare_inputs(
+        images, valid, cfg.puzzle.num_pieces, dtype, channels_last, backend=cfg.train.ops_backend
+    )
     cams, cams_tiles = net(x, tiles if cfg.train.mode == "puzzle" else None)
-    return step_losses(cams, cams_tiles, labels, cfg, alpha)
+    with torch.autocast(cams.device.type, enabled=False):
+        return step_losses(cams, cams_tiles, labels, cfg, alpha)
 
 
 def image_cams(network: nn.Module, image: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -126,27 +115,30 @@ def image_cams(network: nn.Module, image: torch.Tensor, channels_last: bool) -> 
 
 
 def cam_grid_sweep(raw: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
-    """The (T, 21, 21) confusions of one image at the CAM grid, as the original loop scores it.
+    """The (T, C+1, C+1) confusions of one image at the CAM grid, as the original loop scores it.
 
     ``raw`` (C, h, w) class maps, ``keys`` (K,) the labelled channels, ``mask`` (H, W) the ground truth
-    (0..20, 255 ignored): make_cam of the labelled classes, the mask resized to (h, w) by nearest neighbour.
+    (0..C, 255 ignored): make_cam of the labelled classes, the mask resized to (h, w) by nearest neighbour.
     """
     from puzzlecam.evaluate import confusion_sweep
 
     cams = puzzle.make_cam(raw[None])[0, keys]
     small = F.interpolate(mask[None, None].float(), size=tuple(raw.shape[-2:]), mode="nearest")[0, 0]
-    return confusion_sweep(cams.cpu(), keys.cpu() + 1, small.long().cpu(), thresholds)
+    return confusion_sweep(cams.cpu(), keys.cpu() + 1, small.long().cpu(), thresholds, raw.shape[0] + 1)
 
 
 def overlay(image_id: str, image: np.ndarray, raw: torch.Tensor, keys: torch.Tensor, mask, threshold: float):
     """puzzlecam.viz's row (image | heat map per labelled class | pseudo-label | ground truth) of one image's
     single-scale CAMs, upsampled as inference does; (H, W, 3) uint8."""
     from puzzlecam.camstore import CamRecord
+    from puzzlecam.datasets import with_classes
     from puzzlecam.viz import overlay_row
 
     cam, hr_cam = puzzle.multiscale_cam([raw], None, keys, tuple(image.shape[:2]))
     record = CamRecord(image_id, keys.cpu().numpy(), cam.cpu().numpy(), hr_cam.cpu().numpy())
-    return np.asarray(overlay_row(image_id, image, record, mask, threshold, height=128))
+    dataset = with_classes(raw.shape[0])  # the network's classes name its CAMs
+    classes = dataset.classes if dataset is not None else ()
+    return np.asarray(overlay_row(image_id, image, record, mask, threshold, height=128, classes=classes))
 
 
 def check_split_attention_batch(cfg: Config) -> None:
@@ -185,13 +177,13 @@ class ClassificationTask(Task):
     """The classifier (docs/model.md) trained with the Puzzle-CAM losses (docs/method.md) on image-level labels."""
 
     name = "classification"
+    outputs_reason = "the classifier has one output per class,"
+
+    def outputs(self, dataset):
+        return dataset.num_classes
 
     def check(self) -> None:
-        if self.cfg.model.num_classes != NUM_CLASSES:
-            raise ConfigError(
-                f"model.num_classes={self.cfg.model.num_classes} but the training data's label vectors have "
-                f"{NUM_CLASSES} classes (the PASCAL VOC classes the shards hold): set model.num_classes={NUM_CLASSES}"
-            )
+        self.check_outputs()
         check_split_attention_batch(self.cfg)
 
     def build_network(self) -> nn.Module:
@@ -210,17 +202,24 @@ class ClassificationTask(Task):
     def step_values(self, step: int, total_steps: int) -> dict[str, float]:
         return {"alpha": alpha_for(step, total_steps, self.cfg)}
 
-    def losses(self, network, batch, values, device, dtype, channels_last) -> StepLosses:
-        return forward_losses(network, batch, self.cfg, values["alpha"], device, dtype, channels_last)
+    def step_inputs(self, batch, values, device):
+        return batch_inputs(batch, values["alpha"], device)
+
+    def local_terms(self, network, inputs, dtype, channels_last):
+        return tuple(local_losses(network, inputs, self.cfg, dtype, channels_last))
+
+    def reduce_terms(self, terms) -> StepLosses:
+        return StepLosses(*terms)
 
     def export_metadata(self) -> dict[str, str]:
         return {"arch": self.cfg.model.arch}
 
     def evaluate(self, network, device, channels_last, rank, world_size) -> Evaluation:
         """mIoU of the CAMs on data.eval_shards at the best of the original's thresholds (see the module doc)."""
-        from puzzlecam.evaluate import NUM_LABELS, miou, parse_thresholds
+        from puzzlecam.evaluate import miou, parse_thresholds
 
         thresholds = parse_thresholds(EVAL_THRESHOLDS)
+        num_labels = self.cfg.model.num_classes + 1  # the background and the classes
         shown = []
 
         def score(batch: dict) -> torch.Tensor:
@@ -231,9 +230,9 @@ class ClassificationTask(Task):
                 shown.append((batch["id"][0], batch["image"][0].numpy(), raw.cpu(), keys.cpu(), mask.numpy()))
             return cam_grid_sweep(raw, keys, mask.to(raw.device), thresholds)
 
-        size = len(thresholds) * NUM_LABELS * NUM_LABELS
+        size = len(thresholds) * num_labels * num_labels
         sums, scored, skipped = self.sum_over_masked_images(score, size, device, rank, world_size)
-        means, _ = miou(sums.reshape(len(thresholds), NUM_LABELS, NUM_LABELS))
+        means, _ = miou(sums.reshape(len(thresholds), num_labels, num_labels))
         best = int(torch.nan_to_num(means, nan=-1.0).argmax())  # the first of equal ones, as the original
         metrics = {
             "eval_miou": float(means[best]),

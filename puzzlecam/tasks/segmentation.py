@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from puzzlecam import NUM_CLASSES, ops
+from puzzlecam import ops
 from puzzlecam.errors import ConfigError
 from puzzlecam.tasks import Evaluation, Task
 from puzzlecam.tasks.classification import OVERLAY_IMAGES, check_split_attention_batch, launch_world_size
@@ -49,9 +49,18 @@ def pixel_cross_entropy(logits: torch.Tensor, label: torch.Tensor) -> torch.Tens
     """Cross entropy of ``logits`` (B, C, H, W) against ``label`` (B, H, W) int64 over the pixels whose label is
     not 255, in fp32, divided by the count of those pixels in the global batch (all ranks) and multiplied by
     the world size W: under DeepSpeed's gradient averaging the mean over the global batch's labelled pixels
-    (see the module doc). No labelled pixel anywhere gives 0."""
+    (see the module doc). No labelled pixel anywhere gives 0. :func:`normalized_loss` of :func:`pixel_sums`."""
+    return normalized_loss(*pixel_sums(logits, label))
+
+
+def pixel_sums(logits: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the summed fp32 cross entropy over this rank's labelled pixels, their count as fp32)."""
     summed = F.cross_entropy(logits.float(), label, ignore_index=IGNORE_INDEX, reduction="sum")
-    count = (label != IGNORE_INDEX).sum().to(summed.dtype)
+    return summed, (label != IGNORE_INDEX).sum().to(summed.dtype)
+
+
+def normalized_loss(summed: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """W * summed / (the count summed over the W ranks, at least 1)."""
     dist = torch.distributed
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     if world > 1:
@@ -59,27 +68,27 @@ def pixel_cross_entropy(logits: torch.Tensor, label: torch.Tensor) -> torch.Tens
     return world * summed / count.clamp_min(1)
 
 
-def segmentation_losses(
-    network: nn.Module,
-    batch: dict,
-    device: torch.device,
-    dtype: torch.dtype,
-    channels_last: bool,
-    backend: str,
-) -> SegmentationLosses:
-    """The loss of one loader batch (with ``label``), fp32."""
-    images = batch["image"].to(device, non_blocking=True)
-    valid = batch["valid"].to(device, non_blocking=True)
-    label = batch["label"].to(device, non_blocking=True)
-    x, _ = ops.prepare_inputs(images, valid, n=1, dtype=dtype, channels_last=channels_last, backend=backend)
-    return SegmentationLosses(pixel_cross_entropy(network(x), label))
+def batch_inputs(batch: dict, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(images, valid, label) of a loader batch (with ``label``) on ``device``."""
+    return tuple(batch[k].to(device, non_blocking=True) for k in ("image", "valid", "label"))
+
+
+def local_sums(
+    network: nn.Module, inputs: tuple[torch.Tensor, ...], dtype: torch.dtype, channels_last: bool, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's :func:`pixel_sums` from :func:`batch_inputs`: normalized images, logits, the summed loss."""
+    images, valid, label = inputs
+    x, _ = ops.prepare_inputs(images, valid, 1, dtype, channels_last, backend=backend)
+    logits = network(x)
+    with torch.autocast(logits.device.type, enabled=False):
+        return pixel_sums(logits, label)
 
 
 def predicted_labels(network: nn.Module, batch: dict, device: torch.device, channels_last: bool, backend: str):
     """The argmax of the network's logits of an evaluation batch (one uint8 image at its own size), (1, H, W)."""
     images = batch["image"].to(device)
     valid = batch["valid"].to(device)
-    x, _ = ops.prepare_inputs(images, valid, n=1, dtype=torch.float32, channels_last=channels_last, backend=backend)
+    x, _ = ops.prepare_inputs(images, valid, 1, torch.float32, channels_last, backend=backend)
     return network(x).float().argmax(1)
 
 
@@ -87,6 +96,10 @@ class SegmentationTask(Task):
     """DeepLabv3+ (docs/model.md, "DeepLabv3+") trained with the pixel cross entropy (see the module doc)."""
 
     name = "segmentation"
+    outputs_reason = "the label maps hold the background and every class,"
+
+    def outputs(self, dataset):
+        return dataset.num_labels
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -94,12 +107,7 @@ class SegmentationTask(Task):
 
     def check(self) -> None:
         m, t = self.cfg.model, self.cfg.train
-        classes = NUM_CLASSES + 1
-        if m.num_classes != classes:
-            raise ConfigError(
-                f"model.num_classes={m.num_classes} but the label maps of the shards hold the background and the "
-                f"{NUM_CLASSES} PASCAL VOC classes (0..{NUM_CLASSES}, 255 ignored): set model.num_classes={classes}"
-            )
+        self.check_outputs()
         check_split_attention_batch(self.cfg)
         head_norm = self.cfg.segmentation.head_norm
         alone = head_norm == "batch" or head_norm == "sync" and launch_world_size() == 1
@@ -153,8 +161,14 @@ class SegmentationTask(Task):
             "segmentation.labels=label with labelled shards (python -m puzzlecam.data label-shards)"
         )
 
-    def losses(self, network, batch, values, device, dtype, channels_last) -> SegmentationLosses:
-        return segmentation_losses(network, batch, device, dtype, channels_last, self.cfg.train.ops_backend)
+    def step_inputs(self, batch, values, device):
+        return batch_inputs(batch, device)
+
+    def local_terms(self, network, inputs, dtype, channels_last):
+        return local_sums(network, inputs, dtype, channels_last, self.cfg.train.ops_backend)
+
+    def reduce_terms(self, terms) -> SegmentationLosses:
+        return SegmentationLosses(normalized_loss(*terms))
 
     def export_metadata(self) -> dict[str, str]:
         s = self.cfg.segmentation
