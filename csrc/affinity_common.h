@@ -66,8 +66,9 @@ inline bool affinity_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
 }
 
-// Labels of valid pairs are < kNumLabels (0 background, 1..20 classes); 255 and any other value are ignored.
-constexpr int64_t kNumLabels = 21;
+// Labels of valid pairs are < kIgnoreLabel: 0 background, 1..C classes (VOC 20, COCO 80); 255 (and anything
+// larger) is ignored. The original's `< 21` for VOC: the same pairs on every label map the pipeline makes.
+constexpr int64_t kIgnoreLabel = 255;
 // The epsilon inside both logarithms of the loss.
 constexpr double kLogEps = 1e-5;
 

@@ -45,7 +45,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch.distributed as dist
 
-from puzzlecam import NUM_CLASSES
+from puzzlecam.datasets import DEFAULT
 from puzzlecam.errors import CamStoreError
 from puzzlecam.puzzle import strided_size
 from puzzlecam.utils.distributed import barrier, sum_across_ranks
@@ -60,6 +60,7 @@ ARRAY_NAMES = ("keys", "cam", "hr_cam")
 ID_ARRAY = "id"  # only in files named by a digest: the id the name cannot hold
 CAM_STRIDE = 4
 RW_META_NAME = "rw.json"  # the settings of a random-walk store (puzzlecam.rw)
+CAM_META_NAME = "infer.json"  # the settings of a CAM store (puzzlecam.infer)
 
 # The longest file name stem: with a suffix, the temporary mark and a pid the name stays under
 # the 255 bytes file systems allow.
@@ -237,9 +238,10 @@ def _load(
     path: Path,
     label: str,
     names: tuple[str, ...],
+    *,
+    num_classes: int,
     size: tuple[int, int] | None = None,
     size_of: str = "the image",
-    num_classes: int = NUM_CLASSES,
 ) -> tuple[dict[str, tuple[tuple[int, ...], np.dtype]], dict[str, np.ndarray]]:
     """The declared (shape, dtype) of every array and the loaded arrays ``names`` of a CAM file; nothing
     is loaded before every header passed the checks."""
@@ -283,7 +285,7 @@ def read_cam(
     *,
     size: tuple[int, int] | None = None,
     size_of: str = "the image",
-    num_classes: int = NUM_CLASSES,
+    num_classes: int | None = None,
 ) -> CamRecord:
     """Load and validate the CAMs of ``image_id``; any problem is a :class:`CamStoreError` naming the id and file.
 
@@ -291,10 +293,12 @@ def read_cam(
     float16 maps, hr_cam (K, H, W) within the pixel bound (:mod:`puzzlecam.utils.limits`) and equal to
     ``size`` when given (the image size recorded for the id, described as ``size_of`` in the message),
     cam at the stride-4 size of (H, W). Then keys must be channel indices 0..num_classes-1 and the maps finite.
+    ``num_classes`` defaults to the store's (:func:`store_num_classes`).
     """
     path = cam_path(directory, image_id)
     label = shown_id(image_id)
     names = (*ARRAY_NAMES, ID_ARRAY)
+    num_classes = store_num_classes(directory) if num_classes is None else num_classes
     _, arrays = _load(path, label, names, size=size, size_of=size_of, num_classes=num_classes)
     if path.name.startswith(DIGEST_MARK) and _stored_id(arrays, f"{label}: CAM file {path}") != image_id:
         raise CamStoreError(f"{label}: CAM file {path} holds the CAMs of another id")
@@ -310,7 +314,7 @@ def is_complete(directory: str | Path, image_id: str, size: tuple[int, int] | No
         return False
 
 
-def _ids_and_paths(directory: Path) -> Iterator[tuple[str, Path]]:
+def _ids_and_paths(directory: Path, num_classes: int | None = None) -> Iterator[tuple[str, Path]]:
     """(id, path) of every CAM file; names this store does not write are skipped with a warning."""
     for path in directory.iterdir():
         name = path.name
@@ -319,7 +323,8 @@ def _ids_and_paths(directory: Path) -> Iterator[tuple[str, Path]]:
         stem = name[: -len(CAM_SUFFIX)]
         if stem.startswith(DIGEST_MARK):
             where = f"CAM file {path}"
-            image_id = _stored_id(_load(path, where, (ID_ARRAY,))[1], where)
+            classes = store_num_classes(directory) if num_classes is None else num_classes
+            image_id = _stored_id(_load(path, where, (ID_ARRAY,), num_classes=classes)[1], where)
             if file_stem(image_id) != stem:
                 raise CamStoreError(f"{where} holds the CAMs of {shown_id(image_id)}, whose file name differs")
         else:
@@ -351,16 +356,17 @@ def _text(image_id: str) -> str | None:
         return None
 
 
-def write_index(directory: str | Path) -> Path:
+def write_index(directory: str | Path, num_classes: int | None = None) -> Path:
     """Rebuild ``index.parquet`` from the CAM files present (checks every header, loads only the keys).
 
     ``id`` is null for an id that is not valid Unicode (undecodable bytes in a tar header); ``file``
-    still names its CAM file.
+    still names its CAM file. Keys are checked against ``num_classes`` (default: the store's settings file's).
     """
     d = Path(directory)
     rows = []
-    for image_id, path in sorted(_ids_and_paths(d)):
-        declared, arrays = _load(path, shown_id(image_id), ("keys",))
+    num_classes = store_num_classes(d) if num_classes is None else num_classes
+    for image_id, path in sorted(_ids_and_paths(d, num_classes)):
+        declared, arrays = _load(path, shown_id(image_id), ("keys",), num_classes=num_classes)
         _, height, width = declared["hr_cam"][0]
         rows.append((_text(image_id), path.name, height, width, [int(k) for k in arrays["keys"]]))
     table = pa.table(
@@ -418,6 +424,20 @@ def recorded_sizes(directory: str | Path) -> dict[str, tuple[int, int]]:
 # A store's settings file (infer.json, rw.json) and the end of a run
 
 
+def store_num_classes(directory: str | Path) -> int:
+    """The classes of the network whose CAMs ``directory`` holds, as its settings file (infer.json, rw.json)
+    records them; a store written before they were recorded is VOC's (20)."""
+    for name in (CAM_META_NAME, RW_META_NAME):
+        path = Path(directory, name)
+        try:
+            value = json.loads(path.read_text()).get("num_classes")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return DEFAULT.num_classes
+
+
 def changed_settings(directory: str | Path, meta_name: str, meta: dict, keys: tuple[str, ...]) -> list[str]:
     """The ``keys`` whose values in ``directory/meta_name`` (an earlier run's settings) differ from ``meta``;
     none when there is no such file or it is unreadable (the run rewrites it at its end)."""
@@ -451,7 +471,7 @@ def finish_store(directory: str | Path, meta_name: str, meta: dict, counts: dict
     d = Path(directory)
 
     def index_and_meta(totals: dict[str, int]) -> None:
-        index = write_index(d)
+        index = write_index(d, meta.get("num_classes"))
         atomic_write_json(d / meta_name, {**meta, **totals})
         log.info(
             "%s: %d written (%d without labelled classes), %d already complete, %d corrupt samples skipped, "

@@ -42,8 +42,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from puzzlecam import VOC_CLASSES
 from puzzlecam.camstore import CamStoreError, cam_path, file_name, is_rw_store, read_cam, shown_id
+from puzzlecam.datasets import VOC, Dataset, of_shards
 from puzzlecam.errors import EvaluationError
 from puzzlecam.utils.cli import run_command
 from puzzlecam.utils.files import atomic_write, atomic_write_json, output_directory
@@ -52,8 +52,8 @@ from puzzlecam.utils.progress import ProgressBar
 
 log = logging.getLogger("puzzlecam.evaluate")  # not __name__: that is "__main__" under python -m
 
-NUM_LABELS = len(VOC_CLASSES) + 1  # background + 20 classes
-CLASS_NAMES = ("background",) + VOC_CLASSES
+NUM_LABELS = VOC.num_labels  # the default: background + VOC's 20 classes (datasets hold theirs)
+CLASS_NAMES = VOC.label_names
 DEFAULT_THRESHOLDS = "0.05:0.80:0.05"
 # Random-walk maps (puzzlecam.rw) are divided by one global max, not per class: smaller scores.
 RW_DEFAULT_THRESHOLDS = "0.05:0.50:0.05"
@@ -247,17 +247,25 @@ def iter_masks(shards: str, num_workers: int = 0) -> Iterator[tuple[str, np.ndar
 
 
 def sweep_cams(
-    cam_dir: str | Path, masks: Iterable[tuple[str, np.ndarray]], thresholds: list[float], total: int | None = None
+    cam_dir: str | Path,
+    masks: Iterable[tuple[str, np.ndarray]],
+    thresholds: list[float],
+    total: int | None = None,
+    dataset: Dataset = VOC,
 ):
-    """Sum the (T, 21, 21) confusions of every (id, mask); raises naming missing or bad CAMs."""
-    total_conf = torch.zeros(len(thresholds), NUM_LABELS, NUM_LABELS, dtype=torch.long)
+    """Sum the (T, L, L) confusions (L = the dataset's labels: 21 for VOC, 81 for COCO) of every (id, mask);
+    raises naming missing or bad CAMs."""
+    num_labels = dataset.num_labels
+    total_conf = torch.zeros(len(thresholds), num_labels, num_labels, dtype=torch.long)
     missing: list[str] = []
     count = 0
     with ProgressBar("evaluate CAMs", total) as progress:
         for image_id, mask in masks:
             progress.advance()
             try:
-                record = read_cam(cam_dir, image_id, size=mask.shape, size_of="the mask")
+                record = read_cam(
+                    cam_dir, image_id, size=mask.shape, size_of="the mask", num_classes=dataset.num_classes
+                )
             except CamStoreError as e:
                 if not cam_path(cam_dir, image_id).exists():
                     missing.append(image_id)
@@ -269,6 +277,7 @@ def sweep_cams(
                     torch.from_numpy(record.keys) + 1,
                     torch.from_numpy(mask),
                     thresholds,
+                    num_labels,
                 )
             except EvaluationError as e:
                 raise EvaluationError(f"{shown_id(image_id)}: {e}") from None
@@ -277,10 +286,13 @@ def sweep_cams(
     return total_conf, count
 
 
-def sweep_labels(label_dir: str | Path, masks: Iterable[tuple[str, np.ndarray]], total: int | None = None):
-    """Sum the confusions (1, 21, 21) and undecided counts of PNG label maps ``{id}.png``."""
-    conf = torch.zeros(1, NUM_LABELS, NUM_LABELS, dtype=torch.long)
-    undecided = torch.zeros(NUM_LABELS, dtype=torch.long)
+def sweep_labels(
+    label_dir: str | Path, masks: Iterable[tuple[str, np.ndarray]], total: int | None = None, dataset: Dataset = VOC
+):
+    """Sum the confusions (1, L, L) and undecided counts of PNG label maps ``{id}.png`` (L: the dataset's labels)."""
+    num_labels = dataset.num_labels
+    conf = torch.zeros(1, num_labels, num_labels, dtype=torch.long)
+    undecided = torch.zeros(num_labels, dtype=torch.long)
     missing: list[str] = []
     count = 0
     with ProgressBar("evaluate labels", total) as progress:
@@ -304,7 +316,7 @@ def sweep_labels(label_dir: str | Path, masks: Iterable[tuple[str, np.ndarray]],
             except Exception as e:  # not an image, a truncated file, ...
                 raise EvaluationError(f"{label}: cannot read label map {path}: {type(e).__name__}: {e}") from None
             try:
-                c, u = confusion_from_labels(torch.from_numpy(pred), torch.from_numpy(mask))
+                c, u = confusion_from_labels(torch.from_numpy(pred), torch.from_numpy(mask), num_labels)
             except EvaluationError as e:
                 raise EvaluationError(f"{label}: {e}") from None
             conf[0] += c
@@ -320,7 +332,9 @@ def _raise_missing(missing: list[str], what: str) -> None:
         raise EvaluationError(f"{len(missing)} images with a mask have no {what}: {shown}")
 
 
-def results_table(confusion: torch.Tensor, thresholds: list[float | None], undecided=None) -> pa.Table:
+def results_table(
+    confusion: torch.Tensor, thresholds: list[float | None], undecided=None, dataset: Dataset = VOC
+) -> pa.Table:
     """One row per (threshold, class): iou, fp_rate, fn_rate and the pixel counts."""
     rows: dict[str, list] = {
         k: []
@@ -341,10 +355,10 @@ def results_table(confusion: torch.Tensor, thresholds: list[float | None], undec
     fps, fns = error_rates(confusion, undecided)
     tp, gt_total, pred_total, _ = _rates(confusion, undecided)
     for i, t in enumerate(thresholds):
-        for c in range(NUM_LABELS):
+        for c, name in enumerate(dataset.label_names):
             rows["threshold"].append(t)
             rows["class_index"].append(c)
-            rows["class_name"].append(CLASS_NAMES[c])
+            rows["class_name"].append(name)
             rows["iou"].append(float(ious[i, c]))
             rows["fp_rate"].append(float(fps[i, c]))
             rows["fn_rate"].append(float(fns[i, c]))
@@ -371,7 +385,13 @@ def results_table(confusion: torch.Tensor, thresholds: list[float | None], undec
     )
 
 
-def summarize(confusion: torch.Tensor, thresholds: list[float | None], num_images: int, undecided=None) -> dict:
+def summarize(
+    confusion: torch.Tensor,
+    thresholds: list[float | None],
+    num_images: int,
+    undecided=None,
+    dataset: Dataset = VOC,
+) -> dict:
     means, ious = miou(confusion, undecided)
     fps, fns = error_rates(confusion, undecided)
     best = int(torch.nan_to_num(means, nan=-1.0).argmax())
@@ -379,13 +399,15 @@ def summarize(confusion: torch.Tensor, thresholds: list[float | None], num_image
     def clean(v: float):  # JSON has no nan
         return None if math.isnan(v) else v
 
+    names = dataset.label_names
     summary = {
+        "dataset": dataset.name,
         "num_images": num_images,
         "best_threshold": thresholds[best],
         "best_miou": clean(float(means[best])),
-        "per_class_iou": {CLASS_NAMES[c]: clean(float(ious[best, c])) for c in range(NUM_LABELS)},
-        "per_class_fp_rate": {CLASS_NAMES[c]: clean(float(fps[best, c])) for c in range(NUM_LABELS)},
-        "per_class_fn_rate": {CLASS_NAMES[c]: clean(float(fns[best, c])) for c in range(NUM_LABELS)},
+        "per_class_iou": {name: clean(float(ious[best, c])) for c, name in enumerate(names)},
+        "per_class_fp_rate": {name: clean(float(fps[best, c])) for c, name in enumerate(names)},
+        "per_class_fn_rate": {name: clean(float(fns[best, c])) for c, name in enumerate(names)},
         "thresholds": thresholds,
         "miou_per_threshold": [clean(float(m)) for m in means],
     }
@@ -415,7 +437,7 @@ def print_report(summary: dict, console=None) -> None:
     for name in ("class", "IoU %", "FP %", "FN %"):
         per_class.add_column(name, justify="left" if name == "class" else "right")
     fmt = lambda v: "-" if v is None else f"{100 * v:.2f}"
-    for name in CLASS_NAMES:
+    for name in summary["per_class_iou"]:
         per_class.add_row(
             name,
             fmt(summary["per_class_iou"][name]),
@@ -495,6 +517,7 @@ def run(args) -> None:
 
 
 def _evaluate(args) -> None:
+    dataset = of_shards(args.shards) or VOC  # the classes the masks label (the json of the shards names them)
     if args.mode == "cams":
         if args.cams is None:
             raise EvaluationError("--mode cams needs --cams DIR")
@@ -502,23 +525,23 @@ def _evaluate(args) -> None:
             raise EvaluationError(f"--cams {args.cams}: no such directory")
         thresholds = parse_thresholds(default_thresholds(args.cams) if args.thresholds is None else args.thresholds)
         conf, count = sweep_cams(
-            args.cams, iter_masks(args.shards, args.num_workers), thresholds, _count_masks(args.shards)
+            args.cams, iter_masks(args.shards, args.num_workers), thresholds, _count_masks(args.shards), dataset
         )
         undecided, row_thresholds = None, thresholds
     else:
         if args.labels is None or not args.labels.is_dir():
             raise EvaluationError(f"--mode labels needs --labels DIR of PNG label maps (got {args.labels})")
         conf, undecided, count = sweep_labels(
-            args.labels, iter_masks(args.shards, args.num_workers), _count_masks(args.shards)
+            args.labels, iter_masks(args.shards, args.num_workers), _count_masks(args.shards), dataset
         )
         row_thresholds = [None]
     if count == 0:
         raise EvaluationError(f"no sample with a mask in --shards {args.shards}")
-    summary = summarize(conf, row_thresholds, count, undecided)
+    summary = summarize(conf, row_thresholds, count, undecided, dataset)
     summary["mode"] = args.mode
     print_report(summary)
     if args.out is not None:
-        write_results(args.out, results_table(conf, row_thresholds, undecided), summary)
+        write_results(args.out, results_table(conf, row_thresholds, undecided, dataset), summary)
         log.info("wrote %s and %s", args.out / "eval.parquet", args.out / "summary.json")
 
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from puzzlecam import ops
-from puzzlecam.camstore import RW_META_NAME, changed_settings, finish_store, is_complete, write_cam
+from puzzlecam.camstore import CAM_META_NAME, RW_META_NAME, changed_settings, finish_store, is_complete, write_cam
 from puzzlecam.config import Config, ConfigError, load_config
 from puzzlecam.errors import InferenceError
 from puzzlecam.puzzle import strided_size
@@ -44,7 +44,7 @@ from puzzlecam.utils.progress import ProgressBar
 
 log = logging.getLogger("puzzlecam.infer")  # not __name__: that is "__main__" under python -m
 
-META_NAME = "infer.json"
+META_NAME = CAM_META_NAME
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,6 +328,7 @@ def _infer(args) -> None:
         "weights": str(args.weights),
         "weights_sha256": _file_digest(args.weights),
         "arch": cfg.model.arch,
+        "num_classes": cfg.model.num_classes,  # the key bound of every reader (camstore.store_num_classes)
         "scales": list(scales),
         "flip": flip,
         "shards": args.shards,
@@ -355,7 +356,7 @@ def _infer(args) -> None:
         pending.clear()
         return n
 
-    with ProgressBar(f"CAMs (rank 0 of {world})", len(loader), enabled=rank == 0) as progress:
+    with ProgressBar(f"CAMs (rank 0 of {world})", len(loader) or None, enabled=rank == 0) as progress:
         for batch in loader:
             image_id = batch["id"][0]
             image = batch["image"][0]

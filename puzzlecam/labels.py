@@ -44,6 +44,7 @@ from puzzlecam.camstore import (
     read_cam,
     recorded_sizes,
     shown_id,
+    store_num_classes,
 )
 from puzzlecam.errors import LabelsError
 from puzzlecam.utils.cli import run_command
@@ -164,8 +165,8 @@ def make_label_map(
 
 
 def _job(args) -> str:
-    cam_dir, out_dir, image_id, image, size, size_of, options = args
-    record = read_cam(cam_dir, image_id, size=size, size_of=size_of)
+    cam_dir, num_classes, out_dir, image_id, image, size, size_of, options = args
+    record = read_cam(cam_dir, image_id, size=size, size_of=size_of, num_classes=num_classes)
     atomic_write_bytes(
         Path(out_dir, file_name(image_id, ".png")), encode_label_png(make_label_map(record, image=image, **options))
     )
@@ -177,8 +178,9 @@ Item = tuple[str, np.ndarray | None, tuple[int, int] | None, str]
 
 
 def _jobs(args, items: Iterator[Item], options: dict):
+    num_classes = store_num_classes(args.cams)  # read once, not per image
     for image_id, image, size, size_of in items:
-        yield args.cams, args.out, image_id, image, size, size_of, options
+        yield args.cams, num_classes, args.out, image_id, image, size, size_of, options
 
 
 def _shard_images(shards: str, num_workers: int, cam_dir: Path, missing: list[str], keep_images: bool):

@@ -40,6 +40,7 @@ from puzzlecam.camstore import (
     is_complete,
     read_cam,
     shown_id,
+    store_num_classes,
     write_cam,
 )
 from puzzlecam.errors import InferenceError, PuzzleCamError
@@ -248,6 +249,7 @@ def _rw(args) -> None:
         "weights_sha256": _file_digest(args.weights),
         "arch": cfg.model.arch,
         "cams": str(args.cams.resolve()),
+        "num_classes": store_num_classes(args.cams),  # the CAM store's: the walk keeps its keys
         "beta": args.beta,
         "exp_times": args.exp_times,
         "radius": args.radius,
@@ -261,7 +263,7 @@ def _rw(args) -> None:
     written = skipped = empty = 0
     missing: list[str] = []
     failed: PuzzleCamError | None = None
-    with ProgressBar(f"random walk (rank 0 of {world})", len(loader), enabled=rank == 0) as progress:
+    with ProgressBar(f"random walk (rank 0 of {world})", len(loader) or None, enabled=rank == 0) as progress:
         for batch in loader:
             image_id = batch["id"][0]
             image = batch["image"][0]
@@ -274,7 +276,7 @@ def _rw(args) -> None:
                 missing.append(image_id)  # all listed at the end
                 continue
             try:
-                record = read_cam(args.cams, image_id, size=size)
+                record = read_cam(args.cams, image_id, size=size, num_classes=meta["num_classes"])
             except CamStoreError as e:
                 failed = e  # a refused CAM file: stop this rank, then every rank (below)
                 break

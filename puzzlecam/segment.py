@@ -296,7 +296,7 @@ def _segment(args, scales: tuple[float, ...]) -> None:
     autocast = autocast_for(device, args.precision)
     loader = eval_loader(args.shards, num_workers=args.num_workers, rank=rank, world_size=world)
     written = skipped = 0
-    with ProgressBar(f"segmentation (rank 0 of {world})", len(loader), enabled=rank == 0) as progress:
+    with ProgressBar(f"segmentation (rank 0 of {world})", len(loader) or None, enabled=rank == 0) as progress:
         for batch in loader:
             image_id, image = batch["id"][0], batch["image"][0]
             path = labels_dir / file_name(image_id, ".png")

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from puzzlecam import VOC_CLASSES
-from puzzlecam.camstore import CamStoreError, cam_path, file_name, read_cam, shown_id
+from puzzlecam.camstore import CamStoreError, cam_path, file_name, read_cam, shown_id, store_num_classes
+from puzzlecam.datasets import VOC, with_classes
 from puzzlecam.errors import UsageError
 from puzzlecam.labels import predict_labels
 from puzzlecam.utils.cli import run_command
@@ -86,6 +86,10 @@ def _vstack(rows: list[Image.Image]) -> Image.Image:
     return grid
 
 
+def _class_name(key: int, classes: tuple[str, ...]) -> str:
+    return classes[key] if 0 <= key < len(classes) else f"class {key}"
+
+
 def overlay_row(
     image_id: str,
     image: np.ndarray,
@@ -94,9 +98,10 @@ def overlay_row(
     threshold: float,
     height: int = 160,
     later: list[tuple[str, np.ndarray]] = (),
+    classes: tuple[str, ...] = VOC.classes,
 ) -> Image.Image:
     """One image's panels side by side (see the module docstring); ``later`` adds (caption, label map) panels
-    before the ground truth (the random walk's labels, a segmentation)."""
+    before the ground truth (the random walk's labels, a segmentation); ``classes`` names the CAMs' keys."""
     if tuple(image.shape[:2]) != record.size:
         raise CamStoreError(
             f"{shown_id(image_id)}: image is {image.shape[0]}x{image.shape[1]} "
@@ -104,7 +109,7 @@ def overlay_row(
         )
     panels = [_panel(image, shown_id(image_id), height)]
     for k, cam in zip(record.keys, record.hr_cam, strict=True):
-        panels.append(_panel(heat_overlay(image, cam.astype(np.float32)), VOC_CLASSES[int(k)], height))
+        panels.append(_panel(heat_overlay(image, cam.astype(np.float32)), _class_name(int(k), classes), height))
     pred = predict_labels(record.hr_cam, record.keys, threshold)
     caption = f"CAM t={threshold:.2f}" if later else f"pseudo-label t={threshold:.2f}"
     panels.append(_panel(colorize(pred), caption, height, nearest=True))
@@ -231,15 +236,18 @@ def _write_overlays(args, threshold: float, rw_threshold: float) -> None:
     from puzzlecam.data import eval_loader
 
     rows = []
+    num_classes = store_num_classes(args.cams)  # read once, not per image
+    dataset = with_classes(num_classes)
+    classes = dataset.classes if dataset is not None else ()  # unknown: "class k" captions
     for batch in eval_loader(args.shards, num_workers=0, rank=0, world_size=1):
         image_id = batch["id"][0]
         if not cam_path(args.cams, image_id).is_file():
             continue
         image = np.asarray(batch["image"][0])
-        record = read_cam(args.cams, image_id, size=image.shape[:2])
+        record = read_cam(args.cams, image_id, size=image.shape[:2], num_classes=num_classes)
         mask = np.asarray(batch["mask"][0]) if bool(batch["has_mask"][0]) else None
         later = _later_panels(args, image_id, tuple(image.shape[:2]), rw_threshold)
-        row = overlay_row(image_id, image, record, mask, threshold, args.height, later)
+        row = overlay_row(image_id, image, record, mask, threshold, args.height, later, classes)
         write_png(args.out / file_name(image_id, ".png"), row)
         rows.append(row)
         if len(rows) == args.n:

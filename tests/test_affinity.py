@@ -90,7 +90,8 @@ def _labels(shape, seed):
     gen = torch.Generator().manual_seed(seed)
     seg = torch.randint(0, 4, shape, generator=gen)
     seg[torch.rand(shape, generator=gen) < 0.15] = 255
-    seg[torch.rand(shape, generator=gen) < 0.05] = 21  # invalid too (>= 21)
+    seg[torch.rand(shape, generator=gen) < 0.05] = 80  # a COCO class: valid (only >= 255 is ignored)
+    seg[torch.rand(shape, generator=gen) < 0.05] = 300  # invalid too (>= 255)
     return seg
 
 
@@ -101,7 +102,7 @@ def test_pair_masks_match_a_per_pixel_loop():
     for b, pairs in enumerate(_direct_pairs(edge, seg, radius)):
         want = {"bg": [], "fg": [], "neg": []}
         for _, a, c in pairs:
-            valid = a < 21 and c < 21
+            valid = a < 255 and c < 255
             want["bg"].append(valid and a == c == 0)
             want["fg"].append(valid and a == c and a > 0)
             want["neg"].append(valid and a != c)
@@ -115,7 +116,7 @@ def _direct_sums(edge, seg, radius):
     counts = [0, 0, 0]
     for pairs in _direct_pairs(edge, seg, radius):
         for aff, a, c in pairs:
-            if a >= 21 or c >= 21:
+            if a >= 255 or c >= 255:
                 continue
             kind = 2 if a != c else (0 if a == 0 else 1)
             term = -torch.log(aff + 1e-5) if kind < 2 else -torch.log(1 + 1e-5 - aff)

@@ -141,3 +141,48 @@ def test_cli(shards, tmp_path, capsys):
     assert "wrote 0 labelled shard(s), kept 2 finished one(s)" in capsys.readouterr().out
     assert data_main(["label-shards", "--shards", str(shards), "--labels", str(tmp_path / "nope"), "--out", "x"]) == 2
     assert "--labels" in capsys.readouterr().err
+
+
+def test_coco_label_maps_hold_its_81_labels(tmp_path):
+    """label-shards checks label maps against the shards' dataset: COCO's 0..80 pass, VOC's stop at 20."""
+    import numpy as np
+
+    from puzzlecam.data.voc import check_mask_values
+
+    coco = np.array([[0, 80], [255, 21]], dtype=np.uint8)
+    check_mask_values(coco, num_labels=81)
+    with pytest.raises(ValueError, match=r"mask holds values \[21, 80\]; expected 0..20 or 255"):
+        check_mask_values(coco)
+    with pytest.raises(ValueError, match=r"mask holds values \[81\]; expected 0..80 or 255"):
+        check_mask_values(np.array([[81]], dtype=np.uint8), num_labels=81)
+
+
+def test_coco_shards_through_label_shards_and_the_loader(tmp_path):
+    """COCO shards -> label maps of their masks (values up to 80) -> labelled shards -> training batches: 80-long
+    label vectors, label maps with COCO's classes (a VOC bound would call them corrupt)."""
+    pytest.importorskip("pycocotools")
+    import numpy as np
+
+    from puzzlecam.data import train_loader
+    from puzzlecam.data.coco import shard_coco
+    from puzzlecam.data.label_shards import label_shards
+    from puzzlecam.data.synth_coco import synthesize_coco
+    from puzzlecam.evaluate import iter_masks
+    from puzzlecam.utils.labelmap import encode_label_png
+
+    synthesize_coco(tmp_path / "coco", num_images=12, size=64, seed=3, val_fraction=0)
+    shard_coco(
+        tmp_path / "coco" / "train2014", tmp_path / "coco/annotations/instances_train2014.json", out=tmp_path / "s"
+    )
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    highest = 0
+    for image_id, mask in iter_masks(str(tmp_path / "s" / "train2014-*.tar")):
+        (labels / f"{image_id}.png").write_bytes(encode_label_png(mask))
+        highest = max(highest, int(mask[mask != 255].max()))
+    label_shards(str(tmp_path / "s" / "train2014-*.tar"), labels, tmp_path / "labelled")
+    loader = train_loader(str(tmp_path / "labelled" / "*.tar"), batch_size=2, crop_size=32, seed=0)
+    batch = next(iter(loader))
+    assert batch["labels"].shape == (2, 80) and loader.skipped == 0
+    assert set(np.unique(batch["label"].numpy())) <= set(range(81)) | {255}
+    assert highest > 20  # the set uses COCO classes beyond VOC's range

@@ -444,7 +444,7 @@ def test_windowed_shuffle_order_is_a_seeded_permutation():
     assert not np.all(np.diff(shard_of[full]) >= 0)
 
 
-def test_bench_data_reports_both_pipelines(tmp_path, capsys):
+def test_bench_data_reports_every_pipeline(tmp_path, capsys):
     from puzzlecam.bench.data import main as bench_main
 
     out = tmp_path / "bench.json"
@@ -477,6 +477,7 @@ def test_bench_data_reports_both_pipelines(tmp_path, capsys):
     rows = json.loads(out.read_text())
     assert rc == 0 and [r["workers"] for r in rows] == [0]
     assert rows[0]["shards_images_per_s"] > 0 and rows[0]["folder_images_per_s"] > 0
+    assert rows[0]["http_images_per_s"] > 0  # the same shards streamed from a loopback HTTP server
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]  # written atomically, no temporary left
     # Bad flag values name the flag and exit 2.
     capsys.readouterr()

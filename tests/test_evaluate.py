@@ -278,3 +278,23 @@ def test_default_sweep_of_a_random_walk_store(shards, tmp_path):
         evaluate.main(["--cams", str(cams), "--shards", str(shards), "--thresholds", "0.3,0.6", "--out", str(out)]) == 0
     )
     assert json.loads((out / "summary.json").read_text())["thresholds"] == [0.3, 0.6]
+
+
+def test_coco_sweep_scores_81_labels_by_name():
+    """COCO masks hold 0..80: the sweep, the table and the summary follow the dataset's 81 labels."""
+    from puzzlecam.datasets import COCO
+
+    g = torch.Generator().manual_seed(0)
+    keys = torch.tensor([3, 80])
+    cams = torch.rand(2, 12, 16, generator=g)
+    mask = torch.zeros(12, 16, dtype=torch.uint8)
+    mask[:6] = 80
+    mask[6:, :4] = 3
+    mask[0, 0] = 255
+    conf = confusion_sweep(cams, keys, mask, [0.2, 0.5], COCO.num_labels)
+    assert conf.shape == (2, 81, 81) and int(conf[0].sum()) == 12 * 16 - 1
+    summary = evaluate.summarize(conf, [0.2, 0.5], 1, dataset=COCO)
+    assert summary["dataset"] == "coco" and len(summary["per_class_iou"]) == 81
+    assert list(summary["per_class_iou"])[-1] == "toothbrush" and summary["per_class_iou"]["cat"] is None
+    table = evaluate.results_table(conf, [0.2, 0.5], dataset=COCO)
+    assert table.num_rows == 2 * 81 and table.column("class_name")[80].as_py() == "toothbrush"

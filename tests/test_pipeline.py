@@ -42,7 +42,9 @@ def _commands(text: str) -> dict[str, list[str]]:
     return out
 
 
-@pytest.mark.parametrize("name", ["pipeline_voc_resnet50.yaml", "pipeline_voc_resnest101.yaml"])
+@pytest.mark.parametrize(
+    "name", ["pipeline_voc_resnet50.yaml", "pipeline_voc_resnest101.yaml", "pipeline_coco_resnet50.yaml"]
+)
 def test_print_only_lists_every_stage_with_its_command(name, tmp_path, capsys):
     config = REPO / "launch" / "configs" / name
     assert pipeline.main(["--config", str(config), "--out", str(tmp_path / "run"), "--print-only"]) == 0
@@ -58,6 +60,7 @@ def test_print_only_lists_every_stage_with_its_command(name, tmp_path, capsys):
     assert f"data.train_shards={tmp_path / 'run' / 'shards_affinity' / '*.tar'}" in affinity
     seg = commands["train_segmentation"]
     assert f"data.eval_shards={pc['data']['seg_eval']}" in seg and "segmentation.labels=label" in seg
+    assert seg[-len(pc["configs"]["segmentation_set"]) :] == pc["configs"]["segmentation_set"]  # the last word
     assert commands["pseudo_labels"][commands["pseudo_labels"].index("--threshold") + 1] == "0.35"
     # Inference runs distributed (torchrun, one process per GPU); evaluation reads the masked split.
     assert "torchrun" in commands["rw_train"][0] and "puzzlecam.rw" in commands["rw_train"]

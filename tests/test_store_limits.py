@@ -8,6 +8,7 @@ classes and NaN maps; each refusal is one error line naming the file.
 from __future__ import annotations
 
 import io
+import json
 import os
 import resource
 import struct
@@ -105,9 +106,21 @@ def test_declared_shapes_and_dtypes_are_checked(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("keys", [[25], [-3], [4, 25]])
 def test_keys_outside_the_classes_are_refused(tmp_path, keys):
+    # A store without settings is VOC's (keys 0..19); one whose infer.json records 80 classes (COCO) takes 0..79.
     write_cam(tmp_path, "x", keys, np.zeros((len(keys), 2, 2)), np.zeros((len(keys), 5, 5)))
     with pytest.raises(CamStoreError, match=r"keys .* outside the channel indices 0\.\.19"):
         read_cam(tmp_path, "x")
+    coco = tmp_path / "coco"
+    coco.mkdir()
+    (coco / "infer.json").write_text(json.dumps({"num_classes": 80}))
+    write_cam(coco, "x", keys, np.zeros((len(keys), 2, 2)), np.zeros((len(keys), 5, 5)))
+    if -3 in keys:
+        with pytest.raises(CamStoreError, match=r"outside the channel indices 0\.\.79"):
+            read_cam(coco, "x")
+    else:
+        assert read_cam(coco, "x").keys.tolist() == keys
+    with pytest.raises(CamStoreError, match=r"outside the channel indices 0\.\.9"):
+        read_cam(coco, "x", num_classes=10)
 
 
 def test_nan_maps_are_refused(tmp_path):

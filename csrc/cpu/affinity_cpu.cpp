@@ -185,7 +185,7 @@ at::Tensor random_walk_cpu(const at::Tensor& cams_in, const at::Tensor& edge_in,
 enum PairClass : int { kBackground = 0, kForeground = 1, kNegative = 2, kIgnored = 3 };
 
 inline int pair_class(int64_t from, int64_t to) {
-  if (from >= kNumLabels || to >= kNumLabels) return kIgnored;
+  if (from >= kIgnoreLabel || to >= kIgnoreLabel) return kIgnored;
   if (from != to) return kNegative;
   if (from == 0) return kBackground;
   return from > 0 ? kForeground : kIgnored;  // equal negative labels: valid, but neither bg nor fg (as the original)

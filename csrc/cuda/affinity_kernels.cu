@@ -19,13 +19,13 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kNumLabels = 21;  // labels >= 21 (255: ignore) make a pair invalid
+constexpr int kIgnoreLabel = 255;  // labels >= 255 (the ignore value) make a pair invalid; 0..C are valid
 constexpr double kLogEps = 1e-5;
 
 enum PairClass : int { kBackground = 0, kForeground = 1, kNegative = 2, kIgnored = 3 };
 
 __device__ __forceinline__ int pair_class(int64_t from, int64_t to) {
-  if (from >= kNumLabels || to >= kNumLabels) return kIgnored;
+  if (from >= kIgnoreLabel || to >= kIgnoreLabel) return kIgnored;
   if (from != to) return kNegative;
   if (from == 0) return kBackground;
   return from > 0 ? kForeground : kIgnored;  // equal negative labels: valid, but neither bg nor fg

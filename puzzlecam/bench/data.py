@@ -1,11 +1,15 @@
-"""``python -m puzzlecam.bench data``: training-pipeline images/s, shards against a per-file folder loader.
+"""``python -m puzzlecam.bench data``: training-pipeline images/s: local shards (random access), the same
+shards streamed over HTTP (puzzlecam.data.remote, through webdataset), and a per-file folder loader.
 
-Both pipelines do the same work per image: decode the JPEG, rescale (bicubic, long side uniform in
-[min, max]), flip, crop to a uint8 canvas, collate a batch. The shard pipeline is
-``puzzlecam.data.train_loader``; the folder pipeline reads ``JPEGImages/{id}.jpg`` and its XML one
-file at a time through a shuffled DataLoader, the way the original research code reads VOC. Without
-``--voc-root`` a synthetic VOC-size set is generated into a temporary folder first. The page cache
-is warmed for both before timing, so the figures compare the pipelines, not the disk (docs/data.md).
+All three pipelines do the same work per image: decode the JPEG, rescale (bicubic, long side uniform in
+[min, max]), flip, crop to a uint8 canvas, collate a batch. The local pipeline is
+``puzzlecam.data.train_loader`` on the shard files (tar headers indexed, members read by offset); the HTTP one
+is ``train_loader`` on ``http://127.0.0.1:PORT/NAME.tar`` URLs of the same shards served by a loopback
+``http.server`` thread (each shard streamed by curl through webdataset's gopen, shuffled in windows of
+``--shuffle-buffer``); the folder pipeline reads ``JPEGImages/{id}.jpg`` and its XML one file at a time
+through a shuffled DataLoader, the way the original research code reads VOC. Without ``--voc-root`` a
+synthetic VOC-size set is generated into a temporary folder first. The page cache is warmed for all before
+timing, so the figures compare the pipelines, not the disk (docs/data.md).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from torch.utils.data import DataLoader, Dataset
 from puzzlecam import NUM_CLASSES
 from puzzlecam.data import train_loader
 from puzzlecam.data.augment import augment
+from puzzlecam.data.remote import serve_directory
+from puzzlecam.data.shards import resolve_shards
 from puzzlecam.data.voc import parse_annotation, read_id_list
 from puzzlecam.errors import UsageError
 from puzzlecam.utils.cli import run_command
@@ -76,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", help="shards of that split (default: written from --voc-root into a temp folder)")
     p.add_argument("--num-images", type=int, default=400, help="size of the generated set (default 400)")
     p.add_argument("--image-size", type=int, default=500, help="long side of generated images (default 500, as VOC)")
-    p.add_argument("--workers", default="0,2", help="comma-separated DataLoader worker counts to try (default 0,2)")
+    p.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts to try (default 0,1,2)")
+    p.add_argument(
+        "--shuffle-buffer", type=int, default=100, help="the HTTP stream's shuffle window, samples (default 100)"
+    )
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (default 16)")
     p.add_argument("--crop-size", type=int, default=512, help="crop size (default 512, the paper's)")
     p.add_argument("--min-long-side", type=int, default=320, help="rescale range, low end (default 320)")
@@ -109,6 +118,7 @@ def _check_counts(args: argparse.Namespace) -> None:
         ("--batches", args.batches, 1),
         ("--repeats", args.repeats, 1),
         ("--warmup", args.warmup, 0),
+        ("--shuffle-buffer", args.shuffle_buffer, 1),
     ):
         if value < low:
             raise UsageError(f"{flag} must be >= {low}, got {value}")
@@ -139,39 +149,60 @@ def run(args: argparse.Namespace) -> None:
             if f.is_file():
                 f.read_bytes()  # warm the page cache for both pipelines
         aug = dict(crop_size=args.crop_size, min_long_side=args.min_long_side, max_long_side=args.max_long_side)
+        paths = resolve_shards(shards)
+        if len({p.parent.resolve() for p in paths}) != 1:
+            raise UsageError(f"--shards {shards}: the HTTP pipeline serves one folder; these shards lie in several")
         results = []
-        for k in workers:
-            shard_loader = train_loader(shards, batch_size=args.batch_size, seed=0, num_workers=k, **aug)
-            folder = DataLoader(
-                FolderDataset(voc, ids, args.crop_size, args.min_long_side, args.max_long_side),
-                batch_size=args.batch_size,
-                shuffle=True,
-                drop_last=True,
-                num_workers=k,
-                persistent_workers=k > 0,
-            )
-            runs = {"shards": (_endless(shard_loader), []), "folder": (_endless(folder), [])}
-            for it, _ in runs.values():
-                for _ in range(args.warmup):
-                    next(it)
-            # Alternate the two pipelines and keep the median: the machine's load drifts over time.
-            for _ in range(args.repeats):
-                for it, rates in runs.values():
-                    rates.append(_rate(it, args.batches, args.batch_size))
-            results.append({"workers": k, **{f"{n}_images_per_s": float(np.median(r)) for n, (_, r) in runs.items()}})
-            del shard_loader, folder, runs
+        with serve_directory(paths[0].parent) as base:
+            urls = [f"{base}/{p.name}" for p in paths]
+            for k in workers:
+                local = train_loader(shards, batch_size=args.batch_size, seed=0, num_workers=k, **aug)
+                http = train_loader(
+                    urls,
+                    batch_size=args.batch_size,
+                    seed=0,
+                    num_workers=k,
+                    shuffle_buffer=args.shuffle_buffer,
+                    samples_per_epoch=local.num_samples,  # no manifest needed beside --shards
+                    **aug,
+                )
+                folder = DataLoader(
+                    FolderDataset(voc, ids, args.crop_size, args.min_long_side, args.max_long_side),
+                    batch_size=args.batch_size,
+                    shuffle=True,
+                    drop_last=True,
+                    num_workers=k,
+                    persistent_workers=k > 0,
+                )
+                runs = {
+                    "shards": (_endless(local), []),
+                    "http": (_endless(http), []),
+                    "folder": (_endless(folder), []),
+                }
+                for it, _ in runs.values():
+                    for _ in range(args.warmup):
+                        next(it)
+                # Alternate the pipelines and keep the median: the machine's load drifts over time.
+                for _ in range(args.repeats):
+                    for it, rates in runs.values():
+                        rates.append(_rate(it, args.batches, args.batch_size))
+                medians = {f"{n}_images_per_s": float(np.median(r)) for n, (_, r) in runs.items()}
+                results.append({"workers": k, **medians})
+                del local, http, folder, runs
 
     table = Table(
-        title=f"training pipeline, batch {args.batch_size}, crop {args.crop_size}, "
+        title=f"training pipeline images/s, batch {args.batch_size}, crop {args.crop_size}, "
         f"median of {args.repeats} x {args.batches} batches"
     )
-    for col in ("workers", "shards img/s", "folder img/s", "shards / folder"):
+    for col in ("workers", "local", "HTTP", "folder", "HTTP/local", "local/folder"):
         table.add_column(col, justify="right")
     for r in results:
         table.add_row(
             str(r["workers"]),
             f"{r['shards_images_per_s']:.1f}",
+            f"{r['http_images_per_s']:.1f}",
             f"{r['folder_images_per_s']:.1f}",
+            f"{r['http_images_per_s'] / r['shards_images_per_s']:.2f}x",
             f"{r['shards_images_per_s'] / r['folder_images_per_s']:.2f}x",
         )
     Console().print(table)

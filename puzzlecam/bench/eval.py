@@ -1,6 +1,7 @@
 """``python -m puzzlecam.bench eval``: the one-pass threshold sweep against a per-threshold loop.
 
-Both sides score the same in-memory random CAMs and masks (VOC-sized by default) at every
+Both sides score the same in-memory random CAMs and masks (VOC-sized by default; ``--dataset coco``: 81 labels,
+COCO-sized 480 x 640 images with 1-5 classes each, 1,000 of them, the loop on the first ``--loop-images``) at every
 threshold; file reading and decoding are left out of both. The loop is how the reference code
 evaluates: for each threshold, for each image, argmax over [t, cams] and accumulate a confusion
 matrix. The sweep is :func:`puzzlecam.evaluate.confusion_sweep` (one pass per image). Both results
@@ -20,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from puzzlecam.datasets import DATASETS
 from puzzlecam.errors import RunError, UsageError
-from puzzlecam.evaluate import DEFAULT_THRESHOLDS, NUM_LABELS, confusion_sweep, miou, parse_thresholds
+from puzzlecam.evaluate import DEFAULT_THRESHOLDS, confusion_sweep, miou, parse_thresholds
 from puzzlecam.utils.cli import run_command
 from puzzlecam.utils.files import atomic_write_json
 from puzzlecam.utils.labelmap import IGNORE_INDEX
@@ -29,13 +31,16 @@ from puzzlecam.utils.labelmap import IGNORE_INDEX
 log = logging.getLogger(__name__)
 
 
-def make_images(count: int, height: int, width: int, seed: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(cams float16 (K, H, W), keys 1..20 (K,), mask uint8 (H, W)) with 1..3 classes and some 255 pixels."""
+def make_images(
+    count: int, height: int, width: int, seed: int, num_labels: int = 21, most_classes: int = 3
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(cams float16 (K, H, W), keys 1..num_labels-1 (K,), mask uint8 (H, W)) with 1..most_classes classes and
+    some 255 pixels."""
     rng = np.random.default_rng(seed)
     images = []
     for _ in range(count):
-        k = int(rng.integers(1, 4))
-        keys = rng.choice(np.arange(1, NUM_LABELS), k, replace=False)
+        k = int(rng.integers(1, most_classes + 1))
+        keys = rng.choice(np.arange(1, num_labels), k, replace=False)
         cams = rng.random((k, height, width), dtype=np.float32).astype(np.float16)
         mask = rng.choice(np.concatenate([[0], keys]), (height, width)).astype(np.uint8)
         mask[rng.random((height, width)) < 0.05] = IGNORE_INDEX
@@ -43,24 +48,26 @@ def make_images(count: int, height: int, width: int, seed: int) -> list[tuple[np
     return images
 
 
-def loop_confusions(images, thresholds: list[float]) -> np.ndarray:
+def loop_confusions(images, thresholds: list[float], num_labels: int) -> np.ndarray:
     """Per threshold, per image: argmax over [t, cams] (ties to background) and a bincount confusion."""
-    out = np.zeros((len(thresholds), NUM_LABELS, NUM_LABELS), dtype=np.int64)
+    out = np.zeros((len(thresholds), num_labels, num_labels), dtype=np.int64)
     for i, t in enumerate(thresholds):
         for cams, keys, mask in images:
             stacked = np.concatenate([np.full((1,) + cams.shape[1:], t, dtype=np.float64), cams.astype(np.float64)])
             pred = np.concatenate([[0], keys])[stacked.argmax(0)]
             valid = mask != IGNORE_INDEX
             out[i] += np.bincount(
-                mask[valid].astype(np.int64) * NUM_LABELS + pred[valid], minlength=NUM_LABELS * NUM_LABELS
-            ).reshape(NUM_LABELS, NUM_LABELS)
+                mask[valid].astype(np.int64) * num_labels + pred[valid], minlength=num_labels * num_labels
+            ).reshape(num_labels, num_labels)
     return out
 
 
-def sweep_confusions(images, thresholds: list[float]) -> np.ndarray:
-    out = torch.zeros(len(thresholds), NUM_LABELS, NUM_LABELS, dtype=torch.long)
+def sweep_confusions(images, thresholds: list[float], num_labels: int) -> np.ndarray:
+    out = torch.zeros(len(thresholds), num_labels, num_labels, dtype=torch.long)
     for cams, keys, mask in images:
-        out += confusion_sweep(torch.from_numpy(cams), torch.from_numpy(keys), torch.from_numpy(mask), thresholds)
+        out += confusion_sweep(
+            torch.from_numpy(cams), torch.from_numpy(keys), torch.from_numpy(mask), thresholds, num_labels
+        )
     return out.numpy()
 
 
@@ -75,9 +82,22 @@ def _time(fn, repeats: int) -> tuple[float, np.ndarray]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m puzzlecam.bench eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=int, default=32, help="number of random images (default 32)")
-    p.add_argument("--height", type=int, default=375, help="image height (default 375, a typical VOC image)")
-    p.add_argument("--width", type=int, default=500, help="image width (default 500)")
+    p.add_argument(
+        "--dataset",
+        choices=sorted(DATASETS),
+        default="voc",
+        help="the labels scored: voc (21, the default) or coco (81; COCO-sized defaults below)",
+    )
+    p.add_argument("--images", type=int, default=None, help="number of random images (default 32; coco: 1000)")
+    p.add_argument(
+        "--loop-images",
+        type=int,
+        default=None,
+        help="images the per-threshold loop scores, the first of --images (default all; coco: 32); its images/s is "
+        "compared, and its confusions must equal the sweep's on those images",
+    )
+    p.add_argument("--height", type=int, default=None, help="image height (default 375, a VOC image; coco: 480)")
+    p.add_argument("--width", type=int, default=None, help="image width (default 500; coco: 640)")
     p.add_argument(
         "--thresholds",
         default=DEFAULT_THRESHOLDS,
@@ -97,7 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> None:
-    for flag, value in (("--images", args.images), ("--height", args.height), ("--width", args.width)):
+    coco = args.dataset == "coco"
+    args.images = args.images if args.images is not None else (1000 if coco else 32)
+    args.height = args.height if args.height is not None else (480 if coco else 375)
+    args.width = args.width if args.width is not None else (640 if coco else 500)
+    args.loop_images = (
+        args.loop_images if args.loop_images is not None else (min(32, args.images) if coco else args.images)
+    )
+    num_labels = DATASETS[args.dataset].num_labels
+    for flag, value in (
+        ("--images", args.images),
+        ("--height", args.height),
+        ("--width", args.width),
+        ("--loop-images", args.loop_images),
+    ):
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
     if args.repeats < 1:
@@ -106,22 +139,30 @@ def run(args) -> None:
         raise UsageError(f"--threads must be 0 (torch's choice) or more, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.loop_images > args.images:
+        raise UsageError(f"--loop-images {args.loop_images} is more than --images {args.images}")
     thresholds = parse_thresholds(args.thresholds)
-    images = make_images(args.images, args.height, args.width, args.seed)
+    images = make_images(args.images, args.height, args.width, args.seed, num_labels, 5 if coco else 3)
+    looped = images[: args.loop_images]
 
-    loop_s, loop_conf = _time(lambda: loop_confusions(images, thresholds), args.repeats)
-    sweep_s, sweep_conf = _time(lambda: sweep_confusions(images, thresholds), args.repeats)
-    if not np.array_equal(loop_conf, sweep_conf):
+    loop_s, loop_conf = _time(lambda: loop_confusions(looped, thresholds, num_labels), args.repeats)
+    if not np.array_equal(loop_conf, sweep_confusions(looped, thresholds, num_labels)):
         raise RunError("the sweep's confusion matrices differ from the per-threshold loop's")
+    sweep_s, sweep_conf = _time(lambda: sweep_confusions(images, thresholds, num_labels), args.repeats)
     best_miou = float(torch.nan_to_num(miou(torch.from_numpy(sweep_conf))[0], nan=-1).max())
+    loop_rate, sweep_rate = args.loop_images / loop_s, args.images / sweep_s
 
     figures = {
+        "dataset": args.dataset,
+        "num_labels": num_labels,
         "images": args.images,
+        "loop_images": args.loop_images,
         "image_size": [args.height, args.width],
         "thresholds": len(thresholds),
-        "loop_images_per_s": args.images / loop_s,
-        "sweep_images_per_s": args.images / sweep_s,
-        "speedup": loop_s / sweep_s,
+        "loop_images_per_s": loop_rate,
+        "sweep_images_per_s": sweep_rate,
+        "sweep_seconds": sweep_s,
+        "speedup": sweep_rate / loop_rate,
         "identical_confusions": True,
         "best_miou_check": best_miou,
         "torch_threads": torch.get_num_threads(),
@@ -132,16 +173,22 @@ def run(args) -> None:
     from rich.table import Table
 
     table = Table(
-        title=f"eval: {args.images} images {args.height}x{args.width}, "
-        f"{len(thresholds)} thresholds (confusions identical)"
+        title=f"eval ({args.dataset}, {num_labels} labels): {args.height}x{args.width} images, "
+        f"{len(thresholds)} thresholds (confusions identical on the loop's images)"
     )
     table.add_column("method")
+    table.add_column("images", justify="right")
     table.add_column("images/s (all thresholds)", justify="right")
     table.add_column("ms/image", justify="right")
+    table.add_column("total s", justify="right")
     table.add_row(
-        "per-threshold loop (reference)", f"{figures['loop_images_per_s']:.1f}", f"{1000 * loop_s / args.images:.1f}"
+        "per-threshold loop (reference)",
+        str(args.loop_images),
+        f"{loop_rate:.1f}",
+        f"{1000 / loop_rate:.1f}",
+        f"{loop_s:.2f}",
     )
-    table.add_row("one-pass sweep", f"{figures['sweep_images_per_s']:.1f}", f"{1000 * sweep_s / args.images:.1f}")
+    table.add_row("one-pass sweep", str(args.images), f"{sweep_rate:.1f}", f"{1000 / sweep_rate:.1f}", f"{sweep_s:.2f}")
     Console().print(table)
     print(f"speedup: {figures['speedup']:.1f}x")
     if args.json:

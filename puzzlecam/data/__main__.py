@@ -1,5 +1,5 @@
-"""``python -m puzzlecam.data {shard,synth,label-shards}``: convert VOC/SBD to shards; generate a synthetic VOC
-set; add label maps (affinity labels, pseudo-labels) to training shards (docs/data.md).
+"""``python -m puzzlecam.data {shard,synth,label-shards}``: convert VOC/SBD or MS COCO to shards; generate a
+synthetic VOC- or COCO-format set; add label maps (affinity labels, pseudo-labels) to training shards (docs/data.md).
 
 The report (what was written, the class table) goes to stdout; log lines and errors to stderr.
 Exit status: 0 done, 2 bad flags or input (nothing final written), 1 a failed run (e.g. a full disk).
@@ -15,29 +15,96 @@ from rich.console import Console
 from rich.table import Table
 
 from puzzlecam import VOC_CLASSES
+from puzzlecam.datasets import COCO
 from puzzlecam.utils.cli import run_command
 
 if TYPE_CHECKING:  # the commands import their modules (pyarrow, PIL) only when they run
     from puzzlecam.data.label_shards import LabelShardResult
     from puzzlecam.data.shard import ShardResult
     from puzzlecam.data.synth import SynthResult
+    from puzzlecam.data.synth_coco import SynthCocoResult
+
+VOC_SPLITS = ("train", "val", "trainval", "train_aug", "test")
+VOC_ONLY = ("sbd_root", "aug_masks", "list_file")
+COCO_ONLY = ("workers", "clip_outside")
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that runs ``check(parser, namespace)`` after parsing: checks between flags that argparse
+    cannot express, reported like argparse's own (usage line, ``error: ...``, exit 2)."""
+
+    def __init__(self, *args, check=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.check = check
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if self.check is not None:
+            self.check(self, namespace)
+        return namespace, extras
+
+
+def _flag(dest: str) -> str:
+    return "--list" if dest == "list_file" else "--" + dest.replace("_", "-")
+
+
+def _check_shard(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """VOC or COCO: the flags of the other one are refused; a VOC --split must be a named split."""
+    if args.coco_images is not None:
+        if args.coco_annotations is None:
+            parser.error("argument --coco-images: needs --coco-annotations FILE")
+        for dest in VOC_ONLY:
+            if getattr(args, dest) is not None:
+                parser.error(f"argument {_flag(dest)}: not allowed with argument --coco-images")
+        return
+    if args.coco_annotations is not None:
+        parser.error("argument --coco-annotations: needs --coco-images DIR")
+    for dest in COCO_ONLY:
+        if getattr(args, dest) not in (None, False):
+            parser.error(f"argument {_flag(dest)}: only with --coco-images (the VOC conversion runs in one process)")
+    if args.split is not None and args.split not in VOC_SPLITS:
+        choices = ", ".join(repr(c) for c in VOC_SPLITS)
+        parser.error(f"argument --split: invalid choice: {args.split!r} (choose from {choices})")
+
+
+def _check_synth(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.format == "coco" and args.layout is not None:
+        parser.error("argument --layout: only with --format voc")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m puzzlecam.data", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{shard,synth,label-shards}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{shard,synth,label-shards}", parser_class=_Parser)
 
     s = sub.add_parser(
         "shard",
-        help="convert VOC (+ SBD, + SegmentationClassAug) into tar shards + manifest.parquet",
+        check=_check_shard,
+        help="convert VOC (+ SBD, + SegmentationClassAug) or MS COCO into tar shards + manifest.parquet",
         description="Write {split}-{index:06d}.tar webdataset shards (jpg = original bytes, json = id/labels/"
-        "height/width, seg.png = VOC-palette mask) and manifest.parquet into --out. Labels come from the "
-        "Annotations XML (every object of the 20 classes, difficult included; parts ignored). Masks: "
-        "VOC SegmentationClass, else --aug-masks, else SBD cls/*.mat. Output is written under temporary names "
-        "and renamed at the end; the same input gives byte-identical shards.",
+        "height/width, seg.png = VOC-palette mask) and manifest.parquet into --out. VOC (--voc-root): labels come "
+        "from the Annotations XML (every object of the 20 classes, difficult included; parts ignored); masks: "
+        "VOC SegmentationClass, else --aug-masks, else SBD cls/*.mat. MS COCO (--coco-images, --coco-annotations): "
+        "the 80 categories in id order are labels 0..79; labels = every category annotated in the image (crowd "
+        "included); masks 0..80 painted in annotation order as pycocotools renders them, crowd regions 255; images "
+        "without annotations are left out and counted. Output is written under temporary names and renamed at "
+        "the end; the same input gives byte-identical shards.",
+    )
+    source = s.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--voc-root",
+        metavar="DIR",
+        help="VOCdevkit/VOC2012 (JPEGImages, Annotations, SegmentationClass, ImageSets)",
+    )
+    source.add_argument(
+        "--coco-images",
+        metavar="DIR",
+        help="MS COCO: the folder of the split's images (e.g. train2014/); needs --coco-annotations",
     )
     s.add_argument(
-        "--voc-root", required=True, help="VOCdevkit/VOC2012 (JPEGImages, Annotations, SegmentationClass, ImageSets)"
+        "--coco-annotations",
+        metavar="FILE",
+        help="MS COCO: the split's instances file (e.g. annotations/instances_train2014.json; '{split}' in it is "
+        "replaced by --split); without --split the split is named after it (instances_NAME.json -> NAME)",
     )
     s.add_argument(
         "--sbd-root", help="SBD benchmark_RELEASE/dataset (img, cls/*.mat, train.txt, val.txt); needed for train_aug"
@@ -45,15 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--aug-masks", help="a SegmentationClassAug folder of index PNGs, used where VOC has no mask")
     s.add_argument(
         "--split",
-        choices=("train", "val", "trainval", "train_aug", "test"),
-        help="named split: VOC ImageSets/Segmentation lists; train_aug = VOC train + SBD train + SBD val "
-        "- VOC val (10,582 ids); with --list, only names the shards",
+        metavar="NAME",
+        help="VOC: a named split, one of train, val, trainval, train_aug, test (VOC ImageSets/Segmentation lists; "
+        "train_aug = VOC train + SBD train + SBD val - VOC val, 10,582 ids); with --list, only names the shards. "
+        "MS COCO: any name of letters, digits and '_' (e.g. train2014); it names the shards",
     )
     s.add_argument(
         "--list",
         dest="list_file",
         metavar="FILE",
-        help="shard the ids in FILE instead (one per line; 'path/ID.jpg ...' lines work too); "
+        help="VOC: shard the ids in FILE instead (one per line; 'path/ID.jpg ...' lines work too); "
         "the split name defaults to the file's stem; masks are optional",
     )
     s.add_argument("--out", required=True, help="output directory (created if needed)")
@@ -63,16 +131,39 @@ def build_parser() -> argparse.ArgumentParser:
         "--on-error",
         choices=("fail", "skip"),
         default="fail",
-        help="missing/unreadable JPEG, XML or mask: 'fail' (default) writes nothing and exits 2; "
-        "'skip' leaves the image out with a warning",
+        help="missing/unreadable JPEG, XML or mask (COCO: a bad annotation or image entry, a missing or "
+        "unreadable image): 'fail' (default) writes nothing and exits 2; 'skip' leaves the image out with a warning",
+    )
+    s.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="MS COCO: decode images and render masks in N processes (default 1); the shards are byte-identical "
+        "for any N",
+    )
+    s.add_argument(
+        "--clip-outside",
+        action="store_true",
+        help="MS COCO: accept polygon points outside the image and render them clipped, as pycocotools does "
+        "(default: such an annotation is bad input, named with its image)",
     )
 
     g = sub.add_parser(
         "synth",
-        help="generate a procedural VOC-format data set with exact masks",
+        check=_check_synth,
+        help="generate a procedural VOC- or COCO-format data set with exact masks",
         description="Write a VOC-format folder (JPEGImages, Annotations, SegmentationClass, ImageSets/Segmentation/"
         "{train,val,trainval}.txt) of scenes with 1-3 objects (--layout); each class is a body shape/colour with a "
-        "small distinctive pattern part. Deterministic for a seed; `shard --voc-root DIR` accepts it unchanged.",
+        "small distinctive pattern part. Deterministic for a seed; `shard --voc-root DIR` accepts it unchanged. "
+        "--format coco writes an MS COCO 2014-format folder instead (train2014/, val2014/, "
+        "annotations/instances_{train2014,val2014}.json; all 80 categories with their real ids; polygons, RLE "
+        "compressed and uncompressed, crowd regions, some images without annotations) for `shard --coco-images`.",
+    )
+    g.add_argument(
+        "--format",
+        choices=("voc", "coco"),
+        default="voc",
+        help="voc (default): a VOC-format folder; coco: an MS COCO-format folder",
     )
     g.add_argument("--out", required=True, help="output folder (written under a temporary name, then renamed)")
     g.add_argument("--num-images", type=int, required=True, help="number of images")
@@ -81,16 +172,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--classes",
         default=None,
-        help="comma-separated VOC class names to use (default: aeroplane,bird,boat,car,cat,dog,person,train)",
+        help="comma-separated class names to use: VOC's (default: aeroplane,bird,boat,car,cat,dog,person,train), "
+        "with --format coco COCO's (default: all 80)",
     )
     g.add_argument(
-        "--val-fraction", type=float, default=0.25, help="fraction of images listed in val.txt (default 0.25)"
+        "--val-fraction",
+        type=float,
+        default=0.25,
+        help="fraction of images listed in val.txt (with --format coco: put in val2014) (default 0.25)",
     )
     g.add_argument(
         "--layout",
-        default="1-3:0.3-0.6",
+        default=None,
         help="objects per image and their size as a fraction of the short side, MIN-MAX:MINSCALE-MAXSCALE "
-        "(default 1-3:0.3-0.6; another layout makes a different set of the same classes, e.g. for pretraining)",
+        "(default 1-3:0.3-0.6; another layout makes a different set of the same classes, e.g. for pretraining; "
+        "--format voc only)",
     )
     g.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
 
@@ -124,24 +220,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def print_shard_report(console: Console, result: ShardResult) -> None:
-    """What ``shard`` wrote: counts and the images per class."""
+    """What ``shard`` wrote: counts and the images per class (VOC: 2 columns of classes, COCO: 3)."""
     rows = result.rows
-    counts = [0] * len(VOC_CLASSES)
+    coco = getattr(result, "dataset", "voc") == "coco"
+    classes = COCO.classes if coco else VOC_CLASSES
+    counts = [0] * len(classes)
     for r in rows:
         for c in r["labels"]:
             counts[c] += 1
     console.print(
         f"{result.split}: wrote {len(rows)} images in {len(result.shards)} shard(s) to {result.out}", highlight=False
     )
+    columns = 3 if coco else 2
     table = Table(show_edge=False)
-    for _ in range(2):
+    for _ in range(columns):
         table.add_column("class")
         table.add_column("images", justify="right")
-    half = (len(VOC_CLASSES) + 1) // 2
-    for i in range(half):
-        right = [VOC_CLASSES[i + half], str(counts[i + half])] if i + half < len(VOC_CLASSES) else ["", ""]
-        table.add_row(VOC_CLASSES[i], str(counts[i]), *right)
+    height = (len(classes) + columns - 1) // columns
+    for i in range(height):
+        cells = []
+        for k in range(i, i + columns * height, height):
+            cells += [classes[k], str(counts[k])] if k < len(classes) else ["", ""]
+        table.add_row(*cells)
     console.print(table)
+    if coco:
+        console.print(
+            f"images: {len(rows)}   without annotations (left out): {len(result.without_annotations)}   "
+            f"skipped: {result.skipped_images}",
+            highlight=False,
+        )
+        return
     console.print(
         f"images: {len(rows)}   with masks: {sum(r['has_mask'] for r in rows)}   "
         f"without labels: {sum(not r['labels'] for r in rows)}   skipped: {len(result.skipped)}",
@@ -155,6 +263,17 @@ def print_synth_report(console: Console, result: SynthResult) -> None:
     console.print(
         f"wrote {len(splits['trainval'])} images ({len(splits['train'])} train, {len(splits['val'])} val) of "
         f"{len(result.classes)} classes ({', '.join(VOC_CLASSES[c] for c in result.classes)}) to {result.out}",
+        highlight=False,
+    )
+
+
+def print_synth_coco_report(console: Console, result: SynthCocoResult) -> None:
+    """What ``synth --format coco`` wrote: image counts per split and the classes."""
+    counts = ", ".join(f"{len(keys)} {split}" for split, keys in result.splits.items())
+    console.print(
+        f"wrote {sum(len(k) for k in result.splits.values())} images ({counts}; "
+        f"{len(result.without_annotations)} without annotations) of {len(result.classes)} COCO classes to "
+        f"{result.out} (annotations/instances_{{{','.join(result.splits)}}}.json)",
         highlight=False,
     )
 
@@ -175,6 +294,22 @@ def run(args: argparse.Namespace) -> None:
 
         print_label_shards_report(console, label_shards(args.shards, args.labels, args.out, overwrite=args.overwrite))
         return
+    if args.command == "shard" and args.coco_images is not None:
+        from puzzlecam.data.coco import shard_coco
+
+        result = shard_coco(
+            args.coco_images,
+            args.coco_annotations,
+            out=args.out,
+            split=args.split,
+            shard_size=args.shard_size,
+            overwrite=args.overwrite,
+            on_error=args.on_error,
+            workers=1 if args.workers is None else args.workers,
+            clip_outside=args.clip_outside,
+        )
+        print_shard_report(console, result)
+        return
     if args.command == "shard":
         from puzzlecam.data.shard import shard_dataset
 
@@ -191,20 +326,29 @@ def run(args: argparse.Namespace) -> None:
         )
         print_shard_report(console, result)
         return
-    from puzzlecam.data.synth import DEFAULT_CLASSES, parse_layout, synthesize
-
-    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else list(DEFAULT_CLASSES)
-    result = synthesize(
-        args.out,
+    common = dict(
         num_images=args.num_images,
         size=args.size,
         seed=args.seed,
-        classes=classes,
         val_fraction=args.val_fraction,
         overwrite=args.overwrite,
-        layout=parse_layout(args.layout),
     )
+    if args.format == "coco":
+        from puzzlecam.data.synth_coco import synthesize_coco
+
+        result = synthesize_coco(args.out, classes=_class_list(args.classes, COCO.classes), **common)
+        print_synth_coco_report(console, result)
+        return
+    from puzzlecam.data.synth import DEFAULT_CLASSES, parse_layout, synthesize
+
+    layout = parse_layout(args.layout or "1-3:0.3-0.6")
+    result = synthesize(args.out, classes=_class_list(args.classes, DEFAULT_CLASSES), layout=layout, **common)
     print_synth_report(console, result)
+
+
+def _class_list(text: str | None, default) -> list[str]:
+    """``--classes`` "a,b" as a list of names (the default's when not given)."""
+    return [c.strip() for c in text.split(",") if c.strip()] if text else list(default)
 
 
 def main(argv=None) -> int:

@@ -7,7 +7,8 @@ command copies every input shard to ``--out`` under the same name, each sample w
 bytes, unchanged, as ``label.png``; the training loader then returns ``batch["label"]``.
 
 Every sample is checked before anything is written: a label file for each id, a palette or index PNG
-of the image's size with values 0..20 and 255. Any problem fails the whole command naming the ids
+of the image's size with values 0..C (the shards' dataset: VOC 20, COCO 80) and 255. Any problem fails the
+whole command naming the ids
 (the first :data:`~puzzlecam.data.shard.LISTED_PROBLEMS` and a count of the rest); nothing is written.
 Each output shard is written atomically (a temporary name, renamed when complete), members in tar order
 with fixed metadata, so the same input gives byte-identical shards. A rerun skips the output shards
@@ -37,6 +38,7 @@ from puzzlecam.data.shards import (
     tar_member_info,
 )
 from puzzlecam.data.voc import check_mask_values
+from puzzlecam.datasets import DEFAULT, of_shards
 from puzzlecam.errors import DataError, ShardError, UsageError
 from puzzlecam.utils.files import atomic_write
 from puzzlecam.utils.labelmap import decode_label_png
@@ -58,7 +60,9 @@ class LabelShardResult:
     samples: int
 
 
-def _label_bytes(labels_dir: Path, reader: ShardReader, ref: SampleRef) -> tuple[bytes | None, Problem | None]:
+def _label_bytes(
+    labels_dir: Path, reader: ShardReader, ref: SampleRef, num_labels: int
+) -> tuple[bytes | None, Problem | None]:
     """The label PNG of one sample, checked against its image; or the problem that makes it unusable."""
     path = labels_dir / file_name(ref.key, ".png")
     key = shown_id(ref.key)
@@ -74,7 +78,7 @@ def _label_bytes(labels_dir: Path, reader: ShardReader, ref: SampleRef) -> tuple
     data = path.read_bytes()
     try:
         label = decode_label_png(data)
-        check_mask_values(label)
+        check_mask_values(label, num_labels)
     except (OSError, ValueError) as e:
         return None, Problem(key, path, f"unreadable label map: {e}")
     if label.shape != (height, width):
@@ -130,6 +134,7 @@ def label_shards(shards, labels, out, *, overwrite: bool = False) -> LabelShardR
         raise UsageError(f"--out {out} would replace the input shards {', '.join(overwritten[:4])}: choose another")
 
     reader = ShardReader(paths)
+    num_labels = (of_shards(paths) or DEFAULT).num_labels  # the dataset the shards' json names
     per_shard: list[list[SampleRef]] = []
     for number, path in enumerate(paths):
         refs, warnings = index_shard(path, number)
@@ -145,7 +150,7 @@ def label_shards(shards, labels, out, *, overwrite: bool = False) -> LabelShardR
     with ProgressBar("checking label maps", total=total, transient=True) as bar:
         for refs in per_shard:
             for ref in refs:
-                data, problem = _label_bytes(labels_dir, reader, ref)
+                data, problem = _label_bytes(labels_dir, reader, ref, num_labels)
                 if problem is not None:
                     problems.append(problem)
                 else:

@@ -29,6 +29,11 @@ A sample that cannot be decoded (bad JPEG/PNG, missing json, labels out of range
 counted; in training its place in the batch goes to the next decodable sample of the rank's order
 (wrapping around), so batches keep their size. Training counts them per shard and per epoch too
 (``TrainLoader.epoch_corrupt``), for the trainer's bound on their fraction (docs/training.md).
+
+The image-label vector has one entry per class of the shards' dataset (``num_classes``; by default the one the
+first sample's json names, puzzlecam.datasets: VOC's 20 where none). Shards given as URLs (``pipe:...``,
+``http(s)://...``) are streamed instead: :func:`train_loader` returns a puzzlecam.data.remote loader with the
+same interface.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +49,17 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from puzzlecam import NUM_CLASSES
 from puzzlecam.data.augment import apply_geometry, draw_geometry
-from puzzlecam.data.shards import LABEL_KEY, SampleRef, ShardReader, decode_sample, index_shards, resolve_shards
+from puzzlecam.data.shards import (
+    LABEL_KEY,
+    SampleRef,
+    ShardReader,
+    decode_sample,
+    first_dataset,
+    index_shards,
+    is_url,
+    resolve_shards,
+)
 from puzzlecam.errors import CorruptSample, ShardError
 from puzzlecam.utils.labelmap import IGNORE_INDEX
 
@@ -74,6 +88,25 @@ def _open(shards) -> tuple[ShardReader, list[SampleRef]]:
     for w in warnings:
         log.warning(w)
     return ShardReader(paths), refs
+
+
+def _num_classes(num_classes: int | None, reader: ShardReader, refs: list[SampleRef]) -> int:
+    """``num_classes`` as given, else the class count of the dataset the first sample's json names."""
+    if num_classes is None:
+        return first_dataset(reader, refs).num_classes
+    if not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    return int(num_classes)
+
+
+def is_remote(shards) -> bool:
+    """Whether ``shards`` (a pattern, path or list) names URLs (streamed) rather than local files (indexed);
+    a list mixing both is a ShardError."""
+    items = [shards] if isinstance(shards, (str, os.PathLike)) else list(shards)
+    urls = [is_url(i) for i in items]
+    if any(urls) and not all(urls):
+        raise ShardError(f"shards mix URLs and local paths: {items[urls.index(True)]!r}, {items[urls.index(False)]!r}")
+    return bool(urls) and all(urls)
 
 
 _warned: set[tuple[int, str]] = set()
@@ -138,8 +171,10 @@ class _TrainBatches(Dataset):
         hflip,
         shuffle_buffer,
         label_member,
+        num_classes,
     ):
         self.reader, self.refs = reader, refs
+        self.num_classes = num_classes
         self.shard_of = np.array([r.shard for r in refs], dtype=np.int64)
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.crop_size, self.seed, self.hflip = crop_size, seed, hflip
@@ -175,7 +210,7 @@ class _TrainBatches(Dataset):
         # numpy buffers: copying uint8 images into a torch tensor slice is many times slower.
         images = np.zeros((B, self.crop_size, self.crop_size, 3), dtype=np.uint8)
         valid = np.zeros((B, 2), dtype=np.int64)
-        labels = np.zeros((B, NUM_CLASSES), dtype=np.float32)
+        labels = np.zeros((B, self.num_classes), dtype=np.float32)
         label_maps = np.full((B, self.crop_size, self.crop_size), IGNORE_INDEX, np.uint8) if self.with_labels else None
         ids, corrupt_shards = [], []
         for b in range(B):
@@ -187,7 +222,9 @@ class _TrainBatches(Dataset):
                 i = pos if attempt == 0 else ((k + 1) * B + attempt - 1) % per_rank
                 ref = self.refs[mine[i]]
                 try:
-                    sample = decode_sample(self.reader, ref, with_mask=False, label_member=self.label_member)
+                    sample = decode_sample(
+                        self.reader, ref, with_mask=False, label_member=self.label_member, num_classes=self.num_classes
+                    )
                     break
                 except CorruptSample as e:
                     # Counted at its own slot only, so the count = corrupt samples met in the order.
@@ -235,11 +272,24 @@ def _identity(x):
     return x
 
 
+def check_loader_args(batch_size, crop_size, min_long_side, max_long_side, num_workers, label_member) -> None:
+    """The settings every training loader (local or streamed) refuses with a ValueError naming them."""
+    if batch_size < 1 or crop_size < 1:
+        raise ValueError(f"batch_size ({batch_size}) and crop_size ({crop_size}) must be positive")
+    if not 1 <= min_long_side <= max_long_side:
+        raise ValueError(f"need 1 <= min_long_side ({min_long_side}) <= max_long_side ({max_long_side})")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if label_member not in LABEL_MEMBERS:
+        raise ValueError(f"label_member must be one of {LABEL_MEMBERS}, got {label_member!r}")
+
+
 class TrainLoader:
     """Iterating yields the remaining batches of the current epoch, then the epoch counter advances.
 
     ``label_member``: the map that becomes ``batch["label"]`` where the shards carry it: ``label.png``
     (labelled shards) or ``seg.png`` (the ground-truth masks); :attr:`with_labels` says whether they do.
+    ``num_classes``: the length of ``batch["labels"]`` (default: the dataset of the first sample's json).
 
     ``len(loader)`` is the number of batches per epoch, the same on every rank. ``skipped`` counts
     the corrupt samples this rank has skipped so far; ``epoch_corrupt`` those of the epoch of the
@@ -263,19 +313,14 @@ class TrainLoader:
         world_size=None,
         pin_memory=None,
         label_member=LABEL_KEY,
+        num_classes=None,
     ):
-        if batch_size < 1 or crop_size < 1:
-            raise ValueError(f"batch_size ({batch_size}) and crop_size ({crop_size}) must be positive")
-        if not 1 <= min_long_side <= max_long_side:
-            raise ValueError(f"need 1 <= min_long_side ({min_long_side}) <= max_long_side ({max_long_side})")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        if label_member not in LABEL_MEMBERS:
-            raise ValueError(f"label_member must be one of {LABEL_MEMBERS}, got {label_member!r}")
+        check_loader_args(batch_size, crop_size, min_long_side, max_long_side, num_workers, label_member)
         self.rank, self.world_size = _rank_world(rank, world_size)
         self.seed, self.batch_size = _seed_check(seed), batch_size
         reader, refs = _open(shards)
         self.num_samples = len(refs)
+        self.num_classes = _num_classes(num_classes, reader, refs)
         self.shard_paths = [Path(p) for p in reader.paths]
         self._data = _TrainBatches(
             reader,
@@ -290,6 +335,7 @@ class TrainLoader:
             hflip=hflip,
             shuffle_buffer=shuffle_buffer,
             label_member=label_member,
+            num_classes=self.num_classes,
         )
         if self._data.batches(0) == 0:
             raise ShardError(
@@ -438,10 +484,14 @@ def train_loader(
     world_size=None,
     pin_memory=None,
     label_member=LABEL_KEY,
-) -> TrainLoader:
-    """Training batches from shards (a brace/glob pattern, a directory or a list); see :class:`TrainLoader`."""
-    return TrainLoader(
-        shards,
+    num_classes=None,
+    samples_per_epoch=None,
+    streams=None,
+):
+    """Training batches from shards: local ones (a brace/glob pattern, a directory or a list; see
+    :class:`TrainLoader`) or URLs (``pipe:...``, ``http(s)://...``: streamed through webdataset, see
+    puzzlecam.data.remote.RemoteTrainLoader; ``samples_per_epoch`` and ``streams`` only apply to those)."""
+    options = dict(
         batch_size=batch_size,
         crop_size=crop_size,
         seed=seed,
@@ -454,16 +504,42 @@ def train_loader(
         world_size=world_size,
         pin_memory=pin_memory,
         label_member=label_member,
+        num_classes=num_classes,
     )
+    if is_remote(shards):
+        from puzzlecam.data.remote import RemoteTrainLoader
+
+        return RemoteTrainLoader(shards, samples_per_epoch=samples_per_epoch, streams=streams, **options)
+    if samples_per_epoch is not None or streams is not None:
+        raise ValueError("samples_per_epoch and streams are for remote shards (URLs); local shards are indexed")
+    return TrainLoader(shards, **options)
 
 
 # ---------------------------------------------------------------------------------------------
 # Evaluation
 
 
+def eval_batch(s, num_classes: int) -> dict:
+    """One decoded sample as an evaluation batch: the full uint8 image, its size, its label vector, id and mask
+    (255 everywhere where it has none)."""
+    h, w = s.image.shape[:2]
+    labels = torch.zeros(1, num_classes, dtype=torch.float32)
+    labels[0, s.labels] = 1.0
+    has_mask = s.mask is not None
+    mask = torch.from_numpy(s.mask) if has_mask else torch.full((h, w), IGNORE_INDEX, dtype=torch.uint8)
+    return {
+        "image": torch.from_numpy(np.ascontiguousarray(s.image))[None],
+        "valid": torch.tensor([[h, w]]),
+        "labels": labels,
+        "id": [s.key],
+        "mask": mask[None],
+        "has_mask": torch.tensor([has_mask]),
+    }
+
+
 class _EvalSamples(Dataset):
-    def __init__(self, reader, refs):
-        self.reader, self.refs = reader, refs
+    def __init__(self, reader, refs, num_classes):
+        self.reader, self.refs, self.num_classes = reader, refs, num_classes
 
     def __len__(self):
         return len(self.refs)
@@ -471,34 +547,24 @@ class _EvalSamples(Dataset):
     def __getitem__(self, i):
         ref = self.refs[i]
         try:
-            s = decode_sample(self.reader, ref, with_mask=True)
+            s = decode_sample(self.reader, ref, with_mask=True, num_classes=self.num_classes)
         except CorruptSample as e:
             _warn_corrupt(self.reader, ref, e)
             return None
-        h, w = s.image.shape[:2]
-        labels = torch.zeros(1, NUM_CLASSES, dtype=torch.float32)
-        labels[0, s.labels] = 1.0
-        has_mask = s.mask is not None
-        mask = torch.from_numpy(s.mask) if has_mask else torch.full((h, w), IGNORE_INDEX, dtype=torch.uint8)
-        return {
-            "image": torch.from_numpy(np.ascontiguousarray(s.image))[None],
-            "valid": torch.tensor([[h, w]]),
-            "labels": labels,
-            "id": [s.key],
-            "mask": mask[None],
-            "has_mask": torch.tensor([has_mask]),
-        }
+        return eval_batch(s, self.num_classes)
 
 
 class EvalLoader:
-    """One full image per batch; rank r gets samples r, r + W, ... of the shards' order (none twice)."""
+    """One full image per batch; rank r gets samples r, r + W, ... of the shards' order (none twice).
+    ``num_classes``: the length of ``batch["labels"]`` (default: the dataset of the first sample's json)."""
 
-    def __init__(self, shards, *, num_workers=0, rank=None, world_size=None, pin_memory=None):
+    def __init__(self, shards, *, num_workers=0, rank=None, world_size=None, pin_memory=None, num_classes=None):
         self.rank, self.world_size = _rank_world(rank, world_size)
         reader, refs = _open(shards)
         self.num_samples = len(refs)
+        self.num_classes = _num_classes(num_classes, reader, refs)
         self.skipped = 0
-        self._data = _EvalSamples(reader, refs[self.rank :: self.world_size])
+        self._data = _EvalSamples(reader, refs[self.rank :: self.world_size], self.num_classes)
         self._loader = DataLoader(
             self._data,
             batch_size=None,
@@ -520,9 +586,21 @@ class EvalLoader:
             yield batch
 
 
-def eval_loader(shards, *, num_workers=0, rank=None, world_size=None, pin_memory=None) -> EvalLoader:
-    """Full-image evaluation batches with masks; see :class:`EvalLoader`."""
-    return EvalLoader(shards, num_workers=num_workers, rank=rank, world_size=world_size, pin_memory=pin_memory)
+def eval_loader(shards, *, num_workers=0, rank=None, world_size=None, pin_memory=None, num_classes=None):
+    """Full-image evaluation batches with masks: local shards (:class:`EvalLoader`) or URLs streamed through
+    webdataset (puzzlecam.data.remote.RemoteEvalLoader: rank r reads shards r, r + W, ...)."""
+    if is_remote(shards):
+        from puzzlecam.data.remote import RemoteEvalLoader as loader_class
+    else:
+        loader_class = EvalLoader
+    return loader_class(
+        shards,
+        num_workers=num_workers,
+        rank=rank,
+        world_size=world_size,
+        pin_memory=pin_memory,
+        num_classes=num_classes,
+    )
 
 
-__all__ = ["EvalLoader", "TrainLoader", "epoch_order", "eval_loader", "train_loader"]
+__all__ = ["EvalLoader", "TrainLoader", "epoch_order", "eval_loader", "is_remote", "train_loader"]

@@ -276,10 +276,15 @@ def shard_dataset(
     except BaseException:
         writer.abort()
         raise
-    keep = {p.name for p in shards}
-    for stale in out.glob(f"{split}-*.tar"):  # from an earlier, larger run (--overwrite)
-        if stale.name not in keep:
-            stale.unlink()
+    remove_stale_shards(out, split, shards)
     if problems:
         log.warning("skipped %d image(s) with bad input (listed above)", len(problems))
     return ShardResult(out=out, split=split, shards=shards, rows=rows, skipped=problems)
+
+
+def remove_stale_shards(out: Path, split: str, shards: list[Path]) -> None:
+    """Remove ``split``'s shards in ``out`` that this run did not write (from an earlier, larger run: --overwrite)."""
+    keep = {p.name for p in shards}
+    for stale in out.glob(f"{split}-*.tar"):
+        if stale.name not in keep:
+            stale.unlink()

@@ -10,6 +10,11 @@ Security: only the members named in :data:`DECODED_KEYS` are ever read; every ot
 ``.pth``, ``.pickle``, ...) is skipped by offset without reading a byte of it, so nothing in a shard
 can be unpickled or run. Member names are never used as file-system paths. An image whose header
 declares more pixels than :func:`puzzlecam.utils.limits.max_image_pixels` is refused before decoding.
+
+:func:`decode_members` is the one validation of a sample's bytes, whatever they come from: this module's
+offsets into local shards (:func:`decode_sample`) or a stream of remote shards (puzzlecam.data.remote). Labels
+are checked against the class count of the dataset the loader reads (puzzlecam.datasets: a sample's json may
+name it, ``"dataset": "coco"``; none is VOC).
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ import glob
 import io
 import json
 import os
+import re
 import tarfile
 import warnings
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,11 +35,10 @@ import numpy as np
 from braceexpand import braceexpand
 from PIL import Image
 
-from puzzlecam import NUM_CLASSES
-from puzzlecam.data.voc import check_mask_values
+from puzzlecam import NUM_CLASSES, datasets
 from puzzlecam.errors import CorruptSample, PuzzleCamError, ShardError
 from puzzlecam.utils.files import commit_temporary, raise_disk_problem, remove_quietly, temporary_path
-from puzzlecam.utils.labelmap import decode_label_png
+from puzzlecam.utils.labelmap import IGNORE_INDEX, decode_label_png
 from puzzlecam.utils.limits import image_size_problem
 
 # label.png: the training label map of labelled shards (affinity labels, pseudo-labels; label_shards.py).
@@ -40,6 +46,15 @@ LABEL_KEY = "label.png"
 DECODED_KEYS = ("jpg", "json", "seg.png", LABEL_KEY)
 # Largest member that is read (a hostile header could claim anything up to the file size).
 MAX_MEMBER_BYTES = 64 << 20
+
+# A URL that webdataset's gopen opens (pipe:CMD, http://, https://, file://, s3 through pipe:, gs://, ...): such
+# shards are streamed (puzzlecam.data.remote), never indexed here. One letter before "://" is no scheme.
+_URL = re.compile(r"^(pipe:|[A-Za-z][A-Za-z0-9+.-]+://)")
+
+
+def is_url(item) -> bool:
+    """Whether ``item`` (a shard pattern or path) is a URL for webdataset's gopen rather than a local path."""
+    return isinstance(item, str) and _URL.match(item) is not None
 
 
 def resolve_shards(shards: str | os.PathLike | list) -> list[Path]:
@@ -50,6 +65,11 @@ def resolve_shards(shards: str | os.PathLike | list) -> list[Path]:
     paths: list[Path] = []
     for item in items:
         item = str(item)
+        if is_url(item):
+            raise ShardError(
+                f"shard {item!r} is a URL: only the training loader streams remote shards (puzzlecam.data.remote, "
+                "docs/data.md 'Remote shards'); evaluation and the other commands read local shards"
+            )
         if os.path.isdir(item):
             found = sorted(glob.glob(os.path.join(item, "*.tar")))
             if not found:
@@ -213,58 +233,128 @@ class Sample:
     label: np.ndarray | None = None  # (H, W) uint8 training label map (decode_sample's label_member) or None
 
 
-def _decode_label_map(reader: ShardReader, ref: SampleRef, ext: str, shape: tuple[int, ...]) -> np.ndarray:
+def check_label_values(label: np.ndarray, num_classes: int = NUM_CLASSES) -> None:
+    """A ValueError unless every value of a mask / label map is 0 (background), a class 1..num_classes or 255."""
+    bad = label[(label > num_classes) & (label != IGNORE_INDEX)]
+    if bad.size:
+        raise ValueError(
+            f"mask holds values {np.unique(bad).tolist()[:8]}; expected 0..{num_classes} or {IGNORE_INDEX}"
+        )
+
+
+def _decode_label_map(png: bytes, ext: str, shape: tuple[int, ...], num_classes: int) -> np.ndarray:
     """A ``seg.png`` / ``label.png`` member: the image's size (checked on the header: a forged size is never
-    decoded), values 0..20 and 255."""
-    png = reader.read(ref.shard, *ref.members[ext])
+    decoded), values 0..num_classes and 255."""
     with open_image(png) as header:
         size = header.size[::-1]
     if size != shape:
         raise CorruptSample(f"{ext} {size} does not match image {shape}")
     label = decode_label_png(png)
     try:
-        check_mask_values(label)
+        check_label_values(label, num_classes)
     except ValueError as e:
         raise CorruptSample(f"{ext}: {e}") from None
     return label
 
 
-def decode_sample(reader: ShardReader, ref: SampleRef, with_mask: bool, label_member: str | None = None) -> Sample:
-    """Decode ``jpg`` + ``json`` (+ ``seg.png`` as ``mask`` with ``with_mask``; + the label map ``label_member``,
-    ``label.png`` or ``seg.png``, as ``label``, which must then be present); any problem raises
-    :class:`CorruptSample`."""
+def sample_dataset(meta: dict) -> datasets.Dataset:
+    """The dataset a sample's parsed json names (VOC where it names none); a ValueError for an unknown name."""
+    return datasets.named_in(meta)
+
+
+def decode_members(
+    key: str,
+    present: Collection[str],
+    read: Callable[[str], bytes],
+    *,
+    with_mask: bool,
+    label_member: str | None = None,
+    num_classes: int = NUM_CLASSES,
+) -> Sample:
+    """Decode one sample from its members' bytes: ``present`` are the decodable members it has, ``read(ext)``
+    returns one member's bytes (and may raise :class:`CorruptSample`, e.g. for a member over the size bound).
+
+    ``jpg`` + ``json``, + ``seg.png`` as ``mask`` with ``with_mask``, + the label map ``label_member``
+    (``label.png`` or ``seg.png``) as ``label``, which must then be present. The json's labels must be class
+    indices 0..num_classes-1 of the dataset it names, whose class count must be ``num_classes``; masks and label
+    maps hold 0..num_classes and 255. Any problem raises :class:`CorruptSample`."""
     try:
-        if "json" not in ref.members:
+        if "json" not in present:
             raise CorruptSample("no json member")
-        if "jpg" not in ref.members:
+        if "jpg" not in present:
             raise CorruptSample("no jpg member")
-        meta = json.loads(reader.read(ref.shard, *ref.members["json"]))
+        meta = json.loads(read("json"))
         if not isinstance(meta, dict) or not isinstance(meta.get("labels"), list):
             raise CorruptSample("json has no 'labels' list")
+        try:
+            dataset = sample_dataset(meta)
+        except ValueError as e:
+            raise CorruptSample(str(e)) from None
+        if dataset.num_classes != num_classes:
+            raise CorruptSample(
+                f"json names dataset {dataset.name} ({dataset.num_classes} classes) but the loader reads "
+                f"{num_classes}-class labels (shards of several datasets mixed?)"
+            )
         labels = meta["labels"]
-        if not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < NUM_CLASSES for c in labels):
-            raise CorruptSample(f"labels {labels[:8]} out of range 0..{NUM_CLASSES - 1}")
+        if not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c < num_classes for c in labels):
+            raise CorruptSample(f"labels {labels[:8]} out of range 0..{num_classes - 1}")
         member = "jpg"  # the one an ImageTooLarge is about
-        with open_image(reader.read(ref.shard, *ref.members["jpg"])) as img:
+        with open_image(read("jpg")) as img:
             if img.format != "JPEG":
                 raise CorruptSample(f"jpg member is {img.format}, not JPEG")
             image = np.array(img.convert("RGB"))
         mask = label = None
-        if with_mask and "seg.png" in ref.members:
+        if with_mask and "seg.png" in present:
             member = "seg.png"
-            mask = _decode_label_map(reader, ref, member, image.shape[:2])
+            mask = _decode_label_map(read(member), member, image.shape[:2], num_classes)
         if label_member is not None:
             member = label_member
-            if member not in ref.members:
+            if member not in present:
                 raise CorruptSample(f"no {member} member (the other samples of these shards have one)")
-            label = _decode_label_map(reader, ref, member, image.shape[:2])
+            label = _decode_label_map(read(member), member, image.shape[:2], num_classes)
     except ImageTooLarge as e:
         raise CorruptSample(f"{member} {e}") from None
     except PuzzleCamError:  # CorruptSample, or a bad $PUZZLECAM_MAX_IMAGE_PIXELS (not the sample's fault)
         raise
     except Exception as e:  # PIL / json / zlib errors of a damaged member
         raise CorruptSample(f"{type(e).__name__}: {e}") from None
-    return Sample(ref.key, image, [int(c) for c in labels], mask, label)
+    return Sample(key, image, [int(c) for c in labels], mask, label)
+
+
+def decode_sample(
+    reader: ShardReader,
+    ref: SampleRef,
+    with_mask: bool,
+    label_member: str | None = None,
+    num_classes: int = NUM_CLASSES,
+) -> Sample:
+    """:func:`decode_members` of a sample of local shards, its members read by offset."""
+    return decode_members(
+        ref.key,
+        ref.members,
+        lambda ext: reader.read(ref.shard, *ref.members[ext]),
+        with_mask=with_mask,
+        label_member=label_member,
+        num_classes=num_classes,
+    )
+
+
+def first_dataset(reader: ShardReader, refs: list[SampleRef], tries: int = 16) -> datasets.Dataset:
+    """The dataset the first readable json of ``refs`` names (VOC where none is readable or none names one);
+    a ShardError for a name puzzlecam does not know."""
+    for ref in refs[:tries]:
+        if "json" not in ref.members:
+            continue
+        try:
+            meta = json.loads(reader.read(ref.shard, *ref.members["json"]))
+        except (CorruptSample, ValueError):
+            continue
+        if isinstance(meta, dict):
+            try:
+                return sample_dataset(meta)
+            except ValueError as e:
+                raise ShardError(f"{reader.paths[ref.shard]}: sample {ref.key!r}: {e}") from None
+    return datasets.DEFAULT
 
 
 # ---------------------------------------------------------------------------------------------

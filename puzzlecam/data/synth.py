@@ -16,6 +16,7 @@ full or read-only disk is one :class:`~puzzlecam.errors.DiskError`, and an earli
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -26,8 +27,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from puzzlecam import VOC_CLASSES
-from puzzlecam.data.voc import CLASS_INDEX
+from puzzlecam import VOC_CLASSES, datasets
+from puzzlecam.datasets import Dataset
 from puzzlecam.errors import UsageError
 from puzzlecam.utils.files import TEMP_MARK, commit_temporary, raise_disk_problem, temporary_path
 from puzzlecam.utils.labelmap import IGNORE_INDEX, encode_label_png
@@ -277,10 +278,16 @@ class SynthResult:
     splits: dict[str, list[str]]
 
 
-def _check_arguments(classes, num_images: int, size: int, val_fraction: float) -> None:
-    bad = [c for c in classes if c not in CLASS_INDEX]
+def check_arguments(
+    classes, num_images: int, size: int, val_fraction: float, dataset: Dataset = datasets.VOC
+) -> list[int]:
+    """The synthetic sets' argument checks (UsageErrors naming the flag); returns the classes' sorted indices
+    in ``dataset``'s class list."""
+    index = {name: i for i, name in enumerate(dataset.classes)}
+    bad = [c for c in classes if c not in index]
     if bad:
-        raise UsageError(f"--classes: unknown class(es) {bad}; choose from {', '.join(VOC_CLASSES)}")
+        which = "" if dataset is datasets.DEFAULT else f"{dataset.name.upper()} "
+        raise UsageError(f"--classes: unknown {which}class(es) {bad}; choose from {', '.join(dataset.classes)}")
     if not classes:
         raise UsageError("--classes: give at least one class")
     if num_images < 1:
@@ -289,6 +296,7 @@ def _check_arguments(classes, num_images: int, size: int, val_fraction: float) -
         raise UsageError(f"--size must be >= 32, got {size}")
     if not 0 <= val_fraction < 1:
         raise UsageError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    return sorted({index[c] for c in classes})
 
 
 def synthesize(
@@ -306,16 +314,11 @@ def synthesize(
 
     Bad arguments or an existing ``out`` without ``overwrite`` raise :class:`~puzzlecam.errors.UsageError`.
     """
-    _check_arguments(classes, num_images, size, val_fraction)
+    class_ids = check_arguments(classes, num_images, size, val_fraction)
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise UsageError(f"--out {out} exists; pass --overwrite to replace it")
-    tmp = temporary_path(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    dirs = {k: tmp / k for k in ("JPEGImages", "Annotations", "SegmentationClass", "ImageSets/Segmentation")}
-    class_ids = sorted(CLASS_INDEX[c] for c in set(classes))
     ids = [f"synth_{i:06d}" for i in range(num_images)]
-    try:
+    with building_folder(out, overwrite) as tmp:
+        dirs = {k: tmp / k for k in ("JPEGImages", "Annotations", "SegmentationClass", "ImageSets/Segmentation")}
         for d in dirs.values():
             d.mkdir(parents=True)
         with ProgressBar("synthesizing", total=num_images, transient=True) as bar:
@@ -331,6 +334,19 @@ def synthesize(
         splits = {"train": ids[: num_images - n_val], "val": ids[num_images - n_val :], "trainval": ids}
         for name, members in splits.items():
             (dirs["ImageSets/Segmentation"] / f"{name}.txt").write_text("".join(f"{m}\n" for m in members))
+    return SynthResult(out=out, classes=class_ids, splits=splits)
+
+
+@contextlib.contextmanager
+def building_folder(out: Path, overwrite: bool):
+    """A temporary folder beside ``out`` to build a dataset in, which replaces ``out`` when the block ends
+    (an existing ``out`` without ``overwrite`` is a UsageError); on an error it is removed (a full disk named)."""
+    if out.exists() and not overwrite:
+        raise UsageError(f"--out {out} exists; pass --overwrite to replace it")
+    tmp = temporary_path(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
         _replace_folder(tmp, out)
     except BaseException as exc:
         try:
@@ -338,7 +354,6 @@ def synthesize(
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return SynthResult(out=out, classes=class_ids, splits=splits)
 
 
 def _replace_folder(new: Path, out: Path) -> None:

@@ -24,12 +24,12 @@ from puzzlecam.utils.labelmap import IGNORE_INDEX, decode_label_png
 CLASS_INDEX = {name: i for i, name in enumerate(VOC_CLASSES)}
 
 
-def check_mask_values(mask: np.ndarray) -> None:
-    """A ValueError unless every value is a VOC class index (0..20) or the ignore index."""
-    bad = mask[(mask > len(VOC_CLASSES)) & (mask != IGNORE_INDEX)]
+def check_mask_values(mask: np.ndarray, num_labels: int = len(VOC_CLASSES) + 1) -> None:
+    """A ValueError unless every value is a label 0..num_labels-1 (VOC: 0..20, COCO: 0..80) or the ignore index."""
+    bad = mask[(mask >= num_labels) & (mask != IGNORE_INDEX)]
     if bad.size:
         raise ValueError(
-            f"mask holds values {np.unique(bad).tolist()[:8]}; expected 0..{len(VOC_CLASSES)} or {IGNORE_INDEX}"
+            f"mask holds values {np.unique(bad).tolist()[:8]}; expected 0..{num_labels - 1} or {IGNORE_INDEX}"
         )
 
 
