@@ -41,15 +41,13 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from puzzlecam.data.shard import (
-    ON_ERROR,
     Problem,
     ShardResult,
-    _existing_output,
-    _write_manifest,
+    SplitOutput,
+    check_shard_flags,
     problem_listing,
-    remove_stale_shards,
 )
-from puzzlecam.data.shards import ImageTooLarge, ShardWriter, open_image
+from puzzlecam.data.shards import ImageTooLarge, open_image
 from puzzlecam.datasets import COCO
 from puzzlecam.errors import DataError, RunError, UsageError
 from puzzlecam.utils.labelmap import IGNORE_INDEX, encode_label_png
@@ -497,10 +495,7 @@ def shard_coco(
     :class:`~puzzlecam.errors.UsageError` (a :class:`~puzzlecam.errors.DataError` for input files) before
     anything final is written.
     """
-    if shard_size < 1:
-        raise UsageError(f"--shard-size must be >= 1, got {shard_size}")
-    if on_error not in ON_ERROR:
-        raise UsageError(f"--on-error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
+    check_shard_flags(shard_size, on_error)
     if workers < 1:
         raise UsageError(f"--workers must be >= 1, got {workers}")
     annotations = str(annotations)
@@ -516,13 +511,7 @@ def shard_coco(
     plan = plan_images(data, images_dir, ann_path)
     del data
     plans, without, problems, skipped_keys = plan.images, plan.without_annotations, plan.problems, plan.refused
-    out.mkdir(parents=True, exist_ok=True)
-    existing = _existing_output(out, split)
-    if existing and not overwrite:
-        raise UsageError(
-            f"--out {out} already holds output for split {split!r}: "
-            f"{', '.join(existing[:4])}{' ...' if len(existing) > 4 else ''}; pass --overwrite to replace it"
-        )
+    output = SplitOutput(out, split, shard_size, overwrite)
     if problems and on_error == "fail":
         raise DataError(
             f"{len(problems)} bad annotation(s) or missing image file(s) in {ann_path}; nothing was written "
@@ -531,9 +520,7 @@ def shard_coco(
     for problem in problems:
         log.warning("skipping %s", problem)
 
-    writer = ShardWriter(out, split, shard_size)
-    rows = []
-    try:
+    with output:
         with (
             _Converter(workers, clip_outside) as converter,
             ProgressBar(f"sharding {split}", total=len(plans), transient=True) as bar,
@@ -547,44 +534,27 @@ def shard_coco(
                             log.warning("skipping %s", problem)
                 else:
                     members, meta = result
-                    shard = writer.add(image.key, members)
-                    rows.append(
-                        {
-                            "id": image.key,
-                            "split": split,
-                            "shard": shard,
-                            "height": meta["height"],
-                            "width": meta["width"],
-                            "labels": meta["labels"],
-                            "has_mask": True,
-                        }
-                    )
+                    output.add(image.key, members, meta)
                 bar.advance()
         if problems and on_error == "fail":
             raise DataError(
                 f"{len(problems)} bad input(s); nothing was written (--on-error skip leaves these images out):\n"
                 + problem_listing(problems)
             )
-        if not rows:
+        if not output.rows:
             reason = f"{len(without)} image(s) without annotations, {len(skipped_keys)} with bad input"
             raise DataError(
                 f"no image of split {split!r} could be converted ({reason})"
                 + (":\n" + problem_listing(problems) if problems else "")
             )
-        writer.close()  # everything that takes room is on disk before the first rename (as shard.py does)
-        _write_manifest(out, split, rows)
-        shards = writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
-    remove_stale_shards(out, split, shards)
+        shards = output.commit()
     if problems:
         log.warning("skipped %d image(s) with bad input (listed above)", len(skipped_keys))
     return CocoShardResult(
         out=out,
         split=split,
         shards=shards,
-        rows=rows,
+        rows=output.rows,
         skipped=problems,
         without_annotations=without,
         skipped_images=len(skipped_keys),

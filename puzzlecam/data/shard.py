@@ -66,14 +66,74 @@ class Problem:
         return f"{self.image_id}: {self.what}" + (f" ({self.path})" if self.path else "")
 
 
-def _existing_output(out: Path, split: str) -> list[str]:
-    found = sorted(p.name for p in out.glob(f"{split}-*.tar"))
-    manifest = out / MANIFEST
-    if manifest.is_file():
-        splits = set(pq.read_table(manifest, columns=["split"]).column("split").to_pylist())
-        if split in splits:
-            found.append(f"{MANIFEST} (rows of split {split!r})")
-    return found
+def check_shard_flags(shard_size: int, on_error: str) -> None:
+    """The flags every converter shares: ``--shard-size`` and ``--on-error``."""
+    if shard_size < 1:
+        raise UsageError(f"--shard-size must be >= 1, got {shard_size}")
+    if on_error not in ON_ERROR:
+        raise UsageError(f"--on-error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
+
+
+class SplitOutput:
+    """One split's shards and manifest rows, written all or nothing (the VOC and COCO converters share it).
+
+    Creating it refuses an ``out`` that already holds the split unless ``overwrite``. Used as a context
+    manager: :meth:`add` writes samples under temporary names, :meth:`commit` puts everything in place, and
+    leaving the block on an exception before that removes every temporary.
+    """
+
+    def __init__(self, out: Path, split: str, shard_size: int, overwrite: bool):
+        out.mkdir(parents=True, exist_ok=True)
+        existing = sorted(p.name for p in out.glob(f"{split}-*.tar"))
+        manifest = out / MANIFEST
+        if manifest.is_file():
+            splits = set(pq.read_table(manifest, columns=["split"]).column("split").to_pylist())
+            if split in splits:
+                existing.append(f"{MANIFEST} (rows of split {split!r})")
+        if existing and not overwrite:
+            raise UsageError(
+                f"--out {out} already holds output for split {split!r}: "
+                f"{', '.join(existing[:4])}{' ...' if len(existing) > 4 else ''}; pass --overwrite to replace it"
+            )
+        self.out, self.split = out, split
+        self.writer = ShardWriter(out, split, shard_size)
+        self.rows: list[dict] = []
+
+    def add(self, key: str, members: dict[str, bytes], meta: dict) -> None:
+        """Write one sample and its manifest row (``meta``: height, width, labels)."""
+        shard = self.writer.add(key, members)
+        self.rows.append(
+            {
+                "id": key,
+                "split": self.split,
+                "shard": shard,
+                "height": meta["height"],
+                "width": meta["width"],
+                "labels": meta["labels"],
+                "has_mask": "seg.png" in members,
+            }
+        )
+
+    def commit(self) -> list[Path]:
+        """Put the shards and the manifest in place; returns the shards. Shards of an earlier, larger run
+        of the split (--overwrite) are removed."""
+        # Everything that takes room is on disk before anything is renamed: a full disk leaves the
+        # directory as it was. The manifest goes first; renaming the shards after it takes no room.
+        self.writer.close()
+        _write_manifest(self.out, self.split, self.rows)
+        shards = self.writer.commit()
+        self._committed = True
+        remove_stale_shards(self.out, self.split, shards)
+        return shards
+
+    def __enter__(self):
+        self._committed = False
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and not self._committed:
+            self.writer.abort()
+        return False
 
 
 def _check_paths(src: VocSources, ids: list[str], split: str, need_xml: bool, need_mask: bool):
@@ -211,20 +271,11 @@ def shard_dataset(
     Bad flags, input or refused output raise :class:`~puzzlecam.errors.UsageError` (a
     :class:`~puzzlecam.errors.DataError` for input files) before anything final is written.
     """
-    if shard_size < 1:
-        raise UsageError(f"--shard-size must be >= 1, got {shard_size}")
-    if on_error not in ON_ERROR:
-        raise UsageError(f"--on-error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
+    check_shard_flags(shard_size, on_error)
     out = Path(out)
     src = VocSources(voc_root, sbd_root, aug_masks)
     split, ids = _select_ids(src, voc_root, split, list_file)
-    out.mkdir(parents=True, exist_ok=True)
-    existing = _existing_output(out, split)
-    if existing and not overwrite:
-        raise UsageError(
-            f"--out {out} already holds output for split {split!r}: "
-            f"{', '.join(existing[:4])}{' ...' if len(existing) > 4 else ''}; pass --overwrite to replace it"
-        )
+    output = SplitOutput(out, split, shard_size, overwrite)
 
     need_mask = list_file is None and split in MASKED_SPLITS
     plans, problems = _check_paths(src, ids, split, need_xml=split != "test", need_mask=need_mask)
@@ -236,9 +287,7 @@ def shard_dataset(
     for problem in problems:
         log.warning("skipping %s", problem)
 
-    writer = ShardWriter(out, split, shard_size)
-    rows = []
-    try:
+    with output:
         with ProgressBar(f"sharding {split}", total=len(plans), transient=True) as bar:
             for image_id, jpeg, xml, mask in plans:
                 try:
@@ -248,38 +297,19 @@ def shard_dataset(
                     if on_error == "skip":
                         log.warning("skipping %s", e.problem)
                 else:
-                    shard = writer.add(image_id, members)
-                    rows.append(
-                        {
-                            "id": image_id,
-                            "split": split,
-                            "shard": shard,
-                            "height": meta["height"],
-                            "width": meta["width"],
-                            "labels": meta["labels"],
-                            "has_mask": "seg.png" in members,
-                        }
-                    )
+                    output.add(image_id, members, meta)
                 bar.advance()
         if problems and on_error == "fail":
             raise DataError(
                 f"{len(problems)} bad input file(s); nothing was written (--on-error skip leaves these images out):\n"
                 + problem_listing(problems)
             )
-        if not rows:
+        if not output.rows:
             raise DataError(f"no image of split {split!r} could be read:\n" + problem_listing(problems))
-        # Everything that takes room is on disk before anything is renamed: a full disk leaves the
-        # directory as it was. The manifest goes first; renaming the shards after it takes no room.
-        writer.close()
-        _write_manifest(out, split, rows)
-        shards = writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
-    remove_stale_shards(out, split, shards)
+        shards = output.commit()
     if problems:
         log.warning("skipped %d image(s) with bad input (listed above)", len(problems))
-    return ShardResult(out=out, split=split, shards=shards, rows=rows, skipped=problems)
+    return ShardResult(out=out, split=split, shards=shards, rows=output.rows, skipped=problems)
 
 
 def remove_stale_shards(out: Path, split: str, shards: list[Path]) -> None:
