@@ -469,43 +469,11 @@ def _start_methods():
     return multiprocessing.get_all_start_methods()
 
 
-def train_loader(
-    shards,
-    *,
-    batch_size,
-    crop_size,
-    seed,
-    num_workers=0,
-    min_long_side=320,
-    max_long_side=640,
-    hflip=True,
-    shuffle_buffer=0,
-    rank=None,
-    world_size=None,
-    pin_memory=None,
-    label_member=LABEL_KEY,
-    num_classes=None,
-    samples_per_epoch=None,
-    streams=None,
-):
+def train_loader(shards, *, samples_per_epoch=None, streams=None, **options):
     """Training batches from shards: local ones (a brace/glob pattern, a directory or a list; see
     :class:`TrainLoader`) or URLs (``pipe:...``, ``http(s)://...``: streamed through webdataset, see
-    puzzlecam.data.remote.RemoteTrainLoader; ``samples_per_epoch`` and ``streams`` only apply to those)."""
-    options = dict(
-        batch_size=batch_size,
-        crop_size=crop_size,
-        seed=seed,
-        num_workers=num_workers,
-        min_long_side=min_long_side,
-        max_long_side=max_long_side,
-        hflip=hflip,
-        shuffle_buffer=shuffle_buffer,
-        rank=rank,
-        world_size=world_size,
-        pin_memory=pin_memory,
-        label_member=label_member,
-        num_classes=num_classes,
-    )
+    puzzlecam.data.remote.RemoteTrainLoader; ``samples_per_epoch`` and ``streams`` only apply to those).
+    ``options``: the keyword arguments both loaders take (batch_size, crop_size, seed, num_workers, ...)."""
     if is_remote(shards):
         from puzzlecam.data.remote import RemoteTrainLoader
 
