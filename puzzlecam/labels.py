@@ -2,7 +2,8 @@
 
 Each image's label map is the argmax over ``[T, hr_cam_1, ..., hr_cam_K]`` (ties go to background,
 ties between classes to the first key; the evaluation's rule, see puzzlecam.evaluate), written as a
-palette PNG ``{id}.png`` with the VOC palette: 0 background, 1..20 classes (channel index + 1).
+palette PNG ``{id}.png`` with the VOC palette: 0 background, 1..C classes (channel index + 1; C = 20 for VOC,
+80 for COCO).
 
 ``--bg-threshold B`` (B < T) marks uncertain pixels: with fg the map at T and bg the map at B,
 ``label = fg; label[fg == 0] = 255; label[fg + bg == 0] = 0`` (confident foreground, confident
@@ -141,7 +142,7 @@ def make_label_map(
     crf_iters: int = 10,
     crf_gt_prob: float = 0.7,
 ) -> np.ndarray:
-    """The pseudo-label (H, W) uint8 of one image (0, 1..20, and 255 where uncertain)."""
+    """The pseudo-label (H, W) uint8 of one image (0, 1..C, and 255 where uncertain)."""
     num_labels = len(record.keys) + 1
 
     def at(t: float) -> np.ndarray:
@@ -206,8 +207,8 @@ def _store_images(cam_dir: Path) -> tuple[list[Item], int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m puzzlecam.labels",
-        description="Write palette-PNG pseudo-labels {id}.png (0 background, 1..20 classes, 255 uncertain) "
-        "from a CAM store of puzzlecam.infer or a random-walk store of puzzlecam.rw. Affinity labels for "
+        description="Write palette-PNG pseudo-labels {id}.png (0 background, 1..C classes: VOC 20, COCO 80; 255 "
+        "uncertain) from a CAM store of puzzlecam.infer or a random-walk store of puzzlecam.rw. Affinity labels for "
         "AffinityNet (the README's): --affinity --shards PATTERN. Pseudo-labels from random-walk maps (the "
         "README's): --cams RW_STORE --threshold 0.35 --crf --crf-iters 1 --shards PATTERN. See docs/data.md.",
     )

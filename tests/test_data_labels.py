@@ -141,6 +141,10 @@ def test_cli(shards, tmp_path, capsys):
     assert "wrote 0 labelled shard(s), kept 2 finished one(s)" in capsys.readouterr().out
     assert data_main(["label-shards", "--shards", str(shards), "--labels", str(tmp_path / "nope"), "--out", "x"]) == 2
     assert "--labels" in capsys.readouterr().err
+    url = "http://127.0.0.1:9/train-{000000..000001}.tar"
+    assert data_main(["label-shards", "--shards", url, "--labels", str(labels), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert url in err and "reads local shards" in err and "download them first" in err
 
 
 def test_coco_label_maps_hold_its_81_labels(tmp_path):

@@ -195,9 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="copy training shards adding each image's label map (label.png) for stages 2 and 3",
         description="For every input shard NAME write --out/NAME: each sample's jpg (unchanged bytes), json and "
         "seg.png plus its label map from --labels as label.png (the training loader's batch['label']). Every "
-        "label is checked first (present, the image's size, values 0..20 and 255); any problem fails naming the "
-        "ids and writes nothing. Shards are written atomically and byte-identically for the same input; a rerun "
-        "keeps the output shards already finished (an interrupted run resumes).",
+        "label is checked first (present, the image's size, values 0..C and 255, C the shards' classes: VOC 20, "
+        "COCO 80); any problem fails naming the ids and writes nothing. Shards are written atomically and "
+        "byte-identically for the same input; a rerun keeps the output shards already finished (an interrupted "
+        "run resumes).",
     )
     ls.add_argument(
         "--shards",
@@ -208,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--labels",
         required=True,
         help="directory of label maps {id}.png written by python -m puzzlecam.labels (palette or grayscale PNGs, "
-        "0 background, 1..20 classes, 255 ignored; ids named as the CAM store names files)",
+        "0 background, 1..C classes, 255 ignored; ids named as the CAM store names files)",
     )
     ls.add_argument("--out", required=True, help="output directory for the labelled shards (the input shards' names)")
     ls.add_argument(

@@ -67,8 +67,8 @@ def resolve_shards(shards: str | os.PathLike | list) -> list[Path]:
         item = str(item)
         if is_url(item):
             raise ShardError(
-                f"shard {item!r} is a URL: only the training loader streams remote shards (puzzlecam.data.remote, "
-                "docs/data.md 'Remote shards'); evaluation and the other commands read local shards"
+                f"shard {item!r} is a URL: this command reads local shards (the training and evaluation loaders "
+                "and the inference commands' --shards stream URLs: docs/data.md 'Remote shards'); download them first"
             )
         if os.path.isdir(item):
             found = sorted(glob.glob(os.path.join(item, "*.tar")))
