@@ -4,6 +4,7 @@ itself, crowd and annotation order, images without annotations, workers, bad inp
 import copy
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -428,7 +429,6 @@ def test_command_line_report_and_exit_codes(coco_set, tmp_path, capsys):
         ["shard", "--coco-images", str(images), "--voc-root", "v", "--coco-annotations", "a", "--out", "o"],
         [*base, "--out", "o", "--list", "ids.txt"],
         [*base, "--out", "o", "--sbd-root", "s"],
-        ["shard", "--voc-root", "v", "--out", "o", "--workers", "2"],
         ["shard", "--voc-root", "v", "--out", "o", "--clip-outside"],
         ["shard", "--coco-annotations", "a", "--voc-root", "v", "--out", "o"],
         [*base, "--out", "o", "--workers", "two"],
@@ -548,12 +548,14 @@ def test_command_in_a_subprocess(coco_set, tmp_path):
     assert f"annotation {bad['annotations'][0]['id']}: category_id 91 is not one of the categories" in run.stderr
 
 
-def test_a_worker_that_dies_is_an_error_not_a_hang(coco_set, tmp_path, monkeypatch):
-    import os
+def _die(image, clip_outside):
+    os._exit(3)
 
+
+def test_a_worker_that_dies_is_an_error_not_a_hang(coco_set, tmp_path, monkeypatch):
     import puzzlecam.data.coco as coco
 
-    monkeypatch.setattr(coco, "convert_image", lambda image, clip_outside: os._exit(3))  # the forked workers see it
+    monkeypatch.setattr(coco, "convert_image", _die)  # a module-level function: the pool pickles it by name
     with pytest.raises(RunError, match="a --workers process died"):
         shard_coco(*_paths(coco_set), out=tmp_path / "o", workers=2)
     assert not list((tmp_path / "o").iterdir())

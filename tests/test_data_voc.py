@@ -197,3 +197,29 @@ def test_list_file_and_eval_loader_roundtrip(devkit, tmp_path):
     assert b["labels"][0].nonzero().flatten().tolist() == sorted(
         set(devkit["present"]) | {CLS["bottle"], CLS["person"]}
     )
+
+
+def test_workers_give_byte_identical_shards_and_the_same_skips(tmp_path, capsys):
+    from puzzlecam.data.synth import synthesize
+
+    voc = tmp_path / "voc"
+    synthesize(voc, num_images=40, size=32, seed=3, val_fraction=0.0)
+    bad = voc / "JPEGImages" / "synth_000021.jpg"  # in the third of the workers' chunks of 8
+    bad.write_bytes(bad.read_bytes()[:200])
+    outs = {}
+    for workers in (1, 3):
+        out = tmp_path / f"w{workers}"
+        argv = ["shard", "--voc-root", str(voc), "--split", "train", "--out", str(out), "--shard-size", "7"]
+        assert data_main([*argv, "--on-error", "skip", "--workers", str(workers)]) == 0
+        captured = capsys.readouterr()
+        assert "skipped: 1" in captured.out and "synth_000021: unreadable" in captured.err
+        outs[workers] = out
+        # --on-error fail with workers writes nothing and names the image, as in one process.
+        assert data_main([*argv[:-3], str(tmp_path / f"fail{workers}"), "--workers", str(workers)]) == 2
+        assert "synth_000021" in capsys.readouterr().err and not list((tmp_path / f"fail{workers}").iterdir())
+    names = sorted(p.name for p in outs[1].iterdir())
+    assert len(names) == 7 and names == sorted(p.name for p in outs[3].iterdir())  # 39 images: 6 shards + manifest
+    for name in names:
+        assert (outs[1] / name).read_bytes() == (outs[3] / name).read_bytes(), name
+    assert data_main(["shard", "--voc-root", str(voc), "--split", "train", "--out", "x", "--workers", "0"]) == 2
+    assert "--workers must be >= 1, got 0" in capsys.readouterr().err

@@ -26,7 +26,7 @@ if TYPE_CHECKING:  # the commands import their modules (pyarrow, PIL) only when 
 
 VOC_SPLITS = ("train", "val", "trainval", "train_aug", "test")
 VOC_ONLY = ("sbd_root", "aug_masks", "list_file")
-COCO_ONLY = ("workers", "clip_outside")
+COCO_ONLY = ("clip_outside",)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -61,7 +61,7 @@ def _check_shard(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         parser.error("argument --coco-annotations: needs --coco-images DIR")
     for dest in COCO_ONLY:
         if getattr(args, dest) not in (None, False):
-            parser.error(f"argument {_flag(dest)}: only with --coco-images (the VOC conversion runs in one process)")
+            parser.error(f"argument {_flag(dest)}: only with --coco-images")
     if args.split is not None and args.split not in VOC_SPLITS:
         choices = ", ".join(repr(c) for c in VOC_SPLITS)
         parser.error(f"argument --split: invalid choice: {args.split!r} (choose from {choices})")
@@ -137,9 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--workers",
         type=int,
+        default=1,
         metavar="N",
-        help="MS COCO: decode images and render masks in N processes (default 1); the shards are byte-identical "
-        "for any N",
+        help="read, check and decode the images (COCO: and render the masks) in N processes (default 1); the "
+        "shards are byte-identical for any N",
     )
     s.add_argument(
         "--clip-outside",
@@ -306,7 +307,7 @@ def run(args: argparse.Namespace) -> None:
             shard_size=args.shard_size,
             overwrite=args.overwrite,
             on_error=args.on_error,
-            workers=1 if args.workers is None else args.workers,
+            workers=args.workers,
             clip_outside=args.clip_outside,
         )
         print_shard_report(console, result)
@@ -324,6 +325,7 @@ def run(args: argparse.Namespace) -> None:
             shard_size=args.shard_size,
             overwrite=args.overwrite,
             on_error=args.on_error,
+            workers=args.workers,
         )
         print_shard_report(console, result)
         return

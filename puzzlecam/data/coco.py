@@ -24,22 +24,17 @@ takes their results in id order, so the shards are byte-identical for any number
 
 from __future__ import annotations
 
-import gc
+import functools
 import json
 import logging
 import math
-import multiprocessing
 import re
-import sys
-from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from puzzlecam.data.parallel import OrderedPool
 from puzzlecam.data.shard import (
     Problem,
     ShardResult,
@@ -49,7 +44,7 @@ from puzzlecam.data.shard import (
 )
 from puzzlecam.data.shards import ImageTooLarge, open_image
 from puzzlecam.datasets import COCO
-from puzzlecam.errors import DataError, RunError, UsageError
+from puzzlecam.errors import DataError, UsageError
 from puzzlecam.utils.labelmap import IGNORE_INDEX, encode_label_png
 from puzzlecam.utils.limits import image_size_problem
 from puzzlecam.utils.progress import ProgressBar
@@ -61,9 +56,6 @@ log = logging.getLogger(__name__)
 CATEGORY_GAPS = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
 CATEGORY_IDS = tuple(i for i in range(1, 91) if i not in CATEGORY_GAPS)
 assert len(CATEGORY_IDS) == COCO.num_classes
-# Images sent to a worker at a time, and chunks in flight per worker (bounds the results held in memory).
-CHUNK_IMAGES = 8
-CHUNKS_PER_WORKER = 4
 _SPLIT_NAME = re.compile(r"[A-Za-z0-9_]+")
 # Characters of a compressed RLE string (pycocotools' rleToString: 6 bits per character from '0').
 _RLE_CHARS = re.compile(r"[0-o]*")
@@ -408,58 +400,6 @@ def convert_image(image: CocoImage, clip_outside: bool = False) -> tuple[dict[st
     return members, meta
 
 
-def _convert_chunk(chunk: list[CocoImage], clip_outside: bool):
-    return [convert_image(image, clip_outside) for image in chunk]
-
-
-class _Converter:
-    """:func:`convert_image` of every plan, in order: here, or in ``workers`` processes with a bounded number of
-    chunks in flight (the order of the results never depends on the workers).
-
-    Create it before any other thread starts (the progress bar's): with fork the workers are all started in
-    the constructor, so no child can inherit a lock held by another thread.
-    """
-
-    def __init__(self, workers: int, clip_outside: bool):
-        self.workers, self.clip_outside = workers, clip_outside
-        self.executor = None
-        if workers <= 1:
-            return
-        # fork: the workers need nothing but this module; elsewhere spawn (fork is unsafe on macOS).
-        context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        gc.freeze()  # the children's garbage collector leaves the parent's objects (shared pages) alone
-        try:
-            self.executor = ProcessPoolExecutor(workers, mp_context=context)
-            self.executor.submit(int).result()  # with fork, every worker starts at the first submit
-        finally:
-            gc.unfreeze()
-
-    def results(self, plans: list[CocoImage]) -> Iterator:
-        if self.executor is None:
-            for image in plans:
-                yield convert_image(image, self.clip_outside)
-            return
-        pending: deque = deque()
-        try:
-            for i in range(0, len(plans), CHUNK_IMAGES):
-                pending.append(self.executor.submit(_convert_chunk, plans[i : i + CHUNK_IMAGES], self.clip_outside))
-                if len(pending) >= self.workers * CHUNKS_PER_WORKER:
-                    yield from pending.popleft().result()
-            while pending:
-                yield from pending.popleft().result()
-        except BrokenProcessPool as e:
-            raise RunError(
-                f"a --workers process died while converting images (out of memory? killed?); nothing was written: {e}"
-            ) from None
-
-    def __enter__(self) -> _Converter:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.executor is not None:
-            self.executor.shutdown(wait=True, cancel_futures=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # The command
 
@@ -495,9 +435,7 @@ def shard_coco(
     :class:`~puzzlecam.errors.UsageError` (a :class:`~puzzlecam.errors.DataError` for input files) before
     anything final is written.
     """
-    check_shard_flags(shard_size, on_error)
-    if workers < 1:
-        raise UsageError(f"--workers must be >= 1, got {workers}")
+    check_shard_flags(shard_size, on_error, workers)
     annotations = str(annotations)
     if "{split}" in annotations:
         if split is None:
@@ -522,10 +460,10 @@ def shard_coco(
 
     with output:
         with (
-            _Converter(workers, clip_outside) as converter,
+            OrderedPool(workers, functools.partial(convert_image, clip_outside=clip_outside)) as pool,
             ProgressBar(f"sharding {split}", total=len(plans), transient=True) as bar,
         ):
-            for image, result in zip(plans, converter.results(plans), strict=True):
+            for image, result in zip(plans, pool.results(plans), strict=True):
                 if isinstance(result, list):
                     problems += result
                     skipped_keys.add(image.key)

@@ -5,7 +5,9 @@ labels (class indices from the Annotations XML), height, width}, ``seg.png`` = t
 PNG with the VOC palette (pixel values = class indices, 255 void) where the image has one.
 
 Two passes: every input path is checked first (a missing file fails before any work), then every
-image is decoded and checked while the shards are written under temporary names. With
+image is decoded and checked (in ``workers`` processes when asked: :mod:`puzzlecam.data.parallel`; one writer
+takes the results in id order, so the shards are byte-identical for any number) while the shards are
+written under temporary names. With
 ``--on-error fail`` any problem removes the temporaries, nothing final is written and a
 :class:`~puzzlecam.errors.DataError` lists the problems; with ``skip`` bad images are left out, each
 logged as a warning. The shards and ``manifest.parquet`` are renamed into place at the end, once
@@ -25,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from puzzlecam.data.parallel import OrderedPool
 from puzzlecam.data.shards import ImageTooLarge, ShardWriter, open_image
 from puzzlecam.data.voc import VocSources, check_mask_values, parse_annotation, read_id_list, read_mask
 from puzzlecam.errors import DataError, UsageError
@@ -66,12 +69,14 @@ class Problem:
         return f"{self.image_id}: {self.what}" + (f" ({self.path})" if self.path else "")
 
 
-def check_shard_flags(shard_size: int, on_error: str) -> None:
-    """The flags every converter shares: ``--shard-size`` and ``--on-error``."""
+def check_shard_flags(shard_size: int, on_error: str, workers: int) -> None:
+    """The flags every converter shares: ``--shard-size``, ``--on-error`` and ``--workers``."""
     if shard_size < 1:
         raise UsageError(f"--shard-size must be >= 1, got {shard_size}")
     if on_error not in ON_ERROR:
         raise UsageError(f"--on-error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
+    if workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {workers}")
 
 
 class SplitOutput:
@@ -200,6 +205,15 @@ class _SampleFailed(Exception):
         self.problem = problem
 
 
+def _convert_plan(plan: tuple) -> tuple[dict[str, bytes], dict] | Problem:
+    """Pass 2 of one image, for :class:`~puzzlecam.data.parallel.OrderedPool`: its (members, meta) or its
+    Problem (a result, not an exception, so that every image's outcome comes back from the workers)."""
+    try:
+        return _read_sample(*plan)
+    except _SampleFailed as e:
+        return e.problem
+
+
 def problem_listing(problems: list[Problem]) -> str:
     """The first :data:`LISTED_PROBLEMS` problems, one per line, and a count of the rest."""
     lines = [f"  {p}" for p in problems[:LISTED_PROBLEMS]]
@@ -265,13 +279,15 @@ def shard_dataset(
     shard_size: int = 1000,
     overwrite: bool = False,
     on_error: str = "fail",
+    workers: int = 1,
 ) -> ShardResult:
     """Write the shards of one split and its manifest rows into ``out``; returns what was written.
+    ``workers`` > 1 reads and checks the images in that many processes (the shards are byte-identical).
 
     Bad flags, input or refused output raise :class:`~puzzlecam.errors.UsageError` (a
     :class:`~puzzlecam.errors.DataError` for input files) before anything final is written.
     """
-    check_shard_flags(shard_size, on_error)
+    check_shard_flags(shard_size, on_error, workers)
     out = Path(out)
     src = VocSources(voc_root, sbd_root, aug_masks)
     split, ids = _select_ids(src, voc_root, split, list_file)
@@ -288,16 +304,18 @@ def shard_dataset(
         log.warning("skipping %s", problem)
 
     with output:
-        with ProgressBar(f"sharding {split}", total=len(plans), transient=True) as bar:
-            for image_id, jpeg, xml, mask in plans:
-                try:
-                    members, meta = _read_sample(image_id, jpeg, xml, mask)
-                except _SampleFailed as e:
-                    problems.append(e.problem)
+        with (
+            OrderedPool(workers, _convert_plan) as pool,
+            ProgressBar(f"sharding {split}", total=len(plans), transient=True) as bar,
+        ):
+            for plan, result in zip(plans, pool.results(plans), strict=True):
+                if isinstance(result, Problem):
+                    problems.append(result)
                     if on_error == "skip":
-                        log.warning("skipping %s", e.problem)
+                        log.warning("skipping %s", result)
                 else:
-                    output.add(image_id, members, meta)
+                    members, meta = result
+                    output.add(plan[0], members, meta)
                 bar.advance()
         if problems and on_error == "fail":
             raise DataError(
