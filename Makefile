@@ -11,6 +11,11 @@ BUILD_INPUTS  := setup.py pyproject.toml $(shell find csrc -type f \( -name '*.c
 GPU_VISIBLE    = $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1 || echo 0)
 TEST_ENV       = $(if $(filter 1,$(GPU_VISIBLE)),,TRITON_INTERPRET=1)
 PYTEST_ARGS   ?=
+# Test processes (pytest-xdist), one test file each at a time (module fixtures run once): 2 use both cores of
+# a 2-core machine while one test waits on its launched processes or runs single-threaded Python.
+# PYTEST_WORKERS=0 runs everything in one process.
+PYTEST_WORKERS ?= 2
+PYTEST_PARALLEL = $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
 DEMO_DIR      ?= demo_out
 
 .PHONY: install lint format test test-fast demo bench clean
@@ -36,10 +41,10 @@ format: install
 
 # CI runs everything, the lint first; test-fast leaves out the tests marked slow (launches, the demo).
 test: install lint
-	$(TEST_ENV) $(PY) -m pytest $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 test-fast: install
-	$(TEST_ENV) $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(TEST_ENV) $(PY) -m pytest -m "not slow" $(PYTEST_PARALLEL) $(PYTEST_ARGS)
 
 demo: install
 	$(TEST_ENV) $(PY) -m puzzlecam.demo --out $(DEMO_DIR)
