@@ -103,6 +103,7 @@ class SplitOutput:
         self.out, self.split = out, split
         self.writer = ShardWriter(out, split, shard_size)
         self.rows: list[dict] = []
+        self._committed = False
 
     def add(self, key: str, members: dict[str, bytes], meta: dict) -> None:
         """Write one sample and its manifest row (``meta``: height, width, labels)."""
@@ -132,7 +133,6 @@ class SplitOutput:
         return shards
 
     def __enter__(self):
-        self._committed = False
         return self
 
     def __exit__(self, exc_type, exc, tb):
