@@ -498,50 +498,30 @@ def test_synth_command_formats(tmp_path, capsys):
     assert files and all((tmp_path / "v" / f).read_bytes() == (tmp_path / "w" / f).read_bytes() for f in files)
 
 
+def _shard_in_a_subprocess(*args):
+    command = [sys.executable, "-m", "puzzlecam.data", "shard", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
 def test_command_in_a_subprocess(coco_set, tmp_path):
     images, ann_file = _paths(coco_set, "val2014")
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "puzzlecam.data",
-            "shard",
-            "--coco-images",
-            str(images),
-            "--coco-annotations",
-            str(ann_file),
-            "--out",
-            str(tmp_path / "o"),
-            "--workers",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    run = _shard_in_a_subprocess(
+        "--coco-images", images, "--coco-annotations", ann_file, "--out", tmp_path / "o", "--workers", 2
     )
     assert run.returncode == 0 and "val2014: wrote 9 images in 1 shard(s)" in run.stdout and run.stderr == ""
     data = json.loads(ann_file.read_text())
     bad = copy.deepcopy(data)
     bad["annotations"][0]["category_id"] = 91
     (tmp_path / "bad.json").write_text(json.dumps(bad))
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "puzzlecam.data",
-            "shard",
-            "--coco-images",
-            str(images),
-            "--coco-annotations",
-            str(tmp_path / "bad.json"),
-            "--split",
-            "val2014",
-            "--out",
-            str(tmp_path / "b"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    run = _shard_in_a_subprocess(
+        "--coco-images",
+        images,
+        "--coco-annotations",
+        tmp_path / "bad.json",
+        "--split",
+        "val2014",
+        "--out",
+        tmp_path / "b",
     )
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.startswith(f"error: 1 bad annotation(s) or missing image file(s) in {tmp_path / 'bad.json'}")
